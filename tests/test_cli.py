@@ -1,0 +1,47 @@
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+
+from trainlab.cli import main
+from trainlab.reproduce import available_reproductions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reproduce_baseline_fast_writes_complete_results(tmp_path, capsys):
+    assert main(["reproduce", "baseline", "--fast", "--out", str(tmp_path), "--seed", "3", "--no-progress"]) == 0
+    out = tmp_path / "baseline"
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "run.json", "loss_curve.png"}
+    m, run = json.loads((out / "metrics.json").read_text()), json.loads((out / "run.json").read_text())
+    assert 0 < m["val_bpb"] < 8 and m["tokens_per_s"] > 0 and m["tokens"] > 0
+    assert run["seed"] == 3 and run["fast"] is True and run["command"].startswith("trainlab reproduce baseline")
+    for k in ("git_sha", "config", "environment", "wall_s", "started_at"): assert k in run
+    assert run["environment"]["versions"]["torch"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("baseline: val_bpb=") and str(out) in last
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["reproduce", "nope"], "unknown reproduction 'nope'; choose from: all, baseline"),
+    (["reproduce", "baseline", "--seed", "x"], "expected an integer seed"),
+    (["reproduce", "baseline", "--seed", "-1"], "expected a seed in"),
+    (["reproduce", "baseline", "--threads", "0"], "expected a positive integer"),
+    (["reproduce", "baseline", "--bogus"], "unrecognized arguments: --bogus"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_rejected_clearly(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e: main(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_list_names_the_reproductions(capsys):
+    assert main(["list"]) == 0
+    assert "baseline" in capsys.readouterr().out and "baseline" in available_reproductions()
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("trainlab")
+    if exe is None: pytest.skip("package not installed with its console script (pip install -e .)")
+    r = subprocess.run([exe, "reproduce", "nope"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "choose from: all, baseline" in r.stderr

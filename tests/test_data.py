@@ -1,0 +1,485 @@
+"Tests of trainlab.data: tokenizer, corpora, splits, cache, datasets, DataModules, fixtures."
+import functools, json, multiprocessing, pickle, random, time, warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+import trainlab.data as D
+from trainlab.core import repo_root
+from trainlab.data import (CORPORA, ByteTokenizer, DocEvalDataModule, DocWindowDataset, Document, LMDataModule, PackedDataset,
+                           TokenizedCorpus, check_tokenizer, corpus_card, corpus_checksum, load_corpus, load_documents,
+                           list_corpora, register_corpus, select_eval_docs, split_corpus, split_documents, write_tiny_fixtures)
+
+BUILTINS = ["stdlib_code", "stdlib_prose", "stdlib_tests", "unicode_names", "synthetic_facts"]
+TOK = ByteTokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def built(name):
+    "Documents of a built-in corpus, built once per test session (stdlib_prose takes seconds)."
+    return tuple(load_documents(name))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    "Every test caches into a private folder, never into the checkout's data/cache."
+    monkeypatch.setenv("TRAINLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def temp_corpus():
+    "Register a small seeded corpus that counts how often it is built; unregister afterwards."
+    calls = []
+    def build(seed):
+        calls.append(seed); rng = random.Random(seed)
+        return [Document(f"d{i:03d}", "".join(chr(97 + int(rng.random() * 26)) for _ in range(1 + int(rng.random() * 300))) + " é")
+                for i in range(60)]
+    register_corpus("_t_counter", build, "test corpus", "test")
+    yield "_t_counter", calls
+    CORPORA.pop("_t_counter", None)
+
+
+# ---------------------------------------------------------------- tokenizer
+@pytest.mark.parametrize("text", ["", "hello", "naïve café", "日本語のテキスト", "emoji 🐍🚀 and \x00 nul", "tabs\tand\r\nnewlines"])
+def test_byte_tokenizer_round_trip(text):
+    ids = TOK.encode(text)
+    assert TOK.decode(ids) == text
+    arr = TOK.encode_array(text)
+    assert arr.dtype == np.uint16 and arr.tolist() == ids
+    assert TOK.decode(torch.tensor(ids, dtype=torch.long)) == text
+    assert all(0 <= i < 256 for i in ids) and len(ids) == len(text.encode("utf-8"))
+
+
+def test_byte_tokenizer_invalid_bytes_and_specials():
+    assert TOK.decode([0xff, 0xfe]) == "\ufffd\ufffd"
+    assert TOK.decode([0xe6, 0x97]) == "\ufffd"                  # truncated multi-byte sequence
+    assert TOK.decode([104, 256, 105, 257, 257]) == "h<|eot|>i"   # EOT marker, PAD dropped
+    assert ByteTokenizer(eot_marker="\n").decode([97, 256, 98]) == "a\nb"
+    with pytest.raises(ValueError, match="`ids`"): TOK.decode([258])
+    with pytest.raises(ValueError, match="`ids`"): TOK.decode([-1])
+
+
+def test_byte_lengths():
+    bl = TOK.byte_lengths
+    assert bl.shape == (TOK.vocab_size,) == (258,)
+    assert bl[:256].eq(1).all() and bl[TOK.eot_id] == 1 and bl[TOK.pad_id] == 0
+    text = "bits per byte: ½ → ∞ 🐍"
+    assert int(bl[torch.tensor(TOK.encode(text))].sum()) == len(text.encode())
+
+
+def test_check_tokenizer_rejects_incomplete():
+    class Half: name, vocab_size = "half", 10
+    with pytest.raises(TypeError, match="missing eot_id, pad_id, byte_lengths, encode, decode"): check_tokenizer(Half())
+    class BadLen(ByteTokenizer):
+        def __init__(self): super().__init__(); self.byte_lengths = torch.ones(3)
+    with pytest.raises(ValueError, match="byte_lengths"): check_tokenizer(BadLen())
+    assert check_tokenizer(TOK) is TOK
+
+
+# ---------------------------------------------------------------- splits
+def _docs(n=400):
+    return [Document(f"doc/{i}.py", f"text {i}") for i in range(n)]
+
+
+def test_split_depends_only_on_id():
+    docs = _docs()
+    tr, va = split_documents(docs, 0.1)
+    assert len(tr) + len(va) == len(docs) and 15 < len(va) < 70
+    val_ids = {d.id for d in va}
+    shuffled = docs[:]; random.Random(1).shuffle(shuffled)
+    sub = shuffled[:150] + [Document("new/extra.py", "x")]
+    _, va2 = split_documents(sub, 0.1)
+    assert {d.id for d in va2} - {"new/extra.py"} == val_ids & {d.id for d in sub}
+    # the text does not matter, only the id
+    _, va3 = split_documents([Document(d.id, "other") for d in docs], 0.1)
+    assert {d.id for d in va3} == val_ids
+    # growing val_frac only adds to val; a salt gives another split
+    assert val_ids <= {d.id for d in split_documents(docs, 0.3)[1]}
+    assert {d.id for d in split_documents(docs, 0.1, salt="s")[1]} != val_ids
+    assert split_documents(docs, 0.0)[1] == []
+
+
+def test_split_fixed_across_machines():
+    # pinned decisions: the rule is SHA-256 of the id, never Python's per-process salted hash()
+    pinned = {"chunk.py": True, "copyreg.py": True, "U+0000": True, "os.py": False, "json/decoder.py": False, "entity/0007": False}
+    assert {i: D.is_val(i, 0.05) for i in pinned} == pinned
+    assert abs(D.stable_unit_hash("os.py") - 0.850948727781281) < 1e-12
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.5, -0.01, True, "0.1", float("nan"), None])
+def test_val_frac_errors(bad):
+    with pytest.raises(ValueError, match="`val_frac`"): split_documents(_docs(5), bad)
+    with pytest.raises(ValueError, match="`val_frac`"): load_corpus("synthetic_facts", val_frac=bad)
+
+
+# ---------------------------------------------------------------- built-in corpora
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_corpus_builds_deterministically(name):
+    assert name in list_corpora()
+    a = load_documents(name)   # built here and (separately) in `built`: the two must agree
+    b = list(built(name))
+    assert len(a) > 0 and all(isinstance(d, Document) and d.text for d in a)
+    assert len({d.id for d in a}) == len(a)
+    assert corpus_checksum(a) == corpus_checksum(b)
+
+
+def test_stdlib_code_contents():
+    docs = built("stdlib_code")
+    ids = [d.id for d in docs]
+    assert ids == sorted(ids)
+    for must in ("os.py", "json/decoder.py", "asyncio/events.py", "collections/__init__.py"): assert must in ids
+    for i in ids:
+        parts = Path(i).parts[:-1]
+        assert not set(parts) & {"test", "tests", "idle_test", "site-packages"}, i
+        assert not Path(i).name.startswith("_sysconfigdata_") and not i.startswith("config-"), i
+    assert not any(i.startswith("test/") for i in ids)
+    assert "pydoc_data/topics.py" not in ids   # generated; its text is stdlib_prose's
+
+
+def test_stdlib_prose_and_tests_contents():
+    prose = {d.id: d.text for d in built("stdlib_prose")}
+    assert "pydoc_data/assert" in prose and "json/__init__.py" in prose
+    assert all(len(t) >= D.MIN_PROSE_CHARS for i, t in prose.items() if not i.startswith("pydoc_data/"))
+    assert "JSON" in prose["json/__init__.py"]
+    tests = built("stdlib_tests")
+    assert all(d.id.startswith("test/") for d in tests)
+    assert "test/test_json/test_dump.py" in {d.id for d in tests}
+
+
+def test_stdlib_tests_missing_suite_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "test").mkdir(); (tmp_path / "test" / "__init__.py").write_text("")
+    monkeypatch.setattr(D, "stdlib_dir", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match="test suite"): load_documents("stdlib_tests")
+
+
+def test_unicode_names_filters_generated_names():
+    docs = built("unicode_names")
+    text = "".join(d.text for d in docs)
+    for fam in ("CJK UNIFIED IDEOGRAPH", "HANGUL SYLLABLE", "TANGUT IDEOGRAPH-", "TANGUT COMPONENT-", "NUSHU CHARACTER-",
+                "KHITAN SMALL SCRIPT CHARACTER-", "CJK COMPATIBILITY IDEOGRAPH-"):
+        assert fam not in text, fam
+    assert "0041 LATIN CAPITAL LETTER A\n" in text and "HANGUL LETTER KIYEOK" in text
+    assert docs[0].id == "U+0000" and all(d.id.startswith("U+") for d in docs)
+    ids = [int(d.id[2:], 16) for d in docs]
+    assert ids == sorted(ids) and all(i % 256 == 0 for i in ids)
+
+
+def test_synthetic_facts_seeded():
+    a, b, c = D.synthetic_facts(0, 30), D.synthetic_facts(0, 30), D.synthetic_facts(1, 30)
+    assert a == b and a != c
+    world = D.fact_world(0, 30)
+    assert len({e["name"] for e in world}) == 30
+    for e, d in zip(world, a):
+        assert e["id"] == d.id and e["name"] in d.text and str(e["birth_year"]) in d.text and e["birthplace"] in d.text
+    # the seed reaches the builder through load_corpus
+    assert load_corpus("synthetic_facts", "all", seed=1).ids == [d.id for d in D.synthetic_facts(1)]
+    assert load_corpus("synthetic_facts", "all", seed=1).tokens.tobytes() != load_corpus("synthetic_facts", "all", seed=0).tokens.tobytes()
+
+
+# ---------------------------------------------------------------- user files
+def test_user_folder_file_and_jsonl(tmp_path):
+    root = tmp_path / "mydocs"
+    (root / "sub" / "deeper").mkdir(parents=True); (root / ".hidden").mkdir(); (root / "__pycache__").mkdir()
+    (root / "b.txt").write_text("bee\n"); (root / "a.md").write_text("# A\n")
+    (root / "sub" / "c.py").write_text("print('c')\n"); (root / "sub" / "deeper" / "d.rst").write_text("dé\n")
+    (root / "sub" / "noext").write_text("plain text without suffix")
+    (root / "empty.txt").write_text("")
+    (root / "bin.dat").write_bytes(bytes([0xff, 0xfe, 0x00, 0x01]))
+    (root / ".hidden" / "x.txt").write_text("hidden"); (root / ".secret.txt").write_text("hidden")
+    (root / "__pycache__" / "c.txt").write_text("cache")
+    docs = load_documents(root)
+    assert [d.id for d in docs] == ["a.md", "b.txt", "sub/c.py", "sub/deeper/d.rst", "sub/noext"]
+    assert docs[3].text == "dé\n"
+    assert load_documents(str(root / "b.txt")) == [Document("b.txt", "bee\n")]
+
+    jl = tmp_path / "data.jsonl"
+    jl.write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"id": "custom", "text": "second", "x": 1}) + "\n")
+    assert load_documents(jl) == [Document("data.jsonl:1", "first"), Document("custom", "second")]
+    bad = tmp_path / "bad.jsonl"; bad.write_text('{"text": "ok"}\n{"no_text": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"): load_documents(bad)
+    dup = tmp_path / "dup.jsonl"; dup.write_text('{"id": "a", "text": "1"}\n{"id": "a", "text": "2"}\n')
+    with pytest.raises(ValueError, match="unique"): load_documents(dup)
+    binf = tmp_path / "b.bin"; binf.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="UTF-8"): load_documents(binf)
+
+    c = load_corpus(root, "all")
+    assert c.ids == [d.id for d in docs] and TOK.decode(c.doc(3)) == "dé\n" and c.n_bytes == sum(len(d.text.encode()) for d in docs)
+
+
+def test_unknown_source_lists_corpora(tmp_path):
+    for bad in ("no_such_corpus", tmp_path / "missing", str(tmp_path / "missing.jsonl")):
+        with pytest.raises(ValueError) as e: load_corpus(bad)
+        for n in BUILTINS: assert n in str(e.value)
+    with pytest.raises(ValueError, match="`split`"): load_corpus("synthetic_facts", split="test")
+
+
+def test_register_corpus_validation():
+    with pytest.raises(ValueError, match="`name`"): register_corpus("a/b", lambda s: [])
+    with pytest.raises(TypeError, match="`fn`"): register_corpus("ok_name", "not callable")
+    register_corpus("_t_bad", lambda seed: ["not a document"])
+    try:
+        with pytest.raises(TypeError): load_documents("_t_bad")
+    finally: CORPORA.pop("_t_bad")
+
+
+# ---------------------------------------------------------------- TokenizedCorpus
+def test_tokenized_corpus_basics():
+    docs = [Document("x", "héllo"), Document("y", ""), Document("z", "abc")]
+    c = TokenizedCorpus.from_documents(docs)
+    assert len(c) == 3 and c.n_tokens == 9 and c.n_bytes == 9 and c.lengths.tolist() == [6, 0, 3]
+    assert c.tokens.dtype == np.uint16 and c.offsets.dtype == np.int64 and c.offsets.tolist() == [0, 6, 6, 9]
+    assert TOK.decode(c.doc(0)) == "héllo" and c.doc(1).size == 0
+    s = c.subset([2, 0])
+    assert s.ids == ["z", "x"] and TOK.decode(s.tokens) == "abchéllo" and s.n_bytes == 9
+    assert c.subset(np.array([True, False, True])).ids == ["x", "z"]
+    assert D.token_dtype(70000) == np.int32 and D.token_dtype(65535) == np.uint16
+    with pytest.raises(ValueError, match="`offsets`"): TokenizedCorpus(np.zeros(3, np.uint16), np.array([0, 2]), ["a", "b"])
+
+
+def test_load_corpus_splits_partition(temp_corpus):
+    name, _ = temp_corpus
+    full = load_corpus(name, "all")
+    tr, va = load_corpus(name, "train", val_frac=0.2), load_corpus(name, "val", val_frac=0.2)
+    assert sorted(tr.ids + va.ids) == sorted(full.ids) and tr.n_tokens + va.n_tokens == full.n_tokens
+    assert set(va.ids) == {i for i in full.ids if D.is_val(i, 0.2)}
+    for c in (tr, va):
+        for i in range(len(c)): assert np.array_equal(c.doc(i), full.doc(full.ids.index(c.ids[i])))
+
+
+# ---------------------------------------------------------------- cache
+def test_cache_is_reused(fresh_cache, temp_corpus):
+    name, calls = temp_corpus
+    a = load_corpus(name, "all")
+    files = sorted(p.name for p in (fresh_cache / "corpora").iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".npz")
+    meta = json.loads((fresh_cache / "corpora" / files[0]).read_text())
+    for k in ("sha256", "n_tokens", "n_bytes", "n_docs", "splits", "python", "tokenizer", "corpus_version"): assert k in meta
+    assert meta["n_tokens"] == a.n_tokens and meta["sha256"] == corpus_checksum(D.load_documents(name))
+    calls.clear()
+    b = load_corpus(name, "all")
+    assert calls == []                                     # built once, then read from the cache
+    assert np.array_equal(a.tokens, b.tokens) and a.ids == b.ids and np.array_equal(a.offsets, b.offsets)
+    load_corpus(name, "all", seed=5); assert calls == [5]  # seeded corpora: one cache per seed
+    c = load_corpus(name, "all", cache=False); assert calls == [5, 0] and np.array_equal(c.tokens, a.tokens)
+
+
+def test_cache_faster_for_big_corpus(fresh_cache):
+    t0 = time.perf_counter(); a = load_corpus("unicode_names", "all"); t_build = time.perf_counter() - t0
+    t0 = time.perf_counter(); b = load_corpus("unicode_names", "all"); t_cached = time.perf_counter() - t0
+    assert np.array_equal(a.tokens, b.tokens) and t_cached < t_build
+
+
+@pytest.mark.parametrize("damage", ["truncate_npz", "garbage_npz", "delete_npz", "partial_json", "delete_json", "swap_npz"])
+def test_corrupt_cache_is_rebuilt(fresh_cache, temp_corpus, damage):
+    name, calls = temp_corpus
+    good = load_corpus(name, "all")
+    d = fresh_cache / "corpora"
+    npz, js = next(d.glob("*.npz")), next(d.glob("*.json"))
+    if damage == "truncate_npz": npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    elif damage == "garbage_npz": npz.write_bytes(b"not a zip at all")
+    elif damage == "delete_npz": npz.unlink()
+    elif damage == "partial_json": js.write_text(js.read_text()[:40])
+    elif damage == "delete_json": js.unlink()
+    elif damage == "swap_npz":  # a well-formed archive with other tokens
+        with np.load(npz) as z: arrs = dict(z)
+        arrs["tokens"] = arrs["tokens"][::-1].copy()
+        with open(npz, "wb") as f: np.savez(f, **arrs)
+    calls.clear()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        again = load_corpus(name, "all")
+    assert calls == [0]                                    # rebuilt
+    if damage != "delete_json": assert any("rebuilding" in str(x.message) for x in w)
+    assert np.array_equal(again.tokens, good.tokens) and again.ids == good.ids
+    calls.clear(); load_corpus(name, "all"); assert calls == []   # and the repaired cache is used again
+
+
+def _build_in_child(name):
+    D.load_corpus(name, "all")
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_concurrent_builders_do_not_corrupt(fresh_cache, temp_corpus):
+    name, _ = temp_corpus
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_build_in_child, args=(name,)) for _ in range(3)]
+    for p in procs: p.start()
+    for p in procs: p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert not [p for p in (fresh_cache / "corpora").iterdir() if p.name.endswith(".tmp")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a valid cache: no "rebuilding" warning
+        c = load_corpus(name, "all")
+    assert corpus_checksum(load_documents(name)) == c.meta["sha256"]
+
+
+def test_user_path_cache_follows_content(fresh_cache, tmp_path):
+    f = tmp_path / "one.txt"; f.write_text("version one")
+    assert TOK.decode(load_corpus(f, "all").tokens) == "version one"
+    f.write_text("version two!")
+    assert TOK.decode(load_corpus(f, "all").tokens) == "version two!"
+    assert len(list((fresh_cache / "corpora").glob("path-*.npz"))) == 2
+
+
+def test_corpus_card_numbers():
+    card = corpus_card("synthetic_facts")
+    full = load_corpus("synthetic_facts", "all")
+    assert card["docs"] == len(full) and card["tokens"] == full.n_tokens == card["bytes"]
+    sp = card["splits"]
+    assert sp["train"]["docs"] + sp["val"]["docs"] == card["docs"] and sp["train"]["tokens"] + sp["val"]["tokens"] == card["tokens"]
+    assert card["sha256"] == corpus_checksum(D.synthetic_facts(0)) and card["license"] and card["python"]
+    assert "| synthetic_facts |" in D.card_table(["synthetic_facts"])
+
+
+# ---------------------------------------------------------------- datasets
+def _toy_corpus(seed=0, n=40):
+    rng = random.Random(seed)
+    lens = [0, 1, 7, 8, 9, 16] + [int(rng.random() * 60) for _ in range(n)]
+    return TokenizedCorpus.from_documents([Document(f"t{i}", "".join(chr(97 + int(rng.random() * 26)) for _ in range(L))) for i, L in enumerate(lens)])
+
+
+@pytest.mark.parametrize("seq_len", [1, 5, 16, 64])
+def test_packed_dataset(seq_len):
+    c = _toy_corpus()
+    ds = PackedDataset(c, seq_len, TOK.eot_id)
+    stream = np.concatenate([np.concatenate([[TOK.eot_id], c.doc(i)]) for i in range(len(c))])
+    assert len(ds) == (len(stream) - 1) // seq_len
+    doc_of = np.concatenate([[i] * (len(c.doc(i)) + 1) for i in range(len(c))])   # EOT belongs to the doc it opens
+    for i in range(len(ds)):
+        it = ds[i]; x, y, d = it["input_ids"], it["labels"], it["doc_ids"]
+        assert x.dtype == y.dtype == d.dtype == torch.long and x.shape == y.shape == d.shape == (seq_len,)
+        s = i * seq_len
+        assert x.tolist() == stream[s:s + seq_len].tolist() and y.tolist() == stream[s + 1:s + seq_len + 1].tolist()
+        assert torch.equal(x[1:], y[:-1])                                  # labels are the inputs shifted by one
+        assert ((d[1:] != d[:-1]) == (x[1:] == TOK.eot_id)).all()          # doc_ids change exactly at EOT
+        assert d[0] == 0 and (np.diff(d.numpy()) >= 0).all()
+        assert (d.numpy() == doc_of[s:s + seq_len] - doc_of[s]).all()
+    assert torch.equal(ds[-1]["input_ids"], ds[len(ds) - 1]["input_ids"])
+    with pytest.raises(IndexError): ds[len(ds)]
+    with pytest.raises(ValueError, match="`seq_len`"): PackedDataset(c, 0, TOK.eot_id)
+    with pytest.raises(ValueError, match="`seq_len`"): PackedDataset(c, 10**6, TOK.eot_id)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 16, 100])
+def test_doc_window_dataset_covers_every_token_once(window):
+    c = _toy_corpus(1)
+    ds = DocWindowDataset(c, window, TOK.eot_id, TOK.pad_id)
+    got = {i: [] for i in range(len(c))}
+    for j in range(len(ds)):
+        it = ds[j]; x, y, pos, di = it["input_ids"], it["labels"], it["positions"], it["doc_index"]
+        assert x.shape == y.shape == pos.shape == (window,)
+        pad = y == -100
+        assert ((pos == -1) == pad).all() and (x[pad] == TOK.pad_id).all()
+        if pad.any(): assert pad[pad.nonzero()[0, 0]:].all()          # padding only at the end
+        assert not pad[0]
+        toks = np.concatenate([[TOK.eot_id], c.doc(di)])
+        p = pos[~pad].numpy()
+        assert (y[~pad].numpy() == toks[p + 1]).all() and (x[~pad].numpy() == toks[p]).all()   # input = token before, EOT first
+        got[di] += p.tolist()
+    for i in range(len(c)): assert got[i] == list(range(len(c.doc(i)))), i   # every token exactly once, in order
+    assert ds.n_tokens == c.n_tokens and ds.n_bytes == c.n_bytes
+
+
+def test_doc_window_subset_selection():
+    c = _toy_corpus(2, n=200)
+    for kw in (dict(max_docs=10), dict(max_tokens=500), dict(max_docs=7, max_tokens=300)):
+        a, b = select_eval_docs(c, **kw), select_eval_docs(c, **kw)
+        assert np.array_equal(a, b) and (np.diff(a) > 0).all() and len(a) >= 1
+        if "max_docs" in kw: assert len(a) <= kw["max_docs"]
+        if "max_tokens" in kw: assert c.lengths[a].sum() <= kw["max_tokens"]
+        ds = DocWindowDataset(c, 8, TOK.eot_id, TOK.pad_id, **kw)
+        assert set(ds.doc_indices.tolist()) == set(a.tolist()) and ds.n_tokens == c.lengths[a].sum()
+    assert len(select_eval_docs(c, max_tokens=1)) >= 1           # never empty
+    assert len(select_eval_docs(c)) == len(c)
+    with pytest.raises(ValueError, match="`max_docs`"): select_eval_docs(c, max_docs=0)
+    # the selection of a document does not depend on the other documents
+    sub = c.subset(np.arange(0, len(c), 2))
+    assert set(sub.ids[i] for i in select_eval_docs(sub, max_docs=len(sub))) == set(sub.ids)
+
+
+# ---------------------------------------------------------------- DataModules
+def test_lm_datamodule_batches():
+    dm = LMDataModule("synthetic_facts", seq_len=32, batch_size=4, eval_batch_size=3, max_eval_tokens=2000)
+    assert dm.train_corpus is None and len(pickle.dumps(dm)) < 10_000            # cheap, picklable, loads in setup
+    dm.setup("fit")
+    assert isinstance(dm.tokenizer, ByteTokenizer) and dm.train_corpus is not None and dm.val_corpus is not None
+    assert not set(dm.train_corpus.ids) & set(dm.val_corpus.ids)
+    tl = dm.train_dataloader()
+    batches = list(tl)
+    assert len(batches) == len(dm.train_dataset) // 4
+    for b in batches:
+        assert {k: tuple(v.shape) for k, v in b.items()} == {"input_ids": (4, 32), "labels": (4, 32), "doc_ids": (4, 32)}
+        assert b["input_ids"].dtype == torch.long
+    vb = next(iter(dm.val_dataloader()))
+    assert vb["input_ids"].shape == vb["labels"].shape == vb["positions"].shape == (3, 32) and vb["doc_index"].shape == (3,)
+    assert dm.val_dataset.n_tokens <= 2000
+    # seeded shuffling: same seed same order, another seed another order; epochs differ
+    again = LMDataModule("synthetic_facts", seq_len=32, batch_size=4)
+    assert torch.equal(next(iter(again.train_dataloader()))["input_ids"], batches[0]["input_ids"])
+    other = LMDataModule("synthetic_facts", seq_len=32, batch_size=4, seed=1)
+    assert not torch.equal(next(iter(other.train_dataloader()))["input_ids"], batches[0]["input_ids"])
+    assert not torch.equal(next(iter(tl))["input_ids"], batches[0]["input_ids"])
+    dm2 = pickle.loads(pickle.dumps(dm))                                         # also after setup
+    assert torch.equal(dm2.train_dataset[0]["input_ids"], dm.train_dataset[0]["input_ids"])
+
+
+def test_lm_datamodule_ddp_sampler_and_inputs():
+    dm = LMDataModule("synthetic_facts", seq_len=16, batch_size=2)
+    ds = dm.train_dataset
+    idx = [list(DistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
+    assert set(idx[0]) | set(idx[1]) == set(range(len(ds))) and len(idx[0]) == len(idx[1])
+    assert all(ds[i]["input_ids"].shape == (16,) for i in idx[0][:5])
+    full = load_corpus("synthetic_facts", "all")
+    tr, va = split_corpus(full, 0.2)
+    dmp = LMDataModule((tr, va), seq_len=16, batch_size=2); dmp.setup()
+    assert dmp.train_corpus is tr and dmp.val_corpus is va
+    dmc = LMDataModule(full, seq_len=16, batch_size=2, val_frac=0.2); dmc.setup()
+    assert dmc.val_corpus.ids == va.ids
+    assert LMDataModule("synthetic_facts", seq_len=8).eval_window == 8
+
+
+@pytest.mark.parametrize("kw,arg", [(dict(seq_len=0), "seq_len"), (dict(batch_size=0), "batch_size"), (dict(eval_window=-3), "eval_window"),
+                                    (dict(val_frac=1), "val_frac"), (dict(num_workers=-1), "num_workers"), (dict(seq_len=2.5), "seq_len"),
+                                    (dict(max_eval_tokens=0), "max_eval_tokens"), (dict(seed=-1), "seed")])
+def test_lm_datamodule_argument_errors(kw, arg):
+    with pytest.raises(ValueError, match=f"`{arg}`"): LMDataModule("synthetic_facts", **kw)
+
+
+def test_lm_datamodule_too_few_windows():
+    dm = LMDataModule("synthetic_facts", seq_len=4096, batch_size=64)
+    with pytest.raises(ValueError, match="`batch_size`"): dm.train_dataloader()
+    with pytest.raises(TypeError, match="`corpus`"): LMDataModule(corpus=123)
+
+
+def test_doc_eval_datamodule():
+    dm = DocEvalDataModule("synthetic_facts", split="all", window=64, batch_size=8)
+    dm.setup()
+    assert len(dm.eval_corpus) == 200
+    n = 0
+    for b in dm.test_dataloader():
+        assert b["input_ids"].shape[1] == 64; n += int((b["labels"] != -100).sum())
+    assert n == dm.eval_corpus.n_tokens
+    val = DocEvalDataModule(load_corpus("synthetic_facts", "all"), split="val", window=64); val.setup()
+    assert val.eval_corpus.ids == load_corpus("synthetic_facts", "val").ids
+    with pytest.raises(ValueError, match="`split`"): DocEvalDataModule(split="dev")
+
+
+# ---------------------------------------------------------------- fixtures
+def test_tiny_fixtures_are_generated(tmp_path):
+    tiny = repo_root() / "data" / "tiny"
+    written = write_tiny_fixtures(tmp_path)
+    committed = sorted(p.relative_to(tiny).as_posix() for p in tiny.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in written) == committed
+    for p in written: assert p.read_bytes() == (tiny / p.relative_to(tmp_path)).read_bytes(), p
+    assert sum(p.stat().st_size for p in written) < 64_000
+    assert len(load_documents(tiny / "facts.jsonl")) == 60
+    assert [d.id for d in load_documents(tiny / "folder")] == ["code/times.py", "more/people.md", "notes.txt"]
