@@ -1,0 +1,374 @@
+"""Cross-entropy and chunked linear cross-entropy kernels vs. their references (trainlab.kernels.xent).
+
+CPU: run with TRITON_INTERPRET=1 (tests/conftest.py sets it) so impl="triton" runs the kernels in the interpreter.
+GPU: `TRITON_INTERPRET=0 pytest -m gpu tests/test_kernels_cross_entropy.py` adds the bf16/fp16 three-way checks.
+"""
+import pytest
+import torch
+
+from trainlab.kernels import cross_entropy, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
+from trainlab.kernels import xent as xent_mod
+from trainlab.kernels.utils import assert_close_3way, cdiv, interpreting, max_abs_err
+from trainlab.kernels.xent import linear_ce_chunk_size
+
+# Stated tolerances. Observed max abs errors: fp64 <= 1.5e-14; fp32 <= 8e-6 on summed losses, <= 3e-6 elsewhere
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+SHAPES = [(1, 1), (7, 129), (3, 5, 1000), (6, 2), (2, 3, 4, 33)]  # (..., V); 129, 1000, 33 are not tile multiples
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+@pytest.fixture
+def dev():
+    "Device for forced-Triton tests: CPU under the interpreter, else CUDA with compiled kernels, else skip."
+    if interpreting(): return "cpu"
+    if torch.cuda.is_available(): return "cuda"
+    pytest.skip("impl='triton' needs TRITON_INTERPRET=1 (set before import) or a CUDA device")
+
+
+def make_ce(shape, dtype, device, p_ignore=0.3, ignore_index=-100, scale=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(device, dtype)
+    t = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    t[torch.rand(shape[:-1], generator=g) < p_ignore] = ignore_index
+    return x, t.to(device)
+
+
+def upstream(y, seed=1):
+    "A non-trivial upstream gradient (scalar for reductions)."
+    if y.ndim == 0: return torch.tensor(0.7, dtype=y.dtype, device=y.device)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
+
+
+def grads(f, inputs):
+    inputs = [a.detach().requires_grad_() for a in inputs]
+    y = f(*inputs)
+    return (y, *torch.autograd.grad(y, inputs, upstream(y)))
+
+
+def compare(out, ref, names, **tol):
+    errs = {}
+    for name, o, r in zip(names, out, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape, (name, o.dtype, r.dtype, o.shape, r.shape)
+        torch.testing.assert_close(o, r, equal_nan=True, **tol, msg=lambda m: f"{name}: {m}")
+        errs[name] = max_abs_err(o, r)
+    return errs
+
+
+def check_ce(x, t, reduction, ignore_index=-100, **tol):
+    kw = dict(ignore_index=ignore_index, reduction=reduction)
+    out = grads(lambda a: cross_entropy(a, t, impl="triton", **kw), [x])
+    ref = grads(lambda a: cross_entropy_ref(a, t, **kw), [x])
+    return compare(out, ref, ("loss", "dlogits"), **(tol or TOL[x.dtype]))
+
+
+# ---------------------------------------------------------------- cross_entropy
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ce_parity(shape, dtype, reduction, dev):
+    check_ce(*make_ce(shape, dtype, dev), reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ce_vocab_tiles(reduction, dev, monkeypatch):
+    "Shrunk limits: 64-wide vocabulary tiles (V not a multiple), several rows per program, many programs."
+    for key in ("interpret", "gpu"):
+        monkeypatch.setitem(xent_mod._LIMITS, key, dict(max_block_v=64, max_elems=128))
+    assert xent_mod._settings(15, 1000, True)[:2] == (2, 64)
+    for shape in [(3, 5, 1000), (7, 129), (5, 64), (9, 1)]:
+        check_ce(*make_ce(shape, torch.float64, dev), reduction)
+    check_ce(*make_ce((3, 5, 1000), torch.float32, dev), reduction)
+
+
+def test_ce_masked_vocab_and_large_logits(dev, monkeypatch):
+    "-inf logits filling whole tiles (online lse must not produce nan) and large-magnitude logits."
+    for key in ("interpret", "gpu"):
+        monkeypatch.setitem(xent_mod._LIMITS, key, dict(max_block_v=64, max_elems=128))
+    x, t = make_ce((6, 300), torch.float64, dev, p_ignore=0.0)
+    x[:, :150] = float("-inf")  # the first two tiles are all -inf
+    t = 150 + t % 150
+    for red in REDUCTIONS: check_ce(x, t, red)
+    x, t = make_ce((6, 300), torch.float32, dev, scale=1e4)
+    for red in REDUCTIONS: check_ce(x, t, red, atol=1e-2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ignore_index", [1, 7, -1])
+def test_ce_custom_ignore_index(ignore_index, dev):
+    "A non-default ignore_index, also one inside [0, V)."
+    for red in REDUCTIONS:
+        check_ce(*make_ce((4, 6, 7), torch.float64, dev, ignore_index=ignore_index), red, ignore_index=ignore_index)
+
+
+def test_ce_fully_ignored_rows(dev):
+    "Whole sequences ignored inside a batch."
+    x, t = make_ce((3, 5, 50), torch.float64, dev, p_ignore=0.0)
+    t[1] = -100
+    t[2, 3:] = -100
+    for red in REDUCTIONS: check_ce(x, t, red)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ce_all_ignored(reduction, dev):
+    x, _ = make_ce((4, 3, 10), torch.float32, dev)
+    t = torch.full((4, 3), -100, device=dev)
+    x.requires_grad_()
+    y = cross_entropy(x, t, reduction=reduction, impl="triton")
+    y.backward(torch.ones_like(y))
+    if reduction == "mean": assert y.isnan()  # like torch: 0 / 0
+    else: assert (y == 0).all()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    check_ce(x.detach(), t, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(0, 10), (2, 0, 10)])
+def test_ce_zero_rows(shape, reduction, dev):
+    x = torch.randn(shape, device=dev, requires_grad=True)
+    t = torch.zeros(shape[:-1], dtype=torch.long, device=dev)
+    y = cross_entropy(x, t, reduction=reduction, impl="triton")
+    ref = cross_entropy_ref(x, t, reduction=reduction)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, equal_nan=True)  # mean: nan, sum: 0, none: empty
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_ce_non_contiguous(dev):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 3, 80, generator=g, dtype=torch.float64).to(dev)
+    t = torch.randint(0, 40, (3, 5), generator=g).to(dev)
+    x = base.transpose(0, 1)[..., :40]  # rows not contiguous, a slice of the class dim
+    assert not x.is_contiguous()
+    for red in REDUCTIONS: check_ce(x, t, red)
+    x2 = base.transpose(0, 1)[..., ::2]  # stride 2 along the class dim
+    assert x2.stride(-1) == 2
+    for red in REDUCTIONS: check_ce(x2, t, red)
+    tb = torch.randint(0, 40, (5, 3), generator=g).to(dev).T  # non-contiguous targets
+    for red in REDUCTIONS: check_ce(x2, tb, red)
+
+
+def test_ce_target_dtypes_and_1d(dev):
+    x, t = make_ce((6, 11), torch.float64, dev)
+    for dt in (torch.int32, torch.int16):
+        for red in REDUCTIONS: check_ce(x, t.to(dt), red)
+    for red in REDUCTIONS: check_ce(x[0], torch.tensor(3, device=dev), red)  # unbatched: logits [V], scalar target
+
+
+def test_ce_gradcheck(dev):
+    x, t = make_ce((3, 7), torch.float64, dev, p_ignore=0.0)
+    t[1] = -100
+    x.requires_grad_()
+    for red in REDUCTIONS:
+        assert torch.autograd.gradcheck(lambda a: cross_entropy(a, t, reduction=red, impl="triton"), (x,), fast_mode=True)
+
+
+def test_ce_auto_and_torch_on_cpu_run_the_reference():
+    x, t = make_ce((3, 5, 1000), torch.float32, "cpu")
+    for red in REDUCTIONS:
+        assert torch.equal(cross_entropy(x, t, reduction=red), cross_entropy_ref(x, t, reduction=red))
+        assert torch.equal(cross_entropy(x, t, reduction=red, impl="torch"), cross_entropy_ref(x, t, reduction=red))
+
+
+def test_ce_reference_matches_torch():
+    x, t = make_ce((3, 5, 17), torch.float32, "cpu")
+    torch.testing.assert_close(cross_entropy_ref(x, t), torch.nn.functional.cross_entropy(x.permute(0, 2, 1), t))
+    assert cross_entropy_ref(x.bfloat16(), t).dtype == torch.bfloat16
+    assert cross_entropy_ref(x, t, reduction="none").shape == (3, 5)
+
+
+# ---------------------------------------------------------------- linear_cross_entropy
+
+def make_lce(lead, V, H, dtype, device, p_ignore=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, H, generator=g, dtype=torch.float64).to(device, dtype)
+    w = (0.5 * torch.randn(V, H, generator=g, dtype=torch.float64)).to(device, dtype)
+    t = torch.randint(0, V, lead, generator=g)
+    t[torch.rand(lead, generator=g) < p_ignore] = -100
+    return h, w, t.to(device)
+
+
+def check_lce(h, w, t, reduction, chunk=None, ignore_index=-100, **tol):
+    kw = dict(ignore_index=ignore_index, reduction=reduction)
+    out = grads(lambda a, b: linear_cross_entropy(a, b, t, impl="triton", _chunk_size=chunk, **kw), [h, w])
+    ref = grads(lambda a, b: linear_cross_entropy_ref(a, b, t, **kw), [h, w])
+    return compare(out, ref, ("loss", "dhidden", "dweight"), **(tol or TOL[h.dtype]))
+
+
+LCE_CASES = [  # (leading shape, V, H, chunk): None = Liger's rule
+    ((3, 5), 100, 16, None),  # rule: ceil(100/16) = 7 -> chunk next_pow2(ceil(15/7)) = 4: four chunks
+    ((7,), 129, 8, 3),  # forced: three chunks, the last one short
+    ((1,), 1, 1, None),
+    ((2, 3, 4), 50, 32, None),  # rule: chunk 16 of 24 tokens: two chunks
+    ((2, 9), 33, 40, 1),  # one token per chunk
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", LCE_CASES)
+def test_lce_parity(case, dtype, reduction, dev):
+    lead, V, H, chunk = case
+    check_lce(*make_lce(lead, V, H, dtype, dev), reduction, chunk=chunk)
+
+
+def test_lce_chunk_rule():
+    assert linear_ce_chunk_size(16384, 32768, 4096) == 2048  # Liger's worked example
+    assert linear_ce_chunk_size(15, 100, 16) == 4
+    assert linear_ce_chunk_size(24, 50, 32) == 16
+    assert linear_ce_chunk_size(0, 10, 10) == 1
+    assert linear_ce_chunk_size(4096, 256, 4096) == 4096  # V <= H: a single chunk
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_lce_never_materialises_full_logits(chunk, dev, monkeypatch):
+    "Spy on the CE launchers: each sees at most `chunk` rows of logits, one call per chunk."
+    seen = {"fwd": [], "bwd": []}
+    fwd, bwd = xent_mod.ce_fwd, xent_mod.ce_bwd
+    monkeypatch.setattr(xent_mod, "ce_fwd", lambda z, *a, **k: (seen["fwd"].append(tuple(z.shape)), fwd(z, *a, **k))[1])
+    monkeypatch.setattr(xent_mod, "ce_bwd", lambda z, *a, **k: (seen["bwd"].append(tuple(z.shape)), bwd(z, *a, **k))[1])
+    h, w, t = make_lce((3, 5), 100, 16, torch.float64, dev)
+    check_lce(h, w, t, "mean", chunk=chunk)
+    c = chunk or linear_ce_chunk_size(15, 100, 16)
+    for k in ("fwd", "bwd"):
+        assert len(seen[k]) == cdiv(15, c), seen
+        assert all(n <= c and v == 100 for n, v in seen[k]), seen
+
+
+def test_lce_frozen_inputs(dev):
+    "Gradient for only one of hidden / weight (a frozen head, or frozen features)."
+    h, w, t = make_lce((4, 6), 40, 8, torch.float64, dev)
+    for need in ((True, False), (False, True)):
+        hh, ww = h.clone().requires_grad_(need[0]), w.clone().requires_grad_(need[1])
+        hr, wr = h.clone().requires_grad_(need[0]), w.clone().requires_grad_(need[1])
+        linear_cross_entropy(hh, ww, t, impl="triton", _chunk_size=5).backward()
+        linear_cross_entropy_ref(hr, wr, t).backward()
+        for a, b in ((hh, hr), (ww, wr)):
+            assert (a.grad is None) == (not a.requires_grad)
+            if a.grad is not None: torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float64])
+
+
+def test_lce_ignored_and_empty(dev):
+    h, w, t = make_lce((3, 5), 30, 8, torch.float64, dev, p_ignore=0.0)
+    t[1] = -100  # a fully ignored sequence
+    for red in REDUCTIONS: check_lce(h, w, t, red, chunk=4)
+    t_all = torch.full_like(t, -100)
+    for red in REDUCTIONS: check_lce(h, w, t_all, red, chunk=4)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = linear_cross_entropy(hh, ww, t_all, impl="triton")
+    loss.backward()
+    assert loss.isnan() and not hh.grad.any() and not ww.grad.any()
+    for red in REDUCTIONS:  # zero tokens
+        h0 = torch.randn(0, 8, dtype=torch.float64, device=dev, requires_grad=True)
+        w0 = w.clone().requires_grad_()
+        t0 = torch.zeros(0, dtype=torch.long, device=dev)
+        y = linear_cross_entropy(h0, w0, t0, reduction=red, impl="triton")
+        torch.testing.assert_close(y, linear_cross_entropy_ref(h0, w0, t0, reduction=red), equal_nan=True)
+        y.sum().backward()
+        assert h0.grad.shape == h0.shape and torch.equal(w0.grad, torch.zeros_like(w0))
+
+
+def test_lce_non_contiguous(dev):
+    g = torch.Generator().manual_seed(5)
+    hb = torch.randn(5, 3, 12, generator=g, dtype=torch.float64).to(dev)
+    wb = torch.randn(12, 40, generator=g, dtype=torch.float64).to(dev)
+    h, w = hb.transpose(0, 1), wb.T  # [3, 5, 12], [40, 12], both non-contiguous
+    t = torch.randint(0, 40, (3, 5), generator=g).to(dev)
+    assert not h.is_contiguous() and not w.is_contiguous()
+    for red in REDUCTIONS: check_lce(h, w, t, red, chunk=4)
+
+
+def test_lce_gradcheck(dev):
+    h, w, t = make_lce((2, 3), 6, 4, torch.float64, dev, p_ignore=0.0)
+    t[0, 1] = -100
+    h.requires_grad_(), w.requires_grad_()
+    for red in ("mean", "none"):
+        f = lambda a, b: linear_cross_entropy(a, b, t, reduction=red, impl="triton", _chunk_size=2)
+        assert torch.autograd.gradcheck(f, (h, w), fast_mode=True)
+
+
+def test_lce_auto_on_cpu_runs_the_reference():
+    h, w, t = make_lce((3, 5), 100, 16, torch.float32, "cpu")
+    for red in REDUCTIONS:
+        assert torch.equal(linear_cross_entropy(h, w, t, reduction=red), linear_cross_entropy_ref(h, w, t, reduction=red))
+
+
+# ---------------------------------------------------------------- errors
+
+X, T = torch.randn(4, 10), torch.tensor([1, 2, 3, -100])
+HID, WT = torch.randn(2, 4, 8), torch.randn(10, 8)
+TL = torch.randint(0, 10, (2, 4))
+ERRORS = [
+    (lambda: cross_entropy(X, torch.tensor([1, 2, 10, -100])), ValueError, "`target`: expected class indices in [0, 10) or ignore_index=-100, got 10 at index (2,)"),
+    (lambda: cross_entropy(X, torch.tensor([1, -5, 0, 0])), ValueError, "`target`: expected class indices in [0, 10)"),
+    (lambda: cross_entropy(X, T, ignore_index=-1), ValueError, "got -100 at index (3,)"),
+    (lambda: cross_entropy(X, T.float()), TypeError, "`target`: expected dtype"),
+    (lambda: cross_entropy(X, T.bool()), TypeError, "`target`: expected dtype"),
+    (lambda: cross_entropy(X, [1, 2, 3, 4]), TypeError, "`target`: expected a torch.Tensor"),
+    (lambda: cross_entropy(X, T[:3]), ValueError, "`target`: expected shape (4,) (the leading shape of `logits`), got (3,)"),
+    (lambda: cross_entropy(X.long(), T), TypeError, "`logits`: expected dtype"),
+    (lambda: cross_entropy(torch.tensor(1.0), torch.tensor(0)), ValueError, "`logits`: expected at least 1 dimension"),
+    (lambda: cross_entropy(torch.randn(3, 0), torch.zeros(3, dtype=torch.long)), ValueError, "`logits`: expected a class (last) dimension of size >= 1"),
+    (lambda: cross_entropy(X, T, reduction="avg"), ValueError, "`reduction`: expected one of 'mean', 'sum', 'none'"),
+    (lambda: cross_entropy(X, T, impl="cuda"), ValueError, "`impl`: expected one of 'auto', 'triton', 'torch'"),
+    (lambda: cross_entropy(X, T, ignore_index=1.5), ValueError, "`ignore_index`: expected an int"),
+    (lambda: cross_entropy(X, T.to("meta")), ValueError, "`target` is on meta but `logits` is on cpu"),
+    (lambda: linear_cross_entropy(HID, WT, torch.full((2, 4), 10)), ValueError, "`target`: expected class indices in [0, 10)"),
+    (lambda: linear_cross_entropy(HID, WT.double(), TL), ValueError, "`weight`: expected dtype torch.float32 (the dtype of `hidden`)"),
+    (lambda: linear_cross_entropy(HID, torch.randn(10, 9), TL), ValueError, "`weight`: expected shape (V, 8)"),
+    (lambda: linear_cross_entropy(HID, torch.randn(10), TL), ValueError, "`weight`: expected 2 dimension"),
+    (lambda: linear_cross_entropy(HID.long(), WT, TL), TypeError, "`hidden`: expected dtype"),
+    (lambda: linear_cross_entropy(HID, WT, TL[0]), ValueError, "`target`: expected shape (2, 4) (the leading shape of `hidden`)"),
+    (lambda: linear_cross_entropy(HID, WT, TL.float()), TypeError, "`target`: expected dtype"),
+    (lambda: linear_cross_entropy(HID, WT.to("meta"), TL), ValueError, "`weight` is on meta but `hidden` is on cpu"),
+    (lambda: linear_cross_entropy(HID, WT, TL, reduction="mean_tokens"), ValueError, "`reduction`"),
+    (lambda: linear_cross_entropy(HID, WT, TL, impl="gpu"), ValueError, "`impl`"),
+    (lambda: linear_cross_entropy(HID, WT, TL, _chunk_size=0), ValueError, "`_chunk_size`: expected a positive int"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(ERRORS)))
+def test_errors(i):
+    fn, exc, msg = ERRORS[i]
+    with pytest.raises(exc) as e:
+        fn()
+    assert msg in str(e.value)
+
+
+# ---------------------------------------------------------------- GPU, low precision
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4096, 32000), (7, 129), (3, 5, 1000), (1, 1), (64, 128256)])
+def test_ce_low_precision_gpu(shape, dtype, reduction):
+    if not torch.cuda.is_available(): pytest.skip("needs CUDA")
+    if interpreting(): pytest.skip("low-precision checks need compiled kernels: run with TRITON_INTERPRET=0")
+    x, t = make_ce(shape, torch.float32, "cuda")
+    kw = dict(reduction=reduction)
+    out = grads(lambda a: cross_entropy(a, t, impl="triton", **kw), [x.to(dtype)])
+    ref = grads(lambda a: cross_entropy_ref(a, t, **kw), [x])
+    base = grads(lambda a: cross_entropy_ref(a, t, upcast=False, **kw), [x.to(dtype)])
+    for name, o, r, b in zip(("loss", "dlogits"), out, ref, base):
+        assert o.dtype == dtype
+        assert_close_3way(o, r, b, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [((4096,), 32000, 1024, None), ((2, 257), 50257, 256, None), ((3, 5), 100, 16, 4)])
+def test_lce_low_precision_gpu(case, dtype, reduction):
+    if not torch.cuda.is_available(): pytest.skip("needs CUDA")
+    if interpreting(): pytest.skip("low-precision checks need compiled kernels: run with TRITON_INTERPRET=0")
+    lead, V, H, chunk = case
+    h, w, t = make_lce(lead, V, H, torch.float32, "cuda")
+    w = w / H ** 0.5
+    kw = dict(reduction=reduction)
+    out = grads(lambda a, b: linear_cross_entropy(a, b, t, impl="triton", _chunk_size=chunk, **kw), [h.to(dtype), w.to(dtype)])
+    ref = grads(lambda a, b: linear_cross_entropy_ref(a, b, t, **kw), [h, w])
+    base = grads(lambda a, b: linear_cross_entropy_ref(a, b, t, upcast=False, **kw), [h.to(dtype), w.to(dtype)])
+    for name, o, r, b in zip(("loss", "dhidden", "dweight"), out, ref, base):
+        assert o.dtype == dtype
+        assert_close_3way(o, r, b, name=name)
