@@ -44,3 +44,30 @@ def test_quarto_config_is_the_root_file_through_a_symlink():
     link = ROOT / "nbs" / "_quarto.yml"
     assert link.is_symlink() and link.resolve() == (ROOT / "_quarto.yml").resolve()
     assert "keep-md: true" in (ROOT / "_quarto.yml").read_text()
+
+
+def test_readme_results_table_is_generated_from_committed_results():
+    from trainlab.reproduce import results_table
+    table = results_table(ROOT / "nbs" / "results")
+    assert "| `baseline` |" in table
+    assert table in (ROOT / "README.md").read_text()
+
+
+def test_readme_and_index_notebook_share_the_quick_start():
+    import json
+    nb = json.loads((ROOT / "nbs" / "index.ipynb").read_text())
+    md = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    readme = (ROOT / "README.md").read_text()
+    for cmd in re.findall(r"```bash\n(.*?)```", md, re.S):
+        assert cmd in readme
+    assert len(re.findall(r"```bash\n(.*?)```", md, re.S)) == 2  # exactly two quick-start commands
+
+
+def test_committed_results_carry_provenance():
+    import json
+    for d in (ROOT / "nbs" / "results").iterdir():
+        if not d.is_dir(): continue
+        run = json.loads((d / "run.json").read_text())
+        assert json.loads((d / "metrics.json").read_text())
+        for k in ("command", "git_sha", "environment", "wall_s", "config"): assert run.get(k) is not None, (d.name, k)
+        assert run["command"].startswith(f"trainlab reproduce {d.name}")
