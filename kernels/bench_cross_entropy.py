@@ -6,6 +6,9 @@ GPU:  python kernels/bench_cross_entropy.py          bf16, vocab 32000..256000 a
                                                      forward/backward/full, speed and peak memory, appended to
                                                      kernels/results/all.csv (+ plots)
 CPU:  python kernels/bench_cross_entropy.py --quick  smoke run of the torch providers on tiny sizes; nothing recorded
+--num-groups G (G >= 1): also compute per-group loss sums and counts (`group_ids` random in [0, G)) in every provider
+      that supports them (torch: scatter_add/bincount on the reference's per-row losses; trainlab: in the kernel; Liger
+      skipped); rows go under `cross_entropy_grouped` / `fused_linear_cross_entropy_grouped`, to compare with the plain rows
 """
 import sys
 from pathlib import Path
@@ -52,7 +55,12 @@ def _no_donated_buffers():
 def main(argv=None):
     p = bench_argparser(__doc__)
     p.add_argument("--ops", nargs="*", default=list(OPS), choices=list(OPS))
+    p.add_argument("--num-groups", type=int, default=0, help="G >= 1: add per-group loss sums (group_ids in [0, G))")
     args = p.parse_args(argv)
+    G = args.num_groups
+    if G < 0: p.error("--num-groups: expected an int >= 0")
+    grp = lambda gid: dict(group_ids=gid, num_groups=G) if G else {}
+    loss_of = lambda out: out.loss if G else out  # the timed output: the loss (the group sums are computed either way)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     quick = args.quick or not on_cuda
@@ -62,30 +70,35 @@ def main(argv=None):
     csv_path = (args.csv or HERE / "results" / "all.csv") if record else None
     compiled = {}  # built on first use: importing torch.compile's machinery takes seconds
 
-    def ce_compiled(x, t):
+    def ce_compiled(x, t, gid=None):
         if "ce" not in compiled:
             _no_donated_buffers()
-            compiled["ce"] = torch.compile(lambda x, t: cross_entropy_ref(x, t, upcast=False))
-        return compiled["ce"](x, t)
+            compiled["ce"] = torch.compile(lambda x, t, gid: loss_of(cross_entropy_ref(x, t, upcast=False, **grp(gid))))
+        return compiled["ce"](x, t, gid)
 
-    def lce_compiled(h, w, t):
+    def lce_compiled(h, w, t, gid=None):
         if "lce" not in compiled:
             _no_donated_buffers()
-            compiled["lce"] = torch.compile(lambda h, w, t: linear_cross_entropy_ref(h, w, t, upcast=False))
-        return compiled["lce"](h, w, t)
+            compiled["lce"] = torch.compile(lambda h, w, t, gid: loss_of(linear_cross_entropy_ref(h, w, t, upcast=False, **grp(gid))))
+        return compiled["lce"](h, w, t, gid)
+
+    def group_ids(g, shape):
+        return torch.randint(0, G, shape, device=device, generator=g) if G else None
 
     def setup_ce(provider, mode, x):
         _check_triton_provider(provider, on_cuda)
         g = torch.Generator(device=device).manual_seed(0)
         logits = torch.randn(BT, x, device=device, dtype=dtype, generator=g).requires_grad_()
         t = torch.randint(0, x, (BT,), device=device, generator=g)
+        gid = group_ids(g, (BT,))
         if provider == "liger":
+            if G: raise SkipCase("Liger-Kernel has no per-group loss sums")
             loss_fn = _liger("cross_entropy")
             fwd = lambda: loss_fn(logits, t)
         else:
-            fwd = {"torch": lambda: cross_entropy_ref(logits, t, upcast=False),
-                   "torch_compile": lambda: ce_compiled(logits, t),
-                   "trainlab": lambda: cross_entropy(logits, t, impl="triton")}[provider]
+            fwd = {"torch": lambda: loss_of(cross_entropy_ref(logits, t, upcast=False, **grp(gid))),
+                   "torch_compile": lambda: ce_compiled(logits, t, gid),
+                   "trainlab": lambda: loss_of(cross_entropy(logits, t, impl="triton", **grp(gid)))}[provider]
         if provider == "torch_compile": fwd()  # compile outside the timed region
         return make_mode_fn(mode, fwd, [logits])
 
@@ -95,22 +108,25 @@ def main(argv=None):
         h = torch.randn(BT, H, device=device, dtype=dtype, generator=g).requires_grad_()
         w = (torch.randn(x, H, device=device, dtype=dtype, generator=g) / H ** 0.5).requires_grad_()
         t = torch.randint(0, x, (BT,), device=device, generator=g)
+        gid = group_ids(g, (BT,))
         if provider == "liger":
+            if G: raise SkipCase("Liger-Kernel has no per-group loss sums")
             loss_fn = _liger("fused_linear_cross_entropy")
             fwd = lambda: loss_fn(w, h, t)  # Liger's order: (lin_weight, input, target)
         else:
-            fwd = {"torch": lambda: linear_cross_entropy_ref(h, w, t, upcast=False),
-                   "torch_compile": lambda: lce_compiled(h, w, t),
-                   "trainlab": lambda: linear_cross_entropy(h, w, t, impl="triton")}[provider]
+            fwd = {"torch": lambda: loss_of(linear_cross_entropy_ref(h, w, t, upcast=False, **grp(gid))),
+                   "torch_compile": lambda: lce_compiled(h, w, t, gid),
+                   "trainlab": lambda: loss_of(linear_cross_entropy(h, w, t, impl="triton", **grp(gid)))}[provider]
         if provider == "torch_compile": fwd()  # compile outside the timed region
         return make_mode_fn(mode, fwd, [h, w])
 
-    cfg = dict(BT=BT, dtype=str(dtype).replace("torch.", ""), quick=quick)
+    cfg = dict(BT=BT, dtype=str(dtype).replace("torch.", ""), quick=quick, **({"num_groups": G} if G else {}))
+    sfx = "_grouped" if G else ""
     if "cross_entropy" in args.ops:
-        run_bench("cross_entropy", setup_ce, args.providers or PROVIDERS, args.modes, "V", "vocab size", vocabs,
+        run_bench("cross_entropy" + sfx, setup_ce, args.providers or PROVIDERS, args.modes, "V", "vocab size", vocabs,
                   device=device, extra_config=cfg, csv_path=csv_path, overwrite=True if args.overwrite else None)
     if "fused_linear_cross_entropy" in args.ops:
-        run_bench("fused_linear_cross_entropy", setup_lce, args.providers or PROVIDERS, args.modes, "V", "vocab size",
+        run_bench("fused_linear_cross_entropy" + sfx, setup_lce, args.providers or PROVIDERS, args.modes, "V", "vocab size",
                   vocabs, device=device, extra_config=dict(cfg, H=H), csv_path=csv_path,
                   overwrite=True if args.overwrite else None)
 

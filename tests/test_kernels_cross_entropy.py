@@ -9,7 +9,7 @@ import torch
 from trainlab.kernels import cross_entropy, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
 from trainlab.kernels import xent as xent_mod
 from trainlab.kernels.utils import assert_close_3way, cdiv, interpreting, max_abs_err
-from trainlab.kernels.xent import linear_ce_chunk_size
+from trainlab.kernels.xent import GroupedLoss, linear_ce_chunk_size
 
 # Stated tolerances. Observed max abs errors: fp64 <= 1.5e-14; fp32 <= 8e-6 on summed losses, <= 3e-6 elsewhere
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
@@ -294,6 +294,145 @@ def test_lce_auto_on_cpu_runs_the_reference():
         assert torch.equal(linear_cross_entropy(h, w, t, reduction=red), linear_cross_entropy_ref(h, w, t, reduction=red))
 
 
+# ---------------------------------------------------------------- per-group loss sums (group_ids, num_groups)
+
+@pytest.fixture(params=["partials", "atomics"])
+def group_path(request, monkeypatch):
+    "Both in-kernel group reductions: per-program partial rows (few groups) and per-row atomic adds (many groups)."
+    if request.param == "atomics":
+        for key in ("interpret", "gpu"):
+            monkeypatch.setitem(xent_mod._LIMITS, key, dict(xent_mod._LIMITS[key], max_group_tile=0))
+    return request.param
+
+
+def make_groups(shape, num_groups, device, seed=2):
+    "Group ids in [0, num_groups - 1): the last group never occurs."
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, max(1, num_groups - 1), shape, generator=g).to(device)
+
+
+def group_ref(loss_rows, t, gid, num_groups, ignore_index=-100):
+    "A loop over groups on the reference's per-row losses (independent of scatter_add/bincount)."
+    valid = t != ignore_index
+    sums = torch.stack([loss_rows[(gid == k) & valid].double().sum() for k in range(num_groups)])
+    counts = torch.tensor([int(((gid == k) & valid).sum()) for k in range(num_groups)])
+    return sums, counts
+
+
+def check_grouped(out, plain, ref, **tol):
+    "`out` (grouped, Triton) against the ungrouped Triton result `plain` and the grouped reference `ref`."
+    assert isinstance(out, GroupedLoss) and isinstance(ref, GroupedLoss)
+    torch.testing.assert_close(out.loss, plain, rtol=0, atol=0, equal_nan=True)  # the loss does not change
+    torch.testing.assert_close(out.loss, ref.loss, equal_nan=True, **tol)
+    assert out.group_loss_sum.dtype == ref.group_loss_sum.dtype and out.group_count.dtype == torch.int64
+    assert not out.group_loss_sum.requires_grad and not out.group_count.requires_grad
+    torch.testing.assert_close(out.group_loss_sum, ref.group_loss_sum, **tol)
+    assert torch.equal(out.group_count.cpu(), ref.group_count.cpu())
+
+
+@pytest.mark.parametrize("case", [((7, 129), torch.float64, 6), ((3, 5, 1000), torch.float32, 3)])
+def test_grouped_ce(case, group_path, dev):
+    shape, dtype, G = case
+    x, t = make_ce(shape, dtype, dev)
+    gid = make_groups(shape[:-1], G, dev)
+    sums, counts = group_ref(cross_entropy_ref(x, t, reduction="none"), t, gid, G)
+    for red in REDUCTIONS:
+        xx = x.clone().requires_grad_()
+        out = cross_entropy(xx, t, reduction=red, impl="triton", group_ids=gid, num_groups=G)
+        ref = cross_entropy_ref(x, t, reduction=red, group_ids=gid, num_groups=G)
+        check_grouped(out, cross_entropy(x, t, reduction=red, impl="triton"), ref, **TOL[dtype])
+        torch.testing.assert_close(out.group_loss_sum.double().cpu(), sums.cpu(), **TOL[dtype])
+        assert torch.equal(out.group_count.cpu(), counts) and out.group_loss_sum[G - 1] == 0 and out.group_count[G - 1] == 0
+        if red == "none":  # the gradient is the ungrouped one (per-row upstream gradients)
+            dx, = torch.autograd.grad(out.loss, xx, upstream(out.loss))
+            torch.testing.assert_close(dx, grads(lambda a: cross_entropy(a, t, reduction=red, impl="triton"), [x])[1], rtol=0, atol=0)
+
+
+def test_grouped_ce_edge_cases(dev):
+    "Ignored rows count nowhere, empty groups give 0, all-ignored and zero-row batches, any integer id dtype."
+    x, t = make_ce((4, 6, 30), torch.float64, dev, p_ignore=0.0)
+    gid = torch.arange(24, device=dev).view(4, 6) % 3  # groups 0, 1, 2 round robin; group 3 empty
+    t[gid == 1] = -100  # group 1 entirely ignored
+    for dt in (torch.int64, torch.int32, torch.uint8):
+        out = cross_entropy(x, t, impl="triton", group_ids=gid.to(dt), num_groups=4)
+        check_grouped(out, cross_entropy(x, t, impl="triton"), cross_entropy_ref(x, t, group_ids=gid, num_groups=4))
+        assert out.group_count.tolist() == [8, 0, 8, 0] and out.group_loss_sum[1] == 0 and out.group_loss_sum[3] == 0
+    gid_nc = (torch.arange(48, device=dev).view(4, 12) % 3)[:, ::2]  # non-contiguous ids of shape (4, 6)
+    assert not gid_nc.is_contiguous()
+    out = cross_entropy(x, t, impl="triton", group_ids=gid_nc, num_groups=3)
+    check_grouped(out, cross_entropy(x, t, impl="triton"), cross_entropy_ref(x, t, group_ids=gid_nc, num_groups=3))
+    out = cross_entropy(x, t, impl="triton", group_ids=torch.zeros_like(gid), num_groups=1)  # one group: the sum
+    check_grouped(out, cross_entropy(x, t, impl="triton"), cross_entropy_ref(x, t, group_ids=torch.zeros_like(gid), num_groups=1))
+    torch.testing.assert_close(out.group_loss_sum[0], cross_entropy(x, t, reduction="sum", impl="triton"), **TOL[torch.float64])
+    t_all = torch.full_like(t, -100)
+    out = cross_entropy(x, t_all, impl="triton", group_ids=gid, num_groups=3)
+    assert out.loss.isnan() and not out.group_loss_sum.any() and not out.group_count.any()
+    x0, t0 = torch.randn(0, 5, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+    for red in REDUCTIONS:
+        out = cross_entropy(x0, t0, reduction=red, impl="triton", group_ids=t0, num_groups=2)
+        ref = cross_entropy_ref(x0, t0, reduction=red, group_ids=t0, num_groups=2)
+        check_grouped(out, cross_entropy(x0, t0, reduction=red, impl="triton"), ref)
+        assert out.group_count.tolist() == [0, 0]
+
+
+def test_grouped_ce_many_programs_and_groups(dev, monkeypatch):
+    "Small tiles: many programs whose partial rows are summed; 2000 groups take the atomic path on their own."
+    for key in ("interpret", "gpu"):
+        monkeypatch.setitem(xent_mod._LIMITS, key, dict(max_block_v=64, max_elems=128, max_group_tile=8))
+    assert xent_mod._group_tile(5, 2, True) == 8 and xent_mod._group_tile(9, 2, True) == 0
+    x, t = make_ce((3, 5, 70), torch.float64, dev)
+    for G in (5, 9):  # partial rows over 8 programs, then atomics
+        gid = make_groups((3, 5), G, dev, seed=G)
+        out = cross_entropy(x, t, reduction="sum", impl="triton", group_ids=gid, num_groups=G)
+        check_grouped(out, cross_entropy(x, t, reduction="sum", impl="triton"), cross_entropy_ref(x, t, reduction="sum", group_ids=gid, num_groups=G))
+    monkeypatch.undo()
+    assert xent_mod._group_tile(2000, 1, True) == 0
+    x, t = make_ce((40, 9), torch.float32, dev)
+    gid = torch.randint(0, 2000, (40,), generator=torch.Generator().manual_seed(0)).to(dev)
+    out = cross_entropy(x, t, impl="triton", group_ids=gid, num_groups=2000)
+    check_grouped(out, cross_entropy(x, t, impl="triton"), cross_entropy_ref(x, t, group_ids=gid, num_groups=2000), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", [("partials", (3, 5), 100, 16, None, torch.float64), ("atomics", (7,), 129, 8, 3, torch.float32)])
+def test_grouped_lce(case, dev, monkeypatch):
+    "Linear CE: per-group sums accumulated over chunks (4 and 3 here); loss and gradients unchanged."
+    path, lead, V, H, chunk, dtype = case
+    if path == "atomics":
+        for key in ("interpret", "gpu"):
+            monkeypatch.setitem(xent_mod._LIMITS, key, dict(xent_mod._LIMITS[key], max_group_tile=0))
+    h, w, t = make_lce(lead, V, H, dtype, dev)
+    gid = make_groups(lead, 4, dev)
+    for red in ("mean", "none"):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = linear_cross_entropy(hh, ww, t, reduction=red, impl="triton", group_ids=gid, num_groups=4, _chunk_size=chunk)
+        plain = grads(lambda a, b: linear_cross_entropy(a, b, t, reduction=red, impl="triton", _chunk_size=chunk), [h, w])
+        check_grouped(out, plain[0], linear_cross_entropy_ref(h, w, t, reduction=red, group_ids=gid, num_groups=4), **TOL[dtype])
+        dh, dw = torch.autograd.grad(out.loss, (hh, ww), upstream(out.loss))
+        torch.testing.assert_close((dh, dw), plain[1:], rtol=0, atol=0)
+
+
+def test_grouped_reference_and_auto():
+    "impl='auto'/'torch' on CPU: the reference (scatter_add / bincount); without group_ids, a plain tensor as before."
+    x, t = make_ce((3, 5, 17), torch.float32, "cpu")
+    gid = make_groups((3, 5), 4, "cpu")
+    rows = cross_entropy_ref(x, t, reduction="none")
+    sums, counts = group_ref(rows, t, gid, 4)
+    for impl in ("auto", "torch"):
+        for red in REDUCTIONS:
+            out = cross_entropy(x, t, reduction=red, impl=impl, group_ids=gid, num_groups=4)
+            assert isinstance(out, GroupedLoss) and out._fields == ("loss", "group_loss_sum", "group_count")
+            torch.testing.assert_close(out.loss, cross_entropy_ref(x, t, reduction=red), rtol=0, atol=0)  # bit for bit
+            torch.testing.assert_close(out.group_loss_sum.double(), sums)
+            assert torch.equal(out.group_count, counts)
+            assert type(cross_entropy(x, t, reduction=red, impl=impl)) is torch.Tensor
+    out = cross_entropy_ref(x.bfloat16(), t, group_ids=gid, num_groups=4, upcast=False)
+    assert out.loss.dtype == torch.bfloat16 and out.group_loss_sum.dtype == torch.float32
+    h, w, tl_ = make_lce((2, 3), 11, 4, torch.float32, "cpu")
+    out = linear_cross_entropy(h, w, tl_, group_ids=make_groups((2, 3), 3, "cpu"), num_groups=3)
+    assert isinstance(out, GroupedLoss) and out.loss.shape == () and out.group_count.sum() == (tl_ != -100).sum()
+    loss, gsum, gcnt = out  # unpacks like a tuple
+
+
 # ---------------------------------------------------------------- errors
 
 X, T = torch.randn(4, 10), torch.tensor([1, 2, 3, -100])
@@ -325,6 +464,22 @@ ERRORS = [
     (lambda: linear_cross_entropy(HID, WT, TL, reduction="mean_tokens"), ValueError, "`reduction`"),
     (lambda: linear_cross_entropy(HID, WT, TL, impl="gpu"), ValueError, "`impl`"),
     (lambda: linear_cross_entropy(HID, WT, TL, _chunk_size=0), ValueError, "`_chunk_size`: expected a positive int"),
+    (lambda: cross_entropy(X, T, num_groups=3), ValueError, "`num_groups`: expected None when `group_ids` is None (pass both or neither), got 3"),
+    (lambda: cross_entropy(X, T, group_ids=T.clamp(min=0)), ValueError, "`num_groups`: expected a positive int when `group_ids` is given"),
+    (lambda: cross_entropy(X, T, group_ids=T.clamp(min=0), num_groups=0), ValueError, "`num_groups`: expected a positive int"),
+    (lambda: cross_entropy(X, T, group_ids=T.clamp(min=0), num_groups=True), ValueError, "`num_groups`: expected a positive int"),
+    (lambda: cross_entropy(X, T, group_ids=T.clamp(min=0), num_groups=2.0), ValueError, "`num_groups`: expected a positive int"),
+    (lambda: cross_entropy(X, T, group_ids=T.float(), num_groups=4), TypeError, "`group_ids`: expected dtype"),
+    (lambda: cross_entropy(X, T, group_ids=[0, 1, 2, 3], num_groups=4), TypeError, "`group_ids`: expected a torch.Tensor"),
+    (lambda: cross_entropy(X, T, group_ids=torch.zeros(3, dtype=torch.long), num_groups=4), ValueError, "`group_ids`: expected shape (4,) (the shape of `target`), got (3,)"),
+    (lambda: cross_entropy(X, T, group_ids=torch.tensor([0, 1, 4, 0]), num_groups=4), ValueError, "`group_ids`: expected values in [0, 4) (num_groups=4), got 4 at index (2,)"),
+    (lambda: cross_entropy(X, T, group_ids=torch.tensor([0, -1, 0, 0]), num_groups=4), ValueError, "`group_ids`: expected values in [0, 4) (num_groups=4), got -1 at index (1,)"),
+    (lambda: cross_entropy(X, T, group_ids=torch.tensor([0, 0, 0, 9]), num_groups=4), ValueError, "got 9 at index (3,)"),  # ignored rows too
+    (lambda: cross_entropy(X, T, group_ids=T.clamp(min=0).to("meta"), num_groups=4), ValueError, "`group_ids` is on meta but `target` is on cpu"),
+    (lambda: linear_cross_entropy(HID, WT, TL, group_ids=TL), ValueError, "`num_groups`: expected a positive int when `group_ids` is given"),
+    (lambda: linear_cross_entropy(HID, WT, TL, num_groups=2), ValueError, "`num_groups`: expected None when `group_ids` is None"),
+    (lambda: linear_cross_entropy(HID, WT, TL, group_ids=TL[0], num_groups=10), ValueError, "`group_ids`: expected shape (2, 4) (the shape of `target`)"),
+    (lambda: linear_cross_entropy(HID, WT, TL, group_ids=TL, num_groups=3), ValueError, "`group_ids`: expected values in [0, 3)"),
 ]
 
 
@@ -372,3 +527,24 @@ def test_lce_low_precision_gpu(case, dtype, reduction):
     for name, o, r, b in zip(("loss", "dhidden", "dweight"), out, ref, base):
         assert o.dtype == dtype
         assert_close_3way(o, r, b, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_groups", [3, 1000])  # partial rows; atomics
+def test_grouped_gpu(num_groups, dtype):
+    if not torch.cuda.is_available(): pytest.skip("needs CUDA")
+    if interpreting(): pytest.skip("needs compiled kernels: run with TRITON_INTERPRET=0")
+    x, t = make_ce((4096, 32000), torch.float32, "cuda")
+    gid = torch.randint(0, num_groups, (4096,), device="cuda")
+    out = cross_entropy(x.to(dtype), t, impl="triton", group_ids=gid, num_groups=num_groups)
+    ref = cross_entropy_ref(x.to(dtype), t, group_ids=gid, num_groups=num_groups)  # upcasts like the kernel
+    assert out.group_loss_sum.dtype == torch.float32 and torch.equal(out.group_count, ref.group_count)
+    torch.testing.assert_close(out.group_loss_sum, ref.group_loss_sum, atol=1e-3, rtol=1e-5)
+    assert torch.equal(out.loss, cross_entropy(x.to(dtype), t, impl="triton"))
+    h, w, tl_ = make_lce((2, 1000), 50257, 256, torch.float32, "cuda")
+    gid = torch.randint(0, num_groups, (2, 1000), device="cuda")
+    out = linear_cross_entropy(h.to(dtype), (w / 16).to(dtype), tl_, impl="triton", group_ids=gid, num_groups=num_groups)
+    ref = linear_cross_entropy_ref(h.to(dtype), (w / 16).to(dtype), tl_, group_ids=gid, num_groups=num_groups)
+    assert torch.equal(out.group_count, ref.group_count)
+    torch.testing.assert_close(out.group_loss_sum, ref.group_loss_sum, atol=5e-2 if dtype == torch.bfloat16 else 1e-3, rtol=1e-2)

@@ -28,7 +28,8 @@ def test_wheel_contains_the_package_and_entry_point(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     whl = next(tmp_path.glob("trainlab-*.whl"))
     names = zipfile.ZipFile(whl).namelist()
-    for mod in ("core", "data", "model", "train", "reproduce", "cli", "kernels/__init__", "kernels/utils", "kernels/norm", "kernels/xent"):
+    for mod in ("core", "data", "model", "train", "reproduce", "cli", "kernels/__init__", "kernels/utils", "kernels/norm", "kernels/xent",
+                "kernels/attention", "kernels/moe", "kernels/unlearn"):
         assert f"trainlab/{mod}.py" in names
     ep = next(n for n in names if n.endswith("entry_points.txt"))
     assert "trainlab = trainlab.cli:main" in zipfile.ZipFile(whl).read(ep).decode()
