@@ -14,6 +14,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device"))
 
 
+@pytest.fixture
+def dev():
+    "Device for forced-Triton tests: CPU under the interpreter, else CUDA with compiled kernels, else skip."
+    from trainlab.kernels.utils import interpreting  # imported here, after TRITON_INTERPRET is set above
+    if interpreting(): return "cpu"
+    if torch.cuda.is_available(): return "cuda"
+    pytest.skip("impl='triton' needs TRITON_INTERPRET=1 (set before import) or a CUDA device")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -20,13 +20,6 @@ TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-
 NAMES = ("o", "dq", "dk", "dv")
 
 
-@pytest.fixture
-def dev():
-    "Device for forced-Triton tests: CPU under the interpreter, else CUDA with compiled kernels, else skip."
-    if interpreting(): return "cpu"
-    if torch.cuda.is_available(): return "cuda"
-    pytest.skip("impl='triton' needs TRITON_INTERPRET=1 (set before import) or a CUDA device")
-
 
 @pytest.fixture
 def small_tiles(monkeypatch):

@@ -17,13 +17,6 @@ SHAPES = [(1, 1), (7, 129), (3, 5, 1000), (6, 2), (2, 3, 4, 33)]  # (..., V); 12
 REDUCTIONS = ["mean", "sum", "none"]
 
 
-@pytest.fixture
-def dev():
-    "Device for forced-Triton tests: CPU under the interpreter, else CUDA with compiled kernels, else skip."
-    if interpreting(): return "cpu"
-    if torch.cuda.is_available(): return "cuda"
-    pytest.skip("impl='triton' needs TRITON_INTERPRET=1 (set before import) or a CUDA device")
-
 
 def make_ce(shape, dtype, device, p_ignore=0.3, ignore_index=-100, scale=2.0, seed=0):
     g = torch.Generator().manual_seed(seed)

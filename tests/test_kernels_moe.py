@@ -19,13 +19,6 @@ TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=5e-
 NAMES = ("y", "dx", "dw_in", "dw_out", "dgates")
 
 
-@pytest.fixture
-def dev():
-    "Device for forced-Triton tests: CPU under the interpreter, else CUDA with compiled kernels, else skip."
-    if interpreting(): return "cpu"
-    if torch.cuda.is_available(): return "cuda"
-    pytest.skip("impl='triton' needs TRITON_INTERPRET=1 (set before import) or a CUDA device")
-
 
 @pytest.fixture
 def small_tiles(monkeypatch):

@@ -15,14 +15,6 @@ TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-
 SHAPES = [(1, 1), (7, 129), (3, 5, 1000), (4, 2, 3, 17), (2, 5000)]
 
 
-@pytest.fixture
-def dev():
-    "Device for forced-Triton tests: CPU under the interpreter, else CUDA with compiled kernels, else skip."
-    if interpreting(): return "cpu"
-    if torch.cuda.is_available(): return "cuda"
-    pytest.skip("impl='triton' needs TRITON_INTERPRET=1 (set before import) or a CUDA device")
-
-
 def make(shape, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64)

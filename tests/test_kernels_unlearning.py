@@ -24,13 +24,6 @@ INF, NAN = float("inf"), float("nan")
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy inf - inf in the interpreter
 
 
-@pytest.fixture
-def dev():
-    "Device for forced-Triton tests: CPU under the interpreter, else CUDA with compiled kernels, else skip."
-    if interpreting(): return "cpu"
-    if torch.cuda.is_available(): return "cuda"
-    pytest.skip("impl='triton' needs TRITON_INTERPRET=1 (set before import) or a CUDA device")
-
 
 @pytest.fixture
 def small_tiles(monkeypatch):
