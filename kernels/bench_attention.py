@@ -35,7 +35,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
 from trainlab.kernels.attention import attention_mask, attention_tile_map, flash_attention
-from trainlab.kernels.utils import SkipCase, bench_argparser, interpreting, make_mode_fn, run_bench
+from trainlab.kernels.utils import SkipCase, bench_argparser, interpreting, make_mode_fn, run_bench, allow_retained_graph_backward
 
 PROVIDERS = ("sdpa", "sdpa_padded", "sdpa_mask", "flex", "trainlab")
 MIXES = ("causal", "docs_short", "docs_mixed")
@@ -70,12 +70,6 @@ def pad_documents(t: torch.Tensor, lens: list[list[int]]) -> torch.Tensor:
     return torch.stack([F.pad(p, (0, 0, 0, Lmax - p.shape[1])) for p in pieces])
 
 
-def _no_donated_buffers():
-    "The 'backward' mode re-runs backward on a retained graph, which torch.compile's donated buffers forbid."
-    import torch._functorch.config as fc
-    if hasattr(fc, "donated_buffer"): fc.donated_buffer = False
-
-
 def main(argv=None):
     p = bench_argparser(__doc__)
     p.add_argument("--mixes", nargs="*", default=list(MIXES), choices=list(MIXES), help="document-length mixes")
@@ -98,7 +92,7 @@ def main(argv=None):
         from torch.nn.attention.flex_attention import flex_attention
         if not on_cuda: return flex_attention  # eager, unfused; CPU has no FlexAttention backward
         if "flex" not in compiled:
-            _no_donated_buffers()
+            allow_retained_graph_backward()
             compiled["flex"] = torch.compile(flex_attention, dynamic=False)
         return compiled["flex"]
 

@@ -22,7 +22,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
 from trainlab.kernels import cross_entropy, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
-from trainlab.kernels.utils import SkipCase, interpreting, bench_argparser, make_mode_fn, run_bench
+from trainlab.kernels.utils import SkipCase, interpreting, bench_argparser, make_mode_fn, run_bench, require_compiled, allow_retained_graph_backward
 
 PROVIDERS = ("torch", "torch_compile", "liger", "trainlab")
 OPS = ("cross_entropy", "fused_linear_cross_entropy")
@@ -39,14 +39,7 @@ def _liger(name):
         raise SkipCase(f"liger-kernel not importable ({e})")
 
 
-def _check_triton_provider(provider, on_cuda):
-    if provider not in ("trainlab", "liger"): return
-    if not on_cuda: raise SkipCase("Triton kernels are timed on CUDA only (the interpreter is for correctness)")
-    if provider == "trainlab" and interpreting():
-        raise SkipCase("kernels were defined under TRITON_INTERPRET=1; unset it to time them")
-
-
-def _no_donated_buffers():
+def allow_retained_graph_backward():
     "The 'backward' mode re-runs backward on a retained graph, which torch.compile's donated buffers forbid."
     import torch._functorch.config as fc
     if hasattr(fc, "donated_buffer"): fc.donated_buffer = False
@@ -72,13 +65,13 @@ def main(argv=None):
 
     def ce_compiled(x, t, gid=None):
         if "ce" not in compiled:
-            _no_donated_buffers()
+            allow_retained_graph_backward()
             compiled["ce"] = torch.compile(lambda x, t, gid: loss_of(cross_entropy_ref(x, t, upcast=False, **grp(gid))))
         return compiled["ce"](x, t, gid)
 
     def lce_compiled(h, w, t, gid=None):
         if "lce" not in compiled:
-            _no_donated_buffers()
+            allow_retained_graph_backward()
             compiled["lce"] = torch.compile(lambda h, w, t, gid: loss_of(linear_cross_entropy_ref(h, w, t, upcast=False, **grp(gid))))
         return compiled["lce"](h, w, t, gid)
 
@@ -86,7 +79,7 @@ def main(argv=None):
         return torch.randint(0, G, shape, device=device, generator=g) if G else None
 
     def setup_ce(provider, mode, x):
-        _check_triton_provider(provider, on_cuda)
+        require_compiled(provider, on_cuda)
         g = torch.Generator(device=device).manual_seed(0)
         logits = torch.randn(BT, x, device=device, dtype=dtype, generator=g).requires_grad_()
         t = torch.randint(0, x, (BT,), device=device, generator=g)
@@ -103,7 +96,7 @@ def main(argv=None):
         return make_mode_fn(mode, fwd, [logits])
 
     def setup_lce(provider, mode, x):
-        _check_triton_provider(provider, on_cuda)
+        require_compiled(provider, on_cuda)
         g = torch.Generator(device=device).manual_seed(0)
         h = torch.randn(BT, H, device=device, dtype=dtype, generator=g).requires_grad_()
         w = (torch.randn(x, H, device=device, dtype=dtype, generator=g) / H ** 0.5).requires_grad_()

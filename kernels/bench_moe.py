@@ -31,18 +31,11 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from trainlab.kernels.moe import (
     bench_chunk_sparse_cpu, chunk_sparse_ffn, grouped_expert_ffn, grouped_expert_ffn_ref, route_by_expert)
 from trainlab.kernels.utils import (
-    SkipCase, append_rows, bench_argparser, bench_row, interpreting, make_mode_fn, plot_results, run_bench)
+    SkipCase, append_rows, bench_argparser, bench_row, interpreting, make_mode_fn, plot_results, require_compiled, run_bench)
 
 GROUPED_PROVIDERS = ("torch_loop", "dense_total", "dense_active", "scattermoe", "megablocks", "trainlab")
 CHUNK_GPU_PROVIDERS = ("dense_total", "torch_union", "trainlab")
 OPS = ("grouped", "chunk")
-
-
-def _check_triton_provider(provider, on_cuda):
-    if provider not in ("trainlab", "scattermoe", "megablocks"): return
-    if not on_cuda: raise SkipCase("Triton/CUDA kernels are timed on CUDA only (the interpreter is for correctness)")
-    if provider == "trainlab" and interpreting():
-        raise SkipCase("kernels were defined under TRITON_INTERPRET=1; unset it to time them")
 
 
 def make_routing(T, E, k, device, generator):
@@ -118,7 +111,7 @@ def bench_grouped(args, device, dtype, quick, csv_path):
     sizes = [64, 256] if quick else [1024, 4096, 16384]
 
     def setup(provider, mode, x):
-        _check_triton_provider(provider, on_cuda)
+        require_compiled(provider, on_cuda, gpu_providers=("trainlab", "scattermoe", "megablocks"))
         g = torch.Generator(device=device).manual_seed(0)
         T = x
         inp = torch.randn(T, d, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -159,7 +152,7 @@ def bench_chunk_gpu(args, device, dtype, quick, csv_path):
 
     def setup(provider, mode, x):
         if mode != "forward": raise SkipCase("chunk_sparse_ffn is an inference kernel: forward only")
-        if provider == "trainlab": _check_triton_provider(provider, True)
+        if provider == "trainlab": require_compiled(provider, True, gpu_providers=("trainlab", "scattermoe", "megablocks"))
         g = torch.Generator(device=device).manual_seed(0)
         T = x
         inp = torch.randn(T, d, device=device, dtype=dtype, generator=g)

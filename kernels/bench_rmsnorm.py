@@ -17,20 +17,13 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
 from trainlab.kernels import rmsnorm, rmsnorm_ref
-from trainlab.kernels.utils import SkipCase, interpreting, bench_argparser, make_mode_fn, run_bench
+from trainlab.kernels.utils import SkipCase, interpreting, bench_argparser, make_mode_fn, run_bench, require_compiled, allow_retained_graph_backward
 
 PROVIDERS = ("torch", "torch_compile", "liger", "trainlab")
 EPS = 1e-6
 
 
-def _check_triton_provider(provider, on_cuda):
-    if provider not in ("trainlab", "liger"): return
-    if not on_cuda: raise SkipCase("Triton kernels are timed on CUDA only (the interpreter is for correctness)")
-    if provider == "trainlab" and interpreting():
-        raise SkipCase("kernels were defined under TRITON_INTERPRET=1; unset it to time them")
-
-
-def _no_donated_buffers():
+def allow_retained_graph_backward():
     "The 'backward' mode re-runs backward on a retained graph, which torch.compile's donated buffers forbid."
     import torch._functorch.config as fc
     if hasattr(fc, "donated_buffer"): fc.donated_buffer = False
@@ -47,12 +40,12 @@ def main(argv=None):
 
     def compiled_ref(*a):
         if not compiled:
-            _no_donated_buffers()
+            allow_retained_graph_backward()
             compiled["fn"] = torch.compile(rmsnorm_ref)
         return compiled["fn"](*a)
 
     def setup(provider, mode, x):
-        _check_triton_provider(provider, on_cuda)
+        require_compiled(provider, on_cuda)
         g = torch.Generator(device=device).manual_seed(0)
         inp = torch.randn(M, x, device=device, dtype=dtype, generator=g).requires_grad_()
         if provider == "liger":

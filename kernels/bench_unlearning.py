@@ -23,7 +23,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
 from trainlab.kernels.unlearn import generic_labels, generic_labels_ref, kl_div, kl_div_ref
-from trainlab.kernels.utils import SkipCase, bench_argparser, interpreting, make_mode_fn, run_bench
+from trainlab.kernels.utils import SkipCase, bench_argparser, interpreting, make_mode_fn, run_bench, require_compiled, allow_retained_graph_backward
 
 PROVIDERS = ("torch", "torch_compile", "liger", "trainlab")
 OPS = ("generic_labels", "kl_div")
@@ -31,14 +31,7 @@ SWEEPS = ("vocab", "rows")
 ALPHA = 1.0
 
 
-def _check_triton_provider(provider, on_cuda):
-    if provider not in ("trainlab", "liger"): return
-    if not on_cuda: raise SkipCase("Triton kernels are timed on CUDA only (the interpreter is for correctness)")
-    if provider == "trainlab" and interpreting():
-        raise SkipCase("kernels were defined under TRITON_INTERPRET=1; unset it to time them")
-
-
-def _no_donated_buffers():
+def allow_retained_graph_backward():
     "The 'backward' mode re-runs backward on a retained graph, which torch.compile's donated buffers forbid."
     import torch._functorch.config as fc
     if hasattr(fc, "donated_buffer"): fc.donated_buffer = False
@@ -72,7 +65,7 @@ def main(argv=None):
 
     def compiled_fn(name, fn):
         if name not in compiled:
-            _no_donated_buffers()
+            allow_retained_graph_backward()
             compiled[name] = torch.compile(fn)
         return compiled[name]
 
@@ -83,7 +76,7 @@ def main(argv=None):
         def setup(provider, mode, x):
             if mode != "forward": raise SkipCase("integer labels have no gradient: forward only")
             if provider == "liger": raise SkipCase("Liger-Kernel has no generic-label kernel")
-            _check_triton_provider(provider, on_cuda)
+            require_compiled(provider, on_cuda)
             n, v = sizes(sweep, x)
             g = torch.Generator(device=device).manual_seed(0)
             b = torch.randn(n, v, device=device, dtype=dtype, generator=g)
@@ -98,7 +91,7 @@ def main(argv=None):
 
     def setup_kl(sweep):
         def setup(provider, mode, x):
-            _check_triton_provider(provider, on_cuda)
+            require_compiled(provider, on_cuda)
             n, v = sizes(sweep, x)
             g = torch.Generator(device=device).manual_seed(0)
             pl = torch.randn(n, v, device=device, dtype=dtype, generator=g)  # frozen reference model: no gradient

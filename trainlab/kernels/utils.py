@@ -9,20 +9,21 @@ __all__ = ['IMPLS', 'FLOAT_DTYPES', 'INT_DTYPES', 'MAX_FUSED_SIZE', 'DEFAULT_TOL
            'num_warps_for', 'calculate_settings', 'block_rows', 'num_sms', 'device_guard', 'to_compute',
            'compute_dtype', 'default_tol', 'max_abs_err', 'assert_close_3way', 'SkipCase', 'device_label', 'bench',
            'peak_memory', 'make_mode_fn', 'bench_version', 'bench_row', 'read_rows', 'append_rows', 'plot_results',
-           'run_bench', 'bench_argparser', 'HAS_TRITON', 'check_choice', 'expect']
+           'require_compiled', 'allow_retained_graph_backward', 'run_bench', 'bench_argparser', 'HAS_TRITON',
+           'check_choice', 'expect']
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #6382b256
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #efd1085e
 import contextlib, csv, functools, json, math, os, re, time, types
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #9395b16c
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #efa8b2ed
 from .. import __version__
 from ..core import atomic_path, check_choice, expect, git_sha, now_iso
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #18a482e8
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #2c70c6df
 class MissingTritonKernel:
     "Stand-in for a `@triton.jit` function when triton is not installed: defining it works, launching it raises."
     def __init__(self, fn): self.fn, self.__name__, self.__doc__ = fn, getattr(fn, "__name__", "kernel"), getattr(fn, "__doc__", None)
@@ -55,7 +56,7 @@ def _standins():
                                     language=tl_, __version__=None)
     return triton_, tl_
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #08473081
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #b25f9a60
 try:
     import triton
     import triton.language as tl
@@ -64,7 +65,7 @@ except ImportError:  # e.g. macOS / Windows: no triton wheel
     triton, tl = _standins()
     HAS_TRITON = False
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #8da96b28
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #448b9f4e
 _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 @triton.jit
@@ -89,7 +90,7 @@ def interpreting(kernel=None) -> bool:
         if fn is None: break
     return False
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #c9c1592b
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #03b8ad12
 IMPLS = ("auto", "triton", "torch")
 
 def resolve_impl(impl: str, # "auto", "triton" or "torch"
@@ -107,7 +108,7 @@ def resolve_impl(impl: str, # "auto", "triton" or "torch"
     raise RuntimeError("impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the environment "
                        "before importing trainlab.kernels (or triton), or use impl='torch' / impl='auto'.")
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #fc236c4e
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #46d2cb69
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -158,10 +159,10 @@ def check_same_device(**tensors) -> torch.device:
             raise ValueError(f"`{name}` is on {t.device} but `{name0}` is on {t0.device}: expected all on one device")
     return t0.device
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #3086fe69
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #2714223a
 _all_ = ["HAS_TRITON", "check_choice", "expect"]
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #1bf7c10c
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #915f6086
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     "View `t` as `[rows, t.shape[-1]]`, contiguous (a copy only if needed)."
     t2 = t.reshape(-1, t.shape[-1]) if t.ndim != 2 else t
@@ -174,7 +175,7 @@ def ensure_contiguous(fn):
     def wrapper(*args, **kwargs): return fn(*[_c(a) for a in args], **{k: _c(v) for k, v in kwargs.items()})
     return wrapper
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #ad921cce
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #7abd0421
 MAX_FUSED_SIZE = 65536  # Liger's cap on one register-resident block
 
 def next_power_of_2(n: int) -> int:
@@ -213,7 +214,7 @@ def device_guard(t: torch.Tensor):
     "Context making `t`'s CUDA device current for a kernel launch (a no-op off CUDA)."
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #31b2fc58
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #8a28c8a6
 @triton.jit
 def to_compute(x, FP64: tl.constexpr):
     "Convert `x` to fp64 if `FP64` else fp32 (call right after `tl.load`)."
@@ -227,7 +228,7 @@ def compute_dtype(*tensors) -> torch.dtype:
     "The kernels' compute dtype for these inputs: fp64 if any is fp64, else fp32."
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #6bcdb03c
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #1899b9ca
 DEFAULT_TOL = {  # atol from flash-attention's tests (fp32 1e-4, fp16 1e-2, bf16 5e-2); fp64 for exact-math parity
     torch.float64: dict(atol=1e-10, rtol=1e-10),
     torch.float32: dict(atol=1e-4, rtol=1e-4),
@@ -260,7 +261,7 @@ def assert_close_3way(out: torch.Tensor, # the kernel's result (e.g. bf16)
         raise AssertionError(f"{name}: kernel error {e_out:.3g} > 2 x torch error {e_base:.3g} + atol {atol:g}")
     return e_out, e_base
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #e28a13eb
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #50d228ba
 CSV_COLUMNS = ("kernel_name", "kernel_provider", "kernel_operation_mode", "metric_name", "metric_unit", "x_name", "x_label",
                "x_value", "y_value_50", "y_value_20", "y_value_80", "extra_benchmark_config_str", "gpu_name", "timestamp", "version")
 QUANTILES = (0.5, 0.2, 0.8)
@@ -328,7 +329,7 @@ def make_mode_fn(mode: str, # "forward", "backward" or "full"
     if mode == "backward": return (lambda: y.backward(dy, retain_graph=True)), grad_inputs
     return (lambda: forward().backward(dy)), grad_inputs
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #30e1c605
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #ada6b318
 def bench_version() -> str:
     "The `version` column: trainlab's version plus the git commit, if any."
     sha = git_sha()
@@ -397,7 +398,20 @@ def plot_results(path: str | Path, # the results CSV
         plt.close(fig); files.append(f)
     return files
 
-# %% ../../nbs/kernels/00_kernel_utils.ipynb #6340cc11
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #0752c0c3
+def require_compiled(provider: str, on_cuda: bool, gpu_providers: Sequence[str] = ("trainlab", "liger")):
+    "Skip a benchmark case (`SkipCase`) whose provider needs compiled GPU kernels that are not available here."
+    if provider not in gpu_providers: return
+    if not on_cuda: raise SkipCase("Triton/CUDA kernels are timed on CUDA only (the interpreter is for correctness)")
+    if provider == "trainlab" and interpreting():
+        raise SkipCase("kernels were defined under TRITON_INTERPRET=1; unset it to time them")
+
+def allow_retained_graph_backward():
+    "The 'backward' mode re-runs backward on a retained graph, which torch.compile's donated buffers forbid: switch them off."
+    import torch._functorch.config as fc
+    if hasattr(fc, "donated_buffer"): fc.donated_buffer = False
+
+# %% ../../nbs/kernels/00_kernel_utils.ipynb #9e05a1d5
 def run_bench(kernel_name: str, setup: Callable, providers: Sequence[str], modes: Sequence[str],
               x_name: str, x_label: str, x_values: Sequence, *,
               device: str | torch.device = "cuda",
