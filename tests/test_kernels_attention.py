@@ -13,6 +13,7 @@ from trainlab.kernels import attention as attn_mod
 from trainlab.kernels.attention import (
     attention_mask, attention_tile_map, flash_attention, flash_attention_fwd, flash_attention_ref, make_attention)
 from trainlab.kernels.utils import assert_close_3way, interpreting, max_abs_err
+from kernel_checks import assert_raises_with
 
 # Stated tolerances. Observed max abs errors over this matrix (o, dq, dk, dv, lse): fp64 <= 7.1e-15, fp32 <= 1.9e-6;
 # the fp16 GPU code path (interpreter): kernel 2.0e-3 vs fp16 PyTorch 2.0e-3 against the fp32 reference
@@ -343,10 +344,7 @@ ERRORS = [
 
 @pytest.mark.parametrize("i", range(len(ERRORS)))
 def test_errors(i):
-    fn, exc, msg = ERRORS[i]
-    with pytest.raises(exc) as e:
-        fn()
-    assert msg in str(e.value)
+    assert_raises_with(*ERRORS[i])
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ from trainlab.kernels import cross_entropy, cross_entropy_ref, linear_cross_entr
 from trainlab.kernels import xent as xent_mod
 from trainlab.kernels.utils import assert_close_3way, cdiv, interpreting, max_abs_err
 from trainlab.kernels.xent import GroupedLoss, linear_ce_chunk_size
+from kernel_checks import assert_raises_with, grads, upstream
 
 # Stated tolerances. Observed max abs errors: fp64 <= 1.5e-14; fp32 <= 8e-6 on summed losses, <= 3e-6 elsewhere
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
@@ -24,19 +25,6 @@ def make_ce(shape, dtype, device, p_ignore=0.3, ignore_index=-100, scale=2.0, se
     t = torch.randint(0, shape[-1], shape[:-1], generator=g)
     t[torch.rand(shape[:-1], generator=g) < p_ignore] = ignore_index
     return x, t.to(device)
-
-
-def upstream(y, seed=1):
-    "A non-trivial upstream gradient (scalar for reductions)."
-    if y.ndim == 0: return torch.tensor(0.7, dtype=y.dtype, device=y.device)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
-
-
-def grads(f, inputs):
-    inputs = [a.detach().requires_grad_() for a in inputs]
-    y = f(*inputs)
-    return (y, *torch.autograd.grad(y, inputs, upstream(y)))
 
 
 def compare(out, ref, names, **tol):
@@ -478,10 +466,7 @@ ERRORS = [
 
 @pytest.mark.parametrize("i", range(len(ERRORS)))
 def test_errors(i):
-    fn, exc, msg = ERRORS[i]
-    with pytest.raises(exc) as e:
-        fn()
-    assert msg in str(e.value)
+    assert_raises_with(*ERRORS[i])
 
 
 # ---------------------------------------------------------------- GPU, low precision

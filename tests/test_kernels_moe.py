@@ -13,6 +13,7 @@ from trainlab.kernels.moe import (
     bench_chunk_sparse_cpu, chunk_sparse_ffn, chunk_sparse_ffn_ref, chunk_sparse_torch, grouped_expert_ffn,
     grouped_expert_ffn_ref, route_by_expert)
 from trainlab.kernels.utils import assert_close_3way, interpreting, max_abs_err
+from kernel_checks import assert_raises_with
 
 # Stated tolerances. Observed max abs errors at these sizes: fp64 <= 1e-14, fp32 <= 5e-6
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=5e-5, rtol=5e-5)}
@@ -428,10 +429,7 @@ ERRORS = [
 
 @pytest.mark.parametrize("i", range(len(ERRORS)))
 def test_errors(i):
-    fn, exc, msg = ERRORS[i]
-    with pytest.raises(exc) as e:
-        fn()
-    assert msg in str(e.value)
+    assert_raises_with(*ERRORS[i])
 
 
 # ---------------------------------------------------------------- GPU, low precision

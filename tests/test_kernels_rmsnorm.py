@@ -9,6 +9,7 @@ import torch
 from trainlab.kernels import RMSNorm, rmsnorm, rmsnorm_ref
 from trainlab.kernels import norm as norm_mod
 from trainlab.kernels.utils import assert_close_3way, interpreting, max_abs_err
+from kernel_checks import assert_raises_with
 
 # Stated tolerances. Observed max abs errors at these sizes: fp64 <= 4e-15, fp32 <= 1.2e-6
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
@@ -153,10 +154,7 @@ ERRORS = [
 
 @pytest.mark.parametrize("i", range(len(ERRORS)))
 def test_errors(i):
-    fn, exc, msg = ERRORS[i]
-    with pytest.raises(exc) as e:
-        fn()
-    assert msg in str(e.value)
+    assert_raises_with(*ERRORS[i])
 
 
 @pytest.mark.gpu

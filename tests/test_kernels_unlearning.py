@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from trainlab.kernels import unlearn as ul
 from trainlab.kernels.unlearn import generic_labels, generic_labels_ref, generic_logits, kl_div, kl_div_ref
 from trainlab.kernels.utils import HAS_TRITON, assert_close_3way, interpreting, max_abs_err
+from kernel_checks import assert_raises_with, grads, upstream
 
 # Stated tolerances. Observed max abs errors: fp64 <= 1e-14 (kl), fp32 <= 2e-6 on summed KL, <= 1e-6 elsewhere
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=1e-5)}
@@ -146,18 +147,6 @@ def test_labels_auto_and_torch_on_cpu_run_the_reference():
 
 
 # ---------------------------------------------------------------- kl_div
-
-def upstream(y, seed=1):
-    if y.ndim == 0: return torch.tensor(0.7, dtype=y.dtype, device=y.device)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
-
-
-def grads(f, inputs):
-    inputs = [a.detach().requires_grad_() for a in inputs]
-    y = f(*inputs)
-    return (y, *torch.autograd.grad(y, inputs, upstream(y)))
-
 
 def check_kl(x, y, reduction, **tol):
     out = grads(lambda a, b: kl_div(a, b, reduction, impl="triton"), [x, y])
@@ -304,10 +293,7 @@ ERRORS = [
 
 @pytest.mark.parametrize("i", range(len(ERRORS)))
 def test_errors(i):
-    fn, exc, msg = ERRORS[i]
-    with pytest.raises(exc) as e:
-        fn()
-    assert msg in str(e.value)
+    assert_raises_with(*ERRORS[i])
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
