@@ -1,6 +1,7 @@
 import json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest
+import torch
 
 from trainlab.cli import main
 from trainlab.reproduce import available_reproductions
@@ -9,11 +10,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_reproduce_baseline_fast_writes_complete_results(tmp_path, capsys):
-    assert main(["reproduce", "baseline", "--fast", "--out", str(tmp_path), "--seed", "3", "--no-progress"]) == 0
+    threads = torch.get_num_threads()
+    try: assert main(["reproduce", "baseline", "--fast", "--out", str(tmp_path), "--seed", "3", "--threads", "1", "--no-progress"]) == 0
+    finally: torch.set_num_threads(threads)
     out = tmp_path / "baseline"
     assert {p.name for p in out.iterdir()} == {"metrics.json", "run.json", "loss_curve.png"}
     m, run = json.loads((out / "metrics.json").read_text()), json.loads((out / "run.json").read_text())
     assert 0 < m["val_bpb"] < 8 and m["tokens_per_s"] > 0 and m["tokens"] > 0
+    assert run["config"]["threads"] == 1 and run["environment"]["torch_threads"] == 1  # --threads is honoured
     assert run["seed"] == 3 and run["fast"] is True and run["command"].startswith("trainlab reproduce baseline")
     for k in ("git_sha", "config", "environment", "wall_s", "started_at"): assert k in run
     assert run["environment"]["versions"]["torch"]
