@@ -27,7 +27,7 @@ def test_reproduce_baseline_fast_writes_complete_results(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["reproduce", "nope"], "unknown reproduction 'nope'; choose from: all, baseline"),
+    (["reproduce", "nope"], "unknown reproduction 'nope'; choose from: all, " + ", ".join(available_reproductions())),
     (["reproduce", "baseline", "--seed", "x"], "expected an integer seed"),
     (["reproduce", "baseline", "--seed", "-1"], "expected a seed in"),
     (["reproduce", "baseline", "--threads", "0"], "expected a positive integer"),
@@ -48,4 +48,4 @@ def test_console_script_is_installed():
     exe = shutil.which("trainlab")
     if exe is None: pytest.skip("package not installed with its console script (pip install -e .)")
     r = subprocess.run([exe, "reproduce", "nope"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "choose from: all, baseline" in r.stderr
+    assert r.returncode == 2 and "choose from: all, " + ", ".join(available_reproductions()) in r.stderr
