@@ -8,7 +8,9 @@ FFN of equal active width (k*h), and, on GPU, ScatterMoE and MegaBlocks' grouped
 chunk_sparse_ffn (BlockFFN inference): on CPU, the union-gathered PyTorch path against the dense FFN of equal total
 width for T in {1, 8, 32} over union (active) fractions, threads pinned, medians of interleaved repeats, ratio measured
 in one run (`trainlab.kernels.moe.bench_chunk_sparse_cpu`). The scores here are SYNTHETIC masks with a prescribed
-union; the real measurement feeds the trained BlockFFN/TopK routers' scores to `bench_chunk_sparse_cpu`.
+union; the real measurement, with the trained BlockFFN and TopK routers' own inputs and scores chunk by chunk, is
+`trainlab.moe.measure_inference`, run by `trainlab reproduce moe` (results: nbs/results/moe/metrics.json, keys
+`inference*`, and the table in nbs/20_moe_routing.ipynb).
 On GPU, the Triton kernel, the PyTorch union path and the dense FFN over T at a fixed union fraction.
 
 GPU:  python kernels/bench_moe.py          bf16 sweeps, speed and peak memory, appended to kernels/results/all.csv (+ plots)
