@@ -35,10 +35,12 @@ def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, # [B,
                         doc_ids: torch.Tensor | None = None, # [B, L] integer document ids
                         upcast: bool = True, # compute in fp32 (fp64 for fp64 inputs); else in q.dtype
                        ) -> torch.Tensor:
-    "Masked softmax attention via `F.scaled_dot_product_attention` and a boolean mask; returns `q.dtype`."
-    dt = compute_dtype(q, k, v) if upcast else q.dtype
-    mask = attention_mask(q.shape[-2], causal, doc_ids, q.device)
-    return F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask).to(q.dtype)
+    "Masked softmax attention via `F.scaled_dot_product_attention` (`is_causal` without documents, else a boolean mask); returns `q.dtype`."
+    dt, out_dtype = (compute_dtype(q, k, v) if upcast else q.dtype), q.dtype
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if doc_ids is None: o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # lets SDPA pick its fast causal path
+    else: o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(q.shape[-2], causal, doc_ids, q.device))
+    return o.to(out_dtype)
 
 # %% ../../nbs/kernels/10_flash_attention.ipynb #41570201
 @triton.jit
