@@ -1,0 +1,273 @@
+"""Dataset Decomposition, the curriculum samplers, loss reweighting and their Lightning wiring (incl. 2-process DDP)."""
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from trainlab.curriculum import (Buckets, ChunkBatchSampler, CurriculumDataModule, DDBatchSampler, DDDataset, LossReweighter,
+                                 curriculum_odds, curriculum_trainer, dd_schedule, decompose, evaluate_by_position, minmax_scale,
+                                 reweight, steps_per_bucket, time_to_target, toy_regression, _arm_spec)
+from trainlab.data import ByteTokenizer, TokenizedCorpus, load_corpus, doc_eval_loader
+from trainlab.model import ModelConfig, TinyLM
+from trainlab.train import LMLitModule, make_trainer
+
+EOT = ByteTokenizer().eot_id
+
+
+def _corpus(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    toks = [rng.integers(0, 256, n).astype(np.uint16) for n in lengths]
+    off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return TokenizedCorpus(np.concatenate(toks) if toks else np.zeros(0, np.uint16), off, [f"d{i}" for i in range(len(lengths))])
+
+
+@pytest.mark.parametrize("randomize", [True, False])
+@pytest.mark.parametrize("lo,hi", [(0, 0), (0, 3), (3, 3), (5, 10), (2, 7)])
+def test_decompose_tiles_every_document(randomize, lo, hi):
+    rng = np.random.default_rng(lo * 31 + hi)
+    lens = rng.integers(0, 3000, 80).tolist() + [0, 1, 2 ** lo - 1, 2 ** lo, 2 ** hi, 2 ** hi + 1, 2 ** (hi + 3) + 5]
+    bk = decompose([[0] * n for n in lens], lo, hi, randomize=randomize, seed=7)
+    covered = 0
+    for d, m in enumerate(lens):
+        pos = 0
+        for s, l in bk.pieces(d):
+            assert s == pos and l in bk.lengths
+            pos += l
+        assert 0 <= m - pos < 2 ** lo, (m, pos)  # only a remainder shorter than the smallest bucket is dropped
+        if m < 2 ** (hi + 1):  # no over-long remainder: the binary expansion, one piece per set bit >= 2^lo, largest first
+            assert [l for _, l in bk.pieces(d)] == [2 ** k for k in range(hi, lo - 1, -1) if (m >> k) & 1]
+        covered += pos
+    st = bk.stats()
+    assert st["kept_tokens"] == covered and st["kept_tokens"] + st["dropped_tokens"] == sum(lens)
+    assert sum(b["sequences"] for b in st["buckets"]) == len(bk)
+
+
+def test_decompose_randomized_split_spreads_tokens_evenly():
+    "Over-long remainders: P(k) ~ 2^(max-k), i.e. equal expected tokens per bucket."
+    bk = decompose([range(2_000_000)], 5, 10, randomize=True, seed=0)
+    share = np.array([b["token_share"] for b in bk.stats()["buckets"]])
+    assert np.abs(share - 1 / 6).max() < 0.02, share
+    det = decompose([range(2_000_000)], 5, 10, randomize=False).stats()
+    assert det["buckets"][-1]["token_share"] > 0.99
+    assert bk.stats()["attention_cost"] < 0.5 < det["attention_cost"]
+
+
+def test_decompose_is_seeded_and_validates():
+    a, b = decompose([range(50_000)] * 3, 5, 9, seed=1), decompose([range(50_000)] * 3, 5, 9, seed=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a.start, b.start))
+    assert any(not np.array_equal(x, y) for x, y in zip(a.start, decompose([range(50_000)] * 3, 5, 9, seed=2).start))
+    with pytest.raises(ValueError, match="max_log2"): decompose([[1]], 4, 3)
+    with pytest.raises(ValueError, match="min_log2"): decompose([[1]], -1, 3)
+    with pytest.raises(TypeError, match="docs"): decompose("text")
+    with pytest.raises(TypeError, match="docs"): decompose([1, 2, 3])
+
+
+def test_attention_cost_and_context_by_hand():
+    bk = decompose([range(96)], 5, 6, randomize=False)  # 64 + 32
+    st = bk.stats(fixed_len=64)
+    assert st["attention_cost"] == pytest.approx((64 ** 2 + 32 ** 2) / (96 * 64))
+    assert st["avg_context"] == pytest.approx((64 * 63 / 2 + 32 * 31 / 2) / 96)
+
+
+def test_dd_dataset_items_are_the_document_stream():
+    c = _corpus([5, 100, 1500, 33])
+    bk = decompose(c, 2, 6, seed=3)
+    ds = DDDataset(c, bk, EOT)
+    seen = {}
+    for i in range(len(ds)):
+        it = ds[i]
+        b, j = ds.locate(i)
+        d, s, n = bk.doc[b][j], bk.start[b][j], bk.lengths[b]
+        doc = c.doc(d).astype(np.int64)
+        stream = np.concatenate([[EOT], doc])
+        assert np.array_equal(it["input_ids"].numpy(), stream[s:s + n]) and np.array_equal(it["labels"].numpy(), doc[s:s + n])
+        assert it["index"] == i
+        for p in range(s, s + n): assert seen.setdefault((d, p), i) == i  # every target token predicted once
+    assert len(seen) == bk.stats()["kept_tokens"]
+    with pytest.raises(IndexError): ds[len(ds)]
+    with pytest.raises(ValueError, match="buckets"): DDDataset(_corpus([5, 100]), bk, EOT)
+
+
+def test_odds_and_schedule():
+    assert curriculum_odds("grow_p2", 4).tolist() == [8, 4, 2, 1] and curriculum_odds("grow_linear", 3).tolist() == [3, 2, 1]
+    assert curriculum_odds([1, 2], 2).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="curriculum"): curriculum_odds([1, 0], 2)
+    with pytest.raises(ValueError, match="curriculum"): curriculum_odds("shrink", 2)
+    counts = np.array([30, 20, 20, 10, 0, 40])
+    for cycles in (1, 3, 7):
+        s = dd_schedule(counts, curriculum_odds("grow_p2", 6), cycles, seed=1)
+        assert np.array_equal(np.bincount(s, minlength=6), counts)
+        # each cycle holds its share of every bucket
+        cut = np.cumsum([sum(c // cycles + (k < c % cycles) for c in counts) for k in range(cycles)])[:-1]
+        for k, part in enumerate(np.split(s, cut)):
+            assert np.array_equal(np.bincount(part, minlength=6), counts // cycles + (k < counts % cycles))
+    s = dd_schedule(counts, curriculum_odds("grow_p2", 6), 1, seed=1)
+    assert s[:30].mean() < s[-30:].mean()  # grows: short buckets first
+    assert np.array_equal(s, dd_schedule(counts, curriculum_odds("grow_p2", 6), 1, seed=1))
+    assert np.array_equal(np.bincount(dd_schedule(counts, np.ones(6), 2, seed=0, weighting="size"), minlength=6), counts)
+    with pytest.raises(ValueError, match="weighting"): dd_schedule(counts, np.ones(6), weighting="random")
+
+
+def test_steps_per_bucket():
+    bk = decompose([range(100_000)] * 4, 5, 10, seed=0)
+    for steps in (1, 7, 300):
+        c = steps_per_bucket(bk, 4096, steps)
+        assert c.sum() == steps
+    c = steps_per_bucket(bk, 4096, 6000)
+    tok = bk.counts * np.array(bk.lengths)
+    assert np.allclose(c / c.sum(), tok / tok.sum(), atol=1e-3)
+    small = decompose([range(40)], 5, 6, randomize=False)  # one piece of 32: can't fill 64 tokens
+    with pytest.raises(ValueError, match="tokens_per_step"): steps_per_bucket(small, 64, 3)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_dd_batch_sampler_shards_like_ddp(world):
+    bk = decompose(_corpus([3000, 7000, 12000, 900]), 4, 7, seed=0)
+    ds = DDDataset(_corpus([3000, 7000, 12000, 900]), bk, EOT)
+    full = list(DDBatchSampler(bk, 512, 40, "grow_linear", cycles=2, seed=4, rank=0, world_size=1))
+    parts = [list(DDBatchSampler(bk, 512, 40, "grow_linear", cycles=2, seed=4, rank=r, world_size=world)) for r in range(world)]
+    assert all(len(p) == 40 for p in parts)
+    for step, g in enumerate(full):
+        batches = [p[step] for p in parts]
+        assert len({ds.locate(i)[0] for b in batches for i in b}) == 1  # the same bucket on every rank
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == sorted(g) and len(set(flat)) == len(flat)  # disjoint, together the global batch
+        assert sum(ds[i]["labels"].numel() for i in flat) == 512  # fixed tokens per step
+    s = DDBatchSampler(bk, 512, 40, "grow_linear", cycles=2, seed=4, rank=0, world_size=1)
+    first = list(s); s.set_epoch(1)
+    assert list(s) != first and len(s) == 40
+    with pytest.raises(ValueError, match="tokens_per_step"): list(DDBatchSampler(bk, 128, 4, rank=0, world_size=2))
+
+
+def test_dd_sampler_draws_without_replacement_within_a_bucket():
+    bk = decompose(_corpus([20000] * 3), 4, 6, seed=0)
+    s = DDBatchSampler(bk, 256, 30, "uniform", seed=0, rank=0, world_size=1)
+    seen = [i for b in s for i in b]
+    assert len(seen) == len(set(seen))  # 30 steps use far fewer pieces than each bucket holds: no repeats
+
+
+def test_chunk_batch_sampler():
+    full = list(ChunkBatchSampler(50, 8, 12, seed=2, rank=0, world_size=1))
+    parts = [list(ChunkBatchSampler(50, 8, 12, seed=2, rank=r, world_size=2)) for r in (0, 1)]
+    for g, a, b in zip(full, *parts):
+        assert sorted(a + b) == sorted(g) and not set(a) & set(b) and len(a) == len(b) == 4
+    first48 = [i for b in full[:6] for i in b]
+    assert len(set(first48)) == 48  # one permutation before any window repeats
+    with pytest.raises(ValueError, match="batch_size"): ChunkBatchSampler(5, 8, 1)
+    with pytest.raises(ValueError, match="batch_size"): list(ChunkBatchSampler(50, 3, 1, rank=0, world_size=2))
+
+
+def test_reweight_strategies_match_their_formulas():
+    torch.manual_seed(0)
+    x = torch.rand(17, dtype=torch.float64) * 5
+    h = (x - x.min()) / (x.max() - x.min()) * 2 - 1
+    for s, f in {"linupper": torch.clamp(h + 1, max=1), "quadratic": 1 - h ** 2, "extremes": h.abs(), "upper": 0.5 * h + 0.5}.items():
+        for r in (0.4, 1.0, 3.0):
+            w = reweight(x, s, r)
+            assert torch.allclose(w, torch.exp((f - f.max()) / r) / torch.exp((f - f.max()) / r).sum())
+            assert w.sum().item() == pytest.approx(1.0)
+    assert torch.allclose(minmax_scale(x, 2.0).aminmax()[0], torch.tensor(-2.0, dtype=torch.float64))
+    assert torch.equal(reweight(torch.ones(3), "linupper"), torch.full((3,), 1 / 3))
+    with pytest.raises(ValueError, match="temperature"): reweight(x, "linupper", 0)
+    with pytest.raises(ValueError, match="losses"): reweight(torch.zeros(0), "linupper")
+    with pytest.raises(ValueError, match="anneal_steps"): LossReweighter("annealed")
+
+
+def test_weighted_lm_loss_is_the_global_weighted_mean():
+    "LMLitModule with a LossReweighter: loss = sum_j softmax-weight_j * mean-loss_j."
+    torch.manual_seed(0)
+    lit = LMLitModule(TinyLM(ModelConfig(d_model=32, n_layers=1, n_heads=1, max_seq_len=32)), sample_weighter=LossReweighter("linupper", 0.5))
+    x = torch.randint(0, 256, (6, 16))
+    batch = dict(input_ids=x, labels=x)
+    out = lit._run(batch)
+    loss, per_seq = lit.lm_loss(out, batch)
+    w = reweight(per_seq.detach(), "linupper", 0.5)
+    assert torch.allclose(loss, (w * per_seq).sum(), atol=1e-6)
+    assert lit.sample_weighter.last_global.mean().item() == pytest.approx(1.0)
+    lit.sample_weighter = LossReweighter("linupper", 0.5, burn_in_steps=10)  # burn-in: the plain mean
+    assert torch.allclose(lit.lm_loss(out, batch)[0], per_seq.mean(), atol=1e-6)
+
+
+def test_toy_regression_runs_and_linupper_helps():
+    c = toy_regression(("uniform", "linupper"), steps=150, seeds=(0, 1))
+    assert len(c["uniform"]) == 150 and all(math.isfinite(v) for v in c["linupper"])
+    assert c["linupper"][-1] < c["uniform"][-1]  # the mechanism: redundant low-loss samples down-weighted
+
+
+def test_time_to_target():
+    assert time_to_target([(0, 4.0), (10, 2.0), (20, 1.0)], 3.0) == 5.0
+    assert time_to_target([(0, 4.0), (10, 2.0), (20, 1.0)], 2.0) == 10.0
+    assert time_to_target([(3, 1.0), (10, 0.5)], 2.0) == 3.0
+    assert time_to_target([(0, 4.0), (10, 2.5), (20, 3.0)], 2.0) is None
+
+
+def test_arm_keys():
+    assert _arm_spec("dd_grow_p2_c8") == dict(mode="dd", curriculum="grow_p2", cycles=8)
+    assert _arm_spec("cc_long_docmask")["doc_mask"]
+    for bad in ("dd_shrink_c1", "dd_uniform", "cc_medium"):
+        with pytest.raises(ValueError): _arm_spec(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_split():
+    c = load_corpus("stdlib_prose", "all")
+    from trainlab.data import split_corpus
+    return split_corpus(c)
+
+
+def test_datamodule_modes(tiny_split):
+    dm = CurriculumDataModule(tiny_split, mode="cc", tokens_per_step=512, num_steps=3, seq_len=64, eval_window=64, max_eval_tokens=2048)
+    b = next(iter(dm.train_dataloader()))
+    assert b["input_ids"].shape == (8, 64) and "doc_ids" not in b
+    dm = CurriculumDataModule(tiny_split, mode="cc", tokens_per_step=512, num_steps=3, seq_len=64, doc_mask=True)
+    assert "doc_ids" in next(iter(dm.train_dataloader()))
+    dm = CurriculumDataModule(tiny_split, mode="dd", tokens_per_step=512, num_steps=20, min_log2=3, max_log2=6, curriculum="grow_p2")
+    shapes = [tuple(b["input_ids"].shape) for b in dm.train_dataloader()]
+    assert len(shapes) == 20 and all(B * Lq == 512 for B, Lq in shapes) and len(set(shapes)) > 1
+    for kw, arg in ((dict(mode="xx"), "mode"), (dict(mode="dd", doc_mask=True), "doc_mask"), (dict(mode="cc", seq_len=100), "tokens_per_step"),
+                    (dict(mode="dd", curriculum="fast"), "curriculum"), (dict(mode="dd", cycles=0), "cycles")):
+        with pytest.raises(ValueError, match=arg): CurriculumDataModule(tiny_split, **kw)
+
+
+def test_evaluate_by_position_matches_lightning_validation(tiny_split):
+    torch.manual_seed(0)
+    lit = LMLitModule(TinyLM(ModelConfig(d_model=32, n_layers=1, n_heads=1, max_seq_len=128)))
+    dm = CurriculumDataModule(tiny_split, mode="cc", tokens_per_step=256, num_steps=2, seq_len=128, eval_window=128, max_eval_tokens=3000)
+    v = make_trainer(1, accelerator="cpu").validate(lit, datamodule=dm, verbose=False)[0]["val/bpb"]
+    r = evaluate_by_position(lit.model, dm.val_dataloader(), dm.tokenizer.byte_lengths, buckets=((0, 32), (32, 100), (100, None)))
+    assert r["all"] == pytest.approx(v, rel=1e-5)
+    assert set(r) == {"all", "0-31", "32-99", "100+"}
+    assert min(r["0-31"], r["32-99"], r["100+"]) <= r["all"] <= max(r["0-31"], r["32-99"], r["100+"])
+
+
+class _RanksAgree(L.Callback):
+    "Fails the run unless every rank trains on the same length, on disjoint sequences, with the same global weights."
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        B, Lq = batch["input_ids"].shape
+        g = trainer.strategy.all_gather(torch.tensor([B, Lq]))
+        assert torch.equal(g[0], g[1]), f"ranks disagree on the batch shape: {g.tolist()}"
+        idx = trainer.strategy.all_gather(batch["index"])
+        assert not set(idx[0].tolist()) & set(idx[1].tolist()), "ranks share sequences"
+        w = pl_module.sample_weighter.last_global
+        gw = trainer.strategy.all_gather(w)
+        assert torch.allclose(gw[0], gw[1]) and abs(float(w.mean()) - 1) < 1e-5, "global weights differ across ranks"
+        pl_module.log("train/global_tokens", float(B * Lq * trainer.world_size))
+
+
+@pytest.mark.parametrize("mode", ["dd", "cc_docmask"])
+def test_ddp_two_processes(mode, tiny_split):
+    torch.manual_seed(0)
+    lit = LMLitModule(TinyLM(ModelConfig(d_model=32, n_layers=1, n_heads=1, max_seq_len=64)), warmup_steps=1, max_steps=6,
+                      sample_weighter=LossReweighter("linupper", 0.4, burn_in_steps=1))
+    kw = dict(tokens_per_step=256, num_steps=6, eval_window=64, max_eval_tokens=2048)
+    dm = (CurriculumDataModule(tiny_split, mode="dd", min_log2=3, max_log2=6, curriculum="grow_p2", cycles=2, **kw) if mode == "dd"
+          else CurriculumDataModule(tiny_split, mode="cc", seq_len=64, doc_mask=True, **kw))
+    before = [p.detach().clone() for p in lit.model.parameters()]
+    trainer = curriculum_trainer(6, val_every=6, callbacks=[_RanksAgree()], accelerator="cpu", devices=2, strategy="ddp_spawn")
+    trainer.fit(lit, datamodule=dm)
+    assert trainer.world_size == 2  # (ddp_spawn does not send global_step back to this process)
+    assert float(trainer.callback_metrics["train/global_tokens"]) == 256
+    assert math.isfinite(float(trainer.callback_metrics["val/bpb"]))
+    assert any(not torch.equal(a, b) for a, b in zip(before, lit.model.parameters()))
