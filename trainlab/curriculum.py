@@ -50,6 +50,10 @@ class Buckets:
     @property
     def counts(self) -> np.ndarray: return np.array([len(d) for d in self.doc], dtype=np.int64)
     def __len__(self) -> int: return int(self.counts.sum())
+    @property
+    def offsets(self) -> np.ndarray:
+        "First global piece index of each bucket, and the total (`[n_buckets + 1]`): pieces are indexed bucket after bucket."
+        return np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
     def pieces(self, d: int) -> list[tuple[int, int]]:
         "The `(start, length)` pieces of document `d`, in document order."
@@ -78,6 +82,11 @@ def _doc_lengths(docs) -> np.ndarray:
         out.append(len(d))
     return np.array(out, dtype=np.int64)
 
+def _check_bucket_range(min_log2, max_log2):
+    for name, v in (("min_log2", min_log2), ("max_log2", max_log2)):
+        expect(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 30, name, "an int in [0, 30]", v)
+    expect(max_log2 >= min_log2, "max_log2", f">= min_log2={min_log2}", max_log2)
+
 def decompose(docs, # a `TokenizedCorpus` or a sequence of token sequences (only their lengths matter)
               min_log2: int = 5, # shortest bucket: 2**min_log2 tokens; shorter remainders are dropped
               max_log2: int = 10, # longest bucket
@@ -85,9 +94,7 @@ def decompose(docs, # a `TokenizedCorpus` or a sequence of token sequences (only
               seed: int = 0,
              ) -> Buckets:
     "Dataset Decomposition: every document cut into single-document pieces of power-of-two lengths by its binary expansion."
-    for name, v in (("min_log2", min_log2), ("max_log2", max_log2)):
-        expect(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 30, name, "an int in [0, 30]", v)
-    expect(max_log2 >= min_log2, "max_log2", f">= min_log2={min_log2}", max_log2)
+    _check_bucket_range(min_log2, max_log2)
     expect(isinstance(seed, (int, np.integer)) and seed >= 0, "seed", "an int >= 0", seed)
     lengths = _doc_lengths(docs)
     rng = np.random.default_rng(int(seed))
@@ -129,7 +136,7 @@ class DDDataset(Dataset):
         expect(isinstance(buckets, Buckets), "buckets", "a Buckets decomposition (see decompose)", type(buckets).__name__, TypeError)
         expect(np.array_equal(buckets.doc_lengths, corpus.lengths), "buckets", "a decomposition of this corpus (document lengths differ)")
         self.corpus, self.buckets, self.eot_id = corpus, buckets, int(eot_id)
-        self.offsets = np.concatenate([[0], np.cumsum(buckets.counts)]).astype(np.int64)  # first global index of each bucket
+        self.offsets = buckets.offsets
 
     def __len__(self) -> int: return int(self.offsets[-1])
 
@@ -167,7 +174,7 @@ def curriculum_odds(curriculum, n_buckets: int) -> np.ndarray:
 def steps_per_bucket(buckets: Buckets, tokens_per_step: int, num_steps: int) -> np.ndarray:
     "Steps each bucket gets in `num_steps`: proportional to its tokens (largest remainder), only buckets that can fill a batch."
     tokens = buckets.counts * np.array(buckets.lengths, dtype=np.int64)
-    fits = buckets.counts * np.array(buckets.lengths) >= tokens_per_step  # enough pieces for one global batch
+    fits = tokens >= tokens_per_step  # enough pieces for one global batch
     expect(bool(fits.any()), "tokens_per_step", f"at most the tokens of the largest bucket ({int(tokens.max()) if len(tokens) else 0})", tokens_per_step)
     share = np.where(fits, tokens, 0).astype(np.float64); share /= share.sum()
     raw = share * num_steps
@@ -243,7 +250,7 @@ class DDBatchSampler(Sampler):
         expect(isinstance(cycles, int) and cycles >= 1, "cycles", "an int >= 1", cycles)
         self.counts = steps_per_bucket(buckets, tokens_per_step, num_steps)
         self.rank, self.world_size, self.epoch = rank, world_size, 0
-        self.offsets = np.concatenate([[0], np.cumsum(buckets.counts)]).astype(np.int64)
+        self.offsets = buckets.offsets
 
     def set_epoch(self, epoch: int): self.epoch = int(epoch)
     def __len__(self) -> int: return self.num_steps
@@ -309,9 +316,7 @@ class CurriculumDataModule(LMDataModule):
             expect(tokens_per_step % seq_len == 0, "tokens_per_step", f"a multiple of seq_len={seq_len}", tokens_per_step)
         else:
             expect(not doc_mask, "doc_mask", "False with mode='dd' (pieces never cross documents)", doc_mask)
-            for k, v in (("min_log2", min_log2), ("max_log2", max_log2)):
-                expect(isinstance(v, int) and 0 <= v <= 30, k, "an int in [0, 30]", v)
-            expect(max_log2 >= min_log2, "max_log2", f">= min_log2={min_log2}", max_log2)
+            _check_bucket_range(min_log2, max_log2)
             curriculum_odds(curriculum, max_log2 - min_log2 + 1)  # fail here, not at the first batch
             expect(isinstance(cycles, int) and cycles >= 1, "cycles", "an int >= 1", cycles)
             check_choice("weighting", weighting, ("odds", "size"))
