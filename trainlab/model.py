@@ -166,8 +166,8 @@ class TinyLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 return_logits: bool | None = None, output_hidden_states: bool = False, output_mlp_inputs: bool = False,
-                ignore_index: int = -100) -> LMOutput:
-        "Logits (by default only without `labels`), per-token loss with `labels`, and optional internals."
+                ignore_index: int = -100, group_ids: torch.Tensor | None = None, num_groups: int | None = None) -> LMOutput:
+        "Logits (by default only without `labels`), per-token loss with `labels` (and per-group loss sums with `group_ids`), optional internals."
         expect(input_ids.dim() == 2 and not input_ids.is_floating_point(), "input_ids", "an integer tensor [batch, length]", tuple(input_ids.shape))
         B, L = input_ids.shape
         expect(L <= self.config.max_seq_len, "input_ids", f"length <= max_seq_len={self.config.max_seq_len}", L)
@@ -185,7 +185,12 @@ class TinyLM(nn.Module):
         x = self.norm(x)
         if return_logits if return_logits is not None else labels is None: out.logits = self.lm_head(x)
         if labels is not None:  # fused head + loss: never materialises [tokens, vocab] on the Triton path
-            out.loss = linear_cross_entropy(x, self.lm_head.weight, labels, ignore_index=ignore_index, reduction="none")
+            if group_ids is None:
+                out.loss = linear_cross_entropy(x, self.lm_head.weight, labels, ignore_index=ignore_index, reduction="none")
+            else:  # per-source sums come out of the same kernel pass (e.g. general vs domain tokens in one batch)
+                out.loss, out.group_loss_sum, out.group_count = linear_cross_entropy(
+                    x, self.lm_head.weight, labels, ignore_index=ignore_index, reduction="none", group_ids=group_ids, num_groups=num_groups)
+        else: expect(group_ids is None, "group_ids", "None when no `labels` are given", "a tensor")
         return out
 
 # %% ../nbs/02_model.ipynb #4531bfee
