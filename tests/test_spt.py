@@ -239,14 +239,19 @@ class _RanksAgree(L.Callback):
         assert torch.equal(g[0], g[1]), "ranks disagree on validation"
 
 
-def test_ddp_two_processes_pretrain_and_finetune(domain, general):
+def test_ddp_two_processes_pretrain_and_finetune(domain, general, tmp_path):
     cfg = _tiny_cfg(steps=6, val_every=3)
     dm = MixtureDataModule(domain, general=general, delta=0.25, num_steps=6, batch_size=8, seq_len=32, max_general_eval_tokens=1024)
     lit = SPTLitModule(TinyLM(cfg.model), warmup_steps=1, max_steps=60)
     single = MixtureDataModule(domain, general=general, delta=0.25, num_steps=6, batch_size=8, seq_len=32, max_general_eval_tokens=1024)
-    trainer = spt_trainer(6, val_every=3, callbacks=[_RanksAgree(8)], accelerator="cpu", devices=2, strategy="ddp_spawn")
+    trainer = spt_trainer(6, val_every=3, callbacks=[_RanksAgree(8), Snapshots([3, 6], dirpath=tmp_path)], accelerator="cpu", devices=2,
+                          strategy="ddp_spawn")
     trainer.fit(lit, datamodule=dm)
     assert float(trainer.callback_metrics["train/world"]) == 2
+    # rank 0 wrote the checkpoints; the last one holds the trained weights ddp_spawn hands back to this process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000003.pt", "step0000006.pt"]
+    last = torch.load(tmp_path / "step0000006.pt")
+    assert all(torch.equal(last[k], v) for k, v in lit.model.state_dict().items())
     # the validation sums over ranks equal one process evaluating everything with the trained weights
     single.setup()
     sets = dict(general=single._val_ds.datasets[0].ds.corpus.subset(single._val_ds.datasets[0].ds.doc_indices),
