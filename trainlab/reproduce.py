@@ -126,7 +126,7 @@ def results_table(results_dir: str | Path, link_prefix: str = "nbs/") -> str:
     "Markdown table of the committed reproductions under `results_dir`; notebook links start with `link_prefix` ('' inside the docs site)."
     reps = available_reproductions()
     rows = ["| reproduction | claim | measured | notebook |", "|---|---|---|---|"]
-    for name, rep in reps.items():
+    for name, rep in sorted(reps.items()):  # by name: registration order depends on what was imported first
         f = Path(results_dir) / name / "metrics.json"
         if not f.exists(): continue
         m = read_json(f); fast = read_json(f.with_name("run.json")).get("fast")
