@@ -116,7 +116,7 @@ def test_group_metrics_match_a_direct_computation(domain, general):
     dm, model = r["datamodule"], r["model"]
     assert sorted(r["snapshots"]) == [6, 12] and r["mixture"]["realised_delta"] == 0.25
     last = r["val"][-1]
-    sets = dict(general=dm._val_ds.datasets[0].ds.corpus.subset(dm._val_ds.datasets[0].ds.doc_indices),
+    sets = dict(general=dm.general_eval,
                 domain_train=domain.train, domain_test=domain.test)
     direct = evaluate_groups(model, sets, window=32)
     for k, v in direct.items(): assert math.isclose(last[f"val/{k}_bpb"], v, rel_tol=1e-5), k
@@ -254,7 +254,7 @@ def test_ddp_two_processes_pretrain_and_finetune(domain, general, tmp_path):
     assert all(torch.equal(last[k], v) for k, v in lit.model.state_dict().items())
     # the validation sums over ranks equal one process evaluating everything with the trained weights
     single.setup()
-    sets = dict(general=single._val_ds.datasets[0].ds.corpus.subset(single._val_ds.datasets[0].ds.doc_indices),
+    sets = dict(general=single.general_eval,
                 domain_train=domain.train, domain_test=domain.test)
     direct = evaluate_groups(lit.model, sets, window=32)
     for k, v in direct.items(): assert math.isclose(float(trainer.callback_metrics[f"val/{k}_bpb"]), v, rel_tol=1e-4), k

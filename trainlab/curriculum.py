@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from torch.utils.data import Dataset, DataLoader, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from .core import expect, check_choice, in_test, seed_everything
+from .core import expect, check_choice, in_test, seed_everything, dist_rank_world
 from .data import (TokenizedCorpus, PackedDataset, LMDataModule, ByteTokenizer, check_tokenizer, select_eval_docs,
                            load_corpus, split_corpus)
 from .model import ModelConfig, TinyLM, count_parameters
@@ -213,15 +213,6 @@ def plot_schedules(schedules: dict, lengths: Sequence[int]):
     return fig
 
 # %% ../nbs/10_curriculum.ipynb #26b2e8fd
-def _dist_rank_world(rank, world_size) -> tuple[int, int]:
-    if rank is None or world_size is None:
-        on = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = rank if rank is not None else (torch.distributed.get_rank() if on else 0)
-        world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if on else 1)
-    expect(isinstance(world_size, int) and world_size >= 1, "world_size", "an int >= 1", world_size)
-    expect(isinstance(rank, int) and 0 <= rank < world_size, "rank", f"an int in [0, {world_size})", rank)
-    return rank, world_size
-
 class _PermutationStream:
     "Batches of indices 0..n-1 in seeded random order, without replacement; when fewer than a batch remain, a fresh permutation (like `drop_last`)."
     def __init__(self, n: int, seed: tuple):
@@ -263,7 +254,7 @@ class DDBatchSampler(Sampler):
         return self.tokens_per_step // self.buckets.lengths[bucket]
 
     def __iter__(self):
-        rank, world = _dist_rank_world(self.rank, self.world_size)
+        rank, world = dist_rank_world(self.rank, self.world_size)
         expect((self.tokens_per_step // 2 ** self.buckets.max_log2) % world == 0, "tokens_per_step",
                f"a multiple of longest length x world size ({2 ** self.buckets.max_log2} x {world})", self.tokens_per_step)
         streams = [_PermutationStream(int(n), (self.seed, self.epoch, b)) for b, n in enumerate(self.buckets.counts)]
@@ -284,7 +275,7 @@ class ChunkBatchSampler(Sampler):
     def __len__(self) -> int: return self.num_steps
 
     def __iter__(self):
-        rank, world = _dist_rank_world(self.rank, self.world_size)
+        rank, world = dist_rank_world(self.rank, self.world_size)
         expect(self.global_batch % world == 0, "batch_size", f"a multiple of the world size {world}", self.global_batch)
         stream = _PermutationStream(self.n_windows, (self.seed, self.epoch))
         for _ in range(self.num_steps): yield stream.take(self.global_batch)[rank::world].tolist()
