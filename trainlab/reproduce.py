@@ -44,10 +44,10 @@ def register_reproduction(name: str, description: str = "", claim: str = "", not
     return deco
 
 def available_reproductions() -> dict[str, Reproduction]:
-    "All registered reproductions, importing the technique modules that are installed."
+    "All registered reproductions by name, importing the technique modules that are installed."
     for mod in TECHNIQUE_MODULES:
         if importlib.util.find_spec(mod) is not None: importlib.import_module(mod)
-    return dict(REPRODUCTIONS)
+    return dict(sorted(REPRODUCTIONS.items()))  # by name: registration order depends on what was imported first
 
 # %% ../nbs/04_reproduce.ipynb #b271948e
 @dataclass
@@ -126,7 +126,7 @@ def results_table(results_dir: str | Path, link_prefix: str = "nbs/") -> str:
     "Markdown table of the committed reproductions under `results_dir`; notebook links start with `link_prefix` ('' inside the docs site)."
     reps = available_reproductions()
     rows = ["| reproduction | claim | measured | notebook |", "|---|---|---|---|"]
-    for name, rep in sorted(reps.items()):  # by name: registration order depends on what was imported first
+    for name, rep in reps.items():
         f = Path(results_dir) / name / "metrics.json"
         if not f.exists(): continue
         m = read_json(f); fast = read_json(f.with_name("run.json")).get("fast")
