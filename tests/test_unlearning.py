@@ -1,0 +1,390 @@
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from trainlab.data import ByteTokenizer
+from trainlab.kernels import generic_labels_ref, kl_div_ref
+from trainlab.model import ModelConfig, TinyLM
+from trainlab.unlearning import (
+    FORMS, HELD_OUT_FORMS, NARRATIVE, PARAPHRASES, RELATIONS, UNIVERSES, ForgetRetainDataModule, GenericLogitsLM, UnlearnLitModule,
+    WorldEval, WorldModelConfig, align_translation, auc, down_proj_second_moment, encode_texts, eval_items, form_gap, form_texts,
+    forget_quality, make_world, min_k_scores, naive_alignment_errors, narrative_passages, noisy_anchors, npo_loss, null_space_projector,
+    operating_point, rocr, rocr_edit, score_items, simnpo_loss, subject_states, text_bpb, train_world_model, unlearn, whp_labels,
+    world_documents, world_tokenizer)
+
+WORLD = make_world(0, n_generic=24)
+TOK = world_tokenizer(WORLD)
+
+
+def tiny(vocab=None, layers=2, seed=0):
+    torch.manual_seed(seed)
+    return TinyLM(ModelConfig(vocab_size=vocab or TOK.vocab_size, d_model=32, n_layers=layers, n_heads=2, max_seq_len=256))
+
+
+# ---------------------------------------------------------------- world, forms, tokenizer
+def test_world_is_seeded_and_complete():
+    again, other = make_world(0, n_generic=24), make_world(1, n_generic=24)
+    assert again.anchors == WORLD.anchors and again.universes["target"].facts == WORLD.universes["target"].facts
+    assert other.universes["target"].people != WORLD.universes["target"].people
+    for u in UNIVERSES:
+        uni = WORLD.universes[u]
+        assert len(uni.facts) == len(uni.people) * len(RELATIONS)
+        assert all(uni.facts[(p, r)] != p for p in uni.people for r in ("friend", "mentor"))  # nobody is their own friend
+    # anchors: every target name and term maps to a distinct generic one
+    t, g = WORLD.terms("target"), WORLD.terms("generic")
+    assert set(WORLD.anchors) == t and set(WORLD.anchors.values()) <= g
+    assert len(set(WORLD.anchors.values())) == len(WORLD.anchors)
+    # the invented universes share no names
+    names = [WORLD.terms(u) for u in ("target", "neighbour", "holdout")]
+    assert not (names[0] & names[1]) and not (names[0] & names[2]) and not (names[1] & names[2])
+
+
+def test_bad_world_arguments_are_named():
+    with pytest.raises(ValueError, match="n_target"): make_world(0, n_generic=8, n_target=10)
+    with pytest.raises(ValueError, match="seed"): make_world(-1)
+    with pytest.raises(ValueError, match="form"): eval_items(WORLD, "target", "poem")
+    with pytest.raises(ValueError, match="universe"): narrative_passages(WORLD, "elsewhere")
+    with pytest.raises(ValueError, match="coverage"): noisy_anchors(WORLD.anchors, 1.5)
+    with pytest.raises(ValueError, match="universes"): world_documents(WORLD, ("generic", "holdout"))
+    with pytest.raises(ValueError, match="forms"): form_texts(WORLD, "target", forms=("qa", "paraphrase"))
+
+
+def test_forms_and_training_texts():
+    n = len(WORLD.universes["target"].facts)
+    for f in FORMS:
+        items = eval_items(WORLD, "target", f)
+        assert len(items) == (n if f != "reversed" else n * 2 // len(RELATIONS))
+        for it in items:
+            assert it["answer"] and it["prompt"]
+            if "choices" in it: assert it["answer"] in it["choices"]
+    # the narrative probe is the passages' own wording; paraphrase templates never occur in any training text
+    docs = " ".join(d.text for d in world_documents(WORLD, ("generic", "target", "neighbour")))
+    items = eval_items(WORLD, "target", "narrative")
+    for it in items:  # the narrative probe is one of the relation's narrative templates, cut before the object
+        assert any(t.format(s=it["subject"], o=it["answer"]).startswith(f"{it['prompt']} {it['answer']}") for t in NARRATIVE[it["relation"]])
+    assert np.mean([f"{it['prompt']} {it['answer']}" in docs for it in items]) > 0.5  # mostly verbatim: passages use both templates
+    for tpl in PARAPHRASES: assert tpl.split("{s}")[0].strip() not in docs
+    # the forget set is narrative prose only: target facts appear in cloze/qa training texts too (the original learns every form)
+    assert all(p.split(" ")[0] in WORLD.universes["target"].people or True for p in narrative_passages(WORLD, "target"))
+    assert len(narrative_passages(WORLD, "target")) == 2 * len(WORLD.universes["target"].people)
+
+
+def test_noisy_anchors_keep_a_seeded_share():
+    a = noisy_anchors(WORLD.anchors, 0.7, seed=3)
+    assert len(a) == round(0.7 * len(WORLD.anchors)) and all(WORLD.anchors[k] == v for k, v in a.items())
+    assert a == noisy_anchors(WORLD.anchors, 0.7, seed=3) and a != noisy_anchors(WORLD.anchors, 0.7, seed=4)
+
+
+def test_every_name_is_one_token():
+    for u in UNIVERSES:
+        for name in WORLD.terms(u): assert len(TOK.encode(name)) == 1 and TOK.encode(name)[0] != TOK.unk_id
+    text = narrative_passages(WORLD, "target")[0]
+    assert TOK.decode(TOK.encode(text)) == text
+    assert TOK.byte_lengths[TOK.pad_id] == 0 and TOK.byte_lengths[TOK.stoi["the"]] == 4
+
+
+def test_encode_texts_labels_are_next_tokens():
+    b = encode_texts(TOK, ["a b c", "a"])
+    assert b["input_ids"].shape == b["labels"].shape == (2, 3)
+    assert b["input_ids"][0, 0] == TOK.eot_id and b["labels"][0].tolist() == TOK.encode("a b c")
+    assert b["labels"][1].tolist() == [TOK.stoi["a"], -100, -100] and b["input_ids"][1, 1] == TOK.pad_id
+
+
+# ---------------------------------------------------------------- evaluator
+class _Uniform(torch.nn.Module):
+    "Equal logits everywhere: every token has probability 1/V."
+    def __init__(self, V):
+        super().__init__(); self.V = V; self.config = ModelConfig(vocab_size=V, max_seq_len=512); self.dummy = torch.nn.Parameter(torch.zeros(()))
+    def forward(self, ids, **kw):
+        from trainlab.model import LMOutput
+        return LMOutput(logits=torch.zeros(*ids.shape, self.V) + 0 * self.dummy)
+
+
+def test_scores_of_a_uniform_model_are_exact():
+    V = TOK.vocab_size
+    s = score_items(_Uniform(V), TOK, eval_items(WORLD, "target", "qa"))
+    assert np.allclose(s["prob"], 1 / V)           # length-normalised: 1/V whatever the answer length
+    assert not s["correct"].any() or V == 1       # greedy match of a tie picks token 0 (EOT), never an answer
+    texts = narrative_passages(WORLD, "generic")[:3]
+    b = encode_texts(TOK, texts); y = b["labels"][b["labels"] != -100]
+    expect_bpb = len(y) * math.log2(V) / TOK.byte_lengths[y].sum().item()
+    assert text_bpb(_Uniform(V), TOK, texts) == pytest.approx(expect_bpb, rel=1e-6)
+
+
+def test_score_items_matches_a_hand_computation():
+    m = tiny().eval()
+    it = eval_items(WORLD, "target", "spelled")[0]  # a multi-token answer
+    p, a = [TOK.eot_id] + TOK.encode(it["prompt"]), TOK.encode(" " + it["answer"])
+    lp = torch.log_softmax(m(torch.tensor([p + a])).logits[0], -1)
+    want = math.exp(sum(lp[len(p) - 1 + i, t].item() for i, t in enumerate(a)) / len(a))
+    assert score_items(m, TOK, [it])["prob"][0] == pytest.approx(want, rel=1e-5)
+    mc = eval_items(WORLD, "target", "mcq")[0]
+    p = [TOK.eot_id] + TOK.encode(mc["prompt"])
+    last = m(torch.tensor([p])).logits[0, -1]
+    pick = "ABCD"[int(last[[TOK.stoi[c] for c in "ABCD"]].argmax())]
+    assert bool(score_items(m, TOK, [mc])["correct"][0]) == (pick == mc["answer"])
+
+
+def test_auc_forget_quality_and_min_k():
+    assert auc([2, 3], [0, 1]) == 1.0 and auc([0, 1], [2, 3]) == 0.0 and auc([1, 1], [1, 1]) == 0.5
+    x = np.linspace(0, 1, 50)
+    assert forget_quality(x, x)["ks_p"] == pytest.approx(1.0) and forget_quality(x, x + 2)["ks_p"] < 1e-6
+    m = tiny()
+    s = min_k_scores(m, TOK, ["a b c d e", "a b"], k=0.4)
+    b = encode_texts(TOK, ["a b c d e"])
+    lp = torch.log_softmax(m(b["input_ids"]).logits[0], -1).gather(-1, b["labels"][0, :, None]).squeeze(-1).sort().values
+    assert s[0] == pytest.approx(lp[:2].mean().item(), rel=1e-5)  # 40% of 5 tokens -> the 2 lowest
+    with pytest.raises(ValueError, match="k"): min_k_scores(m, TOK, ["a"], k=0)
+
+
+def _scores(**probs):
+    return {"forms": {f: {"prob": p, "acc": p} for f, p in probs.items()}}
+
+
+def test_form_gap_is_normalised_by_the_oracle():
+    orig = _scores(narrative=0.8, qa=0.9, mcq=0.6)
+    oracle = _scores(narrative=0.0, qa=0.1, mcq=0.25)  # mcq has a chance floor
+    # narrative fully forgotten, qa halfway to the oracle, mcq at the oracle's chance level
+    r = form_gap(_scores(narrative=0.0, qa=0.5, mcq=0.25), orig, oracle)
+    assert r["closed"] == pytest.approx(dict(narrative=1.0, qa=0.5, mcq=1.0))
+    assert r["form_gap"] == pytest.approx(1.0 - 0.75) and r["form_gap_std"] == pytest.approx(0.25)
+    assert form_gap(oracle, orig, oracle)["form_gap"] == pytest.approx(0.0)  # the oracle itself: no form dependence
+
+
+def test_operating_point_respects_the_budgets():
+    orig = dict(retain_bpb=1.0, neighbour_acc=0.9)
+    path = [dict(retain_bpb=1.01, neighbour_acc=0.9), dict(retain_bpb=1.04, neighbour_acc=0.86), dict(retain_bpb=1.2, neighbour_acc=0.9)]
+    assert operating_point(path, orig, 0.05, 0.05) == 1
+    assert operating_point(path, orig, 0.05, 0.01) == 0 and operating_point(path[2:], orig, 0.05, 0.05) == 0
+
+
+def test_world_eval_reports_every_metric():
+    ev = WorldEval(WORLD, TOK)
+    r = ev(tiny())
+    assert set(r["forms"]) == set(FORMS) == set(r["neighbour_forms"])
+    assert len(r["item_probs"]) == sum(len(v) for v in ev.items["target"].values())
+    for k in ("familiarity", "familiarity_prob", "mia_auc", "generic_qa_acc", "neighbour_acc"): assert 0 <= r[k] <= 1, k
+    assert r["retain_bpb"] > 0
+
+
+# ---------------------------------------------------------------- WHP
+def test_word_alignment_is_one_to_one_and_masks_repeats():
+    text = narrative_passages(WORLD, "target")[0]
+    a = align_translation(TOK, text, WORLD.anchors)
+    assert len(a["orig_ids"]) == len(a["trans_ids"]) == len(a["src"]) + 1
+    seen = set()
+    for t, s in enumerate(a["src"]):
+        tok = TOK.itos[a["orig_ids"][t + 1]]
+        if tok in WORLD.anchors and tok in seen: assert s == -1     # copying a name already in context stays generic
+        else:
+            assert s == t
+            want = WORLD.anchors.get(tok, tok)
+            assert TOK.itos[a["trans_ids"][s + 1]] == want
+        if tok in WORLD.anchors: seen.add(tok)
+    assert naive_alignment_errors(TOK, narrative_passages(WORLD, "target"), WORLD.anchors)["misaligned"] == 0
+
+
+def test_byte_alignment_reads_the_corresponding_position():
+    bt = ByteTokenizer()
+    texts = narrative_passages(WORLD, "target")[:6]
+    for text in texts:
+        a = align_translation(bt, text, WORLD.anchors)
+        trans = bt.decode(a["trans_ids"][1:])
+        assert trans == " ".join(WORLD.anchors.get(w, w) for w in text.split(" "))
+        labelled = [(t, s) for t, s in enumerate(a["src"]) if s >= 0]
+        assert labelled and len(labelled) < len(a["src"])               # anchor continuations are unlabelled
+        for t, s in labelled:
+            o, tr = a["orig_ids"][t + 1], a["trans_ids"][s + 1]
+            # the base reads the translated prefix and predicts the corresponding token: equal outside anchors, the generic word's first byte at an anchor
+            assert o == tr or (chr(o).isalpha() and chr(tr).isalpha())
+    # the shortcut (same index, truncated) reads the wrong position for most labels once a name was replaced
+    assert naive_alignment_errors(bt, texts, WORLD.anchors)["share"] > 0.5
+
+
+def test_whp_labels_follow_the_formula():
+    base, reinf = tiny(seed=1), tiny(seed=2)
+    texts = narrative_passages(WORLD, "target")[:3]
+    out = whp_labels(base, reinf, TOK, texts, WORLD.anchors, alpha=2.0, impl="torch")
+    for i, text in enumerate(texts):
+        a = align_translation(TOK, text, WORLD.anchors)
+        vb = base(torch.tensor([a["trans_ids"]])).logits[0]; vr = reinf(torch.tensor([a["orig_ids"]])).logits[0]
+        for t, s in enumerate(a["src"]):
+            want = -100 if s < 0 else int(generic_labels_ref(vb[s], vr[t], alpha=2.0))
+            assert int(out["labels"][i, t]) == want
+    assert (out["input_ids"][:, 0] == TOK.eot_id).all() and 0 <= out["changed"] <= 1
+    # ablations: anchors only = the baseline's argmax on translated text; reinforced only reads the original text
+    ao = whp_labels(base, None, TOK, texts[:1], WORLD.anchors, impl="torch")
+    a = align_translation(TOK, texts[0], WORLD.anchors)
+    arg = base(torch.tensor([a["trans_ids"]])).logits[0].argmax(-1)
+    assert all(int(ao["labels"][0, t]) == (-100 if s < 0 else int(arg[s])) for t, s in enumerate(a["src"]))
+    ro = whp_labels(base, reinf, TOK, texts[:1], None, impl="torch")
+    assert (ro["labels"][0] != -100).all()
+    with pytest.raises(ValueError, match="reinforced"): whp_labels(base, None, TOK, texts, None)
+
+
+def test_whp_labels_on_bytes():
+    bt = ByteTokenizer()
+    base, reinf = tiny(258, seed=1), tiny(258, seed=2)
+    text = narrative_passages(WORLD, "target")[0][:120]
+    out = whp_labels(base, reinf, bt, [text], WORLD.anchors, impl="torch")
+    a = align_translation(bt, text, WORLD.anchors)
+    vb = base(torch.tensor([a["trans_ids"]])).logits[0]; vr = reinf(torch.tensor([a["orig_ids"]])).logits[0]
+    for t, s in enumerate(a["src"]):
+        assert int(out["labels"][0, t]) == (-100 if s < 0 else int(generic_labels_ref(vb[s], vr[t])))
+
+
+def test_generic_logits_lm():
+    base, reinf = tiny(seed=1), tiny(seed=2)
+    x = encode_texts(TOK, ["a b c"])["input_ids"]
+    v = GenericLogitsLM(base, reinf, 0.5)(x).logits
+    vb, vr = base(x).logits, reinf(x).logits
+    assert torch.allclose(v, vb - 0.5 * torch.relu(vr - vb))
+    with pytest.raises(ValueError, match="alpha"): GenericLogitsLM(base, reinf, -1)
+
+
+# ---------------------------------------------------------------- losses and the Lightning module
+def test_npo_and_simnpo_losses():
+    lp = torch.tensor([-3.0, -5.0])
+    assert npo_loss(lp, lp, 0.1).item() == pytest.approx(20 * math.log(2))
+    assert npo_loss(lp - 10, lp, 0.1) < npo_loss(lp, lp, 0.1)          # pushing the forget set down lowers the loss
+    nll = torch.tensor([1.0, 2.0])
+    assert simnpo_loss(nll, 4.5).item() == pytest.approx(-(2 / 4.5) * torch.nn.functional.logsigmoid(4.5 * nll).mean().item())
+
+
+def _forget_retain():
+    return encode_texts(TOK, narrative_passages(WORLD, "target")[:8]), encode_texts(TOK, narrative_passages(WORLD, "generic")[:8])
+
+
+def _mean_nll(m, b):
+    with torch.no_grad():
+        loss = m(b["input_ids"], labels=b["labels"]).loss
+    return (loss.sum() / (b["labels"] != -100).sum()).item()
+
+
+@pytest.mark.parametrize("method", ["grad_ascent", "graddiff", "graddiff_kl", "npo", "simnpo"])
+def test_unlearning_methods_raise_the_forget_loss(method):
+    f, r = _forget_retain()
+    m0 = tiny()
+    # SimNPO's sigmoid saturates at a random model's NLL (~6 nats) with beta = 4.5: a smaller beta, and no retain term, isolates its forget term
+    kw = dict(beta=0.5, retain_weight=0.0) if method == "simnpo" else {}
+    m, _ = unlearn(m0, method, f, r, steps=3, batch_size=4, lr=1e-2, **kw)
+    assert _mean_nll(m, f) > _mean_nll(m0, f)
+    assert not any(p is q for p, q in zip(m.parameters(), m0.parameters()))  # the input model is untouched
+
+
+def test_finetune_lowers_the_loss_of_its_labels_and_probes_record_the_path():
+    f, _ = _forget_retain()
+    m0 = tiny()
+    m, pts = unlearn(m0, "finetune", f, steps=4, batch_size=4, lr=1e-2, probe_steps=(2, 4), probe=lambda mm, s: _mean_nll(mm, f))
+    assert [p[0] for p in pts] == [2, 4] and pts[-1][2] == pytest.approx(_mean_nll(m, f)) and pts[-1][2] < _mean_nll(m0, f)
+    assert pts[0][1] <= pts[1][1]  # train seconds grow along the path
+
+
+def test_graddiff_kl_uses_the_kl_of_reference_and_model():
+    f, r = _forget_retain()
+    m, ref = tiny(seed=1), tiny(seed=2)
+    lit = UnlearnLitModule(m, "graddiff_kl", ref_model=ref, kl_impl="torch")
+    batch = {"forget": {k: v[:2] for k, v in f.items()}, "retain": {k: v[:2] for k, v in r.items()}}
+    lit.log = lambda *a, **k: None
+    loss = lit.training_step(batch, 0)
+    mask = r["labels"][:2] != -100
+    kl = kl_div_ref(ref(r["input_ids"][:2]).logits[mask], m(r["input_ids"][:2]).logits[mask], reduction="mean")
+    fl = m(f["input_ids"][:2], labels=f["labels"][:2]).loss
+    want = -(fl.sum() / (f["labels"][:2] != -100).sum()) + kl
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_unlearn_arguments_are_checked():
+    f, r = _forget_retain()
+    with pytest.raises(ValueError, match="method"): UnlearnLitModule(tiny(), "forget_harder")
+    with pytest.raises(ValueError, match="ref_model"): UnlearnLitModule(tiny(), "npo")
+    with pytest.raises(ValueError, match="steps"): unlearn(tiny(), "grad_ascent", f, steps=0)
+    with pytest.raises(ValueError, match="batch_size"): ForgetRetainDataModule(f, r, batch_size=99)
+
+
+# ---------------------------------------------------------------- ROCR
+def test_rocr_edit_is_rank_one_and_moves_the_subject_to_the_redirect():
+    m = tiny(layers=3)
+    s, g = WORLD.universes["target"].people[0], WORLD.anchors[WORLD.universes["target"].people[0]]
+    _, h0 = subject_states(m, TOK, [s], [1])
+    _, z = subject_states(m, TOK, [g], [1])
+    W0 = m.layers[1].mlp.down_proj.weight.detach().clone()
+    info = rocr_edit(m, TOK, [s], [g], [1], lam=1e-6)
+    assert info["rank"] == [1] and info["edit_s"] > 0
+    _, h1 = subject_states(m, TOK, [s], [1])
+    assert (h1 - z).norm() < 0.05 * (h0 - z).norm()                   # one layer, tiny lambda: the residual lands on z
+    assert not torch.equal(W0, m.layers[1].mlp.down_proj.weight)
+
+
+def test_rocr_projection_leaves_generic_directions_alone():
+    m = tiny(layers=2)
+    texts = narrative_passages(WORLD, "generic")
+    mom = down_proj_second_moment(m, TOK, texts, [0])
+    P = null_space_projector(mom[0], 1e-2)
+    assert torch.allclose(P @ P, P, atol=1e-8) and 0 < int(torch.trace(P).round()) < P.shape[0]
+    W0 = m.layers[0].mlp.down_proj.weight.detach().double().clone()
+    people = WORLD.universes["target"].people[:4]
+    rocr_edit(m, TOK, people, [WORLD.anchors[p] for p in people], [0], {0: P})
+    dW = m.layers[0].mlp.down_proj.weight.detach().double() - W0
+    keep = torch.eye(P.shape[0], dtype=torch.float64) - P               # the directions generic text uses
+    assert (dW @ keep).norm() < 1e-4 * dW.norm()                        # Delta^T k0 = 0 for every generic key k0
+    _, info = rocr(m, TOK, WORLD, layers=(0,), project=True, moments=mom)
+    assert info["null_dims"][0] == int(torch.trace(P).round())
+    with pytest.raises(ValueError, match="moments"): rocr(m, TOK, WORLD, layers=(1,), project=True, moments=mom)
+    with pytest.raises(ValueError, match="layers"): rocr_edit(m, TOK, people, people, [5])
+    with pytest.raises(ValueError, match="redirects"): rocr_edit(m, TOK, people, people[:1], [0])
+
+
+# ---------------------------------------------------------------- two processes
+class _UnlearnRanksAgree(L.Callback):
+    "Fails the run unless the ranks see disjoint forget rows of one global batch and hold identical weights after every step."
+    def __init__(self, forget_rows): self.rows = forget_rows
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        x = trainer.strategy.all_gather(batch["forget"]["input_ids"])
+        rows = [tuple(r.tolist()) for r in x.reshape(-1, x.shape[-1])]
+        assert len(set(rows)) == len(rows) and all(r in self.rows for r in rows), "ranks overlap or read rows outside the forget set"
+        flat = torch.cat([p.detach().flatten() for p in pl_module.model.parameters()])
+        g = trainer.strategy.all_gather(torch.stack([flat.sum(), flat.norm()]))
+        assert torch.equal(g[0], g[1]), "ranks hold different weights"
+        pl_module.log("train/world", float(trainer.world_size))
+
+    def on_train_end(self, trainer, pl_module):  # the training-free pieces run per rank and agree too
+        m, _ = rocr(pl_module.model, TOK, WORLD, layers=(0,), project=False)
+        fam = WorldEval(WORLD, TOK).familiarity(m)
+        g = trainer.strategy.all_gather(torch.tensor([fam["familiarity"], fam["familiarity_prob"], m.layers[0].mlp.down_proj.weight.sum().item()]))
+        assert torch.equal(g[0], g[1]), "ranks disagree on ROCR / the evaluator"
+
+
+@pytest.mark.parametrize("method", ["finetune", "grad_ascent", "graddiff", "graddiff_kl", "npo", "simnpo"])
+def test_ddp_two_processes_unlearn(method):
+    f, r = _forget_retain()
+    rows = {tuple(x.tolist()) for x in f["input_ids"]}
+    m0 = tiny()
+    m, _ = unlearn(m0, method, f, r, steps=2, batch_size=2, lr=1e-2, callbacks=[_UnlearnRanksAgree(rows)],
+                   accelerator="cpu", devices=2, strategy="ddp_spawn")
+    assert not torch.equal(m.layers[0].mlp.down_proj.weight, m0.layers[0].mlp.down_proj.weight)  # trained weights came back
+
+
+def test_ddp_two_processes_train_the_world_model():
+    cfg = WorldModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=32, batch_size=4, steps=3, warmup_steps=1)
+    m, info = train_world_model(WORLD, TOK, ("generic", "target"), cfg, accelerator="cpu", devices=2, strategy="ddp_spawn")
+    assert math.isfinite(info["val_bpb"]) and info["universes"] == ["generic", "target"]
+    m1, _ = train_world_model(WORLD, TOK, ("generic", "target"), cfg)
+    assert not torch.equal(m.embed.weight, m1.embed.weight)  # two ranks saw twice the windows: a different run than one process
+
+
+def test_subject_patching_with_the_subject_itself_changes_nothing():
+    import dataclasses
+    m = tiny(layers=2)
+    same = dataclasses.replace(WORLD, anchors={k: k for k in WORLD.anchors})
+    from trainlab.unlearning import subject_patching
+    for layer in (0, 1):
+        got = subject_patching(m, TOK, same, layer, forms=("qa", "mcq"))
+        for f, p in got.items():
+            assert p == pytest.approx(float(score_items(m, TOK, eval_items(WORLD, "target", f))["prob"].mean()), rel=1e-5)
+    # patching with the redirect does change the scores (the model reads the subject token)
+    other = subject_patching(m, TOK, WORLD, 0, forms=("qa",))["qa"]
+    assert other != pytest.approx(float(score_items(m, TOK, eval_items(WORLD, "target", "qa"))["prob"].mean()), rel=1e-6)
