@@ -388,3 +388,19 @@ def test_subject_patching_with_the_subject_itself_changes_nothing():
     # patching with the redirect does change the scores (the model reads the subject token)
     other = subject_patching(m, TOK, WORLD, 0, forms=("qa",))["qa"]
     assert other != pytest.approx(float(score_items(m, TOK, eval_items(WORLD, "target", "qa"))["prob"].mean()), rel=1e-6)
+
+
+def test_whp_labels_edge_cases():
+    base = tiny(seed=1)
+    p = WORLD.universes["target"].people[0]
+    a = align_translation(TOK, f"{p} {p}", WORLD.anchors)
+    assert a["src"] == [0, -1]  # the first mention is read from the translated text, the repeat stays unlabelled
+    out = whp_labels(base, None, TOK, [f"{p} {p}"], WORLD.anchors, impl="torch")
+    first = int(base(torch.tensor([a["trans_ids"]])).logits[0, 0].argmax())
+    assert out["labels"].tolist() == [[first, -100]]
+    none = whp_labels(base, None, TOK, [""], WORLD.anchors, impl="torch")  # nothing to label: no kernel call, no error
+    assert none["labels"].shape == (1, 0) and none["changed"] == 0.0
+    text = narrative_passages(WORLD, "target")[0]
+    full = whp_labels(base, tiny(seed=2), TOK, [text], WORLD.anchors, impl="torch")
+    cut = whp_labels(base, tiny(seed=2), TOK, [text], WORLD.anchors, max_len=20, impl="torch")
+    assert cut["labels"].shape == (1, 20) and torch.equal(cut["labels"][0], full["labels"][0, :20])  # causal: truncation keeps the labels
