@@ -105,3 +105,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="input_ids"): m(torch.randn(2, 3))
     with pytest.raises(ValueError, match="labels"): m(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"): generate(m, torch.zeros(3, dtype=torch.long), 2, temperature=-1)
+
+
+def test_eval_mode_restores_the_mode_even_after_an_error():
+    from trainlab.model import eval_mode
+    m = torch.nn.Dropout(0.5)
+    with eval_mode(m): assert not m.training
+    assert m.training
+    m.eval()
+    with pytest.raises(RuntimeError):
+        with eval_mode(m): m.train(); raise RuntimeError("boom")
+    assert not m.training  # the mode from before the block, not the one set inside it

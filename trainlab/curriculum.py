@@ -19,7 +19,7 @@ from torch.utils.data._utils.collate import default_collate
 from .core import expect, check_choice, in_test, seed_everything, dist_rank_world
 from .data import (TokenizedCorpus, PackedDataset, LMDataModule, ByteTokenizer, check_tokenizer, select_eval_docs,
                            load_corpus, split_corpus)
-from .model import ModelConfig, TinyLM, count_parameters
+from .model import ModelConfig, TinyLM, count_parameters, eval_mode
 from .train import LMLitModule, History, make_trainer, bits_per_byte
 from .kernels import flash_attention
 from .reproduce import register_reproduction, RunContext
@@ -445,22 +445,21 @@ def position_key(lo: int, hi: int | None) -> str: return f"{lo}-{hi - 1}" if hi 
 def evaluate_by_position(model: nn.Module, loader, byte_lengths: torch.Tensor, buckets=POSITION_BUCKETS, use_doc_ids: bool = False,
                          ignore_ids: Sequence[int] = (), ignore_index: int = -100) -> dict:
     "bpb overall and per position range within the window (`{'all': .., '0-31': .., ...}`; None for an empty range)."
-    was = model.training; model.eval()
     bl = torch.as_tensor(byte_lengths, dtype=torch.float64)
     nats, nbytes, tot = torch.zeros(len(buckets), dtype=torch.float64), torch.zeros(len(buckets), dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    for batch in loader:
-        labels = batch["labels"].clone()
-        for t in ignore_ids: labels[labels == t] = ignore_index
-        out = model(batch["input_ids"], labels=labels, doc_ids=batch.get("doc_ids") if use_doc_ids else None, ignore_index=ignore_index)
-        mask = labels != ignore_index
-        tok_nats = out.loss.double() * mask
-        tok_bytes = torch.where(mask, bl[labels.clamp(min=0)], torch.zeros((), dtype=torch.float64))
-        pos = torch.arange(labels.shape[1])
-        for i, (lo, hi) in enumerate(buckets):
-            sel = (pos >= lo) & (pos < (hi if hi is not None else labels.shape[1]))
-            nats[i] += tok_nats[:, sel].sum(); nbytes[i] += tok_bytes[:, sel].sum()
-        tot += torch.stack([tok_nats.sum(), tok_bytes.sum()])
-    model.train(was)
+    with eval_mode(model):
+        for batch in loader:
+            labels = batch["labels"].clone()
+            for t in ignore_ids: labels[labels == t] = ignore_index
+            out = model(batch["input_ids"], labels=labels, doc_ids=batch.get("doc_ids") if use_doc_ids else None, ignore_index=ignore_index)
+            mask = labels != ignore_index
+            tok_nats = out.loss.double() * mask
+            tok_bytes = torch.where(mask, bl[labels.clamp(min=0)], torch.zeros((), dtype=torch.float64))
+            pos = torch.arange(labels.shape[1])
+            for i, (lo, hi) in enumerate(buckets):
+                sel = (pos >= lo) & (pos < (hi if hi is not None else labels.shape[1]))
+                nats[i] += tok_nats[:, sel].sum(); nbytes[i] += tok_bytes[:, sel].sum()
+            tot += torch.stack([tok_nats.sum(), tok_bytes.sum()])
     res = {"all": bits_per_byte(tot[0], tot[1])}
     for i, (lo, hi) in enumerate(buckets): res[position_key(lo, hi)] = bits_per_byte(nats[i], nbytes[i]) if nbytes[i] > 0 else None
     return res

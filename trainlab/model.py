@@ -17,7 +17,8 @@ from .kernels import RMSNorm, linear_cross_entropy
 
 # %% auto #0
 __all__ = ['ModelConfig', 'rope_tables', 'rotate_half', 'apply_rope', 'document_causal_mask', 'sdpa_attention', 'Attention',
-           'SwiGLU', 'swiglu_ffn', 'Block', 'LMOutput', 'TinyLM', 'count_parameters', 'generate', 'record_activations']
+           'SwiGLU', 'swiglu_ffn', 'Block', 'LMOutput', 'TinyLM', 'count_parameters', 'eval_mode', 'generate',
+           'record_activations']
 
 # %% ../nbs/02_model.ipynb #068601d0
 @dataclass
@@ -207,6 +208,13 @@ def count_parameters(model: nn.Module) -> dict:
     return {"total": total, "non_embedding": total - emb, "active": total - inactive}
 
 # %% ../nbs/02_model.ipynb #8b3b54f3
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    "Within the block `model` is in eval mode; its train/eval mode is restored afterwards, also after an error."
+    was = model.training; model.eval()
+    try: yield model
+    finally: model.train(was)
+
 @torch.no_grad()
 def generate(model: TinyLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -217,9 +225,8 @@ def generate(model: TinyLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     squeeze = input_ids.dim() == 1
     ids = input_ids[None] if squeeze else input_ids
     expect(ids.dim() == 2 and ids.shape[1] >= 1, "input_ids", "a non-empty [L] or [B, L] tensor", tuple(input_ids.shape))
-    was_training = model.training; model.eval()
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    try:
+    with eval_mode(model):
         for _ in range(max_new_tokens):
             logits = model(ids[:, -model.config.max_seq_len:]).logits[:, -1].float()
             if temperature == 0: nxt = logits.argmax(-1)
@@ -233,7 +240,6 @@ def generate(model: TinyLM, input_ids: torch.Tensor, max_new_tokens: int, temper
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt); done |= nxt == eos_id
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             if eos_id is not None and bool(done.all()): break
-    finally: model.train(was_training)
     return ids[0] if squeeze else ids
 
 # %% ../nbs/02_model.ipynb #eb871413

@@ -14,7 +14,7 @@ import lightning as L
 import matplotlib.pyplot as plt
 
 from .core import expect, check_choice, in_test, seed_everything
-from .model import ModelConfig, TinyLM, LMOutput, count_parameters
+from .model import ModelConfig, TinyLM, LMOutput, count_parameters, eval_mode
 from .train import LMLitModule, History, make_trainer
 from .data import LMDataModule
 from .kernels import grouped_expert_ffn, chunk_sparse_ffn, kl_div
@@ -485,9 +485,8 @@ def make_arm(arm: str, model_cfg: ModelConfig, moe: MoEConfig, steps: int, lr_kw
 @torch.no_grad()
 def collect_router_scores(model: nn.Module, loader, max_batches: int | None = None) -> tuple[list, torch.Tensor, list]:
     "Per-layer scores [N, L, E], document ids [N, L] (-1 = padding) and per-layer FFN inputs [N, L, d] over `loader`'s batches."
-    was = model.training; model.eval()
     scores, docs, inputs = None, [], None
-    try:
+    with eval_mode(model):
         for b, batch in enumerate(loader):
             if max_batches is not None and b >= max_batches: break
             out = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_logits=False, output_mlp_inputs=True)
@@ -499,8 +498,6 @@ def collect_router_scores(model: nn.Module, loader, max_batches: int | None = No
             valid = batch["labels"] != -100
             d = batch["doc_ids"] if "doc_ids" in batch else torch.zeros_like(batch["labels"])
             docs.append(torch.where(valid, d, torch.full_like(d, -1)).cpu())
-    finally:
-        model.train(was)
     return [torch.cat(s) for s in scores], torch.cat(docs), [torch.cat(x) for x in inputs]
 
 def evaluate_routing(layer_scores: list, doc_ids: torch.Tensor, chunk_sizes=(2, 4, 8, 16, 32)) -> dict:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, DataLoader, Sampler, ConcatDataset
 from .core import expect, seed_everything, stable_unit_hash, atomic_path, dist_rank_world
 from .data import (CORPORA, Document, TokenizedCorpus, PackedDataset, DocWindowDataset, ByteTokenizer, check_tokenizer,
                            eval_sampler, load_corpus, load_documents, split_corpus, select_eval_docs)
-from .model import ModelConfig, TinyLM, count_parameters
+from .model import ModelConfig, TinyLM, count_parameters, eval_mode
 from .train import LMLitModule, History, make_trainer, bits_per_byte
 from .reproduce import register_reproduction, RunContext
 
@@ -394,14 +394,12 @@ def evaluate_groups(model: torch.nn.Module, sets: dict, window: int = 256, batch
     ds, names = eval_sets(sets, window, tok)
     bl = torch.as_tensor(tok.byte_lengths, dtype=torch.float64)
     tot = torch.zeros(2, len(names), dtype=torch.float64)
-    was = model.training; model.eval()
-    try:
+    with eval_mode(model):
         for b in DataLoader(ds, batch_size=batch_size):
             o = model(b["input_ids"], labels=b["labels"], group_ids=b["group_ids"], num_groups=len(names))
             m = b["labels"] != -100
             tot[0] += o.group_loss_sum.double().cpu()
             tot[1].index_add_(0, b["group_ids"][m].long(), bl[b["labels"][m]])
-    finally: model.train(was)
     return {n: bits_per_byte(tot[0, g], tot[1, g]) for g, n in enumerate(names)}
 
 def finetune(state: dict | str | Path, model_cfg: ModelConfig, domain: DomainData, lr: float, warmup: int, cfg: FinetuneConfig | None = None,
