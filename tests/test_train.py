@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from trainlab.model import ModelConfig, TinyLM
-from trainlab.train import LMLitModule, History, TrainConfig, make_trainer, train_lm, lr_factor, bits_per_byte
+from trainlab.train import LMLitModule, History, TrainConfig, make_trainer, train_lm, lr_factor, bits_per_byte, ReleaseProcessGroup
 from trainlab.data import LMDataModule
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
@@ -82,6 +82,27 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="lr"): LMLitModule(TINY, lr=0)
     with pytest.raises(ValueError, match="model"): LMLitModule(model=42)
     with pytest.raises(ValueError, match="max_steps"): make_trainer(0)
+
+
+_EXIT_PROBE = """
+import atexit, sys, torch.distributed as dist
+from trainlab.train import ReleaseProcessGroup
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))  # LIFO: runs after the clean-up
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+ReleaseProcessGroup().setup(None, None, "fit")
+ReleaseProcessGroup().setup(None, None, "fit")  # a second trainer in the same process registers nothing more
+print("registered:", ReleaseProcessGroup.registered, flush=True)
+"""
+
+
+def test_release_process_group_destroys_gloo_at_exit(tmp_path):
+    """A rank that leaves a gloo group alive can abort in gloo's teardown after training succeeded; the callback destroys it at exit."""
+    import subprocess, sys
+    out = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["registered:", "True", "initialized", "at", "exit:", "False"]
+    ReleaseProcessGroup().setup(None, None, "fit")  # without a process group (this process): nothing registered
+    assert not ReleaseProcessGroup.registered
 
 
 def test_ddp_two_processes_on_cpu():
