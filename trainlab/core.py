@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['in_test', 'expect', 'check_choice', 'repo_root', 'cache_dir', 'seed_everything', 'set_threads', 'dist_rank_world',
-           'atomic_path', 'write_json', 'read_json', 'save_figure', 'git_sha', 'cpu_name', 'environment_info',
-           'sha256_bytes', 'stable_unit_hash', 'now_iso']
+__all__ = ['in_test', 'expect', 'check_choice', 'repo_root', 'cache_dir', 'seed_everything', 'set_threads', 'dist_initialized',
+           'dist_rank_world', 'atomic_path', 'write_json', 'read_json', 'save_figure', 'git_sha', 'cpu_name',
+           'environment_info', 'sha256_bytes', 'stable_unit_hash', 'now_iso']
 
 # %% ../nbs/00_core.ipynb #5e54fa18
 def in_test() -> bool:
@@ -70,10 +70,14 @@ def set_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     return torch.get_num_threads()
 
+def dist_initialized() -> bool:
+    "Whether a default `torch.distributed` process group is up in this process."
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
 def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     "`(rank, world_size)`: the given values, else those of the initialised process group, else `(0, 1)`; validated."
     if rank is None or world_size is None:
-        on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        on = dist_initialized()
         rank = rank if rank is not None else (torch.distributed.get_rank() if on else 0)
         world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if on else 1)
     expect(isinstance(world_size, int) and world_size >= 1, "world_size", "an int >= 1", world_size)

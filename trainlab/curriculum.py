@@ -388,12 +388,12 @@ class LossReweighter:
 
     def __call__(self, per_seq_loss: torch.Tensor, step: int) -> torch.Tensor:
         losses = per_seq_loss.detach()
-        on = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        if on:  # equal local batch sizes on every rank (the curriculum samplers guarantee it)
-            parts = [torch.empty_like(losses) for _ in range(torch.distributed.get_world_size())]
+        rank, world = dist_rank_world()
+        if world > 1:  # equal local batch sizes on every rank (the curriculum samplers guarantee it)
+            parts = [torch.empty_like(losses) for _ in range(world)]
             torch.distributed.all_gather(parts, losses)
-            glob, rank = torch.cat(parts), torch.distributed.get_rank()
-        else: glob, rank = losses, 0
+            glob = torch.cat(parts)
+        else: glob = losses
         if step < self.burn_in_steps or self.strength(step) == 0: w = torch.ones_like(glob)
         else: w = reweight(glob, self.strategy, self.temperature, self.delta, self.strength(step)) * glob.numel()
         self.last_global = w

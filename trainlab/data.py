@@ -620,7 +620,7 @@ class DocWindowDataset(Dataset):
 # %% ../nbs/01_data.ipynb #0df7328a
 def eval_sampler(ds: Dataset):
     "Under an initialised process group: a sharding sampler that never repeats items (exact eval sums); else None."
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() < 2: return None
+    if dist_rank_world()[1] < 2: return None
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
     return UnrepeatedDistributedSampler(ds, shuffle=False)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import lightning as L
 
-from .core import expect, check_choice, seed_everything, in_test
+from .core import expect, check_choice, seed_everything, in_test, dist_initialized
 from .model import ModelConfig, TinyLM, LMOutput, count_parameters
 
 # %% auto #0
@@ -181,15 +181,14 @@ def quiet_lightning():
 
 def release_process_group():
     "Destroy the default `torch.distributed` process group if one is up (a no-op otherwise)."
-    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+    if dist_initialized(): torch.distributed.destroy_process_group()
 
 class ReleaseProcessGroup(L.Callback):
     "Make every rank of a gloo (CPU) run destroy its process group when its process exits, as Lightning already does for NCCL."
     registered = False  # per process: a spawned rank starts from a fresh interpreter
     def setup(self, trainer, pl_module, stage):
-        dist = torch.distributed
-        if ReleaseProcessGroup.registered or not (dist.is_available() and dist.is_initialized()): return
-        if dist.get_backend() != "gloo": return  # Lightning registers its own clean-up for NCCL
+        if ReleaseProcessGroup.registered or not dist_initialized(): return
+        if torch.distributed.get_backend() != "gloo": return  # Lightning registers its own clean-up for NCCL
         atexit.register(release_process_group)
         ReleaseProcessGroup.registered = True
 
