@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #5892ef61
 from __future__ import annotations
-import contextlib, datetime, hashlib, json, os, platform, random, subprocess, sys, tempfile, time
+import contextlib, datetime, hashlib, json, math, os, platform, random, subprocess, sys, tempfile, time, warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['in_test', 'expect', 'check_choice', 'repo_root', 'cache_dir', 'seed_everything', 'set_threads', 'dist_initialized',
-           'dist_rank_world', 'atomic_path', 'write_json', 'read_json', 'save_figure', 'git_sha', 'cpu_name',
-           'environment_info', 'sha256_bytes', 'stable_unit_hash', 'now_iso']
+__all__ = ['in_test', 'expect', 'check_choice', 'repo_root', 'cache_dir', 'seed_everything', 'available_cores', 'set_threads',
+           'dist_initialized', 'dist_rank_world', 'atomic_path', 'strict_json', 'write_json', 'read_json',
+           'save_figure', 'git_sha', 'cpu_name', 'environment_info', 'sha256_bytes', 'stable_unit_hash', 'now_iso']
 
 # %% ../nbs/00_core.ipynb #5e54fa18
 def in_test() -> bool:
@@ -63,10 +63,17 @@ def seed_everything(seed: int) -> int:
     os.environ["PL_GLOBAL_SEED"] = str(seed)
     return seed
 
+def available_cores() -> int:
+    "CPU cores this process may run on (its affinity mask where the OS has one)."
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
 def set_threads(n: int | None = None) -> int:
-    "Pin torch's intra-op threads to `n` (default: all cores, at most 8); returns the count in effect."
-    if n is None: n = max(1, min(8, os.cpu_count() or 1))
+    "Pin torch's intra-op threads to `n` (default: all cores, at most 8), warning when `n` oversubscribes the cores; returns the count in effect."
+    if n is None: n = max(1, min(8, available_cores()))
     expect(isinstance(n, int) and n >= 1, "n", "a positive int", n)
+    if n > available_cores():
+        warnings.warn(f"threads={n} is more than the {available_cores()} CPU cores available here: oversubscribed threads "
+                      "slow training down, often many times over", stacklevel=2)
     torch.set_num_threads(n)
     return torch.get_num_threads()
 
@@ -110,9 +117,18 @@ def _jsonable(o):
     if isinstance(o, (set, tuple)): return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
+def strict_json(obj: Any) -> Any:
+    "`obj` with dataclasses, paths, NumPy and torch values converted, and NaN or ±inf replaced by None (JSON has neither)."
+    if isinstance(obj, float): return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict): return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)): return [strict_json(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)): return obj
+    return strict_json(_jsonable(obj))
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    "Write `obj` as indented JSON to `path` atomically (dataclasses, paths, NumPy and torch scalars allowed)."
-    with atomic_path(path) as tmp: tmp.write_text(json.dumps(obj, indent=2, default=_jsonable, allow_nan=True) + "\n")
+    "Write `obj` as strict, indented JSON to `path` atomically: NaN and ±inf become null."
+    text = json.dumps(strict_json(obj), indent=2, allow_nan=False)
+    with atomic_path(path) as tmp: tmp.write_text(text + "\n")
     return Path(path)
 
 def read_json(path: str | Path) -> Any:

@@ -4,10 +4,12 @@
 
 # %% ../nbs/03_train.ipynb #8cf551db
 from __future__ import annotations
-import atexit, logging, math, time, warnings
+import atexit, dataclasses, importlib.util, logging, math, random, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import lightning as L
@@ -16,8 +18,9 @@ from .core import expect, check_choice, seed_everything, in_test, dist_initializ
 from .model import ModelConfig, TinyLM, LMOutput, count_parameters
 
 # %% auto #0
-__all__ = ['lr_factor', 'bits_per_byte', 'LMLitModule', 'History', 'quiet_lightning', 'release_process_group',
-           'ReleaseProcessGroup', 'make_trainer', 'TrainConfig', 'train_lm']
+__all__ = ['PRECISIONS', 'lr_factor', 'bits_per_byte', 'LMLitModule', 'History', 'quiet_lightning', 'release_process_group',
+           'ReleaseProcessGroup', 'make_trainer', 'TrainConfig', 'set_impl', 'rng_state', 'set_rng_state',
+           'ResumableLoader', 'run_loggers', 'fit']
 
 # %% ../nbs/03_train.ipynb #909f7b4b
 def lr_factor(step: int, warmup_steps: int, max_steps: int | None, schedule: str = "cosine", min_lr_ratio: float = 0.1) -> float:
@@ -64,6 +67,9 @@ class LMLitModule(L.LightningModule):
             self.byte_lengths = torch.as_tensor(dm.tokenizer.byte_lengths, dtype=torch.float32, device=self.device)
 
     def forward(self, input_ids, **kw) -> LMOutput: return self.model(input_ids, **kw)
+
+    def on_save_checkpoint(self, checkpoint): checkpoint["tokens_seen"] = self._tokens_seen
+    def on_load_checkpoint(self, checkpoint): self._tokens_seen = checkpoint.get("tokens_seen", 0)
 
     # ---- losses
     def compute_sample_weights(self, batch: dict, per_seq_loss: torch.Tensor) -> torch.Tensor | None:
@@ -150,10 +156,14 @@ class History(L.Callback):
     def __init__(self, every_n_steps: int = 10):
         expect(isinstance(every_n_steps, int) and every_n_steps >= 1, "every_n_steps", "an int >= 1", every_n_steps)
         self.every_n_steps, self.train, self.val = every_n_steps, [], []
-        self._t0 = self._val_t0 = None; self._val_time = 0.0
+        self._t0 = self._val_t0 = None; self._val_time = 0.0; self._before = 0.0  # seconds trained before a resume
 
     def train_seconds(self) -> float:
-        return 0.0 if self._t0 is None else time.perf_counter() - self._t0 - self._val_time
+        return self._before + (0.0 if self._t0 is None else time.perf_counter() - self._t0 - self._val_time)
+
+    def state_dict(self) -> dict: return {"train": self.train, "val": self.val, "train_s": self.train_seconds()}
+    def load_state_dict(self, state: dict):
+        self.train, self.val, self._before = list(state["train"]), list(state["val"]), float(state["train_s"])
 
     def _row(self, trainer, pl_module, prefix):
         m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
@@ -211,37 +221,160 @@ def make_trainer(max_steps: int, val_every: int | None = None, callbacks: list |
     return L.Trainer(**kw)
 
 # %% ../nbs/03_train.ipynb #39060a31
+PRECISIONS = ("32-true", "bf16-mixed")
+
 @dataclass
 class TrainConfig:
-    "Everything that defines a language-model training run on one of the embedded corpora."
-    corpus: str = "stdlib_code"
-    seq_len: int = 256
-    batch_size: int = 16
-    steps: int = 500
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    schedule: str = "cosine"
+    "The recipe every training run shares; technique configs embed one instead of repeating its fields."
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int = 500              # optimizer steps
+    lr: float = 3e-3              # peak learning rate η
+    warmup_steps: int = 50        # W: linear warmup
+    schedule: str = "cosine"      # "cosine" (to min_lr_ratio·η at `steps`) or "constant"
+    min_lr_ratio: float = 0.1
+    batch_size: int = 16          # sequences per step (per process)
+    seq_len: int = 256            # tokens per sequence
+    seed: int = 0                 # initialisation and data order; arms sharing a seed are paired
+    precision: str = "32-true"    # or "bf16-mixed" (autocast; CPUs with AVX512-BF16 run it faster)
+    impl: str = "auto"            # kernel implementation for every module that has one: "auto", "triton", "torch"
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0
-    val_every: int | None = None
-    max_eval_tokens: int | None = 65_536
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
+    val_every: int | None = None  # validate every n steps (and at the end)
+
+    def __post_init__(self):
+        if isinstance(self.model, dict): self.model = ModelConfig(**self.model)
+        expect(isinstance(self.model, ModelConfig), "model", "a ModelConfig or a dict of its fields", type(self.model).__name__)
+        for k in ("steps", "batch_size", "seq_len"):
+            expect(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, k, "a positive int", getattr(self, k))
+        expect(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "an int >= 0", self.warmup_steps)
+        expect(self.lr > 0, "lr", "> 0", self.lr)
+        check_choice("schedule", self.schedule, ("cosine", "constant"))
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("impl", self.impl, ("auto", "triton", "torch"))
+        expect(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)", self.seed)
+        expect(self.val_every is None or (isinstance(self.val_every, int) and self.val_every >= 1), "val_every", "None or an int >= 1", self.val_every)
 
     @property
     def tokens(self) -> int: return self.steps * self.batch_size * self.seq_len
 
+    def replace(self, **changes) -> TrainConfig:
+        "A copy with `changes` (e.g. `cfg.replace(seed=1)`)."
+        return dataclasses.replace(self, **changes)
+
+    def lit_kwargs(self) -> dict:
+        "The optimisation arguments of `LMLitModule` (and its subclasses)."
+        return dict(lr=self.lr, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, schedule=self.schedule,
+                    min_lr_ratio=self.min_lr_ratio, grad_clip=self.grad_clip, max_steps=self.steps)
+
 # %% ../nbs/03_train.ipynb #10ca43d5
-def train_lm(cfg: TrainConfig, datamodule: L.LightningDataModule | None = None, model: nn.Module | None = None,
-             callbacks: list | None = None, progress: bool = False, **trainer_kwargs) -> tuple[LMLitModule, History, L.Trainer]:
-    "Train per `cfg` (or on the given `datamodule`/`model`); returns the module, its `History` and the trainer."
-    from trainlab.data import LMDataModule
+def set_impl(module: nn.Module, impl: str) -> nn.Module:
+    "Set the kernel implementation of every submodule that has an `impl` attribute (norms, fused loss, experts); returns `module`."
+    check_choice("impl", impl, ("auto", "triton", "torch"))
+    for m in module.modules():
+        if hasattr(m, "impl"): m.impl = impl
+    return module
+
+# %% ../nbs/03_train.ipynb #9cb4c91f
+def rng_state() -> dict:
+    "The global random states of Python, NumPy and torch (CPU)."
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+def set_rng_state(state: dict):
+    "Restore what `rng_state` returned."
+    random.setstate(state["python"]); np.random.set_state(state["numpy"]); torch.set_rng_state(state["torch"])
+
+# %% ../nbs/03_train.ipynb #0495eb34
+class ResumableLoader:
+    "Wraps a DataLoader; after `resume_at(epochs, batches)` its next iteration replays that much of the data first."
+    def __init__(self, loader):
+        self.loader, self.epochs, self.batches, self._resume = loader, 0, 0, None
+
+    def __len__(self): return len(self.loader)
+    def __getattr__(self, name): return getattr(self.loader, name)  # sampler, batch_sampler, dataset: Lightning sets epochs on them
+
+    def resume_at(self, epochs: int, batches: int):
+        "Replay `epochs` whole passes, then skip `batches` of the next, before yielding."
+        expect(epochs >= 0 and batches >= 0, "epochs, batches", ">= 0", (epochs, batches))
+        self._resume = (epochs, batches)
+
+    def _set_epoch(self, e):
+        for o in {getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None)}:
+            if hasattr(o, "set_epoch"): o.set_epoch(e)
+
+    def __iter__(self):
+        if self._resume is not None:
+            (epochs, skip), self._resume = self._resume, None
+            for e in range(epochs):
+                self._set_epoch(e)
+                for _ in self.loader: pass
+            self._set_epoch(epochs); self.epochs = epochs
+        else: skip = 0
+        it = iter(self.loader)
+        for _ in range(skip): next(it)
+        self.batches, self.epochs = skip, self.epochs + 1
+        for b in it:
+            self.batches += 1
+            yield b
+
+# %% ../nbs/03_train.ipynb #e76c0cbe
+class _Resume(L.Callback):
+    "Saves and restores what Lightning's checkpoint lacks: the data position and the global random state."
+    def __init__(self): self.at = None  # (epochs, batches) to replay, read from a checkpoint
+
+    def wrap(self, loader) -> ResumableLoader:
+        "The train loader, replaying up to the checkpoint's position when one was loaded."
+        loader = ResumableLoader(loader)
+        if self.at is not None: loader.resume_at(*self.at); self.at = None
+        return loader
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed  # batches finished in this epoch
+        checkpoint["trainlab_resume"] = {"epochs": trainer.current_epoch, "batches": done, "rng": rng_state()}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):  # runs before the train loader is built
+        st = checkpoint.get("trainlab_resume")
+        if st is None: return
+        set_rng_state(st["rng"]); self.at = (st["epochs"], st["batches"])
+
+# %% ../nbs/03_train.ipynb #484a64d9
+def run_loggers(run_dir: str | Path, resumed: bool = False) -> list:
+    "CSVLogger into `run_dir` (a resumed fit into `run_dir/resumed-<n>`), plus TensorBoard (`run_dir/tb`) when it is installed."
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    run_dir = Path(run_dir)
+    version = f"resumed-{len(list(run_dir.glob('resumed-*'))) + 1}" if resumed else ""  # never overwrite the rows logged before the fault
+    out = [CSVLogger(run_dir, name="", version=version)]
+    if importlib.util.find_spec("tensorboard") is not None: out.append(TensorBoardLogger(run_dir, name="tb", version=version, default_hp_metric=False))
+    return out
+
+# %% ../nbs/03_train.ipynb #aab2d585
+def fit(cfg: TrainConfig, lit: L.LightningModule | Callable[[], L.LightningModule], datamodule: L.LightningDataModule,
+        callbacks: list | None = None, run_dir: str | Path | None = None, progress: bool = False, history_every: int | None = None,
+        keep_checkpoint: bool = False, **trainer_kwargs) -> tuple[L.LightningModule, History, L.Trainer]:
+    "Seed, build the trainer and fit `lit` (or `lit()`, built after seeding) on `datamodule` per `cfg`; resumes from `run_dir`'s checkpoint."
+    expect(isinstance(cfg, TrainConfig), "cfg", "a TrainConfig", type(cfg).__name__, exc=TypeError)
     seed_everything(cfg.seed)
-    dm = datamodule or LMDataModule(corpus=cfg.corpus, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                                    max_eval_tokens=cfg.max_eval_tokens, seed=cfg.seed)
-    lit = LMLitModule(model if model is not None else cfg.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, grad_clip=cfg.grad_clip, max_steps=cfg.steps)
-    hist = History(every_n_steps=max(1, cfg.steps // 100))
-    trainer = make_trainer(cfg.steps, val_every=cfg.val_every, callbacks=[hist, *(callbacks or [])], progress=progress, **trainer_kwargs)
-    trainer.fit(lit, datamodule=dm)
+    if not isinstance(lit, L.LightningModule): lit = lit()  # built after seeding: the initialisation follows cfg.seed
+    expect(isinstance(lit, L.LightningModule), "lit", "a LightningModule or a function returning one", type(lit).__name__, exc=TypeError)
+    set_impl(lit, cfg.impl)
+    hist = History(every_n_steps=history_every or max(1, cfg.steps // 100))
+    cbs, ckpt, ckpt_dir = [hist, *(callbacks or [])], None, None
+    if run_dir is not None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        ckpt_dir = Path(run_dir) / "checkpoints"
+        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False))
+        if (ckpt_dir / "last.ckpt").is_file(): ckpt = str(ckpt_dir / "last.ckpt")
+        trainer_kwargs = {"logger": run_loggers(run_dir, resumed=ckpt is not None), "enable_checkpointing": True, **trainer_kwargs}
+    trainer = make_trainer(cfg.steps, val_every=cfg.val_every, callbacks=cbs, progress=progress, precision=cfg.precision, **trainer_kwargs)
+    patched = run_dir is not None and trainer.world_size == 1  # multi-process runs keep Lightning's own sampler handling
+    if patched:
+        resume, make = _Resume(), datamodule.train_dataloader
+        trainer.callbacks.append(resume)
+        datamodule.train_dataloader = lambda: resume.wrap(make())
+    try:
+        with warnings.catch_warnings():  # Lightning warns that the loader is not resumable: ResumableLoader replays it instead
+            warnings.filterwarnings("ignore", message=r".*(dataloader is not resumable|exists and is not empty).*")
+            trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)  # our own checkpoint (it holds RNG states)
+    finally:
+        if patched: del datamodule.train_dataloader
+    if ckpt_dir is not None and not keep_checkpoint: shutil.rmtree(ckpt_dir, ignore_errors=True)
     return lit, hist, trainer
