@@ -63,12 +63,12 @@ def train_baseline(cfg: BaselineConfig, run_dir=None, progress: bool = False) ->
 
 # %% ../nbs/05_baseline.ipynb #fe954850
 def plot_loss_curves(units: dict, title: str = ""):
-    "Validation bpb against training tokens, one line per arm × seed (train loss of the first seed faint)."
+    "Validation bpb against training tokens, one line per arm × seed."
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, (key, u) in enumerate(sorted(units.items())):
-        arm = key.split("/")[0]; color = "C0" if arm == "fp32" else "C1"
-        va = u["history"]["val"]
-        ax.plot([r["tokens"] for r in va], [r["val/bpb"] for r in va], "o-", ms=3, color=color, alpha=0.8, label=arm if key.endswith(("seed0", "/0")) or i < 2 else None)
+    colors = {arm: f"C{i}" for i, arm in enumerate(BASELINE_ARMS)}
+    for key, u in sorted(units.items()):
+        arm, va = key.split("/")[0], u["history"]["val"]
+        ax.plot([r["tokens"] for r in va], [r["val/bpb"] for r in va], "o-", ms=3, color=colors[arm], alpha=0.8, label=arm)
     ax.set_xlabel("training tokens"); ax.set_ylabel("val bits per byte"); ax.set_title(title); ax.grid(alpha=0.3)
     h, l = ax.get_legend_handles_labels(); ax.legend(dict(zip(l, h)).values(), dict(zip(l, h)).keys())
     return fig
