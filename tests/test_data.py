@@ -1,5 +1,5 @@
 "Tests of trainlab.data: tokenizer, corpora, splits, cache, datasets, DataModules, fixtures."
-import functools, json, multiprocessing, pickle, random, time, warnings
+import functools, json, multiprocessing, pickle, random, re, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +196,7 @@ def test_user_folder_file_and_jsonl(tmp_path):
     (root / "bin.dat").write_bytes(bytes([0xff, 0xfe, 0x00, 0x01]))
     (root / ".hidden" / "x.txt").write_text("hidden"); (root / ".secret.txt").write_text("hidden")
     (root / "__pycache__" / "c.txt").write_text("cache")
-    docs = load_documents(root)
+    with pytest.warns(UserWarning, match="skipped 1 of 7 files that are not UTF-8 text: bin.dat"): docs = load_documents(root)
     assert [d.id for d in docs] == ["a.md", "b.txt", "sub/c.py", "sub/deeper/d.rst", "sub/noext"]
     assert docs[3].text == "dé\n"
     assert load_documents(str(root / "b.txt")) == [Document("b.txt", "bee\n")]
@@ -211,8 +211,133 @@ def test_user_folder_file_and_jsonl(tmp_path):
     binf = tmp_path / "b.bin"; binf.write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match="UTF-8"): load_documents(binf)
 
-    c = load_corpus(root, "all")
+    with pytest.warns(UserWarning, match="bin.dat"): c = load_corpus(root, "all")
     assert c.ids == [d.id for d in docs] and TOK.decode(c.doc(3)) == "dé\n" and c.n_bytes == sum(len(d.text.encode()) for d in docs)
+
+
+
+# ---------------------------------------------------------------- bad user input
+def _gen_text(k, n=3):
+    "Generated text for tiny user corpora (the synthetic-facts generator; nothing copied)."
+    return "".join(d.text for d in D.synthetic_facts(seed=k, n_entities=n))
+
+
+def test_folder_reports_files_that_are_not_utf8(tmp_path):
+    root = tmp_path / "corpus"; root.mkdir()
+    for k in range(4): (root / f"doc{k}.txt").write_text(_gen_text(k))
+    (root / "a.bin").write_bytes(bytes(range(128, 256)))                  # invalid UTF-8
+    (root / "b.dat").write_bytes("UTF-16 text".encode("utf-16"))          # NUL bytes
+    with pytest.warns(UserWarning) as rec: docs = load_documents(root)
+    assert [d.id for d in docs] == [f"doc{k}.txt" for k in range(4)]
+    msgs = [str(w.message) for w in rec]
+    assert msgs == [f"{root}: skipped 2 of 6 files that are not UTF-8 text: a.bin, b.dat"]
+    # more than five: the first five names and how many more
+    for k in range(5): (root / f"z{k}.bin").write_bytes(b"\xff" * (k + 1))
+    with pytest.warns(UserWarning, match=r"skipped 7 of 11 files that are not UTF-8 text: a\.bin, b\.dat, z0\.bin, z1\.bin, z2\.bin, \.\.\. \(2 more\)"):
+        load_documents(root)
+    # a clean folder warns about nothing
+    clean = tmp_path / "clean"; clean.mkdir(); (clean / "x.md").write_text(_gen_text(9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [d.id for d in load_documents(clean)] == ["x.md"]
+
+
+def test_jsonl_errors_name_file_line_and_expectation(tmp_path):
+    jl = tmp_path / "people.jsonl"
+    good = "".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in D.synthetic_facts(seed=2, n_entities=3))
+    expected = 'expected a JSON object with a string "text" field'
+    cases = [(good + '{"text": "no closing quote\n', "invalid JSON"),
+             (good + "\n" + "not json at all\n", "invalid JSON"),
+             (good + '["an", "array"]\n', "got an array"),
+             (good + '{"body": "x", "id": "q"}\n', "got an object without \"text\" (its keys: 'body', 'id')"),
+             (good + '{"text": 7}\n', 'got "text": a number'),
+             (good + '{"text": null}\n', 'got "text": null')]
+    for body, what in cases:
+        jl.write_text(body)
+        line = body.count("\n")      # the bad line is the last one
+        with pytest.raises(ValueError) as e: load_documents(jl)
+        msg = str(e.value)
+        assert f"{jl}:{line}: " in msg and expected in msg and what in msg and "`source`" in msg, msg
+    jl.write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')                # Latin-1 byte on line 4
+    with pytest.raises(ValueError, match=rf"{re.escape(str(jl))}:4: .* UTF-8, got the byte 0xe9 at column 14"): load_documents(jl)
+    # line ends are only \n / \r\n: a raw U+2028 inside a JSON string stays in its document
+    jl.write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\r\n" + json.dumps({"text": "three"}) + "\r\n", newline="")
+    assert [d.text for d in load_documents(jl)] == ["one\u2028two", "three"]
+    assert [d.id for d in load_documents(jl)] == ["people.jsonl:1", "people.jsonl:2"]
+
+
+def test_empty_inputs_say_they_are_empty(tmp_path):
+    def empty_error(src):
+        with pytest.raises(ValueError) as e: load_documents(src)
+        msg = str(e.value)
+        assert "is empty" in msg and repr(str(src)) in msg and "`source`" in msg, msg
+        return msg
+    f = tmp_path / "empty.txt"; f.write_text("")
+    assert "found 0 bytes" in empty_error(f)
+    folder = tmp_path / "folder"; folder.mkdir()
+    assert "found no files" in empty_error(folder)
+    (folder / ".hidden.txt").write_text(_gen_text(1)); (folder / "e.txt").write_text(""); (folder / "x.bin").write_bytes(b"\x00\x01")
+    assert "found 2 file(s): 1 empty, 1 not UTF-8 text" in empty_error(folder)
+    jl = tmp_path / "none.jsonl"; jl.write_text("")
+    assert "found 0 bytes" in empty_error(jl)
+    jl.write_text("\n   \n\n")
+    assert "found only blank lines" in empty_error(jl)
+    with pytest.raises(ValueError, match="is empty"): load_corpus(folder, "all")          # the same error through load_corpus
+    with pytest.raises(ValueError, match="is empty"): LMDataModule(folder, seq_len=8, batch_size=1).setup()
+
+
+def _small_folder(root, names):
+    root.mkdir()
+    for k, n in enumerate(names): (root / n).write_text(_gen_text(k, n=4) * 5)
+    return root
+
+
+def test_small_corpus_val_fallback(tmp_path):
+    names = [f"part{k}.txt" for k in range(6)]
+    assert not any(D.is_val(n, 0.05) for n in names)     # the hash rule alone gives no validation document
+    first = min(names, key=D.stable_unit_hash)
+    root = _small_folder(tmp_path / "six", names)
+    with pytest.warns(UserWarning, match=rf"val_frac=0.05 put none of the 6 documents .* {re.escape(repr(first))}.*small-corpus fallback"):
+        va = load_corpus(root, "val")
+    with pytest.warns(UserWarning, match="small-corpus fallback"): tr = load_corpus(root, "train")
+    full = load_corpus(root, "all")
+    assert va.ids == [first] and sorted(tr.ids + va.ids) == sorted(names) and tr.n_tokens + va.n_tokens == full.n_tokens
+    with pytest.warns(UserWarning, match="small-corpus fallback"):
+        dm = LMDataModule(root, seq_len=32, batch_size=2); dm.setup()
+    assert dm.val_corpus.ids == [first] and dm.train_corpus.ids == tr.ids and len(dm.val_dataloader()) > 0
+    with pytest.warns(UserWarning, match="small-corpus fallback"):
+        assert [d.id for d in split_documents(load_documents(root), 0.05)[1]] == [first]
+    card = corpus_card(root)                             # the card's numbers follow the same split, quietly
+    assert card["splits"]["val"]["docs"] == 1
+    # deterministic: does not depend on the order of the ids; val_frac=0 means no validation split and no fallback
+    with pytest.warns(UserWarning, match="small-corpus fallback"):
+        assert D.val_mask(names[::-1]).tolist() == [n == first for n in names[::-1]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_corpus(root, "val", val_frac=0.0).ids == [] and len(load_corpus(root, "train", val_frac=0.0)) == 6
+        assert D.val_mask(names, 0.05, fallback=False).sum() == 0
+
+
+@pytest.mark.parametrize("fname,hash_says_val", [("only.txt", True), ("single.txt", False)])
+def test_single_document_cannot_be_split(tmp_path, fname, hash_says_val):
+    f = tmp_path / fname; f.write_text(_gen_text(3))
+    assert D.is_val(fname, 0.05) == hash_says_val           # either way one side of the split would be empty
+    assert len(load_corpus(f, "all")) == 1                  # loading it whole is fine
+    for split in ("train", "val"):
+        with pytest.raises(ValueError, match=rf"`val_frac`: a validation split \(val_frac=0.05\) needs at least 2 documents, got 1 \('{re.escape(fname)}'\)"):
+            load_corpus(f, split)
+    with pytest.raises(ValueError, match="`val_frac`.*at least 2 documents"): LMDataModule(f, seq_len=8, batch_size=1).setup()
+    assert len(load_corpus(f, "train", val_frac=0.0)) == 1 and len(load_corpus(f, "val", val_frac=0.0)) == 0
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_splits_unchanged_by_fallback(name):
+    ids = [d.id for d in built(name)]
+    rule = np.array([D.is_val(i, 0.05) for i in ids])
+    assert rule.sum() >= 1                                # the hash rule already gives validation documents ...
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # ... so no fallback, no warning, the same split
+        assert np.array_equal(D.val_mask(ids, 0.05), rule)
 
 
 def test_unknown_source_lists_corpora(tmp_path):
@@ -482,4 +607,5 @@ def test_tiny_fixtures_are_generated(tmp_path):
     for p in written: assert p.read_bytes() == (tiny / p.relative_to(tmp_path)).read_bytes(), p
     assert sum(p.stat().st_size for p in written) < 64_000
     assert len(load_documents(tiny / "facts.jsonl")) == 60
-    assert [d.id for d in load_documents(tiny / "folder")] == ["code/times.py", "more/people.md", "notes.txt"]
+    with pytest.warns(UserWarning, match="skipped 1 of 4 files that are not UTF-8 text: blob.bin"):
+        assert [d.id for d in load_documents(tiny / "folder")] == ["code/times.py", "more/people.md", "notes.txt"]

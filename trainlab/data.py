@@ -293,31 +293,60 @@ def synthetic_facts(seed: int = 0, n_entities: int = 200) -> list[Document]:
 
 # %% ../nbs/01_data.ipynb #403f1d5f
 def _read_text_file(p: Path) -> str | None:
+    "Text of the file at `p`, or None if it is not UTF-8 or contains a NUL byte (a binary file)."
     b = p.read_bytes()
     if b"\x00" in b: return None
     try: return b.decode("utf-8")
     except UnicodeDecodeError: return None
 
+# %% ../nbs/01_data.ipynb #1277aa3e
 def _read_folder(root: Path) -> list[Document]:
-    docs = []
+    "One document per non-empty UTF-8 text file under `root`; warns naming the files skipped as not text, raises if there is none."
+    docs, binary, n_files = [], [], 0
     for p in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
         rel = p.relative_to(root)
         if not p.is_file() or any(part.startswith(".") or part == "__pycache__" for part in rel.parts): continue
+        n_files += 1
         text = _read_text_file(p)
-        if text: docs.append(Document(rel.as_posix(), text))
+        if text is None: binary.append(rel.as_posix())
+        elif text: docs.append(Document(rel.as_posix(), text))
+    if not docs:
+        found = "no files" if not n_files else f"{n_files} file(s): {n_files - len(binary)} empty, {len(binary)} not UTF-8 text"
+        raise ValueError(f"`source`: the folder {str(root)!r} is empty: expected at least one non-empty UTF-8 text file "
+                         f"(hidden files and __pycache__ are ignored), found {found}")
+    if binary:
+        more = f", ... ({len(binary) - 5} more)" if len(binary) > 5 else ""
+        warnings.warn(f"{root}: skipped {len(binary)} of {n_files} files that are not UTF-8 text: {', '.join(binary[:5])}{more}")
     return docs
+
+# %% ../nbs/01_data.ipynb #d5bd0dba
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
 
 def _read_jsonl(p: Path) -> list[Document]:
-    docs = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    "One document per non-blank line of the `.jsonl` file `p`; errors name the file and line and what was expected."
+    want, docs = 'a JSON object with a string "text" field (and optionally an "id")', []
+    data = p.read_bytes()
+    for i, raw in enumerate(data.splitlines(), 1):
+        where = f"`source`: {p}:{i}: expected {want}"
+        try: line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} in UTF-8, got the byte {raw[e.start]:#04x} at column {e.start + 1}, which is not UTF-8") from None
         if not line.strip(): continue
         try: obj = json.loads(line)
-        except json.JSONDecodeError as e: raise ValueError(f"{p}:{i}: not valid JSON ({e})") from None
-        expect(isinstance(obj, dict) and isinstance(obj.get("text"), str), f"{p.name}:{i}", 'a JSON object with a string "text" field', str(obj)[:80])
+        except json.JSONDecodeError as e: raise ValueError(f"{where}, got invalid JSON ({e.msg} at column {e.colno}): {line[:60]!r}") from None
+        kind = lambda v: _JSON_KINDS.get(type(v), type(v).__name__)
+        if not isinstance(obj, dict): raise ValueError(f"{where}, got {kind(obj)}: {line[:60]!r}")
+        if "text" not in obj: raise ValueError(f"{where}, got an object without \"text\" (its keys: {', '.join(map(repr, list(obj)[:8]))})")
+        if not isinstance(obj["text"], str): raise ValueError(f"{where}, got \"text\": {kind(obj['text'])}")
         docs.append(Document(str(obj["id"]) if "id" in obj else f"{p.name}:{i}", obj["text"]))
+    if not docs:
+        raise ValueError(f"`source`: the file {str(p)!r} is empty: expected one JSON object with a string \"text\" field per line, "
+                         f"found {'0 bytes' if not data else 'only blank lines'}")
     return docs
 
+# %% ../nbs/01_data.ipynb #2dbb8094
 def _check_documents(docs, source) -> list[Document]:
+    "`docs` if it is a non-empty list of `Document`s with unique ids, else a `TypeError`/`ValueError` naming `source`."
     expect(isinstance(docs, list) and all(isinstance(d, Document) for d in docs), "source", "a corpus whose builder returns list[Document]", source, TypeError)
     expect(len(docs) > 0, "source", "a corpus with at least one document", source)
     ids = [d.id for d in docs]
@@ -329,6 +358,7 @@ def _check_documents(docs, source) -> list[Document]:
         raise ValueError(f"`source` {source!r}: document ids must be unique, {dup!r} repeats")
     return docs
 
+# %% ../nbs/01_data.ipynb #c42ead6e
 def load_documents(source: str | os.PathLike, seed: int = 0) -> list[Document]:
     "Documents of a registered corpus (built with `seed`), a folder of text files, a `.jsonl` file or a text file."
     if isinstance(source, str) and source in CORPORA: return _check_documents(CORPORA[source].fn(seed), source)
@@ -339,7 +369,8 @@ def load_documents(source: str | os.PathLike, seed: int = 0) -> list[Document]:
     elif p.suffix == ".jsonl": docs = _read_jsonl(p)
     else:
         text = _read_text_file(p)
-        expect(text is not None, "source", "a UTF-8 text file", str(p))
+        expect(text is not None, "source", "a UTF-8 text file (without NUL bytes)", str(p))
+        if not text: raise ValueError(f"`source`: the file {str(p)!r} is empty: expected a UTF-8 text file with some text, found 0 bytes")
         docs = [Document(p.name, text)]
     return _check_documents(docs, str(source))
 
@@ -352,11 +383,23 @@ def is_val(doc_id: str, val_frac: float = 0.05, salt: str = "") -> bool:
     "Whether the document with id `doc_id` is in the validation split."
     return stable_unit_hash(doc_id, salt) < _check_val_frac(val_frac)
 
-def val_mask(ids: Sequence[str], val_frac: float = 0.05, salt: str = "") -> np.ndarray:
-    "Boolean array: which of `ids` are in the validation split."
+# %% ../nbs/01_data.ipynb #7a0451e3
+def val_mask(ids: Sequence[str], val_frac: float = 0.05, salt: str = "", fallback: bool = True, warn: bool = True) -> np.ndarray:
+    "Boolean array: which of `ids` are in the validation split; with `fallback`, never none of two or more (see above)."
     _check_val_frac(val_frac)
-    return np.array([stable_unit_hash(i, salt) < val_frac for i in ids], dtype=bool)
+    h = np.array([stable_unit_hash(i, salt) for i in ids], dtype=np.float64)
+    m = h < val_frac
+    if fallback and val_frac > 0 and len(ids) == 1:  # one side would be empty, whatever its hash
+        raise ValueError(f"`val_frac`: a validation split (val_frac={val_frac}) needs at least 2 documents, got 1 ({ids[0]!r}); "
+                         "add documents, or pass val_frac=0 for no validation split")
+    if fallback and val_frac > 0 and len(ids) and not m.any():
+        m = h == h.min()
+        if warn:
+            warnings.warn(f"val_frac={val_frac} put none of the {len(ids)} documents in the validation split; using the one with "
+                          f"the smallest id hash, {ids[int(np.argmin(h))]!r}, as the validation split (small-corpus fallback)")
+    return m
 
+# %% ../nbs/01_data.ipynb #b1480c22
 def split_documents(docs: Sequence[Document], val_frac: float = 0.05, salt: str = "") -> tuple[list[Document], list[Document]]:
     "Split `docs` into (train, val) by the stable hash of each id."
     m = val_mask([d.id for d in docs], val_frac, salt)
@@ -442,8 +485,8 @@ def _cache_files(key: str) -> tuple[Path, Path]:
     return d / f"{key}.npz", d / f"{key}.json"
 
 def _split_stats(corpus: TokenizedCorpus, val_frac: float, salt: str = "") -> dict:
-    tr, va = split_corpus(corpus, val_frac, salt)
-    return dict(val_frac=val_frac, salt=salt, train=tr.stats(), val=va.stats())
+    m = val_mask(corpus.ids, val_frac, salt, fallback=len(corpus) >= 2, warn=False)  # bookkeeping: never raises or warns
+    return dict(val_frac=val_frac, salt=salt, train=corpus.subset(~m).stats(), val=corpus.subset(m).stats())
 
 def _read_cache(key: str) -> TokenizedCorpus | None:
     npz, js = _cache_files(key)
