@@ -2,19 +2,29 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import lightning as L
 
 from trainlab.model import ModelConfig, TinyLM
-from trainlab.train import LMLitModule, History, TrainConfig, make_trainer, train_lm, lr_factor, bits_per_byte, ReleaseProcessGroup
+from trainlab.train import (LMLitModule, History, TrainConfig, make_trainer, fit, lr_factor, bits_per_byte, ReleaseProcessGroup,
+                            ResumableLoader, set_impl)
 from trainlab.data import LMDataModule
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
 
 
 def tiny_cfg(**kw):
-    base = dict(corpus="stdlib_prose", seq_len=32, batch_size=4, steps=8, warmup_steps=2, val_every=4,
-                max_eval_tokens=2048, model=TINY)
+    base = dict(seq_len=32, batch_size=4, steps=8, warmup_steps=2, val_every=4, model=TINY)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def tiny_data(cfg):
+    return LMDataModule(corpus="stdlib_prose", seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_eval_tokens=2048, seed=cfg.seed)
+
+
+def train_lm(cfg, model=None, **kw):
+    "The one training path on the tiny corpus: the module is built after fit seeds."
+    return fit(cfg, lambda: LMLitModule(model if model is not None else cfg.model, **cfg.lit_kwargs()), tiny_data(cfg), **kw)
 
 
 def test_lr_schedule_shape():
@@ -58,6 +68,7 @@ class AuxFFN(nn.Module):
 
 def test_aux_losses_are_added_and_logged():
     lit, hist, trainer = train_lm(tiny_cfg(steps=3, val_every=3), model=TinyLM(TINY, ffn=AuxFFN))
+    assert isinstance(lit.model.layers[0].mlp, AuxFFN)
     m = trainer.callback_metrics
     assert "train/aux/l2" in m
     assert (m["train/loss"] - m["train/lm_loss"]).item() == pytest.approx(m["train/aux/l2"].item(), rel=1e-5)
@@ -82,6 +93,63 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="lr"): LMLitModule(TINY, lr=0)
     with pytest.raises(ValueError, match="model"): LMLitModule(model=42)
     with pytest.raises(ValueError, match="max_steps"): make_trainer(0)
+    with pytest.raises(ValueError, match="precision"): tiny_cfg(precision="fp8")
+    with pytest.raises(ValueError, match="impl"): tiny_cfg(impl="cuda")
+    with pytest.raises(ValueError, match="steps"): tiny_cfg(steps=0)
+    with pytest.raises(TypeError, match="cfg"): fit({"steps": 3}, LMLitModule(TINY), tiny_data(tiny_cfg()))
+    with pytest.raises(TypeError, match="lit"): fit(tiny_cfg(), lambda: 42, tiny_data(tiny_cfg()))
+
+
+def test_fit_seeds_the_initialisation_of_a_factory():
+    """Paired seeds: the same seed gives the same initial weights whatever ran before; another seed differs."""
+    cfg = tiny_cfg(steps=1, val_every=None)
+    inits = []
+    class Grab(L.Callback):
+        def on_train_start(self, trainer, pl_module): inits.append(pl_module.model.embed.weight.detach().clone())
+    for seed in (0, 0, 1):
+        torch.manual_seed(1234 + len(inits))  # whatever the global state was before
+        fit(cfg.replace(seed=seed), lambda: LMLitModule(TINY, **cfg.lit_kwargs()), tiny_data(cfg), callbacks=[Grab()])
+    assert torch.equal(inits[0], inits[1]) and not torch.equal(inits[0], inits[2])
+
+
+def test_impl_and_precision_reach_the_run():
+    lit = LMLitModule(TINY)
+    set_impl(lit, "torch")
+    impls = [m.impl for m in lit.modules() if hasattr(m, "impl")]
+    assert impls and set(impls) == {"torch"}
+    _, hist, trainer = train_lm(tiny_cfg(steps=4, val_every=4, precision="bf16-mixed", impl="torch"))
+    assert "bf16" in str(trainer.precision) or trainer.precision == "bf16-mixed"
+    assert 0 < hist.val[-1]["val/bpb"] < 8.5
+
+
+class _Crash(L.Callback):
+    def __init__(self, at): self.at = at
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.at: raise RuntimeError("simulated crash")
+
+
+def test_fit_resumes_exactly_from_its_checkpoint(tmp_path):
+    """Killed after a validation, resumed from run_dir: the same curves and final numbers as an uninterrupted run (across epochs)."""
+    cfg = tiny_cfg(steps=40, val_every=10, batch_size=8)
+    ref = train_lm(cfg)[1]
+    with pytest.raises(RuntimeError, match="simulated crash"): train_lm(cfg, callbacks=[_Crash(25)], run_dir=tmp_path)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    _, hist, trainer = train_lm(cfg, run_dir=tmp_path)
+    assert [r["step"] for r in hist.val] == [r["step"] for r in ref.val]
+    assert hist.val[-1]["val/bpb"] == pytest.approx(ref.val[-1]["val/bpb"], abs=1e-6)
+    assert [r["train/loss"] for r in hist.train] == pytest.approx([r["train/loss"] for r in ref.train], abs=1e-5)
+    assert hist.train[-1]["tokens"] == cfg.tokens
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "resumed-1" / "metrics.csv").is_file()  # both segments' logs kept
+    assert not (tmp_path / "checkpoints").exists()  # deleted once the fit completed
+
+
+def test_resumable_loader_replays_epochs_and_batches():
+    make = lambda: torch.utils.data.DataLoader(range(12), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(5))
+    ref = ResumableLoader(make()); order = [b.tolist() for _ in range(3) for b in ref]
+    for epochs, batches in [(0, 0), (0, 2), (1, 0), (2, 3)]:
+        r = ResumableLoader(make()); r.resume_at(epochs, batches)
+        assert [b.tolist() for b in r] == order[4 * epochs + batches: 4 * (epochs + 1)]
+    with pytest.raises(ValueError, match="epochs"): ResumableLoader(make()).resume_at(-1, 0)
 
 
 _EXIT_PROBE = """

@@ -147,6 +147,7 @@ class TinyLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ffn: Callable | None = None, attention: Callable | None = None):
         super().__init__()
         self.config = cfg
+        self.impl = "auto"  # the fused head + loss kernel's implementation (trainlab.train.set_impl sets every module's)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i, ffn, attention) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -187,10 +188,10 @@ class TinyLM(nn.Module):
         if return_logits if return_logits is not None else labels is None: out.logits = self.lm_head(x)
         if labels is not None:  # fused head + loss: never materialises [tokens, vocab] on the Triton path
             if group_ids is None:
-                out.loss = linear_cross_entropy(x, self.lm_head.weight, labels, ignore_index=ignore_index, reduction="none")
+                out.loss = linear_cross_entropy(x, self.lm_head.weight, labels, ignore_index=ignore_index, reduction="none", impl=self.impl)
             else:  # per-source sums come out of the same kernel pass (e.g. general vs domain tokens in one batch)
                 out.loss, out.group_loss_sum, out.group_count = linear_cross_entropy(
-                    x, self.lm_head.weight, labels, ignore_index=ignore_index, reduction="none", group_ids=group_ids, num_groups=num_groups)
+                    x, self.lm_head.weight, labels, ignore_index=ignore_index, reduction="none", group_ids=group_ids, num_groups=num_groups, impl=self.impl)
         else: expect(group_ids is None, "group_ids", "None when no `labels` are given", "a tensor")
         return out
 
