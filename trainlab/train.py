@@ -20,7 +20,7 @@ from .model import ModelConfig, TinyLM, LMOutput, count_parameters
 # %% auto #0
 __all__ = ['PRECISIONS', 'lr_factor', 'bits_per_byte', 'LMLitModule', 'History', 'quiet_lightning', 'release_process_group',
            'ReleaseProcessGroup', 'make_trainer', 'TrainConfig', 'set_impl', 'rng_state', 'set_rng_state',
-           'ResumableLoader', 'run_loggers', 'fit']
+           'ResumableLoader', 'run_loggers', 'StepProgress', 'fit']
 
 # %% ../nbs/03_train.ipynb #909f7b4b
 def lr_factor(step: int, warmup_steps: int, max_steps: int | None, schedule: str = "cosine", min_lr_ratio: float = 0.1) -> float:
@@ -346,9 +346,27 @@ def run_loggers(run_dir: str | Path, resumed: bool = False) -> list:
     if importlib.util.find_spec("tensorboard") is not None: out.append(TensorBoardLogger(run_dir, name="tb", version=version, default_hp_metric=False))
     return out
 
+# %% ../nbs/03_train.ipynb #a600393d
+class StepProgress(L.Callback):
+    "One progress bar per fit over all of its optimizer steps (across epochs), with its ETA and the latest loss."
+    def __init__(self, label: str = "train"): self.label, self.bar = label, None
+
+    def on_train_start(self, trainer, pl_module):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc=self.label, unit="step", dynamic_ncols=True, leave=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.bar is None: return
+        self.bar.update(trainer.global_step - self.bar.n)
+        loss = trainer.callback_metrics.get("train/lm_loss")
+        if loss is not None: self.bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.bar is not None: self.bar.close(); self.bar = None
+
 # %% ../nbs/03_train.ipynb #aab2d585
 def fit(cfg: TrainConfig, lit: L.LightningModule | Callable[[], L.LightningModule], datamodule: L.LightningDataModule,
-        callbacks: list | None = None, run_dir: str | Path | None = None, progress: bool = False, history_every: int | None = None,
+        callbacks: list | None = None, run_dir: str | Path | None = None, progress: bool | str = False, history_every: int | None = None,
         keep_checkpoint: bool = False, **trainer_kwargs) -> tuple[L.LightningModule, History, L.Trainer]:
     "Seed, build the trainer and fit `lit` (or `lit()`, built after seeding) on `datamodule` per `cfg`; resumes from `run_dir`'s checkpoint."
     expect(isinstance(cfg, TrainConfig), "cfg", "a TrainConfig", type(cfg).__name__, exc=TypeError)
@@ -358,13 +376,15 @@ def fit(cfg: TrainConfig, lit: L.LightningModule | Callable[[], L.LightningModul
     set_impl(lit, cfg.impl)
     hist = History(every_n_steps=history_every or max(1, cfg.steps // 100))
     cbs, ckpt, ckpt_dir = [hist, *(callbacks or [])], None, None
+    if progress:  # one bar over all steps, labelled by the unit (e.g. 'fp32/seed0'), instead of Lightning's per-epoch bar
+        cbs.append(StepProgress(progress if isinstance(progress, str) else "/".join(Path(run_dir).parts[-2:]) if run_dir else "train"))
     if run_dir is not None:
         from lightning.pytorch.callbacks import ModelCheckpoint
         ckpt_dir = Path(run_dir) / "checkpoints"
         cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False))
         if (ckpt_dir / "last.ckpt").is_file(): ckpt = str(ckpt_dir / "last.ckpt")
         trainer_kwargs = {"logger": run_loggers(run_dir, resumed=ckpt is not None), "enable_checkpointing": True, **trainer_kwargs}
-    trainer = make_trainer(cfg.steps, val_every=cfg.val_every, callbacks=cbs, progress=progress, precision=cfg.precision, **trainer_kwargs)
+    trainer = make_trainer(cfg.steps, val_every=cfg.val_every, callbacks=cbs, progress=False, precision=cfg.precision, **trainer_kwargs)
     patched = run_dir is not None and trainer.world_size == 1  # multi-process runs keep Lightning's own sampler handling
     if patched:
         resume, make = _Resume(), datamodule.train_dataloader
