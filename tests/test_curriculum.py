@@ -1,4 +1,5 @@
 """Dataset Decomposition, the curriculum samplers, loss reweighting and their Lightning wiring (incl. 2-process DDP)."""
+import dataclasses
 import math
 
 import lightning as L
@@ -6,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainlab.curriculum import (Buckets, ChunkBatchSampler, CurriculumDataModule, DDBatchSampler, DDDataset, LossReweighter,
-                                 curriculum_odds, curriculum_trainer, dd_schedule, decompose, evaluate_by_position, minmax_scale,
-                                 reweight, steps_per_bucket, time_to_target, toy_regression, _arm_spec)
+from trainlab.curriculum import (Arm, Buckets, ChunkBatchSampler, CurriculumDataModule, CurriculumRunConfig, CURRICULUM_ARMS,
+                                 CURRICULUM_CLAIMS, DDBatchSampler, DDDataset, LossReweighter, StepLog, arm_datamodule,
+                                 curriculum_fit, curriculum_odds, dd_schedule, decompose, evaluate_by_position, minmax_scale,
+                                 reweight, steps_per_bucket, time_to_target, toy_regression, train_arm)
 from trainlab.data import ByteTokenizer, TokenizedCorpus, load_corpus, doc_eval_loader
 from trainlab.model import ModelConfig, TinyLM
-from trainlab.train import LMLitModule, make_trainer
+from trainlab.train import LMLitModule, TrainConfig, make_trainer
 
 EOT = ByteTokenizer().eot_id
 
@@ -203,11 +205,37 @@ def test_time_to_target():
     assert time_to_target([(0, 4.0), (10, 2.5), (20, 3.0)], 2.0) is None
 
 
-def test_arm_keys():
-    assert _arm_spec("dd_grow_p2_c8") == dict(mode="dd", curriculum="grow_p2", cycles=8)
-    assert _arm_spec("cc_long_docmask")["doc_mask"]
+def test_arm_registry():
+    a = CURRICULUM_ARMS["dd_grow_p2_c8"]
+    assert (a.mode, a.curriculum, a.cycles, a.exploratory) == ("dd", "grow_p2", 8, False)  # the headline arm, in the claims
+    assert CURRICULUM_ARMS["cc_long_docmask"].doc_mask and CURRICULUM_ARMS["cc_short"].short
+    rc = CurriculumRunConfig()
+    assert a.data_kwargs(rc) == dict(mode="dd", min_log2=5, max_log2=10, curriculum="grow_p2", cycles=8)
+    assert CURRICULUM_ARMS["cc_short"].data_kwargs(rc) == dict(mode="cc", seq_len=128, doc_mask=False)
+    claim_arms = {x for c in CURRICULUM_CLAIMS for x in c.arms}
+    assert claim_arms == {"cc_long", "cc_short", "dd_grow_p2_c8", "dd_uniform_c1"}
+    assert all(not CURRICULUM_ARMS[x].exploratory for x in claim_arms)
     for bad in ("dd_shrink_c1", "dd_uniform", "cc_medium"):
-        with pytest.raises(ValueError): _arm_spec(bad)
+        with pytest.raises(ValueError, match="arm"): arm_datamodule(bad, rc)
+    with pytest.raises(ValueError, match="curriculum"): Arm("dd", curriculum="shrink")
+    with pytest.raises(ValueError, match="cycles"): Arm("dd", cycles=0)
+
+
+def test_run_config_embeds_train_config():
+    rc = CurriculumRunConfig()
+    assert isinstance(rc.train, TrainConfig) and (rc.long_len, rc.max_log2, rc.tokens_per_step) == (1024, 10, 16384)
+    assert rc.train.tokens == rc.train.steps * rc.tokens_per_step
+    r2 = CurriculumRunConfig(train=rc.train.replace(precision="bf16-mixed", impl="torch"))
+    assert (r2.train.precision, r2.train.impl) == ("bf16-mixed", "torch")
+    assert rc.arms == tuple(CURRICULUM_ARMS) and rc.arms_on(1) == [a for a in rc.arms if not CURRICULUM_ARMS[a].exploratory]
+    assert rc.with_seed(5).train.seed == 5 and rc.train.seed == 0
+    assert CurriculumRunConfig(**dataclasses.asdict(rc)) == rc  # rebuilt from its recorded fields
+    for kw, arg in ((dict(train=TrainConfig(seq_len=1000)), "train.seq_len"), (dict(short_len=96), "short_len"),
+                    (dict(arms=("cc_long",)), "arms"), (dict(reweight_strategies=("nope",)), "reweight_strategies"),
+                    (dict(long_from=4096), "long_from"), (dict(exploratory_seeds=0), "exploratory_seeds")):
+        with pytest.raises(ValueError, match=arg): CurriculumRunConfig(**kw)
+    w = rc.reweighter("annealed")
+    assert (w.strategy, w.burn_in_steps, w.anneal_steps, w.temperature) == ("annealed", 30, 150, 0.4)
 
 
 @pytest.fixture(scope="module")
@@ -259,15 +287,32 @@ class _RanksAgree(L.Callback):
 @pytest.mark.parametrize("mode", ["dd", "cc_docmask"])
 def test_ddp_two_processes(mode, tiny_split):
     torch.manual_seed(0)
-    lit = LMLitModule(TinyLM(ModelConfig(d_model=32, n_layers=1, n_heads=1, max_seq_len=64)), warmup_steps=1, max_steps=6,
-                      sample_weighter=LossReweighter("linupper", 0.4, burn_in_steps=1))
-    kw = dict(tokens_per_step=256, num_steps=6, eval_window=64, max_eval_tokens=2048)
+    cfg = TrainConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=1, max_seq_len=64), steps=6, warmup_steps=1, batch_size=4, seq_len=64, val_every=6)
+    lit = LMLitModule(cfg.model, **cfg.lit_kwargs(), sample_weighter=LossReweighter("linupper", 0.4, burn_in_steps=1))
+    kw = dict(tokens_per_step=cfg.batch_size * cfg.seq_len, num_steps=cfg.steps, eval_window=64, max_eval_tokens=2048)
     dm = (CurriculumDataModule(tiny_split, mode="dd", min_log2=3, max_log2=6, curriculum="grow_p2", cycles=2, **kw) if mode == "dd"
           else CurriculumDataModule(tiny_split, mode="cc", seq_len=64, doc_mask=True, **kw))
     before = [p.detach().clone() for p in lit.model.parameters()]
-    trainer = curriculum_trainer(6, val_every=6, callbacks=[_RanksAgree()], accelerator="cpu", devices=2, strategy="ddp_spawn")
-    trainer.fit(lit, datamodule=dm)
+    lit, _, trainer = curriculum_fit(cfg, lit, dm, callbacks=[_RanksAgree()], accelerator="cpu", devices=2, strategy="ddp_spawn")
     assert trainer.world_size == 2  # (ddp_spawn does not send global_step back to this process)
     assert float(trainer.callback_metrics["train/global_tokens"]) == 256
     assert math.isfinite(float(trainer.callback_metrics["val/bpb"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, lit.model.parameters()))
+
+
+def test_train_arm_is_paired_and_deterministic(tiny_split):
+    "Through `fit`: fixed tokens per step, the long-position metric, and the same seed giving the same run."
+    rc = CurriculumRunConfig.fast()
+    a, b = (train_arm("dd_grow_p2_c8", rc, tiny_split) for _ in range(2))
+    assert a["tokens"] == rc.train.tokens and a["seed"] == rc.train.seed
+    assert a["val_bpb"] == b["val_bpb"] and a["val_bpb_long"] == b["val_bpb_long"]
+    assert math.isfinite(a["val_bpb_long"]) and a["val_bpb_by_position"]["128-511"] == pytest.approx(a["val_bpb_long"])  # 256-token windows
+    assert len(a["steps"]) == rc.train.steps and {L for L, _ in a["steps"]} <= {32, 64, 128, 256}
+    c = train_arm("dd_grow_p2_c8", rc.with_seed(1), tiny_split)
+    assert c["val_bpb"] != a["val_bpb"] and c["seed"] == 1
+
+
+def test_step_log_state_survives_a_checkpoint():
+    s = StepLog(); s.rows = [dict(step=1, seq_len=64, batch=4, seconds=0.1)]
+    t = StepLog(); t.load_state_dict(s.state_dict())
+    assert t.rows == s.rows

@@ -16,22 +16,24 @@ import matplotlib.pyplot as plt
 from torch.utils.data import Dataset, DataLoader, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from .core import expect, check_choice, in_test, seed_everything, dist_rank_world
+from .core import expect, check_choice, in_test, dist_rank_world
 from .data import (TokenizedCorpus, PackedDataset, LMDataModule, ByteTokenizer, check_tokenizer, select_eval_docs,
                            load_corpus, split_corpus)
 from .model import ModelConfig, TinyLM, count_parameters, eval_mode
-from .train import LMLitModule, History, make_trainer, bits_per_byte
+from .train import TrainConfig, LMLitModule, fit, bits_per_byte
 from .kernels import flash_attention
+from .stats import Claim, ci_ratio
 from .reproduce import register_reproduction, RunContext
 
 # %% auto #0
-__all__ = ['CURRICULA', 'REWEIGHT_STRATEGIES', 'POSITION_BUCKETS', 'ARMS', 'Buckets', 'decompose', 'plot_document_pieces',
-           'DDDataset', 'curriculum_odds', 'steps_per_bucket', 'dd_schedule', 'plot_schedules', 'DDBatchSampler',
-           'ChunkBatchSampler', 'CurriculumDataModule', 'curriculum_trainer', 'minmax_scale', 'reweight',
-           'LossReweighter', 'toy_regression', 'plot_toy_regression', 'position_key', 'evaluate_by_position',
-           'packed_eval_loader', 'time_to_target', 'StepLog', 'CurriculumRunConfig', 'curriculum_run_config',
-           'arm_datamodule', 'train_arm', 'plot_schedule_runs', 'step_time_by_length', 'plot_step_time',
-           'plot_val_curves', 'plot_by_position', 'plot_reweighting', 'reproduce_curriculum']
+__all__ = ['CURRICULA', 'REWEIGHT_STRATEGIES', 'POSITION_BUCKETS', 'CURRICULUM_ARMS', 'HEADLINE_ARM', 'BASELINE_ARM',
+           'CURRICULUM_CLAIMS', 'Buckets', 'decompose', 'plot_document_pieces', 'DDDataset', 'curriculum_odds',
+           'steps_per_bucket', 'dd_schedule', 'plot_schedules', 'DDBatchSampler', 'ChunkBatchSampler',
+           'CurriculumDataModule', 'curriculum_fit', 'minmax_scale', 'reweight', 'LossReweighter', 'toy_regression',
+           'plot_toy_regression', 'position_key', 'evaluate_by_position', 'packed_eval_loader', 'time_to_target',
+           'StepLog', 'Arm', 'CurriculumRunConfig', 'curriculum_run_config', 'arm_datamodule', 'train_arm',
+           'plot_schedule_runs', 'step_time_by_length', 'plot_step_time', 'plot_val_curves', 'plot_by_position',
+           'plot_reweighting', 'reproduce_curriculum']
 
 # %% ../nbs/10_curriculum.ipynb #fd1fe63b
 @dataclass
@@ -342,9 +344,10 @@ class CurriculumDataModule(LMDataModule):
         bs = ChunkBatchSampler(len(ds), self.tokens_per_step // self.seq_len, self.num_steps, self.seed, rank=rank, world_size=world)
         return DataLoader(ds, batch_sampler=bs, collate_fn=functools.partial(_collate, keep_doc_ids=self.doc_mask), **kw)
 
-def curriculum_trainer(max_steps: int, **kwargs) -> L.Trainer:
-    "`make_trainer` with `use_distributed_sampler=False`: the curriculum samplers shard by rank themselves."
-    return make_trainer(max_steps, use_distributed_sampler=False, **kwargs)
+# %% ../nbs/10_curriculum.ipynb #320945d9
+def curriculum_fit(cfg: TrainConfig, lit, datamodule: CurriculumDataModule, **kwargs):
+    "`fit` with `use_distributed_sampler=False`: the curriculum samplers shard by rank themselves (every other `fit` argument passes through)."
+    return fit(cfg, lit, datamodule, use_distributed_sampler=False, **kwargs)
 
 # %% ../nbs/10_curriculum.ipynb #1bf32e8b
 REWEIGHT_STRATEGIES = {
@@ -489,83 +492,156 @@ class StepLog(L.Callback):
         B, Lq = batch["input_ids"].shape
         self.rows.append(dict(step=trainer.global_step, seq_len=int(Lq), batch=int(B), seconds=time.perf_counter() - self._t))
         pl_module.log("train/seq_len", float(Lq), on_step=True, on_epoch=False)
+    def state_dict(self) -> dict: return {"rows": self.rows}  # saved in `fit`'s checkpoint: a resumed unit keeps its early steps
+    def load_state_dict(self, state: dict): self.rows = list(state["rows"])
 
-# %% ../nbs/10_curriculum.ipynb #a0e621a3
-def _arm_spec(name: str) -> dict:
-    "Data settings of an arm key: `cc_long`, `cc_short`, `cc_long_docmask` or `dd_<curriculum>_c<cycles>`."
-    if name == "cc_long": return dict(mode="cc", length="long", doc_mask=False)
-    if name == "cc_short": return dict(mode="cc", length="short", doc_mask=False)
-    if name == "cc_long_docmask": return dict(mode="cc", length="long", doc_mask=True)
-    expect(name.startswith("dd_") and "_c" in name, "arm", "cc_long, cc_short, cc_long_docmask or dd_<curriculum>_c<cycles>", name)
-    cur, _, cyc = name[3:].rpartition("_c")
-    check_choice("arm curriculum", cur, tuple(CURRICULA))
-    expect(cyc.isdigit() and int(cyc) >= 1, "arm", "a cycle count after _c", name)
-    return dict(mode="dd", curriculum=cur, cycles=int(cyc))
+# %% ../nbs/10_curriculum.ipynb #03a33bca
+@dataclass(frozen=True)
+class Arm:
+    "How one arm feeds the model: concat-and-chunk windows (`mode='cc'`) or Dataset Decomposition pieces (`mode='dd'`)."
+    mode: str                    # "cc" or "dd"
+    short: bool = False          # cc: windows of `short_len` instead of the longest length
+    doc_mask: bool = False       # cc: attention masked at document boundaries
+    curriculum: str = "uniform"  # dd: a name in CURRICULA
+    cycles: int = 1              # dd: the cycles of Algorithm 1
+    exploratory: bool = False    # in no pre-registered claim: trained on the first `exploratory_seeds` seeds only
+    color: str | None = None     # in the figures
+    what: str = ""               # one line for the tables
 
-ARMS = ("cc_long", "cc_short", "cc_long_docmask", "dd_uniform_c1", "dd_grow_linear_c1", "dd_grow_linear_c8", "dd_grow_p2_c1", "dd_grow_p2_c8")
+    def __post_init__(self):
+        check_choice("mode", self.mode, ("cc", "dd"))
+        check_choice("curriculum", self.curriculum, tuple(CURRICULA))
+        expect(isinstance(self.cycles, int) and self.cycles >= 1, "cycles", "an int >= 1", self.cycles)
+        expect(self.mode == "cc" or not (self.short or self.doc_mask), "short, doc_mask", "False with mode='dd'", (self.short, self.doc_mask))
+        expect(self.mode == "dd" or (self.curriculum == "uniform" and self.cycles == 1), "curriculum, cycles", "defaults with mode='cc'",
+               (self.curriculum, self.cycles))
 
+    def data_kwargs(self, rc) -> dict:
+        "The `CurriculumDataModule` arguments of this arm under the run config `rc`."
+        if self.mode == "cc": return dict(mode="cc", seq_len=rc.short_len if self.short else rc.long_len, doc_mask=self.doc_mask)
+        return dict(mode="dd", min_log2=rc.min_log2, max_log2=rc.max_log2, curriculum=self.curriculum, cycles=self.cycles)
+
+# %% ../nbs/10_curriculum.ipynb #dfe8685e
+CURRICULUM_ARMS = {
+    "cc_long": Arm("cc", color="k", what="C&C at the longest length (1024), cross-document attention: **the baseline (C&C-L)**"),
+    "cc_short": Arm("cc", short=True, color="tab:gray", what="C&C at 128"),
+    "cc_long_docmask": Arm("cc", doc_mask=True, exploratory=True, color="tab:brown", what="C&C-1024 with document masking"),
+    "dd_uniform_c1": Arm("dd", curriculum="uniform", color="tab:blue", what="DD, Uniform, 1 cycle"),
+    "dd_grow_linear_c1": Arm("dd", curriculum="grow_linear", exploratory=True, color="tab:olive", what="DD, Grow-Linear, 1 cycle"),
+    "dd_grow_linear_c8": Arm("dd", curriculum="grow_linear", cycles=8, exploratory=True, color="tab:green", what="DD, Grow-Linear, 8 cycles"),
+    "dd_grow_p2_c1": Arm("dd", curriculum="grow_p2", exploratory=True, color="tab:orange", what="DD, Grow-P2, 1 cycle"),
+    "dd_grow_p2_c8": Arm("dd", curriculum="grow_p2", cycles=8, color="tab:red", what="DD, Grow-P2, 8 cycles: **the headline arm** (the paper's setting)"),
+}
+
+# %% ../nbs/10_curriculum.ipynb #2eb86849
+HEADLINE_ARM, BASELINE_ARM = "dd_grow_p2_c8", "cc_long"  # fixed before the run: the paper's setting, and C&C at the longest length
+
+CURRICULUM_CLAIMS = (
+    Claim("dd_time_to_target", "DD Grow-P2 (8 cycles) reaches C&C-1024's final val bpb (same seed) sooner in training wall-clock: "
+          "C&C-1024's time over DD's, paired geometric mean, above 1.3x.", "time_to_target_s", (BASELINE_ARM, HEADLINE_ARM), "ratio", ">", 1.3),
+    Claim("dd_long_positions", "DD Grow-P2 (8 cycles) is no worse than C&C-128 at long positions (512+ of the 1024-token window): "
+          "paired bpb difference below 0.", "val_bpb_long", (HEADLINE_ARM, "cc_short"), "diff", "<", 0.0),
+    Claim("grow_beats_uniform", "DD Grow-P2 (8 cycles) ends at a lower val bpb than DD Uniform (1 cycle): paired difference below 0.",
+          "val_bpb", (HEADLINE_ARM, "dd_uniform_c1"), "diff", "<", 0.0),
+)
+
+# %% ../nbs/10_curriculum.ipynb #60d84fef
 @dataclass
 class CurriculumRunConfig:
-    "Everything the `curriculum` reproduction runs."
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=1024))
+    "The `curriculum` run: a shared `TrainConfig` (`seq_len`: the longest length; `batch_size x seq_len`: tokens per step), the data, evaluation and reweighting settings."
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        model=ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=1024), steps=300, lr=3e-3, warmup_steps=30,
+        batch_size=16, seq_len=1024, val_every=25))
     corpus: str = "stdlib_code"
-    tokens_per_step: int = 16384
-    steps: int = 300
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    min_log2: int = 5
-    max_log2: int = 10
-    short_len: int = 128
-    val_every: int = 25
+    min_log2: int = 5              # shortest DD bucket: 2**min_log2 tokens
+    short_len: int = 128           # C&C-short's windows
     eval_window: int = 1024
     max_eval_tokens: int = 65_536
-    arms: tuple = ARMS
-    seeded_arms: tuple = ("dd_uniform_c1", "dd_grow_linear_c8", "dd_grow_p2_c8")
-    n_seeds: int = 2
+    long_from: int = 512           # positions >= long_from of the evaluation window are "long" (`val_bpb_long`)
+    arms: tuple = tuple(CURRICULUM_ARMS)
+    exploratory_seeds: int = 1     # exploratory arms and the reweighting strategies train on this many of the seeds
     reweight_base: str = "cc_short"
     reweight_strategies: tuple = ("linupper", "quadratic", "extremes", "annealed")
     reweight_temperature: float = 0.4
     burn_in_frac: float = 0.1
     toy_steps: int = 300
 
+    def __post_init__(self):
+        if isinstance(self.train, dict): self.train = TrainConfig(**self.train)
+        expect(isinstance(self.train, TrainConfig), "train", "a TrainConfig", type(self.train).__name__, TypeError)
+        L_ = self.train.seq_len
+        expect(L_ & (L_ - 1) == 0, "train.seq_len", "a power of two (the longest DD bucket)", L_)
+        expect(isinstance(self.min_log2, int) and 0 <= self.min_log2 <= self.max_log2, "min_log2", f"an int in [0, {self.max_log2}]", self.min_log2)
+        expect(isinstance(self.short_len, int) and 1 <= self.short_len <= L_ and self.tokens_per_step % self.short_len == 0, "short_len",
+               f"a divisor of the tokens per step ({self.tokens_per_step}) up to train.seq_len", self.short_len)
+        expect(self.train.model.max_seq_len >= max(L_, self.eval_window), "train.model.max_seq_len", f">= {max(L_, self.eval_window)}",
+               self.train.model.max_seq_len)
+        expect(isinstance(self.long_from, int) and 0 < self.long_from < self.eval_window, "long_from", f"an int in (0, {self.eval_window})", self.long_from)
+        self.arms = tuple(check_choice("arms", a, tuple(CURRICULUM_ARMS)) for a in self.arms)
+        missing = sorted({a for c in CURRICULUM_CLAIMS for a in c.arms} - set(self.arms))
+        expect(not missing, "arms", "every arm of the claims", f"missing {missing}")
+        check_choice("reweight_base", self.reweight_base, tuple(CURRICULUM_ARMS))
+        for s in self.reweight_strategies: check_choice("reweight_strategies", s, tuple(REWEIGHT_STRATEGIES))
+        expect(isinstance(self.exploratory_seeds, int) and self.exploratory_seeds >= 1, "exploratory_seeds", "an int >= 1", self.exploratory_seeds)
+
     @property
-    def long_len(self) -> int: return 2 ** self.max_log2
+    def long_len(self) -> int: return self.train.seq_len
+    @property
+    def max_log2(self) -> int: return self.train.seq_len.bit_length() - 1
+    @property
+    def tokens_per_step(self) -> int: return self.train.batch_size * self.train.seq_len
+
+    @classmethod
+    def fast(cls) -> CurriculumRunConfig:
+        "A tiny run that trains every arm and strategy in seconds (checks the machinery, not the claims)."
+        return cls(TrainConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=1, max_seq_len=256), steps=6, warmup_steps=2,
+                               batch_size=4, seq_len=256, val_every=3),
+                   min_log2=5, short_len=64, eval_window=256, max_eval_tokens=2048, long_from=128,
+                   reweight_strategies=("linupper", "annealed"), toy_steps=30)
+
+    def with_seed(self, seed: int) -> CurriculumRunConfig:
+        "A copy training with `seed` (initialisation, split, decomposition and data order)."
+        return replace(self, train=self.train.replace(seed=seed))
+
+    def arms_on(self, i: int) -> list[str]:
+        "The arms trained on the `i`-th seed of the run: every arm on the first `exploratory_seeds`, then the claims' arms only."
+        return [a for a in self.arms if i < self.exploratory_seeds or not CURRICULUM_ARMS[a].exploratory]
+
+    def reweighter(self, strategy: str) -> LossReweighter:
+        "The `LossReweighter` of `strategy` (burn-in `burn_in_frac` of the steps; `annealed` fades out over half of them)."
+        return LossReweighter(strategy, self.reweight_temperature, burn_in_steps=int(self.burn_in_frac * self.train.steps),
+                              anneal_steps=max(1, self.train.steps // 2))
+
+    def record(self) -> dict:
+        "What the run records as its config (JSON-able)."
+        return asdict(self) | {"long_len": self.long_len, "max_log2": self.max_log2, "tokens_per_step": self.tokens_per_step}
 
 def curriculum_run_config(fast: bool = False) -> CurriculumRunConfig:
-    "The full run, or (`fast`) a tiny one that exercises every arm in seconds."
-    if not (fast or in_test()): return CurriculumRunConfig()
-    return CurriculumRunConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=1, max_seq_len=256), tokens_per_step=1024, steps=6,
-                               warmup_steps=2, min_log2=5, max_log2=8, short_len=64, val_every=3, eval_window=256, max_eval_tokens=2048,
-                               arms=("cc_long", "cc_short", "cc_long_docmask", "dd_uniform_c1", "dd_grow_p2_c2"),
-                               seeded_arms=("dd_grow_p2_c2",), reweight_strategies=("linupper", "annealed"), toy_steps=30)
+    "The full run, or (`fast`, or under `nbdev_test`) the tiny one."
+    return CurriculumRunConfig.fast() if (fast or in_test()) else CurriculumRunConfig()
 
-def arm_datamodule(name: str, rc: CurriculumRunConfig, seed: int, corpus=None) -> CurriculumDataModule:
-    "The DataModule of arm `name` (`corpus`: a (train, val) pair of TokenizedCorpus to skip reloading)."
-    sp = _arm_spec(name)
-    common = dict(corpus=corpus if corpus is not None else rc.corpus, tokens_per_step=rc.tokens_per_step, num_steps=rc.steps,
-                  eval_window=rc.eval_window, max_eval_tokens=rc.max_eval_tokens, seed=seed)
-    if sp["mode"] == "cc":
-        return CurriculumDataModule(mode="cc", seq_len=rc.long_len if sp["length"] == "long" else rc.short_len, doc_mask=sp["doc_mask"], **common)
-    return CurriculumDataModule(mode="dd", min_log2=rc.min_log2, max_log2=rc.max_log2, curriculum=sp["curriculum"], cycles=sp["cycles"], **common)
+# %% ../nbs/10_curriculum.ipynb #b09d0fc5
+def arm_datamodule(name: str, rc: CurriculumRunConfig, corpus=None) -> CurriculumDataModule:
+    "The DataModule of arm `name` under `rc` (its seed: `rc.train.seed`; `corpus`: a (train, val) pair of TokenizedCorpus to skip reloading)."
+    arm = CURRICULUM_ARMS[check_choice("arm", name, tuple(CURRICULUM_ARMS))]
+    return CurriculumDataModule(corpus=corpus if corpus is not None else rc.corpus, tokens_per_step=rc.tokens_per_step, num_steps=rc.train.steps,
+                                eval_window=rc.eval_window, max_eval_tokens=rc.max_eval_tokens, seed=rc.train.seed, **arm.data_kwargs(rc))
 
-def train_arm(name: str, rc: CurriculumRunConfig, seed: int, corpus=None, reweighter: LossReweighter | None = None, progress: bool = False) -> dict:
-    "Train one arm and evaluate it (document-wise by position, and packed); returns its metrics."
-    seed_everything(seed)
-    dm = arm_datamodule(name, rc, seed, corpus)
-    lit = LMLitModule(TinyLM(rc.model, attention=flash_attention), lr=rc.lr, warmup_steps=rc.warmup_steps, max_steps=rc.steps,
-                      sample_weighter=reweighter)
-    hist, steps = History(every_n_steps=max(1, rc.steps // 100)), StepLog()
-    trainer = curriculum_trainer(rc.steps, val_every=rc.val_every, callbacks=[hist, steps], progress=progress, accelerator="cpu")
+# %% ../nbs/10_curriculum.ipynb #fd04ecdb
+def train_arm(name: str, rc: CurriculumRunConfig, corpus=None, reweighter: LossReweighter | None = None, run_dir=None,
+              progress: bool = False, accelerator: str = "cpu", **fit_kwargs) -> dict:
+    "Train arm `name` per `rc.train` through `fit` (resuming from `run_dir`), then evaluate it; returns its metrics (JSON-able)."
+    t, dm, steps = rc.train, arm_datamodule(name, rc, corpus), StepLog()
     t0 = time.perf_counter()
-    trainer.fit(lit, datamodule=dm)
+    lit, hist, _ = curriculum_fit(t, lambda: LMLitModule(TinyLM(t.model, attention=flash_attention), **t.lit_kwargs(), sample_weighter=reweighter),
+                                  dm, callbacks=[steps], run_dir=run_dir, progress=progress, accelerator=accelerator, **fit_kwargs)
     fit_s, train_s = time.perf_counter() - t0, hist.train_seconds()
-    bl = dm.tokenizer.byte_lengths
-    by_pos = evaluate_by_position(lit.model, dm.val_dataloader(), bl)
+    bl, keys, long_key = dm.tokenizer.byte_lengths, [position_key(*b) for b in POSITION_BUCKETS], position_key(rc.long_from, None)
+    by_pos = evaluate_by_position(lit.model, dm.val_dataloader(), bl, buckets=(*POSITION_BUCKETS, (rc.long_from, None)))
     packed = evaluate_by_position(lit.model, packed_eval_loader(dm.val_corpus, rc.eval_window, dm.tokenizer.eot_id, rc.max_eval_tokens), bl,
                                   ignore_ids=(dm.tokenizer.eot_id,))
-    val = [(v["train_s"], v["val/bpb"]) for v in hist.val]
-    return dict(val_bpb=hist.val[-1]["val/bpb"], wall_s=train_s, fit_s=fit_s, tokens=int(lit._tokens_seen), seed=seed,
-                tokens_per_s=lit._tokens_seen / train_s, val_bpb_by_position={k: v for k, v in by_pos.items() if k != "all"},
+    return dict(val_bpb=hist.val[-1]["val/bpb"], val_bpb_long=by_pos[long_key], wall_s=train_s, fit_s=fit_s, tokens=int(lit._tokens_seen),
+                seed=t.seed, tokens_per_s=lit._tokens_seen / train_s, val_bpb_by_position={k: by_pos[k] for k in keys},
                 val_bpb_docwise_check=by_pos["all"], val_bpb_packed=packed["all"],
                 val_bpb_packed_by_position={k: v for k, v in packed.items() if k != "all"},
                 val_curve=[dict(step=v["step"], tokens=v["tokens"], train_s=v["train_s"], bpb=v["val/bpb"]) for v in hist.val],
@@ -573,15 +649,14 @@ def train_arm(name: str, rc: CurriculumRunConfig, seed: int, corpus=None, reweig
                 buckets=dm.buckets.stats(rc.long_len) if dm.buckets is not None else None, params=count_parameters(lit.model))
 
 # %% ../nbs/10_curriculum.ipynb #9e432a4b
-_COLORS = {"cc_long": "k", "cc_short": "tab:gray", "cc_long_docmask": "tab:brown", "dd_uniform_c1": "tab:blue",
-           "dd_grow_linear_c1": "tab:olive", "dd_grow_linear_c8": "tab:green", "dd_grow_p2_c1": "tab:orange", "dd_grow_p2_c8": "tab:red"}
+def _color(arm: str) -> str | None: return CURRICULUM_ARMS[arm].color if arm in CURRICULUM_ARMS else None
 
 def plot_schedule_runs(m: dict):
     "The sequence length of every step, as trained, per DD arm."
-    runs = {a: [s[0] for s in r["steps"]] for a, r in m["arms"].items() if a.startswith("dd_")}
+    runs = {a: [s[0] for s in r["steps"]] for a, r in m["arms"].items() if a in CURRICULUM_ARMS and CURRICULUM_ARMS[a].mode == "dd"}
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.2 * len(runs) + 0.6), sharex=True, squeeze=False)
     for ax, (a, s) in zip(axes[:, 0], runs.items()):
-        ax.plot(s, drawstyle="steps-post", lw=0.8, color=_COLORS.get(a)); ax.set_yscale("log", base=2)
+        ax.plot(s, drawstyle="steps-post", lw=0.8, color=_color(a)); ax.set_yscale("log", base=2)
         ax.set_title(a, fontsize=9, loc="left"); ax.set_ylabel("length")
     axes[-1, 0].set_xlabel("step"); fig.tight_layout()
     return fig
@@ -590,7 +665,7 @@ def step_time_by_length(m: dict) -> dict:
     "Median step seconds per sequence length over all arms without reweighting (first 2 steps of each arm skipped: warm-up)."
     by = {}
     for a, r in m["arms"].items():
-        key = "docmask" if a == "cc_long_docmask" else "plain"
+        key = "docmask" if a in CURRICULUM_ARMS and CURRICULUM_ARMS[a].doc_mask else "plain"
         for L_, s in r["steps"][2:]: by.setdefault(key, {}).setdefault(str(L_), []).append(s)
     return {k: {L_: float(np.median(v)) for L_, v in sorted(d.items(), key=lambda kv: int(kv[0]))} for k, d in by.items()}
 
@@ -600,7 +675,7 @@ def plot_step_time(m: dict):
     fig, ax = plt.subplots(figsize=(6, 3.8))
     xs = [int(k) for k in st["plain"]]
     ax.plot(xs, list(st["plain"].values()), "o-", label="causal (C&C and DD)")
-    if "docmask" in st: ax.plot([int(k) for k in st["docmask"]], list(st["docmask"].values()), "s", color="tab:brown", label="document mask")
+    if "docmask" in st: ax.plot([int(k) for k in st["docmask"]], list(st["docmask"].values()), "s", color=_color("cc_long_docmask"), label="document mask")
     ax.set_xscale("log", base=2); ax.set(xlabel="sequence length", ylabel="seconds per step (median)",
                                        title=f"{m['config']['tokens_per_step']:,} tokens per step", ylim=(0, None))
     ax.grid(alpha=.3); ax.legend()
@@ -612,7 +687,7 @@ def plot_val_curves(m: dict):
     for a, r in m["arms"].items():
         c = r["val_curve"]
         for ax, key in ((a1, "tokens"), (a2, "train_s")):
-            ax.plot([v[key] for v in c], [v["bpb"] for v in c], "o-", ms=2.5, lw=1.2, color=_COLORS.get(a), label=a)
+            ax.plot([v[key] for v in c], [v["bpb"] for v in c], "o-", ms=2.5, lw=1.2, color=_color(a), label=a)
     for ax, xl in ((a1, "training tokens"), (a2, "training seconds (validation excluded)")):
         ax.axhline(m["target_bpb"], color="k", ls=":", lw=1); ax.set(xlabel=xl, ylabel="val bits/byte"); ax.grid(alpha=.3)
         lo = min(r["val_bpb"] for r in m["arms"].values()); ax.set_ylim(lo - 0.05, lo + 1.0)
@@ -626,7 +701,7 @@ def plot_by_position(m: dict, key: str = "val_bpb_by_position"):
     fig, ax = plt.subplots(figsize=(11, 3.8)); w = 0.8 / len(arms)
     for j, a in enumerate(arms):
         v = [m["arms"][a][key][k] for k in ranges]
-        ax.bar(np.arange(len(ranges)) + j * w, v, w, color=_COLORS.get(a), label=a)
+        ax.bar(np.arange(len(ranges)) + j * w, v, w, color=_color(a), label=a)
     ax.set_xticks(np.arange(len(ranges)) + 0.4 - w / 2, ranges); ax.set(xlabel="position in the window", ylabel="val bits/byte")
     allv = [m["arms"][a][key][k] for a in arms for k in ranges]; ax.set_ylim(min(allv) - 0.1, max(allv) + 0.05)
     ax.legend(fontsize=7, ncol=4); ax.grid(alpha=.3, axis="y"); ax.set_title("document-wise evaluation" if key == "val_bpb_by_position" else "packed evaluation")
@@ -645,37 +720,43 @@ def plot_reweighting(m: dict):
 
 # %% ../nbs/10_curriculum.ipynb #4947fa59
 @register_reproduction("curriculum", "Dataset Decomposition (variable sequence-length curricula) vs concat-and-chunk at equal tokens per step; loss-based reweighting.",
-                       claim="A DD arm reaches C&C-1024's final val bpb >= 1.3x sooner in wall-clock on the same CPU, with long-position loss no worse than C&C-128.",
-                       notebook="10_curriculum.ipynb",
-                       summary_keys=("speedup", "best_dd_arm", "target_bpb", "best_dd_val_bpb"))
+                       claims=CURRICULUM_CLAIMS, notebook="10_curriculum.ipynb", default_seeds=3,
+                       summary_keys=("headline_arm", "speedup", "target_bpb", "target_missed"))
 def reproduce_curriculum(ctx: RunContext) -> dict:
+    "Each seed's arms back to back (claims' arms on every seed, exploratory ones and reweighting on the first); per-seed values for the claims."
     rc = curriculum_run_config(ctx.fast)
-    ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "long_len": rc.long_len}
+    ctx.config = rc.record() | {"threads": torch.get_num_threads()}
     corpus = split_corpus(load_corpus(rc.corpus, "all"))  # loaded once, shared by every arm
-    arms, seeds = {}, {}
-    for name in rc.arms:
-        for i in range(rc.n_seeds if name in rc.seeded_arms else 1):
-            r = train_arm(name, rc, ctx.seed + i, corpus, progress=ctx.progress)
-            ctx.log(f"{name} seed {r['seed']}: val bpb {r['val_bpb']:.4f} (packed {r['val_bpb_packed']:.4f}), {r['wall_s']:.0f} s, {r['tokens_per_s']:,.0f} tok/s")
-            seeds.setdefault(name, []).append({k: r[k] for k in ("seed", "val_bpb", "val_bpb_packed", "val_bpb_by_position", "wall_s")})
+    arms, seeds, rw, rw_seeds = {}, {}, {}, {}
+    for i, seed in enumerate(ctx.seeds):
+        rs, done = rc.with_seed(seed), {}
+        for name in rc.arms_on(i):
+            done[name] = ctx.unit(f"{name}/seed{seed}", lambda run_dir: train_arm(name, rs, corpus, run_dir=run_dir, progress=ctx.progress))
+            r = done[name]
+            ctx.log(f"{name} seed {seed}: val bpb {r['val_bpb']:.4f} (packed {r['val_bpb_packed']:.4f}), {r['wall_s']:.0f} s, {r['tokens_per_s']:,.0f} tok/s")
+        target = done[BASELINE_ARM]["val_bpb"]  # this seed's target: C&C-1024's final val bpb
+        for name, r in done.items():
+            r["time_to_target_s"] = time_to_target([(v["train_s"], v["bpb"]) for v in r["val_curve"]], target)
+            seeds.setdefault(name, []).append({k: r[k] for k in ("seed", "val_bpb", "val_bpb_long", "val_bpb_packed", "val_bpb_by_position",
+                                                                  "wall_s", "tokens_per_s", "time_to_target_s")} | {"target_bpb": target})
             if i == 0: arms[name] = r
-    target = arms["cc_long"]["val_bpb"]
-    for name, r in arms.items(): r["time_to_target_s"] = time_to_target([(v["train_s"], v["bpb"]) for v in r["val_curve"]], target)
-    base_t = arms["cc_long"]["time_to_target_s"]
-    dd = {a: r for a, r in arms.items() if a.startswith("dd_") and r["time_to_target_s"] is not None}
-    best = min(dd, key=lambda a: dd[a]["time_to_target_s"]) if dd else None
-    m = {"config": ctx.config, "target_bpb": target, "arms": arms, "seeds": seeds,
-         "speedup": base_t / dd[best]["time_to_target_s"] if best else None, "best_dd_arm": best,
-         "best_dd_val_bpb": dd[best]["val_bpb"] if best else None,
-         "speedup_by_arm": {a: (base_t / r["time_to_target_s"] if r["time_to_target_s"] else None) for a, r in arms.items()}}
-    rw = {}
-    for s in rc.reweight_strategies:
-        weighter = LossReweighter(s, rc.reweight_temperature, burn_in_steps=int(rc.burn_in_frac * rc.steps),
-                                  anneal_steps=rc.steps // 2 if s == "annealed" else None)
-        r = train_arm(rc.reweight_base, rc, ctx.seed, corpus, reweighter=weighter, progress=ctx.progress)
-        ctx.log(f"reweighting {s} on {rc.reweight_base}: val bpb {r['val_bpb']:.4f}")
-        rw[s] = {k: r[k] for k in ("val_bpb", "val_bpb_packed", "val_bpb_by_position", "wall_s", "val_curve")}
-    m["reweighting"] = rw
+        if i < rc.exploratory_seeds:
+            for s in rc.reweight_strategies:
+                r = ctx.unit(f"reweight_{s}/seed{seed}", lambda run_dir: train_arm(rc.reweight_base, rs, corpus, reweighter=rs.reweighter(s),
+                                                                                    run_dir=run_dir, progress=ctx.progress))
+                ctx.log(f"reweighting {s} on {rc.reweight_base} seed {seed}: val bpb {r['val_bpb']:.4f}")
+                rw_seeds.setdefault(s, []).append({k: r[k] for k in ("seed", "val_bpb", "val_bpb_packed", "val_bpb_by_position", "wall_s")})
+                if i == 0: rw[s] = {k: r[k] for k in ("val_bpb", "val_bpb_packed", "val_bpb_by_position", "wall_s", "val_curve")}
+    every_seed = [a for a in rc.arms if len(seeds[a]) == len(ctx.seeds)]
+    samples = {a: {k: [r[k] for r in seeds[a]] for k in ("val_bpb", "val_bpb_long", "val_bpb_packed", "time_to_target_s", "wall_s", "tokens_per_s")}
+               for a in every_seed}
+    first_t = arms[BASELINE_ARM]["time_to_target_s"]
+    m = {"samples": samples, "seeds": seeds, "seed_list": ctx.seeds, "headline_arm": HEADLINE_ARM, "config": ctx.config,
+         "speedup": ci_ratio(samples[BASELINE_ARM]["time_to_target_s"], samples[HEADLINE_ARM]["time_to_target_s"])[0],
+         "target_missed": {a: [r["seed"] for r in seeds[a] if r["time_to_target_s"] is None] for a in every_seed if CURRICULUM_ARMS[a].mode == "dd"},
+         "target_bpb": arms[BASELINE_ARM]["val_bpb"], "arms": arms,  # first seed: the figures and tables
+         "speedup_by_arm": {a: (first_t / r["time_to_target_s"] if r["time_to_target_s"] else None) for a, r in arms.items()},
+         "reweighting": rw, "reweighting_seeds": rw_seeds}
     m["step_time_by_length"] = step_time_by_length(m)
     m["toy_regression"] = toy_regression(steps=rc.toy_steps, temperature=rc.reweight_temperature)
     for fname, fn in (("schedules", plot_schedule_runs), ("step_time", plot_step_time), ("val_curves", plot_val_curves),
