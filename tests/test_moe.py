@@ -1,5 +1,6 @@
 """trainlab.moe: the routed FFNs, their losses and schedules, routing statistics, and training under DDP."""
 import math
+from dataclasses import asdict
 
 import lightning as L
 import pytest
@@ -9,13 +10,23 @@ import torch.nn.functional as F
 from trainlab.data import LMDataModule
 from trainlab.model import ModelConfig, TinyLM, count_parameters
 from trainlab.moe import (
-    ARMS, AdaptiveCoefficient, BlockFFN, ChunkLossScheduler, DenseFFN, ExpertCountSchedule, MoEConfig, MoELitModule,
-    ReMoE, ReMoEController, ReMoESparsityCallback, SMoEDropout, THORFFN, THORLitModule, TopKMoE,
+    CLAIM_ARMS, MOE_ARMS, MOE_CLAIMS, SAMPLE_KEYS, AdaptiveCoefficient, BlockFFN, ChunkLossScheduler, DenseFFN, ExpertCountSchedule,
+    MoEConfig, MoELitModule, MoERunConfig, ReMoE, ReMoEController, ReMoESparsityCallback, SMoEDropout, THORFFN, THORLitModule, TopKMoE,
     chunk_hit_probability_bruteforce, chunk_sparsity_loss, collect_router_scores, evaluate_routing, locality_loss,
     make_arm, measure_inference, routing_stats, weighted_experts)
-from trainlab.train import make_trainer
+from trainlab.reproduce import REPRODUCTIONS
+from trainlab.train import TrainConfig, fit
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+
+
+def tiny_train(**kw):
+    "A TrainConfig for the tiny model on 2 x 32-token batches."
+    return TrainConfig(**{**dict(model=TINY, steps=3, warmup_steps=1, batch_size=2, seq_len=32), **kw})
+
+
+def tiny_data(cfg, max_eval_tokens=512):
+    return LMDataModule(corpus="stdlib_prose", seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_eval_tokens=max_eval_tokens, seed=cfg.seed)
 
 
 # ---------------------------------------------------------------- routing statistics
@@ -158,11 +169,10 @@ def test_remoe_penalty_and_controller_callback():
     assert float(f.last_sparsity) == pytest.approx(float(1 - (R > 0).float().mean()))
     assert f.target_sparsity == 0.75
     # the callback moves lambda up while sparsity is below the target, for every layer alike
-    model = TinyLM(TINY, ffn=lambda cfg, i: ReMoE(cfg.d_model, 8, 4, k=2, lambda0=1e-3))
-    lit = MoELitModule(model, warmup_steps=1, max_steps=3)
-    trainer = make_trainer(3, callbacks=[ReMoESparsityCallback(0.999, 1e-3, 2.0)], accelerator="cpu")
-    trainer.fit(lit, datamodule=LMDataModule(corpus="stdlib_prose", seq_len=32, batch_size=2, max_eval_tokens=512))
-    assert [float(m.l1_coef) for m in model.modules() if isinstance(m, ReMoE)] == pytest.approx([8e-3, 8e-3])
+    cfg = tiny_train()
+    lit, _, _ = fit(cfg, lambda: MoELitModule(TinyLM(TINY, ffn=lambda c, i: ReMoE(c.d_model, 8, 4, k=2, lambda0=1e-3)), **cfg.lit_kwargs()),
+                    tiny_data(cfg), callbacks=[ReMoESparsityCallback(0.999, 1e-3, 2.0)], accelerator="cpu")
+    assert [float(m.l1_coef) for m in lit.model.modules() if isinstance(m, ReMoE)] == pytest.approx([8e-3, 8e-3])
 
 
 def test_smoe_dropout_frozen_router_k_and_schedule():
@@ -229,16 +239,71 @@ def test_remoe_controller_clamp_variants():
 
 # ---------------------------------------------------------------- arms, measurement, DDP
 
-@pytest.mark.parametrize("arm", ARMS)
+@pytest.mark.parametrize("arm", list(MOE_ARMS))
 def test_every_arm_builds_with_equal_total_ffn_width(arm):
     moe = MoEConfig(n_experts=8, d_expert=8, k=2)
-    lit, cbs = make_arm(arm, TINY, moe, steps=10)
+    factory, cbs = make_arm(arm, TrainConfig(model=TINY, steps=10), moe)
+    lit = factory()
     ffn = lit.model.layers[0].mlp
     width = sum(p.numel() for n, p in ffn.named_parameters() if n.endswith(("w_in")) or n.endswith("shared.w_in")) // TINY.d_model
     assert width == 64
     assert isinstance(lit, THORLitModule) == (arm == "thor")
     counts = count_parameters(lit.model)
     assert counts["active"] <= counts["total"]
+    assert lit.hparams.max_steps == 10  # the optimisation settings come from the TrainConfig
+
+
+def test_make_arm_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="arm"): make_arm("top_k", TrainConfig(model=TINY), MoEConfig())
+    with pytest.raises(TypeError, match="train"): make_arm("topk", TINY, MoEConfig())
+    with pytest.raises(TypeError, match="moe"): make_arm("topk", TrainConfig(model=TINY), {"k": 2})
+
+
+def test_run_config_embeds_train_config_and_checks_arms():
+    rc = MoERunConfig.full()
+    assert isinstance(rc.train, TrainConfig) and (rc.train.steps, rc.train.impl, rc.train.precision) == (400, "auto", "32-true")
+    assert rc.arms == tuple(MOE_ARMS) and rc.seeded(3).train.seed == 3 and rc.train.seed == 0
+    fast = MoERunConfig.fast()
+    assert MoERunConfig(**asdict(fast)) == fast  # the recorded config (a dict) builds the same run
+    assert MoERunConfig(train=fast.train.replace(precision="bf16-mixed", impl="torch")).train.precision == "bf16-mixed"
+    with pytest.raises(ValueError, match="arms"): MoERunConfig(arms=("topk", "top_k"))
+    with pytest.raises(ValueError, match="inference_arms"): MoERunConfig(arms=("topk",))
+    with pytest.raises(ValueError, match="exploratory_seeds"): MoERunConfig(exploratory_seeds=0)
+
+
+def test_claims_are_registered_with_the_reproduction():
+    rep = REPRODUCTIONS["moe"]
+    assert rep.claims == MOE_CLAIMS and rep.default_seeds >= 3
+    got = {c.name: (c.metric, c.arms, c.comparison, c.direction, c.threshold) for c in MOE_CLAIMS}
+    assert got == {"blockffn_tls": ("tls", ("blockffn",), "mean", ">", 0.80),
+                   "blockffn_cls8": ("cls8", ("blockffn",), "mean", ">", 0.60),
+                   "blockffn_bpb_vs_topk": ("val_bpb", ("blockffn", "topk"), "ratio", "<", 1.02),
+                   "chunk_sparse_speedup_t8": ("speedup_t8", ("blockffn",), "mean", ">", 1.5)}
+    assert CLAIM_ARMS == ("blockffn", "topk") and {c.metric for c in MOE_CLAIMS} <= set(SAMPLE_KEYS)
+    assert set(CLAIM_ARMS) <= set(MOE_ARMS)
+
+
+class _Crash(L.Callback):
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == 7: raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("arm", ["blockffn", "remoe"])
+def test_schedules_resume_exactly_from_the_checkpoint(arm, tmp_path):
+    "Killed after a validation and resumed by `fit`: the steered coefficient and the losses follow the uninterrupted run."
+    cfg = tiny_train(steps=10, val_every=5)
+    moe = MoEConfig(n_experts=8, d_expert=8, k=2, chunk=8, chunk_hold=2, chunk_window=2, remoe_lambda0=1e-3)
+    def run(**kw):
+        lit, cbs = make_arm(arm, cfg, moe)
+        return fit(cfg, lit, tiny_data(cfg), callbacks=[*cbs, *kw.pop("extra", [])], accelerator="cpu", **kw)
+    _, ref, _ = run()
+    with pytest.raises(RuntimeError, match="simulated crash"): run(extra=[_Crash()], run_dir=tmp_path)
+    _, hist, _ = run(run_dir=tmp_path)
+    key = "train/chunk_coef" if arm == "blockffn" else "train/remoe_lambda"
+    assert [r[key] for r in hist.train] == pytest.approx([r[key] for r in ref.train], rel=1e-6)
+    assert len({r[key] for r in ref.train}) > 1  # the coefficient did move during the run
+    assert [r["train/loss"] for r in hist.train] == pytest.approx([r["train/loss"] for r in ref.train], abs=1e-5)
+    assert hist.val[-1]["val/bpb"] == pytest.approx(ref.val[-1]["val/bpb"], abs=1e-6)
 
 
 def test_collect_and_measure_on_a_tiny_blockffn():
@@ -279,17 +344,17 @@ def _mixed(cfg, i):
 @pytest.mark.parametrize("kind", ["mixed", "thor"])
 def test_ddp_two_processes_train_every_component(kind):
     cfg = ModelConfig(d_model=32, n_layers=6 if kind == "mixed" else 2, n_heads=2, max_seq_len=64)
+    train = tiny_train(model=cfg, steps=4, val_every=4)
     torch.manual_seed(0)
     if kind == "mixed":
-        lit = MoELitModule(TinyLM(cfg, ffn=_mixed), warmup_steps=1, max_steps=4)
+        lit = MoELitModule(TinyLM(cfg, ffn=_mixed), **train.lit_kwargs())
         cbs = [ChunkLossScheduler(0.1, hold=0, window=1), ReMoESparsityCallback(0.9, 1e-4, 1.5), ExpertCountSchedule(4, 8, 4)]
     else:
-        lit = THORLitModule(TinyLM(cfg, ffn=lambda c, i: THORFFN(c.d_model, 2, 32)), warmup_steps=1, max_steps=4)
+        lit = THORLitModule(TinyLM(cfg, ffn=lambda c, i: THORFFN(c.d_model, 2, 32)), **train.lit_kwargs())
         cbs = []
     before = [p.detach().clone() for p in lit.model.parameters()]
-    dm = LMDataModule(corpus="stdlib_prose", seq_len=32, batch_size=2, max_eval_tokens=1024)
-    trainer = make_trainer(4, val_every=4, callbacks=[*cbs, _SameOnAllRanks()], accelerator="cpu", devices=2, strategy="ddp_spawn")
-    trainer.fit(lit, datamodule=dm)
+    _, _, trainer = fit(train, lit, tiny_data(train, max_eval_tokens=1024), callbacks=[*cbs, _SameOnAllRanks()],
+                        accelerator="cpu", devices=2, strategy="ddp_spawn")
     assert trainer.world_size == 2
     assert math.isfinite(float(trainer.callback_metrics["val/bpb"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, lit.model.parameters()))

@@ -4,8 +4,9 @@
 
 # %% ../nbs/20_moe_routing.ipynb #c7fd5aaf
 from __future__ import annotations
-import math, time
-from dataclasses import dataclass, asdict, field
+import math, statistics
+from dataclasses import dataclass, asdict, field, replace
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -15,20 +16,21 @@ import matplotlib.pyplot as plt
 
 from .core import expect, check_choice, in_test, seed_everything
 from .model import ModelConfig, TinyLM, LMOutput, count_parameters, eval_mode
-from .train import LMLitModule, History, make_trainer
+from .train import TrainConfig, LMLitModule, make_trainer, fit
 from .data import LMDataModule
 from .kernels import grouped_expert_ffn, chunk_sparse_ffn, kl_div
 from .kernels.moe import bench_chunk_sparse_cpu
+from .stats import Claim
 from .reproduce import register_reproduction, RunContext
 
 # %% auto #0
-__all__ = ['ARMS', 'weighted_experts', 'ExpertFFN', 'DenseFFN', 'TopKMoE', 'ReMoE', 'locality_loss', 'chunk_sparsity_loss',
-           'BlockFFN', 'chunk_hit_probability_bruteforce', 'AdaptiveCoefficient', 'ReMoEController', 'SMoEDropout',
-           'THORFFN', 'routing_stats', 'ChunkLossScheduler', 'ReMoESparsityCallback', 'ExpertCountSchedule',
-           'model_tls', 'MoELitModule', 'THORLitModule', 'MoEConfig', 'make_arm', 'collect_router_scores',
-           'evaluate_routing', 'measure_inference', 'MoERunConfig', 'moe_run_config', 'train_arm', 'smoe_bpb_by_k',
-           'plot_val_curves', 'plot_cls', 'plot_coefficients', 'plot_smoe', 'plot_inference', 'plot_expert_load',
-           'reproduce_moe']
+__all__ = ['MOE_ARMS', 'MOE_CLAIMS', 'CLAIM_ARMS', 'SAMPLE_KEYS', 'weighted_experts', 'ExpertFFN', 'DenseFFN', 'TopKMoE', 'ReMoE',
+           'locality_loss', 'chunk_sparsity_loss', 'BlockFFN', 'chunk_hit_probability_bruteforce',
+           'AdaptiveCoefficient', 'ReMoEController', 'SMoEDropout', 'THORFFN', 'routing_stats', 'ChunkLossScheduler',
+           'ReMoESparsityCallback', 'ExpertCountSchedule', 'model_tls', 'MoELitModule', 'THORLitModule', 'MoEConfig',
+           'MoEArm', 'make_arm', 'collect_router_scores', 'evaluate_routing', 'measure_inference', 'MoERunConfig',
+           'moe_datamodule', 'smoe_bpb_by_k', 'train_arm', 'plot_val_curves', 'plot_cls', 'plot_coefficients',
+           'plot_smoe', 'plot_inference', 'plot_expert_load', 'reproduce_moe']
 
 # %% ../nbs/20_moe_routing.ipynb #0e2d4132
 def weighted_experts(x: torch.Tensor, # [T, d] tokens
@@ -370,6 +372,10 @@ class ChunkLossScheduler(L.Callback):
         c = self.schedule.step(_mean_over_ranks(trainer, [m.last_chunk_loss for m in layers]))
         for m in layers: m.chunk_coef.fill_(c)
 
+    # kept in `fit`'s checkpoint, so a resumed run continues the schedule where it stopped
+    def state_dict(self) -> dict: return dict(vars(self.schedule))
+    def load_state_dict(self, state: dict): vars(self.schedule).update(state)
+
 class ReMoESparsityCallback(L.Callback):
     "After each step: ReMoE's lambda from the mean sparsity of all ReMoE layers (and ranks), written to every layer."
     def __init__(self, target: float, lambda0: float = 1e-8, alpha: float = 1.2, clamp: bool = False):
@@ -380,6 +386,9 @@ class ReMoESparsityCallback(L.Callback):
         if not layers: return
         lam = self.controller.step(_mean_over_ranks(trainer, [m.last_sparsity for m in layers]))
         for m in layers: m.l1_coef.fill_(lam)
+
+    def state_dict(self) -> dict: return dict(vars(self.controller))
+    def load_state_dict(self, state: dict): vars(self.controller).update(state)
 
 class ExpertCountSchedule(L.Callback):
     "SMoE-Dropout's k_t = round((k_max - k_min) t / (T-1)) + k_min (k_max at the last step), set on every SMoEDropout layer before each step."
@@ -437,11 +446,9 @@ class THORLitModule(MoELitModule):
         return LMOutput(loss=(o1.loss + o2.loss) / 2, aux_losses=aux, aux=o1.aux)
 
 # %% ../nbs/20_moe_routing.ipynb #b067414c
-ARMS = ("dense", "topk", "topk_shared", "remoe", "blockffn", "blockffn_no_locality", "blockffn_no_chunk", "smoe_dropout", "thor")
-
 @dataclass
 class MoEConfig:
-    "What defines one MoE run (shared by every arm)."
+    "What defines the MoE layer of a run (shared by every arm)."
     n_experts: int = 16
     d_expert: int = 32
     k: int = 3                      # TopK's experts per token; ReMoE's target 1 - k/E
@@ -457,29 +464,53 @@ class MoEConfig:
     remoe_alpha: float = 1.2
     thor_consistency: float = 5.0
 
-def make_arm(arm: str, model_cfg: ModelConfig, moe: MoEConfig, steps: int, lr_kwargs: dict | None = None):
-    "The `TinyLM`, its LitModule and the callbacks of arm `arm`."
-    check_choice("arm", arm, ARMS)
-    E, h, k, d = moe.n_experts, moe.d_expert, moe.k, model_cfg.d_model
-    def factory(cfg, i):
-        if arm == "dense": return DenseFFN(d, E * h)
-        if arm == "topk": return TopKMoE(d, E, h, k, moe.balance_coef)
-        if arm == "topk_shared": return TopKMoE(d, E - 1, h, max(1, k - 1), moe.balance_coef, n_shared=1)
-        if arm == "remoe": return ReMoE(d, E, h, k, moe.remoe_lambda0)
-        if arm.startswith("blockffn"):
-            return BlockFFN(d, E, h, locality_coef=0.0 if arm == "blockffn_no_locality" else moe.locality_coef,
-                            locality_alpha=moe.locality_alpha, chunk=moe.chunk, chunk_coef=0.0 if arm == "blockffn_no_chunk" else moe.chunk_c0)
-        if arm == "smoe_dropout": return SMoEDropout(d, E, h, k=max(1, E // 2), seed=i)
-        return THORFFN(d, 2, E * h // 2)
-    callbacks = []
-    if arm in ("blockffn", "blockffn_no_locality"):
-        callbacks.append(ChunkLossScheduler(moe.chunk_c0, moe.chunk_hold, moe.chunk_window, moe.chunk_cap))
-    if arm == "remoe": callbacks.append(ReMoESparsityCallback(1 - k / E, moe.remoe_lambda0, moe.remoe_alpha))
-    if arm == "smoe_dropout": callbacks.append(ExpertCountSchedule(max(1, E // 2), E, steps))
-    model = TinyLM(model_cfg, ffn=factory)
-    lit_kw = dict(max_steps=steps, **(lr_kwargs or {}))
-    lit = THORLitModule(model, consistency=moe.thor_consistency, **lit_kw) if arm == "thor" else MoELitModule(model, **lit_kw)
-    return lit, callbacks
+# %% ../nbs/20_moe_routing.ipynb #3d1a7e02
+def _no_callbacks(moe: MoEConfig, steps: int) -> list: return []
+def _moe_lit(model: nn.Module, moe: MoEConfig, **kw) -> MoELitModule: return MoELitModule(model, **kw)
+
+@dataclass(frozen=True)
+class MoEArm:
+    "One arm: its FFN for layer `i`, the callbacks that steer its coefficients, its LitModule, its colour in the figures."
+    ffn: Callable                        # (moe: MoEConfig, d_model: int, i: int) -> an FFN returning (y, aux)
+    callbacks: Callable = _no_callbacks  # (moe, steps) -> list of Lightning callbacks
+    lit: Callable = _moe_lit             # (model, moe, **TrainConfig.lit_kwargs()) -> LightningModule
+    color: str | None = None
+
+# %% ../nbs/20_moe_routing.ipynb #3d1a7e03
+def _blockffn(locality: bool = True, chunk: bool = True) -> Callable:
+    "BlockFFN's layer factory; `locality=False` / `chunk=False` switch a loss off (the ablations)."
+    return lambda moe, d, i: BlockFFN(d, moe.n_experts, moe.d_expert, locality_coef=moe.locality_coef if locality else 0.0,
+                                      locality_alpha=moe.locality_alpha, chunk=moe.chunk, chunk_coef=moe.chunk_c0 if chunk else 0.0)
+
+def _chunk_schedule(moe: MoEConfig, steps: int) -> list: return [ChunkLossScheduler(moe.chunk_c0, moe.chunk_hold, moe.chunk_window, moe.chunk_cap)]
+def _remoe_control(moe: MoEConfig, steps: int) -> list: return [ReMoESparsityCallback(1 - moe.k / moe.n_experts, moe.remoe_lambda0, moe.remoe_alpha)]
+def _smoe_schedule(moe: MoEConfig, steps: int) -> list: return [ExpertCountSchedule(max(1, moe.n_experts // 2), moe.n_experts, steps)]
+def _thor_lit(model: nn.Module, moe: MoEConfig, **kw) -> THORLitModule: return THORLitModule(model, consistency=moe.thor_consistency, **kw)
+
+MOE_ARMS = {
+    "dense": MoEArm(lambda moe, d, i: DenseFFN(d, moe.n_experts * moe.d_expert), color="k"),
+    "topk": MoEArm(lambda moe, d, i: TopKMoE(d, moe.n_experts, moe.d_expert, moe.k, moe.balance_coef), color="tab:blue"),
+    "topk_shared": MoEArm(lambda moe, d, i: TopKMoE(d, moe.n_experts - 1, moe.d_expert, max(1, moe.k - 1), moe.balance_coef, n_shared=1),
+                          color="tab:cyan"),
+    "remoe": MoEArm(lambda moe, d, i: ReMoE(d, moe.n_experts, moe.d_expert, moe.k, moe.remoe_lambda0), _remoe_control, color="tab:purple"),
+    "blockffn": MoEArm(_blockffn(), _chunk_schedule, color="tab:red"),
+    "blockffn_no_locality": MoEArm(_blockffn(locality=False), _chunk_schedule, color="tab:orange"),
+    "blockffn_no_chunk": MoEArm(_blockffn(chunk=False), color="tab:pink"),
+    "smoe_dropout": MoEArm(lambda moe, d, i: SMoEDropout(d, moe.n_experts, moe.d_expert, k=max(1, moe.n_experts // 2), seed=i),
+                           _smoe_schedule, color="tab:green"),
+    "thor": MoEArm(lambda moe, d, i: THORFFN(d, 2, moe.n_experts * moe.d_expert // 2), lit=_thor_lit, color="tab:brown"),
+}
+
+# %% ../nbs/20_moe_routing.ipynb #3d1a7e06
+def make_arm(arm: str, train: TrainConfig, moe: MoEConfig) -> tuple[Callable[[], L.LightningModule], list]:
+    "Arm `arm` of `MOE_ARMS` for `fit`: a factory of its LitModule (a `TinyLM` of `train.model` with the arm's FFN in every layer) and its callbacks."
+    check_choice("arm", arm, tuple(MOE_ARMS))
+    expect(isinstance(train, TrainConfig), "train", "a TrainConfig", type(train).__name__, exc=TypeError)
+    expect(isinstance(moe, MoEConfig), "moe", "a MoEConfig", type(moe).__name__, exc=TypeError)
+    spec = MOE_ARMS[arm]
+    def lit() -> L.LightningModule:
+        return spec.lit(TinyLM(train.model, ffn=lambda cfg, i: spec.ffn(moe, cfg.d_model, i)), moe, **train.lit_kwargs())
+    return lit, spec.callbacks(moe, train.steps)
 
 # %% ../nbs/20_moe_routing.ipynb #f93b3d83
 @torch.no_grad()
@@ -555,59 +586,55 @@ def measure_inference(model: nn.Module, layer_scores: list, doc_ids: torch.Tenso
 # %% ../nbs/20_moe_routing.ipynb #be9b9ff2
 @dataclass
 class MoERunConfig:
-    "The whole `moe` reproduction."
-    steps: int = 400
-    batch_size: int = 16
-    seq_len: int = 256
-    lr: float = 3e-3
-    warmup_steps: int = 40
-    val_every: int = 100
-    max_eval_tokens: int = 65_536
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256))
+    "The `moe` reproduction: the shared `TrainConfig` every arm trains with, the MoE layer, the arms and the evaluation budgets."
+    train: TrainConfig = field(default_factory=TrainConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
-    arms: tuple = ARMS
-    seeded_arms: tuple = ("topk", "blockffn")
-    n_seeds: int = 2
+    corpus: str = "stdlib_code"
+    max_eval_tokens: int | None = 65_536
+    arms: tuple = tuple(MOE_ARMS)
+    exploratory_seeds: int | None = 1              # arms no claim compares train on this many seeds (None: on every seed)
+    inference_arms: tuple = ("blockffn", "topk")   # inference is timed on these arms' trained layers
     smoe_ks: tuple = (1, 2, 3, 4, 8, 16)
     inference_T: tuple = (1, 8, 32)
     inference_chunks: int = 8
     inference_repeats: int = 50
     scale_to: tuple = (512, 128)
 
-def moe_run_config(fast: bool = False) -> MoERunConfig:
-    "The full run, or the CI-sized `--fast` one (tiny model, a few dozen steps, one seed)."
-    if not (fast or in_test()): return MoERunConfig()
-    return MoERunConfig(steps=30, batch_size=8, seq_len=64, warmup_steps=5, val_every=15, max_eval_tokens=4096,
-                        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64),
-                        moe=MoEConfig(n_experts=8, d_expert=16, k=2, chunk=16, chunk_hold=10, chunk_window=5),
-                        n_seeds=1, smoe_ks=(1, 2, 4, 8), inference_T=(1, 8), inference_chunks=2, inference_repeats=3, scale_to=(64, 32))
+    def __post_init__(self):
+        if isinstance(self.train, dict): self.train = TrainConfig(**self.train)
+        if isinstance(self.moe, dict): self.moe = MoEConfig(**self.moe)
+        expect(isinstance(self.train, TrainConfig), "train", "a TrainConfig or a dict of its fields", type(self.train).__name__)
+        for a in (*self.arms, *self.inference_arms): check_choice("arms", a, tuple(MOE_ARMS))
+        expect(set(self.inference_arms) <= set(self.arms), "inference_arms", f"arms that train (of {self.arms})", self.inference_arms)
+        expect(self.exploratory_seeds is None or (isinstance(self.exploratory_seeds, int) and self.exploratory_seeds >= 1),
+               "exploratory_seeds", "None or an int >= 1", self.exploratory_seeds)
+
+    def seeded(self, seed: int) -> MoERunConfig:
+        "A copy whose training runs on `seed` (initialisation and data order)."
+        return replace(self, train=self.train.replace(seed=seed))
+
+    @classmethod
+    def full(cls, seed: int = 0) -> MoERunConfig:
+        "~0.8M-parameter decoder, 400 steps of 16 x 256 tokens, 16 experts of width 32 per layer."
+        return cls(TrainConfig(model=ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256), steps=400, lr=3e-3,
+                               warmup_steps=40, batch_size=16, seq_len=256, val_every=100, seed=seed))
+
+    @classmethod
+    def fast(cls, seed: int = 0) -> MoERunConfig:
+        "The CI-sized version (tiny model, a few dozen steps): it checks the machinery, not the claims."
+        return cls(TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), steps=30, lr=3e-3,
+                               warmup_steps=5, batch_size=8, seq_len=64, val_every=15, seed=seed),
+                   MoEConfig(n_experts=8, d_expert=16, k=2, chunk=16, chunk_hold=10, chunk_window=5), max_eval_tokens=4096,
+                   smoe_ks=(1, 2, 4, 8), inference_T=(1, 8), inference_chunks=2, inference_repeats=3, scale_to=(64, 32))
 
 # %% ../nbs/20_moe_routing.ipynb #2a21881c
-def train_arm(arm: str, rc: MoERunConfig, seed: int, dm: LMDataModule, progress: bool = False) -> dict:
-    "Train one arm; returns its model, history, validation bpb and routing statistics."
-    seed_everything(seed)
-    lit, callbacks = make_arm(arm, rc.model, rc.moe, rc.steps, dict(lr=rc.lr, warmup_steps=rc.warmup_steps))
-    hist = History(every_n_steps=max(1, rc.steps // 100))
-    trainer = make_trainer(rc.steps, val_every=rc.val_every, callbacks=[hist, *callbacks], progress=progress, accelerator="cpu")
-    trainer.fit(lit, datamodule=dm)
-    train_s = hist.train_seconds()
-    seed_everything(seed)
-    scores, docs, inputs = collect_router_scores(lit.model, dm.val_dataloader())
-    routing = evaluate_routing(scores, docs) if scores is not None else None
-    r = {"lit": lit, "trainer": trainer, "scores": scores, "docs": docs, "inputs": inputs,
-         "metrics": {"val_bpb": hist.val[-1]["val/bpb"], "val_loss": hist.val[-1]["val/loss"], "train_s": train_s,
-                     "params": count_parameters(lit.model), "seed": seed,
-                     "history": {"train": hist.train, "val": hist.val}}}
-    if routing is not None:
-        r["metrics"].update({k: routing[k] for k in ("tls", "cls", "cls_packed", "dead_experts", "always_on", "zero_expert_tokens",
-                                                     "experts_per_token", "token_dependence")}, per_layer=routing["per_layer"])
-    else:
-        r["metrics"].update(tls=0.0, cls={s: 0.0 for s in ("2", "4", "8", "16", "32")}, dead_experts=0)
-    return r
+def moe_datamodule(rc: MoERunConfig) -> LMDataModule:
+    "The corpus batches of `rc.train` (its seed fixes the data order)."
+    t = rc.train
+    return LMDataModule(corpus=rc.corpus, seq_len=t.seq_len, batch_size=t.batch_size, max_eval_tokens=rc.max_eval_tokens, seed=t.seed)
 
-def smoe_bpb_by_k(r: dict, dm: LMDataModule, ks) -> dict:
+def smoe_bpb_by_k(lit: L.LightningModule, dm: LMDataModule, ks) -> dict:
     "SMoE-Dropout's validation bpb (and TLS, CLS@8) at each inference k (k back to its training value afterwards)."
-    lit, trainer = r["lit"], r["trainer"]
     layers = _layers(lit.model, SMoEDropout)
     k0, out = layers[0].k, {}
     for k in ks:
@@ -620,18 +647,45 @@ def smoe_bpb_by_k(r: dict, dm: LMDataModule, ks) -> dict:
     for m in layers: m.k = k0
     return out
 
+# %% ../nbs/20_moe_routing.ipynb #5b0c2e02
+_ROUTING_KEYS = ("tls", "cls", "cls_packed", "dead_experts", "always_on", "zero_expert_tokens", "experts_per_token", "token_dependence")
+
+def train_arm(arm: str, rc: MoERunConfig, run_dir=None, progress: bool = False) -> dict:
+    "Train `arm` on `rc.train` through `fit` (resuming from `run_dir`), then evaluate it; returns JSON-able metrics."
+    t, dm = rc.train, moe_datamodule(rc)
+    lit, callbacks = make_arm(arm, t, rc.moe)
+    lit, hist, _ = fit(t, lit, dm, callbacks=callbacks, run_dir=run_dir, progress=progress, accelerator="cpu")
+    seed_everything(t.seed)  # THOR's evaluation draws experts at random: the same draws for this seed
+    scores, docs, inputs = collect_router_scores(lit.model, dm.val_dataloader())
+    m = {"seed": t.seed, "val_bpb": hist.val[-1]["val/bpb"], "val_loss": hist.val[-1]["val/loss"], "train_s": hist.train_seconds(),
+         "params": count_parameters(lit.model), "history": {"train": hist.train, "val": hist.val}}
+    if scores is None: m.update(tls=0.0, cls={s: 0.0 for s in ("2", "4", "8", "16", "32")}, dead_experts=0)  # dense: no router
+    else:
+        routing = evaluate_routing(scores, docs)
+        m.update({k: routing[k] for k in _ROUTING_KEYS}, per_layer=routing["per_layer"])
+    m["cls8"] = m["cls"]["8"]
+    if _layers(lit.model, SMoEDropout):
+        by = smoe_bpb_by_k(lit, dm, rc.smoe_ks)
+        m.update(val_bpb_by_k={k: v["val_bpb"] for k, v in by.items()}, by_k=by)
+    if arm in rc.inference_arms and scores is not None:
+        kw = dict(chunk_lengths=rc.inference_T, chunks_per_layer=rc.inference_chunks, repeats=rc.inference_repeats, threads=1, seed=t.seed)
+        m["inference"] = measure_inference(lit.model, scores, docs, inputs, **kw)
+        m["inference_scaled"] = measure_inference(lit.model, scores, docs, inputs, scale_to=tuple(rc.scale_to), **kw)
+        for T in rc.inference_T:
+            m[f"speedup_t{T}"], m[f"speedup_t{T}_scaled"] = m["inference"][str(T)]["speedup"], m["inference_scaled"][str(T)]["speedup"]
+    return m
+
 # %% ../nbs/20_moe_routing.ipynb #6cdaaba9
-_COLORS = {"dense": "k", "topk": "tab:blue", "topk_shared": "tab:cyan", "remoe": "tab:purple", "blockffn": "tab:red",
-           "blockffn_no_locality": "tab:orange", "blockffn_no_chunk": "tab:pink", "smoe_dropout": "tab:green", "thor": "tab:brown"}
+def _color(arm: str) -> str | None: return MOE_ARMS[arm].color if arm in MOE_ARMS else None
 
 def plot_val_curves(m: dict):
     "Validation bpb and training TLS against step, per arm."
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for arm, r in m["arms"].items():
         h = r["history"]
-        a1.plot([v["step"] for v in h["val"]], [v["val/bpb"] for v in h["val"]], "o-", ms=3, color=_COLORS.get(arm), label=arm)
+        a1.plot([v["step"] for v in h["val"]], [v["val/bpb"] for v in h["val"]], "o-", ms=3, color=_color(arm), label=arm)
         tr = [v for v in h["train"] if "train/tls" in v]
-        if tr: a2.plot([v["step"] for v in tr], [v["train/tls"] for v in tr], color=_COLORS.get(arm), label=arm, lw=1.2)
+        if tr: a2.plot([v["step"] for v in tr], [v["train/tls"] for v in tr], color=_color(arm), label=arm, lw=1.2)
     a1.set(xlabel="step", ylabel="val bits/byte", title="validation bpb"); a1.grid(alpha=.3)
     lo = min(r["val_bpb"] for r in m["arms"].values()); a1.set_ylim(lo - 0.05, lo + 0.8)
     a2.set(xlabel="step", ylabel="TLS (train batch)", title="token-level sparsity during training", ylim=(-0.02, 1)); a2.grid(alpha=.3)
@@ -643,34 +697,38 @@ def plot_cls(m: dict):
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, r in m["arms"].items():
         s = sorted(r["cls"], key=int)
-        ax.plot([int(x) for x in ["1"] + s], [r["tls"]] + [r["cls"][x] for x in s], "o-", color=_COLORS.get(arm), label=arm)
+        ax.plot([int(x) for x in ["1"] + s], [r["tls"]] + [r["cls"][x] for x in s], "o-", color=_color(arm), label=arm)
     ax.set_xscale("log", base=2); ax.set(xlabel="chunk size s (1 = TLS)", ylabel="chunk-level sparsity CLS@s", ylim=(-0.02, 1))
     ax.grid(alpha=.3); ax.legend(fontsize=7)
     return fig
 
+def _trace(r: dict, key: str) -> list: return [v for v in r.get("history", {}).get("train", []) if key in v]
+
 def plot_coefficients(m: dict):
-    "BlockFFN's chunk-loss coefficient c_t and ReMoE's lambda against step."
+    "The chunk-loss coefficient c_t of every arm that steers one (BlockFFN) and the L1 lambda of every ReMoE arm, against step."
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5))
-    for arm in ("blockffn", "blockffn_no_locality"):
-        tr = [v for v in m["arms"].get(arm, {}).get("history", {}).get("train", []) if "train/chunk_coef" in v]
-        if tr: a1.plot([v["step"] for v in tr], [v["train/chunk_coef"] for v in tr], color=_COLORS[arm], label=arm)
+    for arm, r in m["arms"].items():
+        tr = _trace(r, "train/chunk_coef")
+        if any(v["train/chunk_coef"] > 0 for v in tr):  # an arm without the chunk loss logs c_t = 0
+            a1.plot([v["step"] for v in tr], [v["train/chunk_coef"] for v in tr], color=_color(arm), label=arm)
+        tr = _trace(r, "train/remoe_lambda")
+        if tr:
+            a2.semilogy([v["step"] for v in tr], [v["train/remoe_lambda"] for v in tr], color=_color(arm), label="lambda")
+            b = a2.twinx(); b.plot([v["step"] for v in tr], [v["train/tls"] for v in tr], color="gray", lw=1, label="sparsity")
+            b.axhline(m["config"]["remoe_target"], color="gray", ls=":"); b.set_ylabel("sparsity")
     a1.set(xlabel="step", ylabel="c_t", title="chunk-loss coefficient (adaptive)"); a1.grid(alpha=.3); a1.legend(fontsize=8)
-    tr = [v for v in m["arms"].get("remoe", {}).get("history", {}).get("train", []) if "train/remoe_lambda" in v]
-    if tr:
-        a2.semilogy([v["step"] for v in tr], [v["train/remoe_lambda"] for v in tr], color=_COLORS["remoe"], label="lambda")
-        b = a2.twinx(); b.plot([v["step"] for v in tr], [v["train/tls"] for v in tr], color="gray", lw=1, label="sparsity")
-        b.axhline(m["config"]["remoe_target"], color="gray", ls=":"); b.set_ylabel("sparsity")
     a2.set(xlabel="step", ylabel="lambda", title="ReMoE L1 coefficient"); a2.grid(alpha=.3)
     return fig
 
 def plot_smoe(m: dict):
-    "SMoE-Dropout's bpb against the number of experts used at inference."
-    by = m["arms"]["smoe_dropout"]["val_bpb_by_k"]
+    "SMoE-Dropout's bpb against the number of experts used at inference (TopK and dense as references)."
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ks = sorted(by, key=int)
-    ax.plot([int(k) for k in ks], [by[k] for k in ks], "o-", color=_COLORS["smoe_dropout"], label="SMoE-Dropout")
-    if "topk" in m["arms"]: ax.axhline(m["arms"]["topk"]["val_bpb"], color=_COLORS["topk"], ls="--", label=f"TopK (k={m['config']['moe']['k']})")
-    if "dense" in m["arms"]: ax.axhline(m["arms"]["dense"]["val_bpb"], color="k", ls=":", label="dense")
+    for arm, r in m["arms"].items():
+        if "val_bpb_by_k" not in r: continue
+        by = r["val_bpb_by_k"]; ks = sorted(by, key=int)
+        ax.plot([int(k) for k in ks], [by[k] for k in ks], "o-", color=_color(arm), label=arm)
+    if "topk" in m["arms"]: ax.axhline(m["arms"]["topk"]["val_bpb"], color=_color("topk"), ls="--", label=f"TopK (k={m['config']['moe']['k']})")
+    if "dense" in m["arms"]: ax.axhline(m["arms"]["dense"]["val_bpb"], color=_color("dense"), ls=":", label="dense")
     ax.set(xlabel="experts per token at inference (k)", ylabel="val bits/byte", title="self-slimming"); ax.set_xscale("log", base=2)
     ax.grid(alpha=.3); ax.legend(fontsize=8)
     return fig
@@ -689,8 +747,8 @@ def plot_inference(m: dict):
     return fig
 
 def plot_expert_load(m: dict):
-    "Per-expert activation frequency, layer by layer, for the routed arms: evidence of routing vs fixed pruning."
-    arms = [a for a, r in m["arms"].items() if r.get("per_layer") and a not in ("thor",)]
+    "Per-expert activation frequency, layer by layer, for every arm with a router: evidence of routing vs fixed pruning."
+    arms = [a for a, r in m["arms"].items() if r.get("per_layer")]
     fig, axes = plt.subplots(1, len(arms), figsize=(2.1 * len(arms), 2.6), squeeze=False)
     for ax, arm in zip(axes[0], arms):
         load = torch.tensor([p["load"] for p in m["arms"][arm]["per_layer"]])
@@ -700,47 +758,58 @@ def plot_expert_load(m: dict):
     axes[0][0].set_ylabel("layer")
     return fig
 
+# %% ../nbs/20_moe_routing.ipynb #5b0c2e04
+MOE_CLAIMS = (
+    Claim("blockffn_tls", "BlockFFN's token-level sparsity (inactive token-expert pairs, mean over layers) is above 0.80.",
+          "tls", ("blockffn",), "mean", ">", 0.80),
+    Claim("blockffn_cls8", "BlockFFN's 8-token chunk-level sparsity is above 0.60 (the paper: about 0.70).",
+          "cls8", ("blockffn",), "mean", ">", 0.60),
+    Claim("blockffn_bpb_vs_topk", "BlockFFN's val bpb is within 2% of TopK's at equal width and budget: paired ratio blockffn/topk below 1.02.",
+          "val_bpb", ("blockffn", "topk"), "ratio", "<", 1.02),
+    Claim("chunk_sparse_speedup_t8", "Chunk-sparse inference over 8-token chunks of the trained BlockFFN layers is more than 1.5x faster than dense on CPU (1 thread).",
+          "speedup_t8", ("blockffn",), "mean", ">", 1.5),
+)
+CLAIM_ARMS = tuple(dict.fromkeys(a for c in MOE_CLAIMS for a in c.arms))  # train on every seed; the other arms are exploratory
+SAMPLE_KEYS = tuple(dict.fromkeys(("val_bpb", "tls", "cls8", *(c.metric for c in MOE_CLAIMS), "speedup_t8_scaled")))
+
 # %% ../nbs/20_moe_routing.ipynb #e1d0b468
+def _mean(values: list) -> float | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return statistics.fmean(v) if v else None
+
 @register_reproduction("moe", "BlockFFN vs dense, TopK, ReMoE, SMoE-Dropout, THOR: loss, token- and chunk-level sparsity, chunk-sparse inference speed.",
-                       claim="BlockFFN: TLS >= 0.80 and CLS@8 >= 0.60 at val bpb within 2% of TopK; TopK's CLS@8 far lower; chunk-sparse inference at T=8 >= 1.5x faster than dense on CPU.",
-                       notebook="20_moe_routing.ipynb",
+                       claims=MOE_CLAIMS, notebook="20_moe_routing.ipynb", default_seeds=3,
                        summary_keys=("blockffn_tls", "blockffn_cls8", "topk_cls8", "blockffn_vs_topk_bpb", "speedup_t8", "speedup_t8_scaled"))
 def reproduce_moe(ctx: RunContext) -> dict:
-    rc = moe_run_config(ctx.fast)
-    ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "remoe_target": 1 - rc.moe.k / rc.moe.n_experts}
-    dm = LMDataModule(corpus="stdlib_code", seq_len=rc.seq_len, batch_size=rc.batch_size, max_eval_tokens=rc.max_eval_tokens, seed=ctx.seed)
-    arms, seeds, keep = {}, {}, {}
-    for arm in rc.arms:
-        for i in range(rc.n_seeds if arm in rc.seeded_arms else 1):
-            seed = ctx.seed + i
-            t0 = time.perf_counter()
-            r = train_arm(arm, rc, seed, dm, ctx.progress)
-            ctx.log(f"{arm} seed {seed}: val bpb {r['metrics']['val_bpb']:.4f}, TLS {r['metrics']['tls']:.3f}, "
-                    f"CLS@8 {r['metrics']['cls'].get('8') or 0:.3f} ({time.perf_counter() - t0:.0f} s)")
-            seeds.setdefault(arm, []).append({k: r["metrics"][k] for k in ("seed", "val_bpb", "tls", "cls", "train_s")})
-            if i == 0:
-                arms[arm] = r["metrics"]
-                if arm == "smoe_dropout":
-                    by = smoe_bpb_by_k(r, dm, rc.smoe_ks)
-                    arms[arm].update(val_bpb_by_k={k: v["val_bpb"] for k, v in by.items()}, by_k=by)
-                if arm in ("blockffn", "topk"): keep[arm] = r
-    m = {"config": ctx.config, "arms": arms, "seeds": seeds}
-    for arm, r in keep.items():
-        suffix = "" if arm == "blockffn" else "_topk"
-        kw = dict(chunk_lengths=rc.inference_T, chunks_per_layer=rc.inference_chunks, repeats=rc.inference_repeats, threads=1, seed=ctx.seed)
-        ctx.log(f"inference timing on the trained {arm} layers")
-        m["inference" + suffix] = measure_inference(r["lit"].model, r["scores"], r["docs"], r["inputs"], **kw)
-        m["inference_scaled" + suffix] = measure_inference(r["lit"].model, r["scores"], r["docs"], r["inputs"], scale_to=tuple(rc.scale_to), **kw)
-    mean = lambda arm, f: sum(f(s) for s in seeds[arm]) / len(seeds[arm])
-    if "blockffn" in seeds and "topk" in seeds:
-        m.update(blockffn_tls=mean("blockffn", lambda s: s["tls"]), blockffn_cls8=mean("blockffn", lambda s: s["cls"]["8"]),
-                 topk_cls8=mean("topk", lambda s: s["cls"]["8"]),
-                 blockffn_vs_topk_bpb=mean("blockffn", lambda s: s["val_bpb"]) / mean("topk", lambda s: s["val_bpb"]) - 1)
-    if "8" in m.get("inference", {}): m["speedup_t8"] = m["inference"]["8"]["speedup"]
-    if "8" in m.get("inference_scaled", {}): m["speedup_t8_scaled"] = m["inference_scaled"]["8"]["speedup"]
+    "Each seed's arms back to back (claim arms on every seed, exploratory arms on the first `exploratory_seeds`); per-seed values for the claims."
+    make = MoERunConfig.fast if (ctx.fast or in_test()) else MoERunConfig.full
+    rc = make()
+    expect(set(CLAIM_ARMS) <= set(rc.arms), "arms", f"every arm a claim compares ({CLAIM_ARMS})", rc.arms)
+    ctx.config = asdict(rc) | {"claim_arms": CLAIM_ARMS, "threads": torch.get_num_threads(), "remoe_target": 1 - rc.moe.k / rc.moe.n_experts}
+    n_explore = len(ctx.seeds) if rc.exploratory_seeds is None else rc.exploratory_seeds
+    units = {}
+    for i, seed in enumerate(ctx.seeds):
+        for arm in rc.arms:
+            if arm not in CLAIM_ARMS and i >= n_explore: continue
+            key, cfg = f"{arm}/seed{seed}", rc.seeded(seed)
+            u = units[key] = ctx.unit(key, lambda run_dir: train_arm(arm, cfg, run_dir, ctx.progress))
+            ctx.log(f"{key}: val bpb {u['val_bpb']:.4f}, TLS {u['tls']:.3f}, CLS@8 {u['cls8']:.3f}")
+    samples = {arm: {k: [units[f"{arm}/seed{s}"].get(k) for s in ctx.seeds] for k in SAMPLE_KEYS} for arm in CLAIM_ARMS}
+    first = {arm: dict(units[f"{arm}/seed{ctx.seeds[0]}"]) for arm in rc.arms}
+    seeds = {arm: [] for arm in rc.arms}  # per arm, its seeds' headline numbers in seed order
+    for key, u in units.items(): seeds[key.split("/")[0]].append({k: u[k] for k in ("seed", "val_bpb", "tls", "cls", "train_s", *SAMPLE_KEYS) if k in u})
+    m = {"config": ctx.config, "samples": samples, "seeds": seeds}
+    for j, arm in enumerate(rc.inference_arms):  # the first seed's timings, under the keys the figures read
+        suffix = "" if j == 0 else f"_{arm}"
+        m["inference" + suffix], m["inference_scaled" + suffix] = first[arm].pop("inference", {}), first[arm].pop("inference_scaled", {})
+    m["arms"] = first
+    bf, tk = samples["blockffn"], samples["topk"]
+    m.update(blockffn_tls=_mean(bf["tls"]), blockffn_cls8=_mean(bf["cls8"]), topk_cls8=_mean(tk["cls8"]),
+             blockffn_vs_topk_bpb=_mean(bf["val_bpb"]) / _mean(tk["val_bpb"]) - 1, speedup_t8=_mean(bf["speedup_t8"]),
+             speedup_t8_scaled=_mean(bf["speedup_t8_scaled"]))
     for name, fn in (("val_curves", plot_val_curves), ("cls_vs_chunk", plot_cls), ("coefficients", plot_coefficients),
                      ("expert_load", plot_expert_load)):
         ctx.save_figure(fn(m), name)
-    if "smoe_dropout" in arms: ctx.save_figure(plot_smoe(m), "smoe_by_k")
-    if "inference" in m: ctx.save_figure(plot_inference(m), "inference_speedup")
+    if any("val_bpb_by_k" in r for r in first.values()): ctx.save_figure(plot_smoe(m), "smoe_by_k")
+    if m.get("inference"): ctx.save_figure(plot_inference(m), "inference_speedup")
     return m
