@@ -8,10 +8,13 @@ import torch
 
 from trainlab.data import Document, TokenizedCorpus, ByteTokenizer, split_corpus
 from trainlab.model import ModelConfig, TinyLM
-from trainlab.spt import (DomainData, GlobalBatchSampler, KeepBest, MixtureDataModule, MixtureDataset, SPTConfig, SPTLitModule,
-                          FinetuneConfig, Snapshots, b_gap, domain_summary, effective_data, evaluate_groups, finetune, finetune_grid,
-                          fit_muennighoff, fit_overfitting_law, interp_log_tokens, law_test, law_train, make_domain, mixture_plan,
-                          muennighoff_test, observed_turn, predicted_turn, pretrain, spt_trainer)
+from trainlab.stats import Claim
+from trainlab.train import TrainConfig
+from trainlab.spt import (SPT_ARMS, SPT_CLAIMS, SPT_DOMAINS, SPT_MAIN, SPT_REF, DomainData, GlobalBatchSampler, KeepBest, MixtureDataModule,
+                          MixtureDataset, SPTConfig, SPTLitModule, SPTRunConfig, FinetuneConfig, Snapshots, b_gap, domain_summary, effective_data,
+                          evaluate_groups, finetune, finetune_grid, fit_muennighoff, fit_overfitting_law, general_eval_set, interp_log_tokens,
+                          law_test, law_train, make_domain, mixture_plan, muennighoff_test, observed_turn, predicted_turn, pretrain,
+                          spt_run_config)
 
 TOK = ByteTokenizer()
 
@@ -55,6 +58,12 @@ def test_make_domain_errors():
     with pytest.raises(ValueError, match="train_tokens"): make_domain(_docs(), train_tokens=0)
     with pytest.raises(ValueError, match="source"): make_domain(_docs(1), train_tokens=10, test_tokens=10)
     with pytest.raises(TypeError, match="source"): make_domain(["not a document"], train_tokens=10)
+
+
+def test_general_eval_set_is_what_the_datamodule_evaluates(domain, general):
+    dm = MixtureDataModule(domain, general=general, delta=0.1, num_steps=4, batch_size=8, seq_len=32, max_general_eval_tokens=1024)
+    dm.setup()
+    assert dm.general_eval.ids == general_eval_set(general[1], 1024).ids and dm.general_eval.n_tokens <= 1024
 
 
 @pytest.mark.parametrize("n,delta,start", [(9600, 0.02, 0.0), (1000, 0.001, 0.0), (777, 0.1, 0.0), (500, 0.3, 0.5), (64, 1.0, 0.0), (100, 0.0, 0.9)])
@@ -104,9 +113,52 @@ def test_global_batch_sampler_shards_like_ddp(world):
 
 
 def _tiny_cfg(**kw):
-    base = dict(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=32), seq_len=32, batch_size=8, steps=12, warmup_steps=2,
-                val_every=6, max_general_eval_tokens=1024, checkpoint_fracs=(0.5, 1.0))
-    return SPTConfig(**{**base, **kw})
+    base = SPTConfig(TrainConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=32), seq_len=32, batch_size=8, steps=12,
+                                 warmup_steps=2, val_every=6), max_general_eval_tokens=1024, checkpoint_fracs=(0.5, 1.0))
+    return base.replace(**kw)
+
+
+def _ft_cfg(**kw):
+    "Finetuning on the tiny model's sequence length; `kw` mixes FinetuneConfig and TrainConfig fields."
+    return FinetuneConfig(TrainConfig(batch_size=4, seq_len=32, schedule="constant", weight_decay=1e-7)).replace(**kw)
+
+
+def test_configs_embed_the_shared_train_config():
+    cfg = _tiny_cfg(seed=3, lr=1e-3, precision="bf16-mixed", impl="torch")
+    assert isinstance(cfg.train, TrainConfig) and (cfg.train.seed, cfg.train.lr, cfg.train.precision, cfg.train.impl) == (3, 1e-3, "bf16-mixed", "torch")
+    assert cfg.lit_kwargs()["max_steps"] == 120 and cfg.lit_kwargs()["lr"] == 1e-3 and cfg.tokens == 12 * 8 * 32
+    assert cfg.replace(general="stdlib_tests").train == cfg.train
+    with pytest.raises(ValueError, match="changes"): cfg.replace(lrs=(1e-3,))
+    ft = _ft_cfg(lrs=(1e-3,), seed=2)
+    assert ft.lrs == (1e-3,) and ft.train.seed == 2 and ft.train.schedule == "constant"
+    with pytest.raises(ValueError, match="warmups"): _ft_cfg(warmups=(-1,))
+    rc = spt_run_config(fast=True)
+    assert rc.finetune.train.model == rc.pretrain.train.model and rc.finetune.train.seq_len == rc.pretrain.train.seq_len
+    assert SPTConfig(train=dict(steps=9)).train.steps == 9  # a recorded config (asdict) loads back
+    with pytest.raises(TypeError, match="train"): SPTConfig(train=3)
+
+
+def test_finetune_run_config(domain):
+    cfg = _ft_cfg(max_epochs=3.0, evals_per_epoch=2.0)
+    spe = cfg.steps_per_epoch(domain)
+    t = cfg.run_config(domain, 2e-3, 3, ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=32))
+    assert (t.lr, t.warmup_steps, t.steps, t.val_every) == (2e-3, 3, math.ceil(3 * spe), max(1, round(spe / 2)))
+    assert t.model.d_model == 32 and cfg.train.lr == TrainConfig().lr  # the grid point is a copy
+
+
+def test_arm_registry_and_claims_are_consistent():
+    assert SPT_ARMS[SPT_MAIN].delta == 0.02 and SPT_ARMS[SPT_REF].delta == 0.0
+    assert all(SPT_ARMS[k].on_curve == (SPT_ARMS[k].domain_start == 0) for k in SPT_ARMS)
+    assert all(isinstance(c, Claim) for c in SPT_CLAIMS) and len(SPT_CLAIMS) == 3
+    arms = {a for c in SPT_CLAIMS for a in c.arms}
+    assert arms <= {f"{d}/{a}" for d in SPT_DOMAINS for a in (SPT_MAIN, SPT_REF)}
+    assert {(c.metric, c.direction) for c in SPT_CLAIMS} == {("post_ft_domain_test_bpb", "<"), ("forgetting", "<"), ("r_gain", ">")}
+    for fast in (False, True):
+        rc = spt_run_config(fast)
+        assert {SPT_MAIN, SPT_REF} <= set(rc.arms) <= set(SPT_ARMS)
+    with pytest.raises(ValueError, match="arms"): SPTRunConfig(arms=("0", "0.02", "0.5"))
+    with pytest.raises(ValueError, match="pre-registered"): SPTRunConfig(arms=("0", "0.05"))
+    with pytest.raises(ValueError, match="domains"): SPTRunConfig(domains=(("near", "stdlib_tests"), ("far", "unicode_names")))
 
 
 def test_group_metrics_match_a_direct_computation(domain, general):
@@ -121,7 +173,7 @@ def test_group_metrics_match_a_direct_computation(domain, general):
     direct = evaluate_groups(model, sets, window=32)
     for k, v in direct.items(): assert math.isclose(last[f"val/{k}_bpb"], v, rel_tol=1e-5), k
     # and the grouped evaluator equals the per-token cross entropy of one short document, summed by hand
-    m = TinyLM(cfg.model); m.load_state_dict(r["snapshots"][12])
+    m = TinyLM(cfg.train.model); m.load_state_dict(r["snapshots"][12])
     doc = TokenizedCorpus.from_documents([Document("d", "0041 LATIN CAPITAL LETTER A\n")], TOK)
     y = torch.tensor(doc.doc(0), dtype=torch.long)[None]
     x = torch.cat([torch.tensor([[TOK.eot_id]]), y[:, :-1]], 1)
@@ -143,14 +195,47 @@ def test_snapshots_save_atomically(tmp_path, domain, general):
     assert all(torch.equal(state[k], v) for k, v in snaps.states[4].items())
 
 
+class _Crash(L.Callback):
+    "Raises after optimizer step `at`, as a killed run would stop."
+    def __init__(self, at): self.at = at
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at: raise RuntimeError("simulated crash")
+
+
+def test_pretrain_resumes_exactly_with_its_snapshots(tmp_path, domain, general):
+    cfg = _tiny_cfg(steps=8, val_every=2, checkpoint_fracs=(0.25, 1.0))
+    ref = pretrain(domain, 0.25, cfg, general_corpus=general)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(domain, 0.25, cfg, general_corpus=general, run_dir=tmp_path, callbacks=[_Crash(5)])
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "snapshots" / "step0000002.pt").is_file()
+    r = pretrain(domain, 0.25, cfg, general_corpus=general, run_dir=tmp_path)
+    assert sorted(r["snapshots"]) == [2, 8] and sorted(r["snapshot_paths"]) == [2, 8]  # step 2 read back from disk after the restart
+    for s in (2, 8):
+        assert all(torch.equal(r["snapshots"][s][k], v) for k, v in ref["snapshots"][s].items()), s
+    assert [v["step"] for v in r["val"]] == [2, 4, 6, 8] and r["val"][-1]["val/bpb"] == ref["val"][-1]["val/bpb"]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_finetune_resumes_with_its_best_point(tmp_path, domain, general):
+    r = pretrain(domain, 0.0, _tiny_cfg(), general_corpus=general)
+    cfg = _ft_cfg(max_epochs=4, evals_per_epoch=2, patience=100)
+    ref = finetune(r["snapshots"][12], _tiny_cfg().train.model, domain, 1e-2, 1, cfg)
+    at = ref["steps_run"] - 1
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        finetune(r["snapshots"][12], _tiny_cfg().train.model, domain, 1e-2, 1, cfg, run_dir=tmp_path, callbacks=[_Crash(at)])
+    out = finetune(r["snapshots"][12], _tiny_cfg().train.model, domain, 1e-2, 1, cfg, run_dir=tmp_path)
+    assert (out["best_step"], out["domain_test_bpb"], out["steps_run"]) == (ref["best_step"], ref["domain_test_bpb"], ref["steps_run"])
+    assert all(torch.equal(out["state"][k], v) for k, v in ref["state"].items())
+
+
 def test_finetune_keeps_the_start_when_nothing_beats_it(domain, general):
     r = pretrain(domain, 0.0, _tiny_cfg(), general_corpus=general)
-    cfg = FinetuneConfig(lrs=(50.0,), warmups=(0,), batch_size=4, seq_len=32, max_epochs=2, patience=1, grad_clip=1e6)
-    out = finetune_grid(r["snapshots"][12], _tiny_cfg().model, domain, general[1], cfg)
+    cfg = _ft_cfg(lrs=(50.0,), warmups=(0,), max_epochs=2, patience=1, grad_clip=1e6)
+    out = finetune_grid(r["snapshots"][12], _tiny_cfg().train.model, domain, general[1], cfg)
     assert out["post_ft"]["best_step"] == 0 and out["post_ft"]["domain_test_bpb"] == out["pre_ft"]["domain_test_bpb"]
     assert out["forgetting"] == 0.0
-    good = finetune_grid(r["snapshots"][12], _tiny_cfg().model, domain, general[1],
-                         FinetuneConfig(lrs=(3e-3, 1e-2), warmups=(1, 3), batch_size=4, seq_len=32, max_epochs=4, patience=2))
+    good = finetune_grid(r["snapshots"][12], _tiny_cfg().train.model, domain, general[1],
+                         _ft_cfg(lrs=(3e-3, 1e-2), warmups=(1, 3), max_epochs=4, patience=2))
     assert len(good["grid"]) == 4
     assert good["post_ft"]["domain_test_bpb"] == pytest.approx(min(g["domain_test_bpb"] for g in good["grid"]), rel=1e-5)
     assert good["post_ft"]["domain_test_bpb"] < good["pre_ft"]["domain_test_bpb"]
@@ -159,8 +244,8 @@ def test_finetune_keeps_the_start_when_nothing_beats_it(domain, general):
 
 def test_early_stopping_stops(domain, general):
     r = pretrain(domain, 0.0, _tiny_cfg(), general_corpus=general)
-    cfg = FinetuneConfig(lrs=(3e-2,), warmups=(0,), batch_size=4, seq_len=32, max_epochs=40, evals_per_epoch=1, patience=2)
-    out = finetune(r["snapshots"][12], _tiny_cfg().model, domain, 3e-2, 0, cfg)
+    cfg = _ft_cfg(lrs=(3e-2,), warmups=(0,), max_epochs=40, evals_per_epoch=1, patience=2)
+    out = finetune(r["snapshots"][12], _tiny_cfg().train.model, domain, 3e-2, 0, cfg)
     assert out["steps_run"] < math.ceil(40 * out["steps_per_epoch"])  # stopped early, the domain is tiny and overfits
     assert out["best_step"] <= out["steps_run"]
 
@@ -219,6 +304,10 @@ def test_domain_summary_metrics():
     assert s["compute_multiplier"] == pytest.approx(1.5) and not s["compute_multiplier_is_lower_bound"]
     assert s["forgetting"]["0.01"] == pytest.approx(0.05) and s["beyond_seed_noise"]
     assert s["r_gain_by_seed"] == pytest.approx([100 * 0.1 / 2.6, 100 * 0.11 / 2.62])
+    # the pre-registered arm, not the best one, when `main` names it
+    m = domain_summary(arms, [1e6, 2e6, 3e6], seeds_post={"0": [2.6, 2.62], "0.1": [2.7, 2.6]}, main="0.1")
+    assert m["seed_compared_delta"] == 0.1 and m["best_delta"] == 0.01 and not m["beyond_seed_noise"]
+    assert m["r_gain_by_seed"] == pytest.approx([100 * -0.1 / 2.6, 100 * 0.02 / 2.62])
 
 
 class _RanksAgree(L.Callback):
@@ -240,27 +329,27 @@ class _RanksAgree(L.Callback):
 
 
 def test_ddp_two_processes_pretrain_and_finetune(domain, general, tmp_path):
-    cfg = _tiny_cfg(steps=6, val_every=3)
-    dm = MixtureDataModule(domain, general=general, delta=0.25, num_steps=6, batch_size=8, seq_len=32, max_general_eval_tokens=1024)
-    lit = SPTLitModule(TinyLM(cfg.model), warmup_steps=1, max_steps=60)
+    cfg = _tiny_cfg(steps=6, val_every=3, warmup_steps=1)  # the cosine over 10x the run: 60 steps
+    assert cfg.lit_kwargs()["max_steps"] == 60 and cfg.checkpoint_steps() == [3, 6]
     single = MixtureDataModule(domain, general=general, delta=0.25, num_steps=6, batch_size=8, seq_len=32, max_general_eval_tokens=1024)
-    trainer = spt_trainer(6, val_every=3, callbacks=[_RanksAgree(8), Snapshots([3, 6], dirpath=tmp_path)], accelerator="cpu", devices=2,
-                          strategy="ddp_spawn")
-    trainer.fit(lit, datamodule=dm)
-    assert float(trainer.callback_metrics["train/world"]) == 2
-    # rank 0 wrote the checkpoints; the last one holds the trained weights ddp_spawn hands back to this process
+    r = pretrain(domain, 0.25, cfg, general_corpus=general, snapshot_dir=tmp_path, callbacks=[_RanksAgree(8)], accelerator="cpu", devices=2,
+                 strategy="ddp_spawn")
+    lit_model, metrics = r["model"], r["metrics"]
+    assert metrics["train/world"] == 2
+    # rank 0 wrote the snapshots; the last one holds the trained weights ddp_spawn hands back to this process
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000003.pt", "step0000006.pt"]
+    assert sorted(r["snapshot_paths"]) == [3, 6]
     last = torch.load(tmp_path / "step0000006.pt")
-    assert all(torch.equal(last[k], v) for k, v in lit.model.state_dict().items())
+    assert all(torch.equal(last[k], v) for k, v in lit_model.state_dict().items())
     # the validation sums over ranks equal one process evaluating everything with the trained weights
     single.setup()
     sets = dict(general=single.general_eval,
                 domain_train=domain.train, domain_test=domain.test)
-    direct = evaluate_groups(lit.model, sets, window=32)
-    for k, v in direct.items(): assert math.isclose(float(trainer.callback_metrics[f"val/{k}_bpb"]), v, rel_tol=1e-4), k
+    direct = evaluate_groups(lit_model, sets, window=32)
+    for k, v in direct.items(): assert math.isclose(metrics[f"val/{k}_bpb"], v, rel_tol=1e-4), k
     # finetuning under DDP: domain-only global batches, ranks agree, early stopping and KeepBest see the same metric
-    fcfg = FinetuneConfig(lrs=(1e-2,), warmups=(1,), batch_size=4, seq_len=32, max_epochs=2, patience=2)
-    out = finetune(lit.model.state_dict(), cfg.model, domain, 1e-2, 1, fcfg, callbacks=[_RanksAgree(4)], accelerator="cpu", devices=2,
+    fcfg = _ft_cfg(lrs=(1e-2,), warmups=(1,), max_epochs=2, patience=2)
+    out = finetune(lit_model.state_dict(), cfg.train.model, domain, 1e-2, 1, fcfg, callbacks=[_RanksAgree(4)], accelerator="cpu", devices=2,
                    strategy="ddp_spawn")
     assert out["metrics"]["train/world"] == 2 and math.isfinite(out["metrics"]["val/domain_test_bpb"])
     assert "val/general_bpb" not in out["metrics"]  # finetuning validates on the two small domain sets only

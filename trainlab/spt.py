@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_specialized_pretraining.ipynb #c9234d33
 from __future__ import annotations
-import math, random, time
+import dataclasses, math, random, shutil, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Sequence
@@ -15,20 +15,22 @@ import lightning as L
 import matplotlib.pyplot as plt
 from torch.utils.data import Dataset, DataLoader, Sampler, ConcatDataset
 
-from .core import expect, seed_everything, stable_unit_hash, atomic_path, dist_rank_world
+from .core import expect, stable_unit_hash, atomic_path, dist_rank_world
 from .data import (CORPORA, Document, TokenizedCorpus, PackedDataset, DocWindowDataset, ByteTokenizer, check_tokenizer,
                            eval_sampler, load_corpus, load_documents, split_corpus, select_eval_docs)
 from .model import ModelConfig, TinyLM, count_parameters, eval_mode
-from .train import LMLitModule, History, make_trainer, bits_per_byte
+from .train import TrainConfig, LMLitModule, bits_per_byte, fit
+from .stats import Claim, mean
 from .reproduce import register_reproduction, RunContext
 
 # %% auto #0
-__all__ = ['MUENNIGHOFF_R_STAR', 'DomainData', 'make_domain', 'mixture_plan', 'MixtureDataset', 'GlobalBatchSampler',
-           'GroupTagged', 'eval_sets', 'MixtureDataModule', 'SPTLitModule', 'Snapshots', 'SPTConfig', 'spt_trainer',
-           'pretrain', 'KeepBest', 'FinetuneConfig', 'evaluate_groups', 'finetune', 'finetune_grid', 'law_train',
-           'law_gap', 'law_offset', 'law_test', 'fit_overfitting_law', 'b_gap', 'predicted_turn', 'observed_turn',
-           'effective_data', 'fit_muennighoff', 'muennighoff_test', 'SPTRunConfig', 'spt_run_config',
-           'interp_log_tokens', 'domain_summary', 'run_arm', 'reproduce_spt', 'plot_post_ft_vs_tokens',
+__all__ = ['SPT_TRAINER_KW', 'MUENNIGHOFF_R_STAR', 'SPT_ARMS', 'SPT_MAIN', 'SPT_REF', 'SPT_DOMAINS', 'SPT_CLAIMS', 'DomainData',
+           'make_domain', 'mixture_plan', 'MixtureDataset', 'GlobalBatchSampler', 'general_eval_set', 'GroupTagged',
+           'eval_sets', 'MixtureDataModule', 'SPTLitModule', 'Snapshots', 'SPTConfig', 'pretrain', 'KeepBest',
+           'FinetuneConfig', 'evaluate_groups', 'finetune', 'finetune_grid', 'law_train', 'law_gap', 'law_offset',
+           'law_test', 'fit_overfitting_law', 'b_gap', 'predicted_turn', 'observed_turn', 'effective_data',
+           'fit_muennighoff', 'muennighoff_test', 'SPTArm', 'SPTRunConfig', 'spt_run_config', 'interp_log_tokens',
+           'domain_summary', 'pretrain_unit', 'finetune_unit', 'reproduce_spt', 'plot_post_ft_vs_tokens',
            'plot_forgetting', 'plot_train_vs_test', 'plot_pretrain_domain_test', 'plot_law']
 
 # %% ../nbs/30_specialized_pretraining.ipynb #afd2c7db
@@ -173,6 +175,10 @@ class GlobalBatchSampler(Sampler):
         for s in range(self.num_steps): yield list(range(s * B + rank, (s + 1) * B, world))
 
 # %% ../nbs/30_specialized_pretraining.ipynb #74a7b735
+def general_eval_set(general_val: TokenizedCorpus, max_tokens: int | None) -> TokenizedCorpus:
+    "The evaluated part of the general validation set (at most `max_tokens`, whole documents), as `MixtureDataModule` measures it."
+    return general_val.subset(select_eval_docs(general_val, max_tokens=max_tokens))
+
 class GroupTagged(Dataset):
     "Items of `ds` with `group_ids` (all `group`) added."
     def __init__(self, ds: Dataset, group: int): self.ds, self.group = ds, int(group)
@@ -225,7 +231,7 @@ class MixtureDataModule(L.LightningDataModule):
         self._train_ds = MixtureDataset(self.general_train, self.domain.train, self.plan, self.seq_len, self.tokenizer.eot_id, self.seed)
         sets = {}
         if self.eval_general:
-            self.general_eval = self.general_val.subset(select_eval_docs(self.general_val, max_tokens=self.max_general_eval_tokens))
+            self.general_eval = general_eval_set(self.general_val, self.max_general_eval_tokens)
             sets["general"] = self.general_eval
         for name, d in {"domain": self.domain, **self.extra_domains}.items():
             sets[f"{name}_train"], sets[f"{name}_test"] = d.train, d.test
@@ -303,66 +309,114 @@ def _cpu_state(module: torch.nn.Module) -> dict:
     "A detached CPU copy of `module`'s state dict."
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
+def _load_state(state: dict | str | Path) -> dict:
+    "A model state dict, or the one saved at a path (e.g. by `Snapshots(dirpath=...)`)."
+    if isinstance(state, (str, Path)): state = torch.load(state, map_location="cpu")
+    expect(isinstance(state, dict) and len(state) > 0, "state", "a model state dict or the path of a saved one", type(state).__name__, TypeError)
+    return state
+
 class Snapshots(L.Callback):
-    "Copies of the model weights after the given optimizer steps (kept in `states[step]`; also saved to `dirpath` by rank 0)."
+    "Copies of the model weights after the given optimizer steps (kept in `states[step]`; also saved to `dirpath` by rank 0); a resumed fit gets them back."
     def __init__(self, steps: Sequence[int], dirpath: str | Path | None = None):
         steps = sorted({int(s) for s in steps})
         expect(len(steps) > 0 and steps[0] >= 1, "steps", "optimizer steps >= 1", steps)
         self.steps, self.dirpath, self.states = steps, (Path(dirpath) if dirpath is not None else None), {}
+
+    @property
+    def state_key(self) -> str: return self._generate_state_key(steps=self.steps, dirpath=str(self.dirpath))
+
+    def path(self, step: int) -> Path: return self.dirpath / f"step{int(step):07d}.pt"
+
+    def paths(self) -> dict[int, str]:
+        "step -> file, for the snapshots on disk (also when another process, rank 0 of a spawned run, wrote them)."
+        return {} if self.dirpath is None else {s: str(self.path(s)) for s in self.steps if self.path(s).is_file()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         s = trainer.global_step
         if s in self.steps and s not in self.states:
             state = self.states[s] = _cpu_state(pl_module.model)
             if self.dirpath is not None and trainer.is_global_zero:
-                with atomic_path(self.dirpath / f"step{s:07d}.pt") as tmp: torch.save(state, tmp)
+                with atomic_path(self.path(s)) as tmp: torch.save(state, tmp)
+
+    def state_dict(self) -> dict:  # in the fit's checkpoint: the weights themselves only when they are not on disk
+        return {"saved": sorted(self.states)} if self.dirpath is not None else {"states": self.states}
+
+    def load_state_dict(self, state: dict):
+        if "states" in state: self.states = dict(state["states"]); return
+        for s in state["saved"]:
+            expect(self.path(s).is_file(), "dirpath", f"the snapshot of step {s} written before the restart", str(self.path(s)))
+            self.states[s] = torch.load(self.path(s), map_location="cpu")
+
+# %% ../nbs/30_specialized_pretraining.ipynb #67521753
+_TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+def _replace(cfg, changes: dict):
+    "A copy of `cfg` with `changes`: `TrainConfig` fields (seed, steps, lr, ...) go to `cfg.train`, the others to `cfg` itself."
+    own = {k: v for k, v in changes.items() if k not in _TRAIN_FIELDS}
+    unknown = sorted(set(own) - {f.name for f in dataclasses.fields(cfg)})
+    expect(not unknown, "changes", f"fields of {type(cfg).__name__} or of TrainConfig", unknown)
+    train = own.pop("train", cfg.train).replace(**{k: v for k, v in changes.items() if k in _TRAIN_FIELDS})
+    return dataclasses.replace(cfg, train=train, **own)
+
+def _as_train(train) -> TrainConfig:
+    if isinstance(train, dict): train = TrainConfig(**train)
+    expect(isinstance(train, TrainConfig), "train", "a TrainConfig or a dict of its fields", type(train).__name__, TypeError)
+    return train
 
 @dataclass
 class SPTConfig:
-    "One pretraining arm's shape and optimisation (the paper's protocol, scaled down)."
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=256))
+    "One pretraining arm: the shared `TrainConfig` (its `batch_size` is the global batch) plus the general corpus, the un-annealed schedule and the checkpoints."
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(model=ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=256),
+                                                                   steps=600, lr=3e-3, warmup_steps=30, batch_size=16, seq_len=256, val_every=20))
     general: str = "stdlib_code"
-    seq_len: int = 256
-    batch_size: int = 16
-    steps: int = 600
-    lr: float = 3e-3
-    warmup_steps: int = 30
     schedule_factor: float = 10.0   # cosine over schedule_factor * steps, stopped at steps: un-annealed checkpoints
-    weight_decay: float = 0.1
-    val_every: int = 20
     max_general_eval_tokens: int = 16_384
     checkpoint_fracs: tuple = (1 / 3, 2 / 3, 1.0)
 
+    def __post_init__(self):
+        self.train = _as_train(self.train)
+        expect(self.schedule_factor >= 1, "schedule_factor", ">= 1 (the cosine must not end before the run does)", self.schedule_factor)
+        expect(len(self.checkpoint_fracs) > 0 and all(0 < f <= 1 for f in self.checkpoint_fracs), "checkpoint_fracs", "fractions in (0, 1]", self.checkpoint_fracs)
+
     @property
-    def tokens(self) -> int: return self.steps * self.batch_size * self.seq_len
-    def checkpoint_steps(self) -> list[int]: return sorted({max(1, int(round(f * self.steps))) for f in self.checkpoint_fracs})
+    def tokens(self) -> int: return self.train.tokens
+    def checkpoint_steps(self) -> list[int]: return sorted({max(1, int(round(f * self.train.steps))) for f in self.checkpoint_fracs})
+    def lit_kwargs(self) -> dict:
+        "`TrainConfig.lit_kwargs` with the cosine stretched over `schedule_factor` times the run."
+        return {**self.train.lit_kwargs(), "max_steps": int(round(self.schedule_factor * self.train.steps))}
+    def replace(self, **changes) -> SPTConfig:
+        "A copy with `changes`; `TrainConfig` fields go to `train` (`cfg.replace(seed=1, steps=60)`)."
+        return _replace(self, changes)
 
-def spt_trainer(max_steps: int, val_every: int | None = None, callbacks: list | None = None, **kw) -> L.Trainer:
-    "`make_trainer` for mixture data: the batch sampler shards the global batch itself (`use_distributed_sampler=False`)."
-    return make_trainer(max_steps, val_every=val_every, callbacks=callbacks, use_distributed_sampler=False, **kw)
+SPT_TRAINER_KW = dict(use_distributed_sampler=False)  # the mixture's batch sampler shards the global batch itself
 
-def pretrain(domain: DomainData, delta: float, cfg: SPTConfig | None = None, seed: int = 0, domain_start: float = 0.0,
-             extra_domains: dict | None = None, general_corpus=None, progress: bool = False, callbacks: list | None = None,
-             **trainer_kw) -> dict:
-    "Pretrain one arm; returns its mixture stats, validation curves, snapshots (step -> state dict) and timings."
+# %% ../nbs/30_specialized_pretraining.ipynb #b72f381a
+def pretrain(domain: DomainData, delta: float, cfg: SPTConfig | None = None, domain_start: float = 0.0, extra_domains: dict | None = None,
+             general_corpus=None, run_dir: str | Path | None = None, snapshot_dir: str | Path | None = None, progress: bool = False,
+             callbacks: list | None = None, **trainer_kw) -> dict:
+    "Pretrain one arm through `fit` (resumable in `run_dir`; snapshots on disk in `snapshot_dir`, default `run_dir/snapshots`); returns its mixture stats, curves, snapshots and timings."
     cfg = cfg or SPTConfig()
-    seed_everything(seed)
-    dm = MixtureDataModule(domain, general=general_corpus if general_corpus is not None else cfg.general, delta=delta, num_steps=cfg.steps,
-                           batch_size=cfg.batch_size, seq_len=cfg.seq_len, domain_start=domain_start,
-                           max_general_eval_tokens=cfg.max_general_eval_tokens, extra_domains=extra_domains, seed=seed)
-    lit = SPTLitModule(TinyLM(cfg.model), lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule="cosine",
-                       max_steps=int(round(cfg.schedule_factor * cfg.steps)))
-    hist, snaps = History(every_n_steps=max(1, cfg.steps // 100)), Snapshots(cfg.checkpoint_steps())
-    trainer = spt_trainer(cfg.steps, val_every=cfg.val_every, callbacks=[hist, snaps, *(callbacks or [])], progress=progress, **trainer_kw)
-    t0 = time.perf_counter(); trainer.fit(lit, datamodule=dm); wall = time.perf_counter() - t0
-    return dict(delta=float(delta), seed=seed, domain_start=float(domain_start), mixture=dm.stats(), val=hist.val, train=hist.train,
-                snapshots=snaps.states, wall_s=wall, train_s=hist.train_seconds(), model=lit.model, datamodule=dm)
+    expect(isinstance(cfg, SPTConfig), "cfg", "an SPTConfig", type(cfg).__name__, TypeError)
+    t = cfg.train
+    if snapshot_dir is None and run_dir is not None: snapshot_dir = Path(run_dir) / "snapshots"
+    dm = MixtureDataModule(domain, general=general_corpus if general_corpus is not None else cfg.general, delta=delta, num_steps=t.steps,
+                           batch_size=t.batch_size, seq_len=t.seq_len, domain_start=domain_start,
+                           max_general_eval_tokens=cfg.max_general_eval_tokens, extra_domains=extra_domains, seed=t.seed)
+    snaps, t0 = Snapshots(cfg.checkpoint_steps(), dirpath=snapshot_dir), time.perf_counter()
+    lit, hist, trainer = fit(t, lambda: SPTLitModule(t.model, **cfg.lit_kwargs()), dm, callbacks=[snaps, *(callbacks or [])],
+                             run_dir=run_dir, progress=progress, **{**SPT_TRAINER_KW, **trainer_kw})
+    return dict(delta=float(delta), seed=t.seed, domain_start=float(domain_start), mixture=dm.stats(), val=hist.val, train=hist.train,
+                snapshots=snaps.states, snapshot_paths=snaps.paths(), wall_s=time.perf_counter() - t0, train_s=hist.train_seconds(),
+                model=lit.model, datamodule=dm, metrics={k: float(v) for k, v in trainer.callback_metrics.items()})
 
 # %% ../nbs/30_specialized_pretraining.ipynb #1a010df8
 class KeepBest(L.Callback):
     "Keeps a copy of the weights (and the step) at the lowest value of a validation metric below `best` (the starting point's value)."
     def __init__(self, monitor: str = "val/domain_test_bpb", best: float = math.inf):
         self.monitor, self.best, self.best_step, self.state = monitor, float(best), 0, None
+
+    @property
+    def state_key(self) -> str: return self._generate_state_key(monitor=self.monitor)
 
     def on_validation_end(self, trainer, pl_module):
         v = trainer.callback_metrics.get(self.monitor)
@@ -371,22 +425,41 @@ class KeepBest(L.Callback):
             self.best, self.best_step = float(v), trainer.global_step
             self.state = _cpu_state(pl_module.model)
 
+    def state_dict(self) -> dict: return {"best": self.best, "best_step": self.best_step, "state": self.state}
+    def load_state_dict(self, state: dict): self.best, self.best_step, self.state = float(state["best"]), int(state["best_step"]), state["state"]
+
+# %% ../nbs/30_specialized_pretraining.ipynb #9e3d3ce2
 @dataclass
 class FinetuneConfig:
-    "The domain-only finetuning protocol: a learning-rate x warmup grid, constant schedule, early stopping on domain test loss."
+    "Domain-only finetuning: a shared `TrainConfig` run over a learning-rate x warmup grid with early stopping; `run_config` sets each run's steps, validation interval, lr and warmup."
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=4, seq_len=256, schedule="constant", weight_decay=1e-7))
     lrs: tuple = (3e-4, 1e-3, 3e-3)
     warmups: tuple = (5, 20)
-    batch_size: int = 4
-    seq_len: int = 256
     max_epochs: float = 12.0
     evals_per_epoch: float = 2.0
     patience: int = 4           # validations without improvement before stopping
-    weight_decay: float = 1e-7
-    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        self.train = _as_train(self.train)
+        expect(len(self.lrs) > 0 and all(lr > 0 for lr in self.lrs), "lrs", "at least one learning rate, all > 0", self.lrs)
+        expect(len(self.warmups) > 0 and all(isinstance(w, (int, np.integer)) and w >= 0 for w in self.warmups), "warmups", "at least one warmup, ints >= 0", self.warmups)
+        expect(self.max_epochs > 0 and self.evals_per_epoch > 0, "max_epochs, evals_per_epoch", "> 0", (self.max_epochs, self.evals_per_epoch))
+        expect(isinstance(self.patience, int) and self.patience >= 1, "patience", "an int >= 1", self.patience)
 
     def steps_per_epoch(self, domain: DomainData) -> float:
-        return (domain.train.n_tokens + len(domain.train)) / (self.batch_size * self.seq_len)
+        return (domain.train.n_tokens + len(domain.train)) / (self.train.batch_size * self.train.seq_len)
 
+    def run_config(self, domain: DomainData, lr: float, warmup: int, model: ModelConfig | None = None) -> TrainConfig:
+        "The `TrainConfig` of one grid point: `max_epochs` of `domain`, validated `evals_per_epoch` times an epoch, at (`lr`, `warmup`)."
+        spe = self.steps_per_epoch(domain)
+        return self.train.replace(steps=max(1, int(math.ceil(self.max_epochs * spe))), val_every=max(1, int(round(spe / self.evals_per_epoch))),
+                                  lr=float(lr), warmup_steps=int(warmup), model=model if model is not None else self.train.model)
+
+    def replace(self, **changes) -> FinetuneConfig:
+        "A copy with `changes`; `TrainConfig` fields go to `train` (`cfg.replace(seed=1, batch_size=8)`)."
+        return _replace(self, changes)
+
+# %% ../nbs/30_specialized_pretraining.ipynb #5cad88eb
 @torch.no_grad()
 def evaluate_groups(model: torch.nn.Module, sets: dict, window: int = 256, batch_size: int = 16, tokenizer=None) -> dict:
     "Bits per byte of `model` on each named `TokenizedCorpus` of `sets` (document-wise windows, one grouped pass)."
@@ -402,44 +475,42 @@ def evaluate_groups(model: torch.nn.Module, sets: dict, window: int = 256, batch
             tot[1].index_add_(0, b["group_ids"][m].long(), bl[b["labels"][m]])
     return {n: bits_per_byte(tot[0, g], tot[1, g]) for g, n in enumerate(names)}
 
-def finetune(state: dict | str | Path, model_cfg: ModelConfig, domain: DomainData, lr: float, warmup: int, cfg: FinetuneConfig | None = None,
-             seed: int = 0, start_bpb: float = math.inf, progress: bool = False, callbacks: list | None = None, **trainer_kw) -> dict:
-    "Finetune `state` on the domain only with one (lr, warmup), early-stopped; the best point (step 0 = `start_bpb` if nothing beats it) and the curve."
+# %% ../nbs/30_specialized_pretraining.ipynb #8946b200
+def _model_from(model_cfg: ModelConfig, state: dict) -> TinyLM:
+    m = TinyLM(model_cfg); m.load_state_dict(state); return m
+
+def finetune(state: dict | str | Path, model_cfg: ModelConfig | None, domain: DomainData, lr: float, warmup: int, cfg: FinetuneConfig | None = None,
+             start_bpb: float = math.inf, run_dir: str | Path | None = None, progress: bool = False, callbacks: list | None = None, **trainer_kw) -> dict:
+    "Finetune `state` (a `model_cfg` TinyLM; None: `cfg.train.model`) on the domain only at one (lr, warmup) through `fit`, early-stopped; the best point (step 0 = `start_bpb` if nothing beats it) and the curve."
     from lightning.pytorch.callbacks import EarlyStopping
     cfg = cfg or FinetuneConfig()
-    if isinstance(state, (str, Path)): state = torch.load(state, map_location="cpu")  # e.g. a file written by `Snapshots(dirpath=...)`
-    expect(isinstance(state, dict) and len(state) > 0, "state", "a model state dict or the path of a saved one", type(state).__name__, TypeError)
-    expect(lr > 0, "lr", "> 0", lr); expect(isinstance(warmup, int) and warmup >= 0, "warmup", "an int >= 0", warmup)
-    seed_everything(seed)
-    spe = cfg.steps_per_epoch(domain)
-    steps = max(1, int(math.ceil(cfg.max_epochs * spe)))
-    every = max(1, int(round(spe / cfg.evals_per_epoch)))
-    model = TinyLM(model_cfg); model.load_state_dict(state)
-    dm = MixtureDataModule(domain, general=None, delta=1.0, num_steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                           eval_general=False, seed=seed)
-    lit = SPTLitModule(model, lr=lr, weight_decay=cfg.weight_decay, warmup_steps=warmup, schedule="constant", grad_clip=cfg.grad_clip)
-    best, hist = KeepBest("val/domain_test_bpb", start_bpb), History(every_n_steps=every)
+    state = _load_state(state)
+    expect(lr > 0, "lr", "> 0", lr); expect(isinstance(warmup, (int, np.integer)) and warmup >= 0, "warmup", "an int >= 0", warmup)
+    t, spe = cfg.run_config(domain, lr, warmup, model_cfg), cfg.steps_per_epoch(domain)
+    dm = MixtureDataModule(domain, general=None, delta=1.0, num_steps=t.steps, batch_size=t.batch_size, seq_len=t.seq_len, eval_general=False, seed=t.seed)
+    best = KeepBest("val/domain_test_bpb", start_bpb)
     stop = EarlyStopping(monitor="val/domain_test_bpb", mode="min", patience=cfg.patience, check_on_train_epoch_end=False)
-    trainer = spt_trainer(steps, val_every=every, callbacks=[hist, best, stop, *(callbacks or [])], progress=progress, **trainer_kw)
-    t0 = time.perf_counter(); trainer.fit(lit, datamodule=dm)
-    return dict(lr=lr, warmup=warmup, best_step=best.best_step, best_epoch=best.best_step / spe, domain_test_bpb=best.best,
+    t0 = time.perf_counter()
+    lit, hist, trainer = fit(t, lambda: SPTLitModule(_model_from(t.model, state), **t.lit_kwargs()), dm, callbacks=[best, stop, *(callbacks or [])],
+                             run_dir=run_dir, progress=progress, history_every=t.val_every, **{**SPT_TRAINER_KW, **trainer_kw})
+    return dict(lr=t.lr, warmup=t.warmup_steps, best_step=best.best_step, best_epoch=best.best_step / spe, domain_test_bpb=best.best,
                 steps_run=trainer.global_step, steps_per_epoch=spe, curve=hist.val, state=best.state, wall_s=time.perf_counter() - t0,
                 metrics={k: float(v) for k, v in trainer.callback_metrics.items()})
 
-def finetune_grid(state: dict | str | Path, model_cfg: ModelConfig, domain: DomainData, general_val: TokenizedCorpus | None = None,
-                  cfg: FinetuneConfig | None = None, seed: int = 0, **kw) -> dict:
-    "Finetune from `state` over `cfg.lrs x cfg.warmups`; keep the configuration with the lowest domain test bpb and measure it (and the start) fully."
+# %% ../nbs/30_specialized_pretraining.ipynb #29b5c314
+def finetune_grid(state: dict | str | Path, model_cfg: ModelConfig | None, domain: DomainData, general_val: TokenizedCorpus | None = None,
+                  cfg: FinetuneConfig | None = None, run_dir: str | Path | None = None, **kw) -> dict:
+    "Finetune from `state` over `cfg.lrs x cfg.warmups` (each run in `run_dir/lr<lr>-w<warmup>`); keep the configuration with the lowest domain test bpb and measure it (and the start) fully."
     cfg = cfg or FinetuneConfig()
-    expect(len(cfg.lrs) > 0 and len(cfg.warmups) > 0, "cfg", "at least one learning rate and one warmup", (cfg.lrs, cfg.warmups))
+    model_cfg = model_cfg if model_cfg is not None else cfg.train.model
     sets = {"domain_train": domain.train, "domain_test": domain.test, **({"general": general_val} if general_val is not None else {})}
-    if isinstance(state, (str, Path)): state = torch.load(state, map_location="cpu")
-    m0 = TinyLM(model_cfg); m0.load_state_dict(state)
-    pre = evaluate_groups(m0, sets, cfg.seq_len)
-    runs = [finetune(state, model_cfg, domain, lr, int(w), cfg, seed=seed, start_bpb=pre["domain_test"], **kw) for lr in cfg.lrs for w in cfg.warmups]
+    state = _load_state(state)
+    pre = evaluate_groups(_model_from(model_cfg, state), sets, cfg.train.seq_len)
+    runs = [finetune(state, model_cfg, domain, lr, int(w), cfg, start_bpb=pre["domain_test"],
+                     run_dir=None if run_dir is None else Path(run_dir) / f"lr{lr:g}-w{int(w)}", **kw) for lr in cfg.lrs for w in cfg.warmups]
     top = min(runs, key=lambda r: r["domain_test_bpb"])
     post = pre  # no configuration beat the checkpoint itself: the best finetuning point is step 0
-    if top["state"] is not None:
-        m1 = TinyLM(model_cfg); m1.load_state_dict(top["state"]); post = evaluate_groups(m1, sets, cfg.seq_len)
+    if top["state"] is not None: post = evaluate_groups(_model_from(model_cfg, top["state"]), sets, cfg.train.seq_len)
     out = dict(pre_ft={f"{k}_bpb": v for k, v in pre.items()},
                post_ft={**{f"{k}_bpb": v for k, v in post.items()}, "best_lr": top["lr"], "best_warmup": top["warmup"],
                         "best_step": top["best_step"], "best_epoch": top["best_epoch"]},
@@ -573,34 +644,78 @@ def muennighoff_test(tokens, delta, params: dict):
     return params["E"] + params["A"] * np.power(T, -params["alpha"]) + params["B"] * np.power(D + 1e-9, -params["beta"]) * (D > 0)
 
 # %% ../nbs/30_specialized_pretraining.ipynb #54a8b4a4
+def _dkey(d: float) -> str: return f"{float(d):g}"
+
+@dataclass(frozen=True)
+class SPTArm:
+    "How an arm puts its domain into pretraining: a fraction `delta` of the training sequences, spread evenly from `domain_start` (a fraction of the run) on."
+    delta: float
+    domain_start: float = 0.0
+
+    @property
+    def shared(self) -> bool:
+        "Sees no domain (delta 0): one pretraining serves, and is evaluated on, every domain."
+        return self.delta == 0
+
+    @property
+    def on_curve(self) -> bool:
+        "A point of the delta sweep (spread over the whole run): enters the figures, the summary and the law."
+        return self.domain_start == 0
+
+SPT_ARMS = {**{_dkey(d): SPTArm(d) for d in (0.0, 0.001, 0.01, 0.02, 0.05, 0.1)},
+            "late_upsampling": SPTArm(0.02, domain_start=0.9)}  # arm name -> how it mixes the domain in
+SPT_MAIN, SPT_REF = _dkey(0.02), _dkey(0.0)                     # the pre-registered comparison: SPT at δ = 2% vs pretrain-then-finetune
+SPT_DOMAINS = ("far", "near")
+
+# %% ../nbs/30_specialized_pretraining.ipynb #b399935f
+def _arm(domain: str, arm: str) -> str: return f"{domain}/{arm}"
+
+SPT_CLAIMS = (
+    Claim("spt_lowers_far_domain_bpb", "Far domain, final checkpoint, equal tokens: post-finetuning domain test bpb is lower with SPT at δ = 2% "
+          "than with pretrain-then-finetune (δ = 0): paired difference below 0 (R_gain > 0).",
+          "post_ft_domain_test_bpb", (_arm("far", SPT_MAIN), _arm("far", SPT_REF)), "diff", "<", 0.0),
+    Claim("spt_forgets_less_far", "Far domain, final checkpoint: finetuning raises the general bpb less after SPT at δ = 2% than after δ = 0 "
+          "(forgetting = general bpb at the best finetuning point minus before): paired difference below 0.",
+          "forgetting", (_arm("far", SPT_MAIN), _arm("far", SPT_REF)), "diff", "<", 0.0),
+    Claim("far_gain_exceeds_near", "SPT's gain over δ = 0 at the final checkpoint (R_gain of δ = 2%, in %) is larger on the far domain "
+          "(Unicode names) than on the near one (Python tests): paired difference above 0.",
+          "r_gain", (_arm("far", SPT_MAIN), _arm("near", SPT_MAIN)), "diff", ">", 0.0),
+)
+
+# %% ../nbs/30_specialized_pretraining.ipynb #2e4f5f63
 @dataclass
 class SPTRunConfig:
-    "Everything `trainlab reproduce spt` runs."
+    "Everything `trainlab reproduce spt` runs: pretraining and finetuning (each embedding a `TrainConfig`), the arms by name (keys of `SPT_ARMS`) and the domains."
     pretrain: SPTConfig = field(default_factory=SPTConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    deltas: tuple = (0.0, 0.001, 0.01, 0.02, 0.05, 0.1)
+    arms: tuple = tuple(SPT_ARMS)
     tokens_per_domain_token: float = 667.0   # T / |D_train|, as in the paper (200B / 300M)
     test_tokens: int = 2048
     lines_per_piece: int = 8
     domains: tuple = (("far", "unicode_names"), ("near", "stdlib_tests"))
-    far_seeds: int = 2
-    late_delta: float = 0.02
-    late_start: float = 0.9
     law_max_delta: float = 0.05
     turn_min_rise: float = 0.01
+
+    def __post_init__(self):
+        unknown = [a for a in self.arms if a not in SPT_ARMS]
+        expect(not unknown, "arms", "names in SPT_ARMS (" + ", ".join(SPT_ARMS) + ")", unknown)
+        expect({SPT_MAIN, SPT_REF} <= set(self.arms), "arms", f"the pre-registered pair {SPT_MAIN!r} and {SPT_REF!r} among them", self.arms)
+        expect(tuple(k for k, _ in self.domains) == SPT_DOMAINS, "domains", f"(name, source) pairs named {SPT_DOMAINS} (the claims compare them)",
+               tuple(k for k, _ in self.domains))
 
     def domain_tokens(self) -> int: return int(round(self.pretrain.tokens / self.tokens_per_domain_token))
 
 def spt_run_config(fast: bool = False) -> SPTRunConfig:
-    "The full configuration, or a tiny one that checks the machinery in seconds (`fast`)."
-    if not fast: return SPTRunConfig()
-    pre = SPTConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), seq_len=64, batch_size=8, steps=40,
-                    warmup_steps=4, val_every=10, max_general_eval_tokens=2048, checkpoint_fracs=(0.5, 1.0))
-    ft = FinetuneConfig(lrs=(3e-3,), warmups=(2,), batch_size=4, seq_len=64, max_epochs=2.0, patience=2)
-    return SPTRunConfig(pretrain=pre, finetune=ft, deltas=(0.0, 0.01, 0.05, 0.1), tokens_per_domain_token=40.0, test_tokens=512, far_seeds=1)
+    "The full configuration, or a tiny one that checks the machinery in seconds (`fast`); finetuning shares the pretraining's model, precision and kernels."
+    pre = SPTConfig() if not fast else SPTConfig(TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), steps=40,
+                                                             lr=3e-3, warmup_steps=4, batch_size=8, seq_len=64, val_every=10),
+                                                 max_general_eval_tokens=2048, checkpoint_fracs=(0.5, 1.0))
+    ft = FinetuneConfig(pre.train.replace(batch_size=4, schedule="constant", weight_decay=1e-7))
+    if not fast: return SPTRunConfig(pre, ft)
+    return SPTRunConfig(pre, ft.replace(lrs=(3e-3,), warmups=(2,), max_epochs=2.0, patience=2), arms=(SPT_REF, SPT_MAIN, "0.05", "0.1", "late_upsampling"),
+                        tokens_per_domain_token=40.0, test_tokens=512)
 
-def _dkey(d: float) -> str: return f"{float(d):g}"
-
+# %% ../nbs/30_specialized_pretraining.ipynb #48ed1d61
 def _curve_rows(val: list, prefix: str) -> list:
     "(tokens, domain train bpb, domain test bpb) per validation of a pretraining run, for the eval group `prefix`."
     return [(r["tokens"], r[f"val/{prefix}_train_bpb"], r[f"val/{prefix}_test_bpb"]) for r in val if f"val/{prefix}_test_bpb" in r]
@@ -617,8 +732,8 @@ def interp_log_tokens(tokens: Sequence[float], values: Sequence[float], target: 
             return float(np.exp(np.log(t[i - 1]) + f * (np.log(t[i]) - np.log(t[i - 1]))))
     return None
 
-def domain_summary(arms: dict, budgets: list, seeds_post: dict | None = None) -> dict:
-    "r_gain, compute multiplier, forgetting and best delta per budget from arms[delta]['budgets'][tokens]['post_ft'/'pre_ft']."
+def domain_summary(arms: dict, budgets: list, seeds_post: dict | None = None, main: str | None = None) -> dict:
+    "r_gain, compute multiplier, forgetting and best delta per budget from arms[delta]['budgets'][tokens]['post_ft'/'pre_ft'] (exploratory: best over arms); per seed, `main` (default: the best delta) vs 0."
     final = budgets[-1]
     post = lambda a, b: arms[a]["budgets"][b]["post_ft"]["domain_test_bpb"]
     spt = [a for a in arms if float(a) > 0]
@@ -633,108 +748,127 @@ def domain_summary(arms: dict, budgets: list, seeds_post: dict | None = None) ->
     out["compute_multiplier"] = None if t_match is None else final / t_match
     out["compute_multiplier_is_lower_bound"] = t_match is not None and t_match == budgets[0] and envelope[0] < base
     if seeds_post:  # delta -> [post-FT domain test bpb per seed] at the final budget
-        bk = _dkey(out["best_delta"])
+        bk = main if main is not None else _dkey(out["best_delta"])
         pairs = list(zip(seeds_post["0"], seeds_post[bk]))
         gains = [100 * (b0 - bs) / b0 for b0, bs in pairs]
         spread = max(max(seeds_post[k]) - min(seeds_post[k]) for k in ("0", bk))
-        out.update(r_gain_by_seed=gains, r_gain_mean=float(np.mean(gains)), seed_spread_bpb=spread,
+        out.update(seed_compared_delta=float(bk), r_gain_by_seed=gains, r_gain_mean=float(np.mean(gains)), seed_spread_bpb=spread,
                    gain_bpb_mean=float(np.mean([b0 - bs for b0, bs in pairs])))
         out["beyond_seed_noise"] = bool(min(gains) > 0 and out["gain_bpb_mean"] > spread)
     return out
 
-def run_arm(name: str, domain: DomainData, delta: float, rc: SPTRunConfig, seed: int, budgets_to_finetune: Sequence[int],
-            general, extra_domains: dict | None = None, domain_start: float = 0.0, log=print, progress: bool = False) -> tuple[dict, dict]:
-    "Pretrain one arm and finetune its chosen checkpoints (on `domain` and every extra domain); returns per-domain results and the raw run."
-    r = pretrain(domain, delta, rc.pretrain, seed=seed, domain_start=domain_start, extra_domains=extra_domains, general_corpus=general, progress=progress)
-    gv = r["datamodule"].general_eval  # the general evaluation set of pretraining, measured again around finetuning
-    spb = rc.pretrain.batch_size * rc.pretrain.seq_len
-    results = {}
-    for dname, d in {"domain": domain, **(extra_domains or {})}.items():
-        res = dict(mixture=r["mixture"] if dname == "domain" else None, wall_s=r["wall_s"], train_s=r["train_s"],
-                   pretrain_curve=[dict(tokens=t, domain_train_bpb=a, domain_test_bpb=b) for t, a, b in _curve_rows(r["val"], dname)],
-                   general_curve=[dict(tokens=v["tokens"], general_bpb=v["val/general_bpb"]) for v in r["val"] if "val/general_bpb" in v],
-                   budgets={})
-        for step in budgets_to_finetune:
-            t0 = time.perf_counter()
-            ft = finetune_grid(r["snapshots"][step], rc.pretrain.model, d, gv, rc.finetune, seed=seed)
-            res["budgets"][step * spb] = dict(pre_ft=ft["pre_ft"], post_ft=ft["post_ft"], forgetting=ft["forgetting"], grid=ft["grid"], ft_curve=ft["curve"])
-            log(f"{name} on {dname}, {step * spb:,} tokens: domain test {ft['pre_ft']['domain_test_bpb']:.4f} -> {ft['post_ft']['domain_test_bpb']:.4f}, "
-                f"general {ft['pre_ft']['general_bpb']:.4f} -> {ft['post_ft']['general_bpb']:.4f} (lr {ft['post_ft']['best_lr']:g}, "
-                f"step {ft['post_ft']['best_step']}), {time.perf_counter() - t0:.0f} s")
-        final = res["budgets"][max(res["budgets"])] if res["budgets"] else None
-        if final is not None: res.update(pre_ft=final["pre_ft"], post_ft=final["post_ft"], forgetting=final["forgetting"])
-        results[dname] = res
-    log(f"{name}: pretrained in {r['wall_s']:.0f} s, domain epochs {r['mixture']['domain_epochs']:.2f}")
-    return results, r
+# %% ../nbs/30_specialized_pretraining.ipynb #aa7d291e
+def pretrain_unit(run_dir: str | Path, domain: DomainData, arm: SPTArm, cfg: SPTConfig, general, extra_domains: dict | None = None,
+                  progress: bool = False) -> dict:
+    "One pretraining unit (arm x seed `cfg.train.seed`), resumable in `run_dir` with its snapshots on disk there; the JSON-able record finetuning and the figures need."
+    r = pretrain(domain, arm.delta, cfg, domain_start=arm.domain_start, extra_domains=extra_domains, general_corpus=general, run_dir=run_dir, progress=progress)
+    return dict(mixture=r["mixture"], val=r["val"], wall_s=r["wall_s"], train_s=r["train_s"], snapshots={str(s): p for s, p in r["snapshot_paths"].items()})
 
-@register_reproduction("spt", "Specialized pretraining: repeat a scarce domain set at fraction delta inside pretraining, then finetune; vs pretrain-then-finetune.",
-                       claim="On the far domain the best SPT arm's post-finetuning domain test bpb beats delta 0 beyond seed noise with less forgetting; "
-                             "the best delta shrinks with budget; the law fitted on delta <= 5% forecasts the 10% turn within 25%.",
-                       notebook="30_specialized_pretraining.ipynb",
-                       summary_keys=("far_r_gain", "near_r_gain", "far_best_delta", "far_forgetting_best", "far_forgetting_npt", "far_compute_multiplier",
-                                     "turn_forecast_error", "b_gap_10pct"))
-def reproduce_spt(ctx: RunContext) -> dict:
-    rc = spt_run_config(ctx.fast)
-    ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "domain_train_tokens": rc.domain_tokens(),
-                               "model_parameters": count_parameters(TinyLM(rc.pretrain.model))}
-    general = split_corpus(load_corpus(rc.pretrain.general, "all"))
-    doms = {k: make_domain(src, rc.domain_tokens(), rc.test_tokens, rc.lines_per_piece, seed=0, name=k) for k, src in rc.domains}
-    (far_k, far), (near_k, near) = list(doms.items())
-    steps = rc.pretrain.checkpoint_steps(); spb = rc.pretrain.batch_size * rc.pretrain.seq_len
-    budgets = [s * spb for s in steps]
-    m = {"config": ctx.config, "domain_cards": {k: d.card() for k, d in doms.items()}, "budgets_tokens": budgets,
-         "domains": {k: {"arms": {}} for k in doms}, "seeds": {}}
-    seeds_post = {}
-    for si in range(rc.far_seeds):
-        seed = ctx.seed + si
-        for d in rc.deltas:
-            key = _dkey(d)
-            extra = {near_k: near} if (d == 0 and si == 0) else None
-            res, _ = run_arm(f"delta {key} seed {seed}", far, d, rc, seed, steps if si == 0 else steps[-1:], general, extra, log=ctx.log, progress=ctx.progress)
-            if si == 0:
-                m["domains"][far_k]["arms"][key] = res["domain"]
-                if extra: m["domains"][near_k]["arms"][key] = res[near_k]
-            seeds_post.setdefault(key, []).append(res["domain"]["post_ft"]["domain_test_bpb"])
-            m["seeds"].setdefault(key, []).append(dict(seed=seed, **_pick(res["domain"]["post_ft"], ("domain_test_bpb", "general_bpb")),
-                                                       pre_ft_domain_test_bpb=res["domain"]["pre_ft"]["domain_test_bpb"]))
-    for d in rc.deltas:
-        if d == 0: continue
-        res, _ = run_arm(f"near delta {_dkey(d)}", near, d, rc, ctx.seed, steps, general, log=ctx.log, progress=ctx.progress)
-        m["domains"][near_k]["arms"][_dkey(d)] = res["domain"]
-    late, _ = run_arm(f"late upsampling {_dkey(rc.late_delta)}", far, rc.late_delta, rc, ctx.seed, steps[-1:], general,
-                      domain_start=rc.late_start, log=ctx.log, progress=ctx.progress)
-    m["domains"][far_k]["late_upsampling"] = dict(delta=rc.late_delta, domain_start=rc.late_start, **late["domain"])
-    for k in doms:
-        arms = m["domains"][k]["arms"]
-        summ = domain_summary({a: {"budgets": v["budgets"], "forgetting": v["forgetting"]} for a, v in arms.items()}, budgets,
-                              seeds_post if (k == far_k and rc.far_seeds > 1) else None)
-        m["domains"][k].update(summ)
-    # the overfitting law on the far domain's pretraining curves (seed 0): fit on delta <= law_max_delta, forecast the largest
-    arms = m["domains"][far_k]["arms"]
+def finetune_unit(pre: dict, prefix: str, domain: DomainData, general_eval: TokenizedCorpus, steps: Sequence[int], rc: SPTRunConfig, seed: int,
+                  name: str = "", log=print) -> dict:
+    "Finetune the snapshots of pretraining unit `pre` at `steps` on `domain` (its eval group there: `prefix`); per budget (tokens) the grid's best point, and the final one's."
+    # no run_dir: a grid point trains for seconds, and checkpointing it at every validation would cost about a quarter of that; an unfinished unit reruns whole
+    spb, cfg = rc.pretrain.train.batch_size * rc.pretrain.train.seq_len, rc.finetune.replace(seed=seed)
+    res = dict(mixture=pre["mixture"] if prefix == "domain" else None, wall_s=pre["wall_s"], train_s=pre["train_s"],
+               pretrain_curve=[dict(tokens=t, domain_train_bpb=a, domain_test_bpb=b) for t, a, b in _curve_rows(pre["val"], prefix)],
+               general_curve=[dict(tokens=v["tokens"], general_bpb=v["val/general_bpb"]) for v in pre["val"] if "val/general_bpb" in v],
+               budgets={})
+    for step in steps:
+        t0 = time.perf_counter()
+        ft = finetune_grid(pre["snapshots"][str(step)], rc.pretrain.train.model, domain, general_eval, cfg)
+        res["budgets"][step * spb] = dict(pre_ft=ft["pre_ft"], post_ft=ft["post_ft"], forgetting=ft["forgetting"], grid=ft["grid"], ft_curve=ft["curve"])
+        log(f"{name}, {step * spb:,} tokens: domain test {ft['pre_ft']['domain_test_bpb']:.4f} -> {ft['post_ft']['domain_test_bpb']:.4f}, "
+            f"general {ft['pre_ft']['general_bpb']:.4f} -> {ft['post_ft']['general_bpb']:.4f} (lr {ft['post_ft']['best_lr']:g}, "
+            f"step {ft['post_ft']['best_step']}), {time.perf_counter() - t0:.0f} s")
+    final = res["budgets"][max(res["budgets"])]
+    return {**res, **_pick(final, ("pre_ft", "post_ft", "forgetting"))}
+
+def _int_budgets(res: dict) -> dict:
+    "A unit's record with its budget keys (JSON strings) back to token counts."
+    return {**res, "budgets": {int(t): v for t, v in res["budgets"].items()}}
+
+# %% ../nbs/30_specialized_pretraining.ipynb #563f4bf5
+def _law(arms: dict, rc: SPTRunConfig, unique: int, seed: int) -> dict:
+    "The overfitting law (and the data-constrained one) fitted on the far domain's pretraining curves for delta <= `rc.law_max_delta`, forecasting the largest delta."
     curves = {float(a): [(p["tokens"], p["domain_train_bpb"], p["domain_test_bpb"]) for p in v["pretrain_curve"]] for a, v in arms.items()}
     fit_c = {d: c for d, c in curves.items() if d <= rc.law_max_delta}
     big = max(curves)
-    law = fit_overfitting_law(fit_c, seed=ctx.seed)
+    law = fit_overfitting_law(fit_c, seed=seed)
     t_obs = [p[0] for p in curves[big]]
     pred = predicted_turn(law["params"], big, t_obs[0], 5 * t_obs[-1])
     obs = observed_turn(t_obs, [p[2] for p in curves[big]], min_rise=rc.turn_min_rise)
-    mu = fit_muennighoff(fit_c, unique=far.train.n_tokens, seed=ctx.seed)
+    mu = fit_muennighoff(fit_c, unique=unique, seed=seed)
     y_big = np.array([p[2] for p in curves[big]])
-    law.update(b_gap={_dkey(d): b_gap(d, law["params"]) for d in rc.deltas if d > 0}, forecast_delta=big,
+    law.update(b_gap={_dkey(d): b_gap(d, law["params"]) for d in curves if d > 0}, forecast_delta=big,
                predicted_turn_tokens=pred, observed_turn_tokens=obs,
                turn_forecast_error=(abs(pred - obs) / obs if (pred is not None and obs is not None) else None),
                forecast_rmse=float(np.sqrt(np.mean((law_test(np.array(t_obs) / 1e6, big, law["params"]) - y_big) ** 2))),
                muennighoff=dict(**mu, forecast_rmse=float(np.sqrt(np.mean((muennighoff_test(t_obs, big, mu["params"]) - y_big) ** 2))),
                                 predicted_turn_tokens=None))
     law["b_gap_in_0_1"] = bool(all(0 < v < 1 for v in law["b_gap"].values()))
-    m["law"] = law
+    return law
+
+@register_reproduction("spt", "Specialized pretraining: repeat a scarce domain set at fraction delta inside pretraining, then finetune; vs pretrain-then-finetune.",
+                       claims=SPT_CLAIMS, notebook="30_specialized_pretraining.ipynb", default_seeds=5,
+                       summary_keys=("far_r_gain_main", "near_r_gain_main", "far_best_delta", "far_compute_multiplier", "turn_forecast_error", "b_gap_10pct"))
+def reproduce_spt(ctx: RunContext) -> dict:
+    "Every arm of the run config on the first seed (all checkpoints: the exploratory sweep, figures and law); the pre-registered pair on every seed."
+    rc = spt_run_config(ctx.fast)
+    ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "domain_train_tokens": rc.domain_tokens(), "main_comparison": [SPT_MAIN, SPT_REF],
+                               "arm_specs": {k: asdict(SPT_ARMS[k]) for k in rc.arms}, "model_parameters": count_parameters(TinyLM(rc.pretrain.train.model))}
+    general = split_corpus(load_corpus(rc.pretrain.general, "all"))
+    gv = general_eval_set(general[1], rc.pretrain.max_general_eval_tokens)
+    doms = {k: make_domain(src, rc.domain_tokens(), rc.test_tokens, rc.lines_per_piece, seed=0, name=k) for k, src in rc.domains}
+    steps, spb = rc.pretrain.checkpoint_steps(), rc.pretrain.train.batch_size * rc.pretrain.train.seq_len
+    budgets = [s * spb for s in steps]
+    m = {"config": ctx.config, "domain_cards": {k: d.card() for k, d in doms.items()}, "budgets_tokens": budgets,
+         "domains": {k: {"arms": {}, "seeds": {a: [] for a in (SPT_REF, SPT_MAIN)}} for k in doms}}
+    samples = {_arm(d, a): {"post_ft_domain_test_bpb": [], "forgetting": []} for d in doms for a in (SPT_MAIN, SPT_REF)}
+    pre_units = {}
+
+    def pretrained(dname: str, key: str, seed: int) -> tuple[dict, str]:
+        "The pretraining unit arm `key` x `seed` that domain `dname` finetunes from, and `dname`'s eval group in it."
+        arm = SPT_ARMS[key]
+        home = SPT_DOMAINS[0] if arm.shared else dname
+        ukey = f"pretrain/{home}/{key}/seed{seed}"
+        if ukey not in pre_units:
+            extra = {k: d for k, d in doms.items() if k != home} if arm.shared else None
+            pre_units[ukey] = ctx.unit(ukey, lambda run_dir: pretrain_unit(run_dir, doms[home], arm, rc.pretrain.replace(seed=seed), general, extra, ctx.progress))
+        return pre_units[ukey], ("domain" if home == dname else dname)
+
+    for i, seed in enumerate(ctx.seeds):
+        for dname, dom in doms.items():
+            for key in (rc.arms if i == 0 else (SPT_REF, SPT_MAIN)):  # the exploratory arms on the first seed, the main pair on all
+                arm, (pre, prefix) = SPT_ARMS[key], pretrained(dname, key, seed)
+                ft_steps = steps if (i == 0 and arm.on_curve) else steps[-1:]
+                res = _int_budgets(ctx.unit(f"finetune/{dname}/{key}/seed{seed}", lambda _: finetune_unit(
+                    pre, prefix, dom, gv, ft_steps, rc, seed, name=f"{dname} {key} seed {seed}", log=ctx.log)))
+                if i == 0 and arm.on_curve: m["domains"][dname]["arms"][key] = res
+                elif i == 0: m["domains"][dname][key] = dict(delta=arm.delta, domain_start=arm.domain_start, **res)
+                if key in m["domains"][dname]["seeds"]:
+                    m["domains"][dname]["seeds"][key].append(dict(seed=seed, **_pick(res["post_ft"], ("domain_test_bpb", "general_bpb")),
+                                                                  pre_ft_domain_test_bpb=res["pre_ft"]["domain_test_bpb"]))
+                    samples[_arm(dname, key)]["post_ft_domain_test_bpb"].append(res["post_ft"]["domain_test_bpb"])
+                    samples[_arm(dname, key)]["forgetting"].append(res["forgetting"])
+    for d in doms:  # R_gain of the main arm over δ = 0, per seed
+        b0, bs = samples[_arm(d, SPT_REF)]["post_ft_domain_test_bpb"], samples[_arm(d, SPT_MAIN)]["post_ft_domain_test_bpb"]
+        samples[_arm(d, SPT_MAIN)]["r_gain"] = [100 * (x0 - xs) / x0 for x0, xs in zip(b0, bs)]
+    for d, dd in m["domains"].items():  # exploratory: the best delta, the compute multiplier, forgetting by delta (first seed)
+        seeds_post = {a: [r["domain_test_bpb"] for r in runs] for a, runs in dd["seeds"].items()}
+        dd.update(domain_summary(dd["arms"], budgets, seeds_post if len(ctx.seeds) > 1 else None, main=SPT_MAIN))
+    far_k, near_k = SPT_DOMAINS
     fd, nd = m["domains"][far_k], m["domains"][near_k]
-    m.update(far_r_gain=fd["r_gain"], near_r_gain=nd["r_gain"], far_best_delta=fd["best_delta"], far_compute_multiplier=fd["compute_multiplier"],
-             turn_forecast_error=law["turn_forecast_error"], b_gap_10pct=law["b_gap"].get(_dkey(big)),
-             far_forgetting_best=fd["forgetting"][_dkey(fd["best_delta"])], far_forgetting_npt=fd["forgetting"]["0"])
+    m["law"] = law = _law(fd["arms"], rc, doms[far_k].train.n_tokens, ctx.seed)
+    m.update(seeds=fd["seeds"], samples=samples, far_r_gain_main=mean(samples[_arm(far_k, SPT_MAIN)]["r_gain"]),
+             near_r_gain_main=mean(samples[_arm(near_k, SPT_MAIN)]["r_gain"]),
+             far_r_gain=fd["r_gain"], near_r_gain=nd["r_gain"], far_best_delta=fd["best_delta"], far_compute_multiplier=fd["compute_multiplier"],
+             turn_forecast_error=law["turn_forecast_error"], b_gap_10pct=law["b_gap"].get(_dkey(law["forecast_delta"])),
+             far_forgetting_best=fd["forgetting"][_dkey(fd["best_delta"])], far_forgetting_npt=fd["forgetting"][SPT_REF])
     for fname, fn in (("post_ft_vs_tokens", plot_post_ft_vs_tokens), ("forgetting", plot_forgetting), ("train_vs_test", plot_train_vs_test),
                       ("pretrain_domain_test", plot_pretrain_domain_test), ("law", plot_law)):
         ctx.save_figure(fn(m), fname)
+    for u in pre_units.values():  # every finetuning unit is done: the snapshots (MBs each) need not stay in the result folder
+        for p in u["snapshots"].values(): shutil.rmtree(Path(p).parent, ignore_errors=True)
     return m
 
 # %% ../nbs/30_specialized_pretraining.ipynb #1b6eacab
