@@ -14,16 +14,28 @@ def test_reproduce_baseline_fast_writes_complete_results(tmp_path, capsys):
     try: assert main(["reproduce", "baseline", "--fast", "--out", str(tmp_path), "--seed", "3", "--threads", "1", "--no-progress"]) == 0
     finally: torch.set_num_threads(threads)
     out = tmp_path / "baseline"
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "run.json", "loss_curve.png"}
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "run.json", "loss_curve.png", "logs"}
     m, run = json.loads((out / "metrics.json").read_text()), json.loads((out / "run.json").read_text())
-    assert 0 < m["val_bpb"] < 8 and m["tokens_per_s"] > 0 and m["tokens"] > 0
+    for arm in ("fp32", "bf16"):
+        assert 0 < m["samples"][arm]["val_bpb"][0] < 8 and m["samples"][arm]["tokens_per_s"][0] > 0
+        assert (out / "logs" / arm / "seed3" / "metrics.csv").is_file()  # Lightning's CSV log of every arm x seed
+    assert [c["name"] for c in m["claims"]] == ["stack_trains", "bf16_matches_fp32", "bf16_faster"]
+    for c in m["claims"]:
+        assert c["verdict"] == "not tested (--fast)" and c["n_seeds"] == 1
+        assert set(c) >= {"name", "statement", "estimate", "ci95", "n_seeds", "threshold", "verdict"}
     assert run["config"]["threads"] == 1 and run["environment"]["torch_threads"] == 1  # --threads is honoured
-    assert run["seed"] == 3 and run["fast"] is True and run["command"].startswith("trainlab reproduce baseline")
+    assert run["seeds"] == [3] and run["fast"] is True and run["command"].startswith("trainlab reproduce baseline")
     for k in ("git_sha", "config", "environment", "wall_s", "started_at"): assert k in run
     assert run["environment"]["versions"]["torch"]
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("baseline: val_bpb=") and str(out) in last
+    printed = capsys.readouterr().out
+    assert printed.startswith("baseline: wall=") and str(out) in printed and "bf16_faster:" in printed and "not tested (--fast)" in printed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_help_documents_seeds_and_resume(capsys):
+    with pytest.raises(SystemExit): main(["reproduce", "--help"])
+    text = capsys.readouterr().out
+    assert "--seeds K" in text and "--resume" in text and "paired seeds" in text
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -31,6 +43,7 @@ def test_reproduce_baseline_fast_writes_complete_results(tmp_path, capsys):
     (["reproduce", "baseline", "--seed", "x"], "expected an integer seed"),
     (["reproduce", "baseline", "--seed", "-1"], "expected a seed in"),
     (["reproduce", "baseline", "--threads", "0"], "expected a positive integer"),
+    (["reproduce", "baseline", "--seeds", "0"], "expected a positive integer"),
     (["reproduce", "baseline", "--bogus"], "unrecognized arguments: --bogus"),
     (["frobnicate"], "invalid choice"),
 ])
