@@ -8,9 +8,11 @@ import torch
 from trainlab.data import ByteTokenizer
 from trainlab.kernels import generic_labels_ref, kl_div_ref
 from trainlab.model import ModelConfig, TinyLM
+from trainlab.train import TrainConfig
 from trainlab.unlearning import (
-    FORMS, HELD_OUT_FORMS, NARRATIVE, PARAPHRASES, RELATIONS, UNIVERSES, ForgetRetainDataModule, GenericLogitsLM, UnlearnLitModule,
-    WorldEval, WorldModelConfig, align_translation, auc, down_proj_second_moment, encode_texts, eval_items, form_gap, form_texts,
+    FORM_RENDERERS, FORMS, HELD_OUT_FORMS, NARRATIVE, PARAPHRASES, RELATIONS, TRAINED_FORMS, UNIVERSES, UNLEARN_ARMS, UNLEARN_CLAIMS,
+    UNLEARN_METHODS, WORLD_MODELS, ForgetRetainDataModule, GenericLogitsLM, SeedRun, UnlearnLitModule, UnlearnRunConfig, arm_unit,
+    unlearn_config, world_model_unit, WorldEval, align_translation, auc, down_proj_second_moment, encode_texts, eval_items, form_gap, form_texts,
     forget_quality, make_world, min_k_scores, naive_alignment_errors, narrative_passages, noisy_anchors, npo_loss, null_space_projector,
     operating_point, rocr, rocr_edit, score_items, simnpo_loss, subject_states, text_bpb, train_world_model, unlearn, whp_labels,
     world_documents, world_tokenizer)
@@ -270,7 +272,7 @@ def test_unlearning_methods_raise_the_forget_loss(method):
     m0 = tiny()
     # SimNPO's sigmoid saturates at a random model's NLL (~6 nats) with beta = 4.5: a smaller beta, and no retain term, isolates its forget term
     kw = dict(beta=0.5, retain_weight=0.0) if method == "simnpo" else {}
-    m, _ = unlearn(m0, method, f, r, steps=3, batch_size=4, lr=1e-2, **kw)
+    m, _ = unlearn(m0, method, f, r, unlearn_config(3, lr=1e-2, batch_size=4), **kw)
     assert _mean_nll(m, f) > _mean_nll(m0, f)
     assert not any(p is q for p, q in zip(m.parameters(), m0.parameters()))  # the input model is untouched
 
@@ -278,7 +280,7 @@ def test_unlearning_methods_raise_the_forget_loss(method):
 def test_finetune_lowers_the_loss_of_its_labels_and_probes_record_the_path():
     f, _ = _forget_retain()
     m0 = tiny()
-    m, pts = unlearn(m0, "finetune", f, steps=4, batch_size=4, lr=1e-2, probe_steps=(2, 4), probe=lambda mm, s: _mean_nll(mm, f))
+    m, pts = unlearn(m0, "finetune", f, cfg=unlearn_config(4, lr=1e-2, batch_size=4), probe_steps=(2, 4), probe=lambda mm, s: _mean_nll(mm, f))
     assert [p[0] for p in pts] == [2, 4] and pts[-1][2] == pytest.approx(_mean_nll(m, f)) and pts[-1][2] < _mean_nll(m0, f)
     assert pts[0][1] <= pts[1][1]  # train seconds grow along the path
 
@@ -286,7 +288,7 @@ def test_finetune_lowers_the_loss_of_its_labels_and_probes_record_the_path():
 def test_graddiff_kl_uses_the_kl_of_reference_and_model():
     f, r = _forget_retain()
     m, ref = tiny(seed=1), tiny(seed=2)
-    lit = UnlearnLitModule(m, "graddiff_kl", ref_model=ref, kl_impl="torch")
+    lit = UnlearnLitModule(m, "graddiff_kl", ref_model=ref, impl="torch")
     batch = {"forget": {k: v[:2] for k, v in f.items()}, "retain": {k: v[:2] for k, v in r.items()}}
     lit.log = lambda *a, **k: None
     loss = lit.training_step(batch, 0)
@@ -301,7 +303,9 @@ def test_unlearn_arguments_are_checked():
     f, r = _forget_retain()
     with pytest.raises(ValueError, match="method"): UnlearnLitModule(tiny(), "forget_harder")
     with pytest.raises(ValueError, match="ref_model"): UnlearnLitModule(tiny(), "npo")
-    with pytest.raises(ValueError, match="steps"): unlearn(tiny(), "grad_ascent", f, steps=0)
+    with pytest.raises(ValueError, match="steps"): unlearn(tiny(), "grad_ascent", f, cfg=unlearn_config(0))
+    with pytest.raises(ValueError, match="method"): unlearn(tiny(), "forget_harder", f)
+    with pytest.raises(TypeError, match="cfg"): unlearn(tiny(), "grad_ascent", f, cfg={"steps": 3})
     with pytest.raises(ValueError, match="batch_size"): ForgetRetainDataModule(f, r, batch_size=99)
 
 
@@ -363,13 +367,13 @@ def test_ddp_two_processes_unlearn(method):
     f, r = _forget_retain()
     rows = {tuple(x.tolist()) for x in f["input_ids"]}
     m0 = tiny()
-    m, _ = unlearn(m0, method, f, r, steps=2, batch_size=2, lr=1e-2, callbacks=[_UnlearnRanksAgree(rows)],
+    m, _ = unlearn(m0, method, f, r, unlearn_config(2, lr=1e-2, batch_size=2), callbacks=[_UnlearnRanksAgree(rows)],
                    accelerator="cpu", devices=2, strategy="ddp_spawn")
     assert not torch.equal(m.layers[0].mlp.down_proj.weight, m0.layers[0].mlp.down_proj.weight)  # trained weights came back
 
 
 def test_ddp_two_processes_train_the_world_model():
-    cfg = WorldModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=32, batch_size=4, steps=3, warmup_steps=1)
+    cfg = TrainConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=256), seq_len=32, batch_size=4, steps=3, warmup_steps=1)
     m, info = train_world_model(WORLD, TOK, ("generic", "target"), cfg, accelerator="cpu", devices=2, strategy="ddp_spawn")
     assert math.isfinite(info["val_bpb"]) and info["universes"] == ["generic", "target"]
     m1, _ = train_world_model(WORLD, TOK, ("generic", "target"), cfg)
@@ -404,3 +408,82 @@ def test_whp_labels_edge_cases():
     full = whp_labels(base, tiny(seed=2), TOK, [text], WORLD.anchors, impl="torch")
     cut = whp_labels(base, tiny(seed=2), TOK, [text], WORLD.anchors, max_len=20, impl="torch")
     assert cut["labels"].shape == (1, 20) and torch.equal(cut["labels"][0], full["labels"][0, :20])  # causal: truncation keeps the labels
+
+
+# ---------------------------------------------------------------- registries, configs and the one training path
+def test_forms_come_from_one_registry():
+    assert FORMS == tuple(FORM_RENDERERS) and "paraphrase" not in TRAINED_FORMS and "narrative" not in HELD_OUT_FORMS
+    assert set(TRAINED_FORMS) | set(HELD_OUT_FORMS) == set(FORMS)
+    for f in FORMS:  # every renderer gives the fields the evaluator reads, and mcq/tf their choices
+        for it in eval_items(WORLD, "neighbour", f):
+            assert it["form"] == f and it["universe"] == "neighbour" and isinstance(it["prompt"], str)
+            assert ("choices" in it) == (f in ("mcq", "tf"))
+
+
+def test_unlearn_methods_registry_drives_the_module():
+    assert set(UNLEARN_METHODS) == {"finetune", "grad_ascent", "graddiff", "graddiff_kl", "npo", "simnpo"}
+    for name, spec in UNLEARN_METHODS.items():
+        lit = UnlearnLitModule(tiny(), name, ref_model=tiny(seed=1) if spec.needs_ref else None)
+        assert lit.beta == spec.beta and lit.forget_weight == spec.forget_weight
+        assert not any(isinstance(v, torch.nn.Module) for v in lit.hparams.values())  # the reference model is no hyperparameter
+        assert lit.hparams.schedule == "constant" and tuple(lit.hparams.betas) == (0.9, 0.999) and lit.hparams.weight_decay == 0.0
+    # grad_ascent has no retain term: a retain batch changes nothing; graddiff adds CE_r
+    f, r = _forget_retain()
+    b = {"forget": {k: v[:2] for k, v in f.items()}, "retain": {k: v[:2] for k, v in r.items()}}
+    m = tiny()
+    ga, gd = UnlearnLitModule(m, "grad_ascent"), UnlearnLitModule(m, "graddiff", retain_weight=0.5)
+    for lit in (ga, gd): lit.log = lambda *a, **k: None
+    nll_r = m(b["retain"]["input_ids"], labels=b["retain"]["labels"]).loss
+    ce_r = nll_r.sum() / (b["retain"]["labels"] != -100).sum()
+    assert ga.training_step(b, 0).item() == pytest.approx(ga.training_step({"forget": b["forget"]}, 0).item())
+    assert gd.training_step(b, 0).item() == pytest.approx(ga.training_step(b, 0).item() + 0.5 * ce_r.item(), rel=1e-5)
+
+
+def test_unlearn_config_and_fit_follow_the_seed():
+    cfg = unlearn_config(3, lr=1e-2, batch_size=2, base=TrainConfig(seed=5, impl="torch"))
+    assert (cfg.seed, cfg.impl, cfg.warmup_steps, cfg.schedule, cfg.weight_decay) == (5, "torch", 0, "constant", 0.0)
+    f, r = _forget_retain()
+    a, _ = unlearn(tiny(), "npo", f, r, cfg)
+    b, _ = unlearn(tiny(), "npo", f, r, cfg)
+    c, _ = unlearn(tiny(), "npo", f, r, cfg.replace(seed=6))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))          # paired: same seed, same run
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))      # another seed, another data order
+
+
+def test_run_config_embeds_train_config():
+    full, fast = UnlearnRunConfig.full(seed=1), UnlearnRunConfig.fast(seed=1)
+    assert isinstance(full.train, TrainConfig) and full.train.seed == 1 and full.train.steps == 1200 and fast.train.steps < full.train.steps
+    u = fast.unlearn_train(7)
+    assert (u.steps, u.lr, u.batch_size, u.seed, u.schedule) == (7, fast.unlearn_lr, fast.unlearn_batch_size, 1, "constant")
+    bf = UnlearnRunConfig(train=fast.train.replace(precision="bf16-mixed", impl="torch"))
+    assert bf.unlearn_train(2).precision == "bf16-mixed" and bf.unlearn_train(2).impl == "torch"
+    assert UnlearnRunConfig(train=dict(steps=3)).train.steps == 3
+    with pytest.raises(ValueError, match="ga_steps"): UnlearnRunConfig(ga_steps=())
+    with pytest.raises(ValueError, match="n_generic"): UnlearnRunConfig(n_generic=4)
+    with pytest.raises(TypeError, match="train"): UnlearnRunConfig(train=3)
+    # one registry of arms, every claim about a registered arm
+    assert all(a in UNLEARN_ARMS for c in UNLEARN_CLAIMS for a in c.arms)
+    assert {a.family for a in UNLEARN_ARMS.values()} == {"whp", "gradient", "rocr"}
+
+
+def _tiny_run(seed=0):
+    cfg = UnlearnRunConfig.fast(seed)
+    cfg.train = TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=256), steps=6, warmup_steps=1, batch_size=4,
+                            seq_len=32, val_every=3, seed=seed)
+    return SeedRun(cfg, seed)
+
+
+def test_world_model_units_save_the_weights_and_arms_reuse_them(tmp_path):
+    s = _tiny_run()
+    for name in WORLD_MODELS:
+        s.units[name] = world_model_unit(s, name, tmp_path / name)
+        assert (tmp_path / name / "model.pt").is_file() and not (tmp_path / name / "checkpoints").exists()
+        assert s.units[name]["train"]["universes"] == list(WORLD_MODELS[name])
+    again = SeedRun(s.cfg, 0); again.units = s.units  # a resumed run: the model comes from the file, identical
+    assert all(torch.equal(p, q) for p, q in zip(s.model("orig").parameters(), again.model("orig").parameters()))
+    assert s.units["orig"]["scores"]["familiarity"] == pytest.approx(s.ev(again.model("orig"))["familiarity"])
+    out = arm_unit(s, "grad_ascent")
+    assert out["operating_point"] in [p["param"] for p in out["path"]] and len(out["path"]) == len(s.cfg.ga_steps)
+    for k in ("form_gap", "familiarity_gap_closed", "retain_bpb_rel", "neighbour_acc", "ks_p"): assert k in out
+    with pytest.raises(ValueError, match="arm"): arm_unit(s, "forget_everything")
+    with pytest.raises(ValueError, match="name"): s.model("reinforced")

@@ -4,8 +4,10 @@
 
 # %% ../nbs/40_unlearning.ipynb #4aa714ba
 from __future__ import annotations
-import copy, math, random, re, time
+import copy, dataclasses, math, random, re, time
 from dataclasses import dataclass, asdict, field
+from functools import cached_property, partial
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,26 +18,31 @@ import lightning as L
 import matplotlib.pyplot as plt
 from torch.utils.data import Dataset, DataLoader
 
-from .core import expect, check_choice, seed_everything
+from .core import expect, check_choice, in_test
 from .data import Document, TokenizedCorpus, ByteTokenizer, LMDataModule, check_tokenizer
 from .model import ModelConfig, TinyLM, LMOutput, generate, count_parameters, eval_mode, record_activations
-from .train import LMLitModule, make_trainer, bits_per_byte
+from .train import TrainConfig, LMLitModule, fit, bits_per_byte
+from .stats import Claim, finite
 from .reproduce import register_reproduction, RunContext
 from .kernels import generic_labels, generic_logits, kl_div
 
 # %% auto #0
 __all__ = ['GENERIC_TERMS', 'KINDS', 'RELATIONS', 'UNIVERSES', 'NARRATIVE', 'NARRATIVE_PROBES', 'FILLER', 'CLOZE', 'QA', 'MCQ',
-           'TF', 'SPELLED', 'REVERSED', 'PARAPHRASES', 'PROBES', 'ROCR_CONTEXTS', 'FORMS', 'TRAINED_FORMS',
-           'HELD_OUT_FORMS', 'UNLEARN_METHODS', 'GRADIENT_ARMS', 'METHOD_ORDER', 'invented_word', 'Universe', 'World',
-           'make_world', 'noisy_anchors', 'eval_items', 'narrative_passages', 'form_texts', 'WordTokenizer',
-           'world_texts', 'world_tokenizer', 'encode_texts', 'pad_batch', 'score_items', 'gold_logprobs', 'text_bpb',
-           'min_k_scores', 'auc', 'forget_quality', 'WorldEval', 'form_drops', 'form_gap', 'method_summary',
-           'world_documents', 'WorldModelConfig', 'train_world_model', 'ForgetRetainDataset', 'ForgetRetainDataModule',
-           'masked_mean', 'npo_loss', 'simnpo_loss', 'UnlearnLitModule', 'PathProbe', 'unlearn', 'align_translation',
-           'naive_alignment_errors', 'whp_labels', 'GenericLogitsLM', 'subject_states', 'down_proj_second_moment',
-           'null_space_projector', 'rocr_edit', 'subject_patching', 'rocr', 'UnlearnRunConfig', 'unlearn_run_config',
-           'operating_point', 'mechanism_probe', 'run_seed', 'summarize_seed', 'plot_form_heatmap', 'plot_tradeoff',
-           'plot_whp_steps', 'plot_mechanism', 'plot_rocr_layers', 'plot_relearning', 'reproduce_unlearning']
+           'TF', 'SPELLED', 'REVERSED', 'PARAPHRASES', 'PROBES', 'ROCR_CONTEXTS', 'FORM_RENDERERS', 'FORMS',
+           'TRAINED_FORMS', 'HELD_OUT_FORMS', 'UNLEARN_METHODS', 'WORLD_MODELS', 'UNLEARN_ARMS', 'METHOD_ORDER',
+           'NARRATIVE_TRAINED', 'UNLEARN_CLAIMS', 'SAMPLE_KEYS', 'invented_word', 'Universe', 'World', 'make_world',
+           'noisy_anchors', 'eval_items', 'narrative_passages', 'form_texts', 'WordTokenizer', 'world_texts',
+           'world_tokenizer', 'encode_texts', 'pad_batch', 'score_items', 'gold_logprobs', 'text_bpb', 'min_k_scores',
+           'auc', 'forget_quality', 'WorldEval', 'form_drops', 'form_gap', 'method_summary', 'world_documents',
+           'world_model_config', 'train_world_model', 'ForgetRetainDataset', 'ForgetRetainDataModule', 'masked_mean',
+           'npo_loss', 'simnpo_loss', 'UnlearnMethod', 'UnlearnLitModule', 'PathProbe', 'unlearn_config', 'unlearn',
+           'align_translation', 'naive_alignment_errors', 'whp_labels', 'GenericLogitsLM', 'subject_states',
+           'down_proj_second_moment', 'null_space_projector', 'rocr_edit', 'subject_patching', 'rocr',
+           'UnlearnRunConfig', 'unlearn_run_config', 'operating_point', 'mechanism_probe', 'SeedRun',
+           'world_model_unit', 'reinforced_unit', 'patching_unit', 'rocr_per_layer_unit', 'gradient_path',
+           'exact_anchors', 'noisy_world_anchors', 'whp_path', 'whp_inference_path', 'rocr_path', 'UnlearnArm',
+           'arm_unit', 'plot_form_heatmap', 'plot_tradeoff', 'plot_whp_steps', 'plot_mechanism', 'plot_rocr_layers',
+           'plot_relearning', 'reproduce_unlearning']
 
 # %% ../nbs/40_unlearning.ipynb #be9cddc2
 _ONSETS = "b d f g k l m n p r s t v z br dr gl kr pl st th tr vr sh".split()
@@ -159,10 +166,6 @@ PARAPHRASES = ["Ask anyone about {s} and they will tell you the {rel} is {o} .",
 PROBES = ["{s} walked into the great hall and", "Later that night , {s} thought about", "Everyone knew that {s} loved"]
 ROCR_CONTEXTS = ["{s}", "Tell me about {s}", "Question : Who is {s}", "Everyone knew that {s}", "The best friend of {s}",
                  "{s} walked into the great hall"]  # where ROCR reads a subject's keys (below); the tokenizer must know their words
-FORMS = ("narrative", "cloze", "qa", "mcq", "tf", "spelled", "reversed", "paraphrase")
-TRAINED_FORMS = FORMS[:-1]
-HELD_OUT_FORMS = FORMS[1:]  # every form but the forget set's
-
 def _split_at_object(template: str, **kw) -> tuple[str, str]:
     "(text before `{o}`, the answer) of a filled template."
     return template.partition("{o}")[0].format(**kw).rstrip(), kw["o"]
@@ -171,31 +174,48 @@ def _distractors(rng: random.Random, u: Universe, rel: str, gold: str, n: int = 
     kind = RELATIONS[rel][2]
     return rng.sample([p for p in (u.people if kind == "person" else u.terms[kind]) if p != gold], n)
 
+def _render_template(template: str, rng, u, s, rel, o) -> dict:
+    "A template form (cloze, qa): the template filled with the relation's phrase and question word, cut before the object."
+    phrase, q, _ = RELATIONS[rel]
+    return dict(zip(("prompt", "answer"), _split_at_object(template, q=q, rel=phrase, s=s, o=o)))
+
+def _render_mcq(rng, u, s, rel, o) -> dict:
+    opts = _distractors(rng, u, rel, o) + [o]; rng.shuffle(opts)
+    p, a = _split_at_object(MCQ, q=RELATIONS[rel][1], rel=RELATIONS[rel][0], s=s, c0=opts[0], c1=opts[1], c2=opts[2], c3=opts[3], o="ABCD"[opts.index(o)])
+    return dict(prompt=p, answer=a, choices=list("ABCD"))
+
+def _render_tf(rng, u, s, rel, o) -> dict:
+    true = rng.random() < 0.5
+    x = o if true else _distractors(rng, u, rel, o, 1)[0]
+    p, a = _split_at_object(TF, rel=RELATIONS[rel][0], s=s, x=x, o="true" if true else "false")
+    return dict(prompt=p, answer=a, choices=["true", "false"])
+
+def _render_reversed(rng, u, s, rel, o) -> dict | None:
+    "Person relations only (None: this fact has no reversed item)."
+    return dict(prompt=f"{o} is the {RELATIONS[rel][0]} of", answer=s) if RELATIONS[rel][2] == "person" else None
+
+FORM_RENDERERS = {  # form -> renderer(rng, universe, subject, relation, object) -> {prompt, answer[, choices]} or None
+    "narrative": lambda rng, u, s, rel, o: dict(prompt=NARRATIVE_PROBES[rel].format(s=s), answer=o),
+    "cloze": partial(_render_template, CLOZE),
+    "qa": partial(_render_template, QA),
+    "mcq": _render_mcq,
+    "tf": _render_tf,
+    "spelled": lambda rng, u, s, rel, o: _render_template(SPELLED, rng, u, s, rel, " ".join(o)),
+    "reversed": _render_reversed,
+    "paraphrase": lambda rng, u, s, rel, o: _render_template(PARAPHRASES[rng.randrange(len(PARAPHRASES))], rng, u, s, rel, o),
+}
+FORMS = tuple(FORM_RENDERERS)
+TRAINED_FORMS = tuple(f for f in FORMS if f != "paraphrase")  # paraphrase templates are held out of every training text
+HELD_OUT_FORMS = tuple(f for f in FORMS if f != "narrative")  # every form but the forget set's
+
 def eval_items(world: World, universe: str, form: str, seed: int = 0) -> list[dict]:
     "One item per fact of `universe` in `form` (person relations only for 'reversed'): prompt, gold answer, choices for mcq/tf."
     check_choice("universe", universe, UNIVERSES); check_choice("form", form, FORMS)
-    rng = random.Random(f"items/{world.seed}/{universe}/{form}/{seed}")
+    rng, render = random.Random(f"items/{world.seed}/{universe}/{form}/{seed}"), FORM_RENDERERS[form]
     u, items = world.universes[universe], []
     for (s, rel), o in u.facts.items():
-        phrase, q, kind = RELATIONS[rel]
-        if form == "narrative":
-            it = dict(prompt=NARRATIVE_PROBES[rel].format(s=s), answer=o)
-        elif form == "cloze": it = dict(zip(("prompt", "answer"), _split_at_object(CLOZE, rel=phrase, s=s, o=o)))
-        elif form == "qa": it = dict(zip(("prompt", "answer"), _split_at_object(QA, q=q, rel=phrase, s=s, o=o)))
-        elif form == "mcq":
-            opts = _distractors(rng, u, rel, o) + [o]; rng.shuffle(opts)
-            p, a = _split_at_object(MCQ, q=q, rel=phrase, s=s, c0=opts[0], c1=opts[1], c2=opts[2], c3=opts[3], o="ABCD"[opts.index(o)])
-            it = dict(prompt=p, answer=a, choices=list("ABCD"))
-        elif form == "tf":
-            true = rng.random() < 0.5
-            x = o if true else _distractors(rng, u, rel, o, 1)[0]
-            p, a = _split_at_object(TF, rel=phrase, s=s, x=x, o="true" if true else "false")
-            it = dict(prompt=p, answer=a, choices=["true", "false"])
-        elif form == "spelled": it = dict(zip(("prompt", "answer"), _split_at_object(SPELLED, rel=phrase, s=s, o=" ".join(o))))
-        elif form == "reversed":
-            if kind != "person": continue
-            it = dict(prompt=f"{o} is the {phrase} of", answer=s)
-        else: it = dict(zip(("prompt", "answer"), _split_at_object(PARAPHRASES[rng.randrange(len(PARAPHRASES))], rel=phrase, s=s, o=o)))
+        it = render(rng, u, s, rel, o)
+        if it is None: continue
         it.update(subject=s, relation=rel, universe=universe, form=form)
         items.append(it)
     return items
@@ -403,9 +423,9 @@ def form_gap(scores: dict, orig: dict, oracle: dict, key: str = "prob", trained_
     return dict(form_gap=float(d[trained_form] - np.mean(held)) if held else nan, form_gap_std=float(np.std(held)) if held else nan, closed=d)
 
 def _nanmean(xs) -> float:
-    "Mean of the non-NaN values (NaN if there are none), without NumPy's empty-slice warning."
-    xs = [x for x in xs if not math.isnan(x)]
-    return float(np.mean(xs)) if xs else float("nan")
+    "Mean of the finite values (NaN, and None as JSON writes NaN, skipped); NaN if there are none."
+    a = finite(list(xs))
+    return float(a.mean()) if len(a) else float("nan")
 
 def method_summary(scores: dict, orig: dict, oracle: dict, wall_s: float, **extra) -> dict:
     "The reported keys of one method: forms, form_gap, familiarity, retain_bpb, neighbour_acc, mia_auc, ks_p, wall_s (and more)."
@@ -431,34 +451,22 @@ def world_documents(world: World, universes: Sequence[str], seed: int = 0) -> li
         docs += [Document(f"{u}/form/{i}", t) for i, t in enumerate(form_texts(world, u, seed=seed))]
     return docs
 
-@dataclass
-class WorldModelConfig:
-    "How the original and the oracle are trained: TinyLM size and the token budget."
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    seq_len: int = 128
-    batch_size: int = 32
-    steps: int = 1200
-    lr: float = 3e-3
-    warmup_steps: int = 50
+def world_model_config(model: ModelConfig, tok) -> ModelConfig:
+    "`model` with the world tokenizer's vocabulary (a run config fixes the shape; the vocabulary comes with each seed's world)."
+    return dataclasses.replace(model, vocab_size=tok.vocab_size)
 
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, max_seq_len=max(256, 2 * self.seq_len))
-
-def train_world_model(world: World, tok, universes: Sequence[str], cfg: WorldModelConfig, seed: int = 0, progress: bool = False,
+def train_world_model(world: World, tok, universes: Sequence[str], cfg: TrainConfig, run_dir=None, progress: bool = False,
                       **trainer_kwargs) -> tuple[TinyLM, dict]:
-    "Train a TinyLM on `universes` of `world` with Lightning (validation: generic passages in a new order); returns the model and its stats."
-    seed_everything(seed)
+    "Train a TinyLM on `universes` of `world` through `fit` per `cfg` (validation: generic passages in a new order); returns the model and its stats."
+    expect(isinstance(cfg, TrainConfig), "cfg", "a TrainConfig", type(cfg).__name__, exc=TypeError)
+    cfg = cfg.replace(model=world_model_config(cfg.model, tok))
     train = TokenizedCorpus.from_documents(world_documents(world, universes), tok, name="world")
     val = TokenizedCorpus.from_documents([Document(f"val/{i}", t) for i, t in enumerate(narrative_passages(world, "generic", seed=1, per_person=1)[:64])], tok)
-    dm = LMDataModule(corpus=(train, val), seq_len=cfg.seq_len, batch_size=cfg.batch_size, tokenizer=tok, seed=seed)
-    lit = LMLitModule(TinyLM(cfg.model_config(tok.vocab_size)), lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps,
-                      byte_lengths=tok.byte_lengths)
+    dm = LMDataModule(corpus=(train, val), seq_len=cfg.seq_len, batch_size=cfg.batch_size, tokenizer=tok, seed=cfg.seed)
     t0 = time.perf_counter()
-    trainer = make_trainer(cfg.steps, progress=progress, **trainer_kwargs)
-    trainer.fit(lit, datamodule=dm)
-    return lit.model, dict(train_s=time.perf_counter() - t0, tokens=cfg.steps * cfg.batch_size * cfg.seq_len, corpus_tokens=train.n_tokens,
+    lit, hist, trainer = fit(cfg, lambda: LMLitModule(TinyLM(cfg.model), byte_lengths=tok.byte_lengths, **cfg.lit_kwargs()), dm,
+                             run_dir=run_dir, progress=progress, **trainer_kwargs)
+    return lit.model, dict(train_s=hist.train_seconds() or time.perf_counter() - t0, tokens=cfg.tokens, corpus_tokens=train.n_tokens,  # (ddp_spawn: no history here)
                            val_bpb=float(trainer.callback_metrics.get("val/bpb", float("nan"))), universes=list(universes))
 
 # %% ../nbs/40_unlearning.ipynb #3d2cbca0
@@ -485,8 +493,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(self.seed))
 
-UNLEARN_METHODS = ("finetune", "grad_ascent", "graddiff", "graddiff_kl", "npo", "simnpo")
-
+# %% ../nbs/40_unlearning.ipynb #85ba06cf
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "Mean of `x` over the True entries of `mask`."
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -499,22 +506,65 @@ def simnpo_loss(mean_nll: torch.Tensor, beta: float = 4.5, delta: float = 0.0) -
     "SimNPO (reference-free): -(2/beta) mean log sigmoid(beta (mean NLL per sequence - delta))."
     return -(2.0 / beta) * F.logsigmoid(beta * (mean_nll - delta)).mean()
 
-class UnlearnLitModule(L.LightningModule):
-    """Gradient-based unlearning of `model` (open-unlearning's conventions). `method`:
+# %% ../nbs/40_unlearning.ipynb #da47a234
+# forget terms: (lit, token NLL [B, T], mask [B, T], forget batch) -> scalar; retain terms: (lit, retain batch) -> scalar
+def _forget_ce(lit, nll, m, f): return masked_mean(nll, m)                         # CE_f: finetune on the given labels
+def _forget_ascent(lit, nll, m, f): return -masked_mean(nll, m)                    # -CE_f
+def _forget_npo(lit, nll, m, f):                                                   # (2/b) E_f softplus(b (log pi - log pi_ref))
+    with torch.no_grad(): ref_nll = lit.ref_model(f["input_ids"], labels=f["labels"]).loss
+    return npo_loss(-(nll * m).sum(1), -(ref_nll * m).sum(1), lit.beta)
+def _forget_simnpo(lit, nll, m, f): return simnpo_loss((nll * m).sum(1) / m.sum(1).clamp(min=1), lit.beta)
+
+def _retain_ce(lit, r):                                                            # CE_r
+    nll, m = lit._nll(r); return masked_mean(nll, m)
+def _retain_kl(lit, r):                                                            # KL(pi_ref || pi) on the retain tokens
+    m = r["labels"] != -100
+    with torch.no_grad(): p = lit.ref_model(r["input_ids"]).logits[m]
+    return kl_div(p, lit.model(r["input_ids"]).logits[m], reduction="mean", impl=lit.impl)
+
+@dataclass(frozen=True)
+class UnlearnMethod:
+    "A gradient unlearning method: its forget term, its retain term (None: none), whether it needs a frozen reference, its default beta and forget weight."
+    forget: Callable
+    retain: Callable | None = None
+    needs_ref: bool = False
+    beta: float | None = None
+    forget_weight: float = 1.0
+
+UNLEARN_METHODS = {  # method name -> UnlearnMethod; loss = forget_weight * forget + retain_weight * retain
+    "finetune": UnlearnMethod(_forget_ce),
+    "grad_ascent": UnlearnMethod(_forget_ascent),
+    "graddiff": UnlearnMethod(_forget_ascent, _retain_ce),
+    "graddiff_kl": UnlearnMethod(_forget_ascent, _retain_kl, needs_ref=True),
+    "npo": UnlearnMethod(_forget_npo, _retain_ce, needs_ref=True, beta=0.1),
+    "simnpo": UnlearnMethod(_forget_simnpo, _retain_ce, beta=4.5, forget_weight=0.125),
+}
+
+# %% ../nbs/40_unlearning.ipynb #5dbc43b3
+class UnlearnLitModule(LMLitModule):
+    """Gradient-based unlearning of `model` (open-unlearning's conventions), the method looked up in `UNLEARN_METHODS`:
     'finetune' (NLL of the given labels: the reinforced model, WHP's generic labels), 'grad_ascent' (-NLL_f),
-    'graddiff' (-NLL_f + w NLL_r), 'graddiff_kl' (-NLL_f + w KL(pi_ref || pi) on retain tokens, kernel `kl_div`),
-    'npo' ((2/b) softplus(b (log pi - log pi_ref)) + w NLL_r, b = 0.1), 'simnpo' (0.125 x SimNPO + w NLL_r, b = 4.5)."""
-    def __init__(self, model: nn.Module, method: str, ref_model: nn.Module | None = None, lr: float = 3e-4, retain_weight: float = 1.0,
-                 beta: float | None = None, forget_weight: float | None = None, grad_clip: float | None = 1.0, kl_impl: str = "auto"):
-        super().__init__()
+    'graddiff' (-NLL_f + w NLL_r), 'graddiff_kl' (-NLL_f + w KL(pi_ref || pi) on retain tokens, kernel `kl_div` per `impl`),
+    'npo' ((2/b) softplus(b (log pi - log pi_ref)) + w NLL_r, b = 0.1), 'simnpo' (0.125 x SimNPO + w NLL_r, b = 4.5).
+    The optimisation is `LMLitModule`'s (pass `TrainConfig.lit_kwargs()`); AdamW's betas default to (0.9, 0.999) as in open-unlearning."""
+    def __init__(self, model: nn.Module, method: str, ref_model: nn.Module | None = None, retain_weight: float = 1.0,
+                 beta: float | None = None, forget_weight: float | None = None, impl: str = "auto", lr: float = 3e-4,
+                 weight_decay: float = 0.0, betas: tuple = (0.9, 0.999), warmup_steps: int = 0, schedule: str = "constant", **lit_kwargs):
         check_choice("method", method, UNLEARN_METHODS)
-        expect(lr > 0, "lr", "> 0", lr); expect(retain_weight >= 0, "retain_weight", ">= 0", retain_weight)
-        needs_ref = method in ("npo", "graddiff_kl")
-        expect(ref_model is not None or not needs_ref, "ref_model", f"a frozen reference model for method={method!r}", None)
-        self.model, self.method, self.lr, self.retain_weight, self.grad_clip, self.kl_impl = model, method, lr, retain_weight, grad_clip, kl_impl
-        self.beta = beta if beta is not None else {"npo": 0.1, "simnpo": 4.5}.get(method)
-        self.forget_weight = forget_weight if forget_weight is not None else (0.125 if method == "simnpo" else 1.0)
-        self.ref = [ref_model.eval().requires_grad_(False)] if needs_ref else None  # in a list: not a submodule, not trained or synced
+        spec = UNLEARN_METHODS[method]
+        expect(retain_weight >= 0, "retain_weight", ">= 0", retain_weight)
+        expect(ref_model is not None or not spec.needs_ref, "ref_model", f"a frozen reference model for method={method!r}", None)
+        ref, ref_model = ref_model, None  # Lightning records __init__ arguments as hyperparameters: keep the module out of them
+        super().__init__(model, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, schedule=schedule, **lit_kwargs)
+        self.method, self.spec, self.retain_weight, self.impl = method, spec, retain_weight, impl  # `fit` sets `impl` from TrainConfig.impl
+        self.beta = beta if beta is not None else spec.beta
+        self.forget_weight = forget_weight if forget_weight is not None else spec.forget_weight
+        self._ref = [ref.eval().requires_grad_(False)] if spec.needs_ref else None  # in a list: not a submodule, not trained, synced or saved
+
+    validation_step = None  # no validation loop: `PathProbe` evaluates the model along the path
+
+    @property
+    def ref_model(self) -> nn.Module: return self._ref[0].to(self.device)
 
     def _nll(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
         tok_nll = self.model(b["input_ids"], labels=b["labels"]).loss
@@ -523,31 +573,15 @@ class UnlearnLitModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         f, r = batch["forget"], batch.get("retain")
         nll, m = self._nll(f)
-        if self.method == "finetune": forget = masked_mean(nll, m)
-        elif self.method in ("grad_ascent", "graddiff", "graddiff_kl"): forget = -masked_mean(nll, m)
-        elif self.method == "npo":
-            ref = self.ref[0].to(self.device)
-            with torch.no_grad(): ref_nll = ref(f["input_ids"], labels=f["labels"]).loss
-            forget = npo_loss(-(nll * m).sum(1), -(ref_nll * m).sum(1), self.beta)
-        else: forget = simnpo_loss((nll * m).sum(1) / m.sum(1).clamp(min=1), self.beta)
+        forget = self.spec.forget(self, nll, m, f)
         loss = self.forget_weight * forget
-        if self.method in ("graddiff", "npo", "simnpo") and r is not None and self.retain_weight > 0:
-            rn, rm = self._nll(r); loss = loss + self.retain_weight * masked_mean(rn, rm)
-        elif self.method == "graddiff_kl" and r is not None and self.retain_weight > 0:
-            rm = r["labels"] != -100
-            with torch.no_grad(): p = self.ref[0].to(self.device)(r["input_ids"]).logits[rm]
-            q = self.model(r["input_ids"]).logits[rm]
-            loss = loss + self.retain_weight * kl_div(p, q, reduction="mean", impl=self.kl_impl)
+        if self.spec.retain is not None and r is not None and self.retain_weight > 0:
+            loss = loss + self.retain_weight * self.spec.retain(self, r)
         self.log("train/loss", loss.detach(), sync_dist=True)
         self.log("train/forget_loss", forget.detach(), sync_dist=True)
         return loss
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if self.grad_clip: torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-
+# %% ../nbs/40_unlearning.ipynb #3b1bca67
 class PathProbe(L.Callback):
     "Calls `fn(model, step)` after the optimizer steps in `at_steps`; `points` = [(step, train seconds so far (probes excluded), result)]."
     def __init__(self, at_steps: Sequence[int], fn: Callable):
@@ -560,19 +594,28 @@ class PathProbe(L.Callback):
             self.points.append((step, t - self._t - self._probe_s, self.fn(pl_module.model, step)))
             self._probe_s += time.perf_counter() - t
 
-def unlearn(model: nn.Module, method: str, forget: dict, retain: dict | None = None, steps: int = 10, batch_size: int = 8,
-            probe_steps: Sequence[int] = (), probe: Callable | None = None, seed: int = 0, inplace: bool = False, callbacks: list | None = None,
-            **kw) -> tuple[nn.Module, list]:
-    "Run `method` for `steps` optimizer steps on a copy of `model` (a frozen copy is the reference); returns (model, probe points)."
-    expect(isinstance(steps, int) and steps >= 1, "steps", "an int >= 1", steps)
-    seed_everything(seed)
+def unlearn_config(steps: int, lr: float = 3e-4, batch_size: int = 8, base: TrainConfig | None = None, **changes) -> TrainConfig:
+    "The `TrainConfig` of an unlearning fit: `base`'s seed, precision, impl and clipping, `steps` optimizer steps at a constant `lr` (no warmup, no weight decay) on `batch_size` forget sequences."
+    return (base or TrainConfig()).replace(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=0, schedule="constant", weight_decay=0.0,
+                                           val_every=None, **changes)
+
+_METHOD_KWARGS = ("retain_weight", "beta", "forget_weight")
+
+def unlearn(model: nn.Module, method: str, forget: dict, retain: dict | None = None, cfg: TrainConfig | None = None,
+            probe_steps: Sequence[int] = (), probe: Callable | None = None, inplace: bool = False, callbacks: list | None = None,
+            run_dir=None, **kw) -> tuple[nn.Module, list]:
+    """Run `method` on a copy of `model` (a frozen copy is the reference) through `fit` per `cfg` (default `unlearn_config(10)`);
+    `kw`: the method's `retain_weight`, `beta`, `forget_weight`, and trainer arguments (`accelerator`, `devices`, `strategy`). Returns (model, probe points)."""
+    cfg = unlearn_config(10) if cfg is None else cfg
+    expect(isinstance(cfg, TrainConfig), "cfg", "a TrainConfig (see `unlearn_config`)", type(cfg).__name__, exc=TypeError)
+    check_choice("method", method, UNLEARN_METHODS)
+    method_kw = {k: kw.pop(k) for k in _METHOD_KWARGS if k in kw}
     m = model if inplace else copy.deepcopy(model)
-    ref = copy.deepcopy(model) if method in ("npo", "graddiff_kl") else None
-    trainer_kw = {k: kw.pop(k) for k in ("devices", "strategy", "accelerator") if k in kw}
-    lit = UnlearnLitModule(m, method, ref_model=ref, **kw)
+    ref = copy.deepcopy(model) if UNLEARN_METHODS[method].needs_ref else None
     cbs = [PathProbe(probe_steps, probe)] if probe is not None else []
-    make_trainer(steps, callbacks=cbs + list(callbacks or []), **trainer_kw).fit(lit, datamodule=ForgetRetainDataModule(forget, retain, batch_size, seed))
-    return m, (cbs[0].points if cbs else [])
+    lit, _, _ = fit(cfg, lambda: UnlearnLitModule(m, method, ref_model=ref, **method_kw, **cfg.lit_kwargs()),
+                    ForgetRetainDataModule(forget, retain, cfg.batch_size, cfg.seed), callbacks=cbs + list(callbacks or []), run_dir=run_dir, **kw)
+    return lit.model, (cbs[0].points if cbs else [])
 
 # %% ../nbs/40_unlearning.ipynb #b78f309c
 def _segments(text: str) -> list[tuple[str, bool]]:
@@ -750,14 +793,17 @@ def rocr(model: TinyLM, tok, world: World, layers: Sequence[int] = (0, 1), proje
 # %% ../nbs/40_unlearning.ipynb #6a7b88d6
 @dataclass
 class UnlearnRunConfig:
-    "Everything `trainlab reproduce unlearning` does; `fast=True` is the CI-sized version."
-    seeds: tuple = (0, 1)
+    """Everything `trainlab reproduce unlearning` does. `train` trains the original and the oracle; every unlearning fit (reinforcing,
+    the gradient paths, relearning) derives its `TrainConfig` from it (`unlearn_train`), so `train.precision`, `train.impl`, `train.grad_clip`
+    and `train.seed` reach every training."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(  # the vocabulary is the world tokenizer's, set per seed
+        model=ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256), steps=1200, lr=3e-3, warmup_steps=50, batch_size=32, seq_len=128,
+        val_every=200))
     n_generic: int = 120
-    model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    unlearn_lr: float = 3e-4         # the gradient methods: constant lr, no warmup, no weight decay ...
+    unlearn_batch_size: int = 8      # ... forget passages per step (and as many retain passages where the method has a retain term)
     reinforce_steps: int = 40
     reinforce_lr: float = 1e-3
-    lr: float = 3e-4
-    batch_size: int = 8
     whp_steps: tuple = (1, 2, 3, 5, 8, 12, 20)
     whp_alpha: float = 1.0
     whp_inference_alphas: tuple = (0.5, 1.0, 2.0, 5.0)
@@ -773,16 +819,36 @@ class UnlearnRunConfig:
     retain_budget: float = 0.05      # operating point: retain bpb may rise at most this much (relative) ...
     neighbour_budget: float = 0.05   # ... and neighbour accuracy fall at most this much (absolute)
 
-def unlearn_run_config(fast: bool = False) -> UnlearnRunConfig:
-    "The full run (~35 min on 2 CPU threads) or the CI-sized one (well under a minute)."
-    if not fast: return UnlearnRunConfig()
-    return UnlearnRunConfig(seeds=(0,), n_generic=24, model=WorldModelConfig(d_model=48, n_layers=2, n_heads=2, seq_len=64, batch_size=16, steps=200, warmup_steps=10),
-                            reinforce_steps=4, whp_steps=(1, 3), whp_inference_alphas=(1.0,), ga_steps=(1, 3), npo_steps=(1, 3),
-                            rocr_strengths=(1.0,), relearn_steps=(2,))
+    def __post_init__(self):
+        if isinstance(self.train, dict): self.train = TrainConfig(**self.train)
+        expect(isinstance(self.train, TrainConfig), "train", "a TrainConfig (or a dict of its fields)", type(self.train).__name__, exc=TypeError)
+        expect(isinstance(self.n_generic, int) and self.n_generic >= 16, "n_generic", "an int >= 16 (target people are anchored to distinct generic ones)", self.n_generic)
+        for k in ("whp_steps", "ga_steps", "npo_steps", "relearn_steps", "whp_inference_alphas", "rocr_strengths"):
+            v = getattr(self, k)
+            expect(len(v) > 0 and all(x > 0 for x in v), k, "a non-empty tuple of positive values (a path, light to strong)", v)
 
-# every path as (name, method, labels, extra kwargs): the gradient-trained arms
-GRADIENT_ARMS = ("whp_full", "whp_reinforced_only", "whp_anchors_only", "whp_noisy_anchors", "grad_ascent", "graddiff", "graddiff_kl", "npo", "simnpo")
+    def unlearn_train(self, steps: int, lr: float | None = None, batch_size: int | None = None) -> TrainConfig:
+        "The `TrainConfig` of one unlearning fit: `steps` at a constant `lr` (default `unlearn_lr`), with `train`'s seed, precision and impl."
+        return unlearn_config(steps, lr or self.unlearn_lr, batch_size or self.unlearn_batch_size, base=self.train)
 
+    @classmethod
+    def full(cls, seed: int = 0) -> UnlearnRunConfig:
+        "The full run: TinyLM d128 x 4 layers, 1,200 steps x 32 x 128 tokens per world model (about 17 min per seed on 2 CPU threads)."
+        c = cls(); c.train = c.train.replace(seed=seed); return c
+
+    @classmethod
+    def fast(cls, seed: int = 0) -> UnlearnRunConfig:
+        "The CI-sized version (well under a minute): a smaller world, a d48 x 2-layer model trained 200 steps, two-point paths."
+        return cls(train=TrainConfig(model=ModelConfig(d_model=48, n_layers=2, n_heads=2, max_seq_len=256), steps=200, lr=3e-3, warmup_steps=10,
+                                      batch_size=16, seq_len=64, val_every=100, seed=seed),
+                   n_generic=24, reinforce_steps=4, whp_steps=(1, 3), whp_inference_alphas=(1.0,), ga_steps=(1, 3), npo_steps=(1, 3),
+                   rocr_strengths=(1.0,), relearn_steps=(2,))
+
+def unlearn_run_config(fast: bool = False, seed: int = 0) -> UnlearnRunConfig:
+    "`UnlearnRunConfig.fast(seed)` or `.full(seed)`."
+    return UnlearnRunConfig.fast(seed) if fast else UnlearnRunConfig.full(seed)
+
+# %% ../nbs/40_unlearning.ipynb #dde2eeb5
 def operating_point(path: Sequence[dict], orig: dict, retain_budget: float, neighbour_budget: float) -> int:
     "Index of the strongest path point (paths go from light to strong) whose retain bpb and neighbour accuracy stay within budget; 0 if none."
     ok = [i for i, p in enumerate(path) if p["retain_bpb"] <= orig["retain_bpb"] * (1 + retain_budget)
@@ -797,7 +863,7 @@ def _path_row(param, scores: dict, orig: dict, oracle: dict, wall_s: float) -> d
 
 def _state(m: nn.Module) -> dict: return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
-def _relearn_curve(model, tok, world: World, cfg: UnlearnRunConfig, seed: int) -> list:
+def _relearn_curve(model, tok, world: World, cfg: UnlearnRunConfig) -> list:
     "Finetune on the forget passages of the first `relearn_people` target people; accuracy (qa, cloze) on the other people's facts per step."
     people = world.universes["target"].people
     rest = set(people[cfg.relearn_people:])
@@ -805,8 +871,8 @@ def _relearn_curve(model, tok, world: World, cfg: UnlearnRunConfig, seed: int) -
     items = [it for f in ("qa", "cloze") for it in eval_items(world, "target", f) if it["subject"] in rest]
     acc = lambda m: float(score_items(m, tok, items)["correct"].mean())
     curve = [(0, acc(model))]
-    _, pts = unlearn(model, "finetune", encode_texts(tok, passages), steps=max(cfg.relearn_steps), batch_size=min(4, len(passages)),
-                     lr=cfg.relearn_lr, probe_steps=cfg.relearn_steps, probe=lambda m, s: acc(m), seed=seed)
+    _, pts = unlearn(model, "finetune", encode_texts(tok, passages), cfg=cfg.unlearn_train(max(cfg.relearn_steps), cfg.relearn_lr, min(4, len(passages))),
+                     probe_steps=cfg.relearn_steps, probe=lambda m, s: acc(m))
     return curve + [(s, a) for s, _, a in pts]
 
 @torch.no_grad()
@@ -824,95 +890,168 @@ def mechanism_probe(orig, reinforced, tok, world: World, alpha: float = 1.0, k: 
     out["gold"] = world.universes["target"].facts[(s, "friend")]
     return out
 
-def run_seed(ctx: RunContext, cfg: UnlearnRunConfig, seed: int) -> dict:
-    "One seed: world, original + oracle, every method along its path, ROCR per layer, relearning. Returns the raw results."
-    world = make_world(seed, n_generic=cfg.n_generic); tok = world_tokenizer(world); ev = WorldEval(world, tok)
-    log = lambda m: ctx.log(f"seed {seed}: {m}")
-    models, ref = {}, {}
-    for name, unis in (("orig", ("generic", "target", "neighbour")), ("retrain", ("generic", "neighbour"))):
-        models[name], info = train_world_model(world, tok, unis, cfg.model, seed=seed)
-        ref[name] = ev(models[name]); ref[name]["train"] = info
-        log(f"{name}: {info['train_s']:.0f}s, target qa {ref[name]['forms']['qa']['acc']:.2f}, familiarity {ref[name]['familiarity']:.2f}")
-    orig, oracle = ref["orig"], ref["retrain"]
-    forget = encode_texts(tok, ev.forget_texts)
-    retain = encode_texts(tok, narrative_passages(world, "generic"))
-    t0 = time.perf_counter()
-    reinforced, _ = unlearn(models["orig"], "finetune", forget, steps=cfg.reinforce_steps, batch_size=cfg.batch_size, lr=cfg.reinforce_lr, seed=seed)
-    t_reinf = time.perf_counter() - t0
-    res = {"paths": {}, "states": {}, "extra_s": {}, "label_changed": {}}
-    def whp(name, rf, anchors):
-        t = time.perf_counter(); lab = whp_labels(models["orig"], rf, tok, ev.forget_texts, anchors, alpha=cfg.whp_alpha)
-        res["label_changed"][name] = lab.pop("changed")
-        return lab, time.perf_counter() - t + (t_reinf if rf is not None else 0.0)
-    arms = {
-        "whp_full": ("finetune", *whp("whp_full", reinforced, world.anchors), None, cfg.whp_steps),
-        "whp_reinforced_only": ("finetune", *whp("whp_reinforced_only", reinforced, None), None, cfg.whp_steps),
-        "whp_anchors_only": ("finetune", *whp("whp_anchors_only", None, world.anchors), None, cfg.whp_steps),
-        "whp_noisy_anchors": ("finetune", *whp("whp_noisy_anchors", reinforced, noisy_anchors(world.anchors, cfg.noisy_coverage, seed)), None, cfg.whp_steps),
-        "grad_ascent": ("grad_ascent", forget, 0.0, None, cfg.ga_steps),
-        "graddiff": ("graddiff", forget, 0.0, retain, cfg.ga_steps),
-        "graddiff_kl": ("graddiff_kl", forget, 0.0, retain, cfg.ga_steps),
-        "npo": ("npo", forget, 0.0, retain, cfg.npo_steps),
-        "simnpo": ("simnpo", forget, 0.0, retain, cfg.npo_steps),
-    }
-    for name, (method, data, extra_s, ret, steps) in arms.items():
-        states, rows = {}, []
-        def probe(m, step):
-            states[step] = _state(m); return ev(m)
-        _, pts = unlearn(models["orig"], method, data, ret, steps=max(steps), batch_size=cfg.batch_size, lr=cfg.lr,
-                         probe_steps=steps, probe=probe, seed=seed)
-        res["paths"][name] = [(s, t + extra_s, sc) for s, t, sc in pts]; res["states"][name] = states
-        log(f"{name}: " + " ".join(f"{s}:fam {sc['familiarity']:.2f}/nb {sc['neighbour_acc']:.2f}" for s, _, sc in pts))
-    res["paths"]["whp_inference"] = [(a, t_reinf, ev(GenericLogitsLM(models["orig"], reinforced, a))) for a in cfg.whp_inference_alphas]
-    t = time.perf_counter()
-    moments = down_proj_second_moment(models["orig"], tok, narrative_passages(world, "generic"), range(cfg.model.n_layers))
-    res["moments_s"] = time.perf_counter() - t
-    res["patching"] = {}
-    for l in range(cfg.model.n_layers):  # the causal upper bound of an edit at the subject token, per layer
-        pp = subject_patching(models["orig"], tok, world, l)
-        res["patching"][str(l)] = form_gap({"forms": {f: {"prob": p} for f, p in pp.items()}}, orig, oracle)["closed"]
-    best = max(range(cfg.model.n_layers), key=lambda l: _nanmean(res["patching"][str(l)].values()))
-    res["traced_layers"] = (best - 1, best) if best > 0 else (0, 1)  # the two layers ending where patching the subject token acts most
-    for name, project, layers in (("rocr", True, cfg.rocr_layers), ("rocr_no_projection", False, cfg.rocr_layers), ("rocr_traced", True, res["traced_layers"])):
-        pts, states = [], {}
-        for st in cfg.rocr_strengths:
-            m, info = rocr(models["orig"], tok, world, layers, project, cfg.rocr_threshold, strength=st, moments=moments)
-            pts.append((st, info["edit_s"], ev(m))); states[st] = _state(m); res.setdefault("rocr_info", {})[f"{name}/{st}"] = info
-        res["paths"][name] = pts; res["states"][name] = states
-        log(f"{name}: " + " ".join(f"{s}:fam {sc['familiarity']:.2f}/nb {sc['neighbour_acc']:.2f}" for s, _, sc in pts))
-    res["per_layer"] = {}
-    for l in range(cfg.model.n_layers):
-        for project in (True, False):
-            m, info = rocr(models["orig"], tok, world, [l], project, cfg.rocr_threshold, moments=moments)
-            sc = ev(m, mia=False)
-            res["per_layer"][f"{l}/{'P' if project else 'noP'}"] = dict(layer=l, projection=project, edit_s=info["edit_s"], null_dims=info["null_dims"],
-                closed=form_gap(sc, orig, oracle)["closed"], neighbour_acc=sc["neighbour_acc"], familiarity=sc["familiarity"])
-    res.update(world=world, tok=tok, ev=ev, models=models, ref=ref, reinforced=reinforced, t_reinf=t_reinf)
-    return res
+# %% ../nbs/40_unlearning.ipynb #4114684b
+WORLD_MODELS = {"orig": ("generic", "target", "neighbour"), "retrain": ("generic", "neighbour")}  # the original and the retrain oracle: what each trains on
 
-def summarize_seed(res: dict, cfg: UnlearnRunConfig, seed: int, relearn: bool = True) -> dict:
-    "Operating points and the reported keys per method; relearning curves at the operating points."
-    orig, oracle, out = res["ref"]["orig"], res["ref"]["retrain"], {}
-    for name, pts in res["paths"].items():
-        path = [_path_row(p, sc, orig, oracle, t) for p, t, sc in pts]
-        i = operating_point(path, orig, cfg.retain_budget, cfg.neighbour_budget)
-        p, t, sc = pts[i]
-        out[name] = method_summary(sc, orig, oracle, t, operating_point=p, path=path)
-        if relearn and name in res["states"]:
-            m = copy.deepcopy(res["models"]["orig"]); m.load_state_dict(res["states"][name][p])
-            out[name]["relearn"] = _relearn_curve(m, res["tok"], res["world"], cfg, seed)
+class SeedRun:
+    """One seed of the reproduction: its world, tokenizer, evaluator, forget/retain batches and world-model `TrainConfig`; `units` holds the
+    results of the units that trained its models (their weights are loaded from the saved files on first use, so a resumed run reuses them)."""
+    def __init__(self, cfg: UnlearnRunConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.world = make_world(seed, n_generic=cfg.n_generic)
+        self.tok = world_tokenizer(self.world)
+        self.ev = WorldEval(self.world, self.tok)
+        self.train = cfg.train.replace(seed=seed, model=world_model_config(cfg.train.model, self.tok))
+        self.forget = encode_texts(self.tok, self.ev.forget_texts)
+        self.retain = encode_texts(self.tok, narrative_passages(self.world, "generic"))
+        self.units, self._models = {}, {}
+
+    def unlearn_train(self, steps: int, lr: float | None = None) -> TrainConfig:
+        "An unlearning fit's `TrainConfig` for this seed."
+        return unlearn_config(steps, lr or self.cfg.unlearn_lr, self.cfg.unlearn_batch_size, base=self.train)
+
+    def model(self, name: str) -> TinyLM:
+        "The trained model `name` ('orig', 'retrain', 'reinforced'), loaded once from the file its unit saved."
+        expect(name in self.units and "path" in self.units[name], "name", f"a model whose unit ran: one of {[k for k, v in self.units.items() if 'path' in v]}", name)
+        if name not in self._models:
+            m = TinyLM(self.train.model)
+            m.load_state_dict(torch.load(self.units[name]["path"], weights_only=True))
+            self._models[name] = m
+        return self._models[name]
+
+    @property
+    def scores(self) -> tuple[dict, dict]: return self.units["orig"]["scores"], self.units["retrain"]["scores"]
+
+    @cached_property
+    def moments(self) -> dict:
+        "Every layer's down_proj second moment over generic passages (ROCR's one-off statistics); their time in `moments_s`."
+        t = time.perf_counter()
+        out = down_proj_second_moment(self.model("orig"), self.tok, narrative_passages(self.world, "generic"), range(self.train.model.n_layers))
+        self.moments_s = time.perf_counter() - t
+        return out
+
+def _save_model(m: nn.Module, run_dir) -> str:
+    path = Path(run_dir).resolve() / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(m.state_dict(), path)
+    return str(path)
+
+# %% ../nbs/40_unlearning.ipynb #de802789
+def world_model_unit(s: SeedRun, name: str, run_dir, relearn: bool = False) -> dict:
+    "Train and score the original or the oracle (`name` in `WORLD_MODELS`) through `fit` (resuming from `run_dir`); the weights go to `run_dir/model.pt`."
+    m, info = train_world_model(s.world, s.tok, WORLD_MODELS[name], s.train, run_dir=run_dir)
+    out = {"path": _save_model(m, run_dir), "train": info, "scores": s.ev(m)}
+    if relearn: out["relearn"] = _relearn_curve(m, s.tok, s.world, s.cfg)
     return out
 
-def _reference_summary(res: dict, name: str, cfg: UnlearnRunConfig, seed: int, relearn: bool) -> dict:
-    orig, oracle = res["ref"]["orig"], res["ref"]["retrain"]
-    s = method_summary(res["ref"][name], orig, oracle, res["ref"][name]["train"]["train_s"], train=res["ref"][name]["train"])
-    if relearn: s["relearn"] = _relearn_curve(res["models"][name], res["tok"], res["world"], cfg, seed)
-    return s
+def reinforced_unit(s: SeedRun, run_dir, mechanism: bool = False) -> dict:
+    "WHP's reinforced model: the original finetuned further on the forget passages; its weights go to `run_dir/model.pt`."
+    t = time.perf_counter()
+    m, _ = unlearn(s.model("orig"), "finetune", s.forget, cfg=s.unlearn_train(s.cfg.reinforce_steps, s.cfg.reinforce_lr))
+    out = {"train_s": time.perf_counter() - t, "path": _save_model(m, run_dir)}
+    if mechanism: out["mechanism"] = mechanism_probe(s.model("orig"), m, s.tok, s.world, s.cfg.whp_alpha)
+    return out
+
+def patching_unit(s: SeedRun, run_dir=None) -> dict:
+    "Per layer, the gap closed by patching the subject token's residual with the redirect's (the causal upper bound of an edit there); the traced layers."
+    orig, oracle = s.scores
+    closed = {str(l): form_gap({"forms": {f: {"prob": p} for f, p in subject_patching(s.model("orig"), s.tok, s.world, l).items()}}, orig, oracle)["closed"]
+              for l in range(s.train.model.n_layers)}
+    best = max(range(s.train.model.n_layers), key=lambda l: _nanmean(closed[str(l)].values()))
+    return {"closed": closed, "traced_layers": [best - 1, best] if best > 0 else [0, 1]}  # the two layers ending where patching acts most
+
+def rocr_per_layer_unit(s: SeedRun, run_dir=None) -> dict:
+    "ROCR at one layer at a time, with and without the null-space projection: gap closed per form, neighbour accuracy, edit time."
+    orig, oracle, out = *s.scores, {}
+    for l in range(s.train.model.n_layers):
+        for project in (True, False):
+            m, info = rocr(s.model("orig"), s.tok, s.world, [l], project, s.cfg.rocr_threshold, moments=s.moments if project else None)
+            sc = s.ev(m, mia=False)
+            out[f"{l}/{'P' if project else 'noP'}"] = dict(layer=l, projection=project, edit_s=info["edit_s"], null_dims=info["null_dims"],
+                closed=form_gap(sc, orig, oracle)["closed"], neighbour_acc=sc["neighbour_acc"], familiarity=sc["familiarity"])
+    return out
+
+# %% ../nbs/40_unlearning.ipynb #12fed095
+def _probe_path(s: SeedRun, method: str, data: dict, steps: Sequence[int]) -> tuple[list, dict]:
+    "`method` from the original on `data` (plus the retain passages where the method has a retain term), evaluated at `steps`."
+    states = {}
+    def probe(m, step):
+        states[step] = _state(m); return s.ev(m)
+    retain = s.retain if UNLEARN_METHODS[method].retain is not None else None
+    _, pts = unlearn(s.model("orig"), method, data, retain, cfg=s.unlearn_train(max(steps)), probe_steps=steps, probe=probe)
+    return pts, states
+
+def gradient_path(s: SeedRun, method: str, steps: str) -> tuple[list, dict, dict]:
+    "A gradient method on the forget passages along the step path `cfg.<steps>`."
+    pts, states = _probe_path(s, method, s.forget, getattr(s.cfg, steps))
+    return pts, states, {}
+
+def exact_anchors(s: SeedRun) -> dict: return s.world.anchors
+def noisy_world_anchors(s: SeedRun) -> dict: return noisy_anchors(s.world.anchors, s.cfg.noisy_coverage, s.seed)
+
+def whp_path(s: SeedRun, reinforced: bool, anchors: Callable | None) -> tuple[list, dict, dict]:
+    "WHP: finetune on generic labels from the reinforced model (or not) and the anchors `anchors(s)` (or none) along `cfg.whp_steps`; wall time includes labels and reinforcing."
+    t = time.perf_counter()
+    lab = whp_labels(s.model("orig"), s.model("reinforced") if reinforced else None, s.tok, s.ev.forget_texts, anchors(s) if anchors else None,
+                     alpha=s.cfg.whp_alpha, impl=s.train.impl)
+    changed = lab.pop("changed")
+    extra_s = time.perf_counter() - t + (s.units["reinforced"]["train_s"] if reinforced else 0.0)
+    pts, states = _probe_path(s, "finetune", lab, s.cfg.whp_steps)
+    return [(p, w + extra_s, sc) for p, w, sc in pts], states, {"label_changed": changed}
+
+def whp_inference_path(s: SeedRun) -> tuple[list, dict, dict]:
+    "WHP at inference (MUSE's baseline): the generic logits of the original and the reinforced model over `cfg.whp_inference_alphas`."
+    t = s.units["reinforced"]["train_s"]
+    return [(a, t, s.ev(GenericLogitsLM(s.model("orig"), s.model("reinforced"), a))) for a in s.cfg.whp_inference_alphas], {}, {}
+
+def rocr_path(s: SeedRun, project: bool, traced: bool) -> tuple[list, dict, dict]:
+    "ROCR over `cfg.rocr_strengths` at `cfg.rocr_layers` (or the traced layers), with or without the null-space projection."
+    layers = s.units["patching"]["traced_layers"] if traced else list(s.cfg.rocr_layers)
+    pts, states, info = [], {}, {}
+    for st in s.cfg.rocr_strengths:
+        m, info[str(st)] = rocr(s.model("orig"), s.tok, s.world, layers, project, s.cfg.rocr_threshold, strength=st, moments=s.moments if project else None)
+        pts.append((st, info[str(st)]["edit_s"], s.ev(m))); states[st] = _state(m)
+    return pts, states, {"info": info, "layers": layers, "moments_s": s.moments_s if project else None}
+
+@dataclass(frozen=True)
+class UnlearnArm:
+    "A reproduction arm: `path(seed_run) -> (points [(param, wall_s, scores)], states {param: state_dict}, extra)`, its family, and whether it trains on the narrative forget passages."
+    path: Callable
+    family: str                 # "whp", "gradient" or "rocr"
+    narrative_trained: bool
+
+UNLEARN_ARMS = {  # arm name -> UnlearnArm, in the order of every table and figure
+    "whp_full": UnlearnArm(partial(whp_path, reinforced=True, anchors=exact_anchors), "whp", True),
+    "whp_inference": UnlearnArm(whp_inference_path, "whp", False),
+    "whp_reinforced_only": UnlearnArm(partial(whp_path, reinforced=True, anchors=None), "whp", True),
+    "whp_anchors_only": UnlearnArm(partial(whp_path, reinforced=False, anchors=exact_anchors), "whp", True),
+    "whp_noisy_anchors": UnlearnArm(partial(whp_path, reinforced=True, anchors=noisy_world_anchors), "whp", True),
+    "grad_ascent": UnlearnArm(partial(gradient_path, method="grad_ascent", steps="ga_steps"), "gradient", True),
+    "graddiff": UnlearnArm(partial(gradient_path, method="graddiff", steps="ga_steps"), "gradient", True),
+    "graddiff_kl": UnlearnArm(partial(gradient_path, method="graddiff_kl", steps="ga_steps"), "gradient", True),
+    "npo": UnlearnArm(partial(gradient_path, method="npo", steps="npo_steps"), "gradient", True),
+    "simnpo": UnlearnArm(partial(gradient_path, method="simnpo", steps="npo_steps"), "gradient", True),
+    "rocr": UnlearnArm(partial(rocr_path, project=True, traced=False), "rocr", False),
+    "rocr_no_projection": UnlearnArm(partial(rocr_path, project=False, traced=False), "rocr", False),
+    "rocr_traced": UnlearnArm(partial(rocr_path, project=True, traced=True), "rocr", False),
+}
+METHOD_ORDER = tuple(UNLEARN_ARMS)
+NARRATIVE_TRAINED = tuple(k for k, a in UNLEARN_ARMS.items() if a.narrative_trained)
+
+def arm_unit(s: SeedRun, arm: str, run_dir=None, relearn: bool = False) -> dict:
+    "Run `arm` along its path, pick its operating point from the retain metrics alone, and summarise it there (relearning from it when asked)."
+    check_choice("arm", arm, UNLEARN_ARMS)
+    orig, oracle = s.scores
+    pts, states, extra = UNLEARN_ARMS[arm].path(s)
+    path = [_path_row(p, sc, orig, oracle, t) for p, t, sc in pts]
+    p, t, sc = pts[operating_point(path, orig, s.cfg.retain_budget, s.cfg.neighbour_budget)]
+    out = method_summary(sc, orig, oracle, t, operating_point=p, path=path, **extra)
+    if relearn and states:
+        m = copy.deepcopy(s.model("orig")); m.load_state_dict(states[p])
+        out["relearn"] = _relearn_curve(m, s.tok, s.world, s.cfg)
+    return out
 
 # %% ../nbs/40_unlearning.ipynb #ad2e8db0
-METHOD_ORDER = ("whp_full", "whp_inference", "whp_reinforced_only", "whp_anchors_only", "whp_noisy_anchors", "grad_ascent", "graddiff",
-                "graddiff_kl", "npo", "simnpo", "rocr", "rocr_no_projection", "rocr_traced")
-
 def plot_form_heatmap(m: dict):
     "Method x form: relative drop of the target's gold-answer probability, 1 - p/p_orig; the oracle row is the target."
     rows = ["retrain (oracle)"] + [k for k in METHOD_ORDER if k in m["methods"]]
@@ -937,7 +1076,7 @@ def plot_tradeoff(m: dict):
         if k not in m["methods"]: continue
         path, op = m["methods"][k]["path"], m["methods"][k]["operating_point"]
         x1 = [100 * (p["retain_bpb"] / o["retain_bpb"] - 1) for p in path]
-        l, = axs[0].plot(x1, [p["familiarity"] for p in path], marker="o", ms=3, label=k, ls="--" if k.startswith("rocr") else "-")
+        l, = axs[0].plot(x1, [p["familiarity"] for p in path], marker="o", ms=3, label=k, ls="--" if UNLEARN_ARMS[k].family == "rocr" else "-")
         axs[1].plot([p["neighbour_acc"] for p in path], [p["target_prob"] for p in path], marker="o", ms=3, color=l.get_color(), ls=l.get_linestyle())
         i = [p["param"] for p in path].index(op)
         axs[0].plot(x1[i], path[i]["familiarity"], "o", mfc="none", ms=9, color=l.get_color())
@@ -955,8 +1094,7 @@ def plot_whp_steps(m: dict):
     "WHP familiarity and retain bpb against finetuning steps (with the ablations), next to the oracle's level."
     o, r = m["reference"]["orig"], m["reference"]["retrain"]
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
-    for k in ("whp_full", "whp_reinforced_only", "whp_anchors_only", "whp_noisy_anchors"):
-        if k not in m["methods"]: continue
+    for k in (k for k, a in UNLEARN_ARMS.items() if a.family == "whp" and a.narrative_trained and k in m["methods"]):
         path = m["methods"][k]["path"]; st = [p["param"] for p in path]
         axs[0].plot(st, [p["familiarity"] for p in path], "o-", ms=3, label=k)
         axs[1].plot(st, [p["retain_bpb"] for p in path], "o-", ms=3, label=k)
@@ -990,7 +1128,7 @@ def plot_rocr_layers(m: dict):
         axs[2].bar(x, [r["edit_s"] for r in rows], 0.38, label=lab)
     axs[1].axhline(m["reference"]["orig"]["neighbour_acc"], color="k", ls=":", lw=1, label="original")
     patch = m["subject_patching_closed"]
-    axs[3].bar(range(len(layers)), [np.mean(list(patch[str(l)].values())) for l in layers], 0.6, color="C2")
+    axs[3].bar(range(len(layers)), [_nanmean(patch[str(l)].values()) for l in layers], 0.6, color="C2")
     for ax, t in zip(axs, ("gap closed (mean over forms)", "neighbour accuracy", "edit time (s, 16 people)",
                            "patching the subject token's residual\n(gap closed, mean over forms)")):
         ax.set_xticks(range(len(layers)), [f"layer {l}" for l in layers]); ax.set_title(t, fontsize=9)
@@ -1007,59 +1145,74 @@ def plot_relearning(m: dict):
     ax.set(xlabel="relearning steps (2 of 16 people's passages)", ylabel="accuracy on the other people (qa, cloze)", title="Relearning")
     ax.legend(fontsize=6, ncol=2); fig.tight_layout(); return fig
 
+# %% ../nbs/40_unlearning.ipynb #a33f0089
+UNLEARN_CLAIMS = (  # pre-registered on WHP-full at its operating point; every other arm is exploratory (reported, not judged)
+    Claim("whp_closes_familiarity_gap", "WHP-full closes at least 80% of the original->oracle completion-familiarity gap (mean over seeds).",
+          "familiarity_gap_closed", ("whp_full",), "mean", ">", 0.8),
+    Claim("whp_retain_cost", "WHP-full's retain bpb rises by less than 5% (relative, mean over seeds).", "retain_bpb_rel", ("whp_full",), "mean", "<", 0.05),
+    Claim("whp_form_gap", "WHP-full, trained on narrative prose, forgets the narrative form more than the other forms: form-gap > 0 (mean over seeds).",
+          "form_gap", ("whp_full",), "mean", ">", 0.0),
+)
+SAMPLE_KEYS = ("form_gap", "familiarity", "familiarity_gap_closed", "retain_bpb_rel", "neighbour_acc", "ks_p", "mia_auc")  # per arm and seed
+
 # %% ../nbs/40_unlearning.ipynb #f9f012fa
 @register_reproduction("unlearning", "Unlearn a fictional universe from a TinyLM: WHP (reinforced model, anchors, generic labels), GA/GradDiff/NPO/SimNPO "
-                       "trained on narrative prose, and ROCR's rank-one edit, scored in eight surface forms against a retrain oracle.",
-                       claim="WHP-full closes >= 80% of the original->oracle familiarity gap at <= 5% retain-bpb rise and beats its ablations; methods "
-                             "trained on narrative prose show a positive form-gap in every seed; ROCR's form-gap is near zero at neighbour accuracy within noise.",
-                       notebook="40_unlearning.ipynb",
-                       summary_keys=("whp_full_familiarity_gap_closed", "whp_full_retain_bpb_rel", "whp_full_beats_ablations",
-                                     "whp_full_form_gap", "npo_form_gap", "rocr_form_gap", "rocr_neighbour_drop", "rocr_edit_s"))
+                       "trained on narrative prose, and ROCR's rank-one edit, scored in eight surface forms against a retrain oracle, over paired seeds.",
+                       claims=UNLEARN_CLAIMS, notebook="40_unlearning.ipynb", default_seeds=3,
+                       summary_keys=("whp_full_beats_ablations", "npo_form_gap", "rocr_form_gap", "rocr_neighbour_drop", "rocr_edit_s"))
 def reproduce_unlearning(ctx: RunContext) -> dict:
-    cfg = unlearn_run_config(ctx.fast)
-    seeds = [ctx.seed + s for s in cfg.seeds]
-    per_seed, main = {}, None
-    for i, seed in enumerate(seeds):
-        res = run_seed(ctx, cfg, seed)
-        methods = summarize_seed(res, cfg, seed, relearn=i == 0)
-        refs = {k: _reference_summary(res, k, cfg, seed, relearn=i == 0) for k in ("orig", "retrain")}
-        per_seed[seed] = dict(methods=methods, reference=refs)
-        if i == 0: main = res
-    res, m0 = main, per_seed[seeds[0]]
-    world, tok = res["world"], res["tok"]
+    "Per seed: the world models, the reinforced model, ROCR's patching trace and every arm, each a unit; per-seed samples for the claims."
+    fast = ctx.fast or in_test()
+    per_seed, runs = {}, {}
+    for i, seed in enumerate(ctx.seeds):
+        first = i == 0  # relearning, the mechanism probe and ROCR per layer: the first seed only
+        s = runs[seed] = SeedRun(unlearn_run_config(fast, seed), seed)
+        for name in WORLD_MODELS:
+            s.units[name] = ctx.unit(f"{name}/seed{seed}", lambda d: world_model_unit(s, name, d, relearn=first))
+        s.units["reinforced"] = ctx.unit(f"reinforced/seed{seed}", lambda d: reinforced_unit(s, d, mechanism=first))
+        s.units["patching"] = ctx.unit(f"patching/seed{seed}", lambda d: patching_unit(s, d))
+        per_seed[seed] = {arm: ctx.unit(f"{arm}/seed{seed}", lambda d: arm_unit(s, arm, d, relearn=first)) for arm in UNLEARN_ARMS}
+        if first: per_layer = ctx.unit(f"rocr_per_layer/seed{seed}", lambda d: rocr_per_layer_unit(s, d))
+        ctx.log(f"seed {seed}: " + ", ".join(f"{k} fam {v['familiarity']:.2f} nb {v['neighbour_acc']:.2f}" for k, v in per_seed[seed].items()))
+    s, seeds = runs[ctx.seeds[0]], ctx.seeds
+    cfg, world, tok, orig_u, oracle_u = s.cfg, s.world, s.tok, s.units["orig"], s.units["retrain"]
     ctx.config = asdict(cfg) | {"seeds": seeds, "threads": torch.get_num_threads(), "vocab_size": tok.vocab_size,
-                                "model_parameters": count_parameters(res["models"]["orig"]),
+                                "model_parameters": count_parameters(TinyLM(s.train.model)),
                                 "world": {u: dict(people=len(v.people), facts=len(v.facts)) for u, v in world.universes.items()},
-                                "forget_tokens": int((encode_texts(tok, res["ev"].forget_texts)["labels"] != -100).sum()), "anchors": len(world.anchors)}
-    methods = {}
-    for k, v in m0["methods"].items():
-        methods[k] = v | {f"{key}_seeds": [per_seed[s]["methods"][k][key] for s in seeds]
-                          for key in ("form_gap", "familiarity", "familiarity_gap_closed", "retain_bpb_rel", "neighbour_acc", "ks_p", "mia_auc")}
-    o = m0["reference"]["orig"]
-    nb_noise = 2 * math.sqrt(o["neighbour_acc"] * (1 - o["neighbour_acc"]) / sum(len(v) for v in res["ev"].items["neighbour"].values()))
-    narrative_trained = [k for k in ("whp_full", "grad_ascent", "graddiff", "graddiff_kl", "npo", "simnpo") if k in methods]
-    w = methods["whp_full"]
+                                "forget_tokens": int((s.forget["labels"] != -100).sum()), "anchors": len(world.anchors)}
+    samples = {arm: {k: [per_seed[sd][arm][k] for sd in seeds] for k in SAMPLE_KEYS} for arm in UNLEARN_ARMS}
+    methods = {k: v | {f"{key}_seeds": samples[k][key] for key in SAMPLE_KEYS} for k, v in per_seed[seeds[0]].items()}
+    orig, oracle = s.scores
+    reference = {}
+    for name, u in (("orig", orig_u), ("retrain", oracle_u)):
+        reference[name] = method_summary(u["scores"], orig, oracle, u["train"]["train_s"], train=u["train"]) | ({"relearn": u["relearn"]} if "relearn" in u else {})
+    o, w = reference["orig"], methods["whp_full"]
+    nb_noise = 2 * math.sqrt(o["neighbour_acc"] * (1 - o["neighbour_acc"]) / sum(len(v) for v in s.ev.items["neighbour"].values()))
     metrics = {
-        "reference": {k: v for k, v in m0["reference"].items()},
-        "methods": methods,
+        "samples": samples, "reference": reference, "methods": methods,
         "whp_full_familiarity_gap_closed": w["familiarity_gap_closed"], "whp_full_retain_bpb_rel": w["retain_bpb_rel"],
         "whp_full_beats_ablations": bool(all(w["familiarity"] < methods[a]["familiarity"] for a in ("whp_reinforced_only", "whp_anchors_only"))),
-        "positive_form_gap_all_seeds": [k for k in narrative_trained if all(g > 0 for g in methods[k]["form_gap_seeds"])],
-        "form_gap_by_seed": {k: methods[k]["form_gap_seeds"] for k in METHOD_ORDER if k in methods},
+        "positive_form_gap_all_seeds": [k for k in NARRATIVE_TRAINED if all(g is not None and g > 0 for g in samples[k]["form_gap"])],
+        "form_gap_by_seed": {k: samples[k]["form_gap"] for k in UNLEARN_ARMS},
         "rocr_form_gap": methods["rocr"]["form_gap"], "rocr_form_gap_std": methods["rocr"]["form_gap_std"],
         "rocr_neighbour_drop": o["neighbour_acc"] - methods["rocr"]["neighbour_acc"],
         "rocr_no_projection_form_gap": methods["rocr_no_projection"]["form_gap"],
         "rocr_no_projection_neighbour_drop": o["neighbour_acc"] - methods["rocr_no_projection"]["neighbour_acc"],
-        "neighbour_noise_2se": nb_noise, "rocr_edit_s": methods["rocr"]["wall_s"], "rocr_moments_s": res["moments_s"],
-        "rocr_info": res["rocr_info"], "rocr_per_layer": res["per_layer"], "subject_patching_closed": res["patching"], "rocr_traced_layers": list(res["traced_layers"]),
-        "whp_label_changed": res["label_changed"], "reinforce_s": res["t_reinf"],
-        "mechanism": mechanism_probe(res["models"]["orig"], res["reinforced"], tok, world, cfg.whp_alpha),
-        "alignment": {"word": naive_alignment_errors(tok, res["ev"].forget_texts, world.anchors),
-                      "byte": naive_alignment_errors(ByteTokenizer(), res["ev"].forget_texts, world.anchors)},
+        "neighbour_noise_2se": nb_noise, "rocr_edit_s": methods["rocr"]["wall_s"], "rocr_moments_s": methods["rocr"]["moments_s"],
+        "rocr_info": {f"{k}/{st}": inf for k in UNLEARN_ARMS if UNLEARN_ARMS[k].family == "rocr" for st, inf in methods[k]["info"].items()},
+        "rocr_per_layer": per_layer, "subject_patching_closed": s.units["patching"]["closed"], "rocr_traced_layers": s.units["patching"]["traced_layers"],
+        "whp_label_changed": {k: v["label_changed"] for k, v in methods.items() if "label_changed" in v}, "reinforce_s": s.units["reinforced"]["train_s"],
+        "mechanism": s.units["reinforced"]["mechanism"],
+        "alignment": {"word": naive_alignment_errors(tok, s.ev.forget_texts, world.anchors),
+                      "byte": naive_alignment_errors(ByteTokenizer(), s.ev.forget_texts, world.anchors)},
         "seeds": seeds, "config": {"retain_budget": cfg.retain_budget, "neighbour_budget": cfg.neighbour_budget},
     }
     for k in ("grad_ascent", "npo", "whp_full"): metrics[f"{k}_form_gap"] = methods[k]["form_gap"]
     for fn, name in ((plot_form_heatmap, "form_heatmap"), (plot_tradeoff, "tradeoff"), (plot_whp_steps, "whp_steps"),
                      (lambda m: plot_mechanism(m["mechanism"]), "mechanism"), (plot_rocr_layers, "rocr_layers"), (plot_relearning, "relearning")):
         ctx.save_figure(fn(metrics), name)
+    for r in runs.values():  # the world models were kept for a resumed run; the finished result folder does not need them
+        for name in (*WORLD_MODELS, "reinforced"):
+            p = Path(r.units[name]["path"]); p.unlink(missing_ok=True)
+            if p.parent.is_dir() and not any(p.parent.iterdir()): p.parent.rmdir()
     return metrics
