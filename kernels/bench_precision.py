@@ -6,8 +6,9 @@
 
 Speed is a ratio measured side by side in one process: each repeat times a few fp32 steps and a few bf16 steps
 back to back (alternating which goes first), and the speedup's 95% CI is a t interval over the repeats on the log
-scale (`trainlab.stats.ci_ratio`). Quality: from the same initialisation and the same batches, both precisions
-train `--loss-steps` steps; the table shows both final losses.
+scale (`trainlab.stats.ci_ratio`). Quality: from the same initialisation and the same batches of `stdlib_code`
+windows (next-byte prediction), both precisions train `--loss-steps` steps; the table shows both final losses
+(the mean of the last 5 steps, in nats per token).
 """
 import argparse, csv, sys, time
 from pathlib import Path
@@ -21,13 +22,14 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
 from trainlab.core import cpu_name, now_iso, git_sha, set_threads
+from trainlab.data import load_corpus
 from trainlab.model import ModelConfig, TinyLM
 from trainlab.stats import ci_ratio, fmt_num
 
 # each reproduction's model and batch (from its full-run config)
 SHAPES = {
     "baseline":   dict(model=ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256), batch=16, seq=256),
-    "moe":        dict(model=ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256), batch=16, seq=256),
+    "moe":        dict(model=ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256), batch=16, seq=256),  # its dense backbone
     "curriculum": dict(model=ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=1024), batch=16, seq=1024),
     "spt":        dict(model=ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=256), batch=16, seq=256),
     "unlearning": dict(model=ModelConfig(vocab_size=556, d_model=128, n_layers=4, n_heads=4, max_seq_len=256), batch=32, seq=128),
@@ -36,9 +38,9 @@ QUICK = {"tiny": dict(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, max_s
 
 
 def make_step(model, opt, bf16: bool):
-    def step(x):
+    def step(x):  # x: [B, L + 1] tokens; predict each next one
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(x, labels=x).loss.mean()
+            loss = model(x[:, :-1], labels=x[:, 1:]).loss.mean()
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         return float(loss.detach())
     return step
@@ -53,7 +55,9 @@ def time_steps(step, x, n):
 def bench_shape(name, spec, repeats, steps, loss_steps, seed=0):
     cfg, B, L = spec["model"], spec["batch"], spec["seq"]
     g = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(0, min(cfg.vocab_size, 256), (B, L), generator=g) for _ in range(max(loss_steps, 1))]
+    tokens = torch.from_numpy(load_corpus("stdlib_code").tokens.astype("int64"))
+    starts = torch.randint(0, len(tokens) - L - 1, (max(loss_steps, 1), B), generator=g)
+    batches = [torch.stack([tokens[s:s + L + 1] for s in row.tolist()]) for row in starts]
     torch.manual_seed(seed); model = TinyLM(cfg); init = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     steps_by = {p: make_step(model, opt, p == "bf16") for p in ("fp32", "bf16")}
@@ -68,10 +72,10 @@ def bench_shape(name, spec, repeats, steps, loss_steps, seed=0):
         step = make_step(model, opt, p == "bf16")
         losses = [step(x) for x in batches[:loss_steps]]
         final[p] = sum(losses[-5:]) / len(losses[-5:])
-    tokens = B * L
+    n_tok = B * L
     return {"shape": name, "d_model": cfg.d_model, "n_layers": cfg.n_layers, "batch": B, "seq_len": L,
             "fp32_ms": 1e3 * sorted(t["fp32"])[len(t["fp32"]) // 2], "bf16_ms": 1e3 * sorted(t["bf16"])[len(t["bf16"]) // 2],
-            "fp32_tokens_per_s": tokens / sorted(t["fp32"])[len(t["fp32"]) // 2], "speedup": speedup, "speedup_lo": lo, "speedup_hi": hi,
+            "fp32_tokens_per_s": n_tok / sorted(t["fp32"])[len(t["fp32"]) // 2], "speedup": speedup, "speedup_lo": lo, "speedup_hi": hi,
             "repeats": repeats, "loss_steps": loss_steps, "fp32_final_loss": final["fp32"], "bf16_final_loss": final["bf16"]}
 
 

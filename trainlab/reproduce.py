@@ -100,7 +100,7 @@ class RunContext:
 def check_out(out: str | Path, names: list[str]) -> Path:
     "Validate the results folder `out` (created if missing) for the reproductions `names`; returns it."
     out = Path(out)
-    expect(not out.exists() or out.is_dir(), "out", "a folder (or a path to create one at)", f"{out} is a file")
+    if out.exists() and not out.is_dir(): raise ValueError(f"`out`: expected a folder (or a path to create one at), got the file {str(out)!r}")
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise ValueError(f"`out`: expected a folder that can be created, got {str(out)!r} ({e.strerror})") from None
     try:
