@@ -199,8 +199,9 @@ def results_table(results_dir: str | Path, link_prefix: str = "nbs/") -> str:
         if not f.exists(): continue
         m = read_json(f); fast = read_json(f.with_name("run.json")).get("fast")
         nb = f"[{Path(rep.notebook).stem.split('_', 1)[-1]}]({link_prefix}{rep.notebook})" if rep.notebook else ""
-        if "claims" not in m:
-            rows.append(f"| `{name}` | {rep.description} | results predate the claims format; rerun pending | | not judged | {nb} |")
+        if "claims" not in m:  # the registered claims, not yet judged by a run
+            for c in rep.claims or [None]:
+                rows.append(f"| `{name}` | {c.statement if c else rep.description} | results predate the claims format; rerun pending | | not judged | {nb} |")
             continue
         for c in m["claims"]:
             v = VERDICT_MARKS.get(c["verdict"], c["verdict"]) + (" (--fast run)" if fast and c["verdict"] in VERDICT_MARKS else "")
