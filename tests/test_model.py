@@ -68,12 +68,12 @@ def test_pluggable_attention_and_ffn_are_called():
     def attn(q, k, v, causal=True, doc_ids=None):
         calls.append(doc_ids is not None); return sdpa_attention(q, k, v, causal, doc_ids)
     class AuxFFN(nn.Module):
-        def __init__(self, cfg, i): super().__init__(); self.l = nn.Linear(cfg.d_model, cfg.d_model)
-        def forward(self, x, doc_ids=None): return self.l(x), {"losses": {"z": x.new_tensor(0.5)}}
+        def __init__(self, cfg, i): super().__init__(); self.l, self.i = nn.Linear(cfg.d_model, cfg.d_model), i
+        def forward(self, x, doc_ids=None): return self.l(x), {"losses": {"z": x.new_tensor(1.0 + self.i)}}
     m = TinyLM(CFG, ffn=AuxFFN, attention=attn)
     ids = torch.randint(0, 256, (2, 6))
     out = m(ids, labels=ids, doc_ids=torch.zeros_like(ids))
-    assert calls == [True, True] and out.aux_losses["z"].item() == pytest.approx(1.0)  # summed over 2 layers
+    assert calls == [True, True] and out.aux_losses["z"].item() == pytest.approx(1.5)  # the mean of layers' 1.0 and 2.0, not the sum
 
 
 def test_hidden_states_mlp_inputs_and_activation_recording():

@@ -138,7 +138,7 @@ class LMOutput:
     loss: torch.Tensor | None = None
     hidden_states: list | None = None   # residual stream: embeddings, then after each block
     mlp_inputs: list | None = None      # the normalised input of each block's FFN
-    aux_losses: dict = field(default_factory=dict)  # summed over layers, added to the training loss
+    aux_losses: dict = field(default_factory=dict)  # each averaged over the layers reporting it; added to the training loss
     aux: list = field(default_factory=list)         # per-layer aux dicts from the FFNs (router stats, ...)
 
 # %% ../nbs/02_model.ipynb #e2643a29
@@ -178,12 +178,17 @@ class TinyLM(nn.Module):
         cos, sin = self.rope_cos[:L], self.rope_sin[:L]
         x = self.embed(input_ids)
         out = LMOutput(hidden_states=[x] if output_hidden_states else None, mlp_inputs=[] if output_mlp_inputs else None)
+        n_reporting = {}  # layers reporting each auxiliary loss
         for layer in self.layers:
             x, h, aux = layer(x, cos, sin, doc_ids)
             if output_hidden_states: out.hidden_states.append(x)
             if output_mlp_inputs: out.mlp_inputs.append(h)
             out.aux.append(aux)
-            for k, v in aux.get("losses", {}).items(): out.aux_losses[k] = out.aux_losses.get(k, 0) + v
+            for k, v in aux.get("losses", {}).items():
+                out.aux_losses[k] = out.aux_losses.get(k, 0) + v; n_reporting[k] = n_reporting.get(k, 0) + 1
+        # L_aux = (1/N) Σ_ℓ L_aux^(ℓ): the mean over the N layers that report it, as BlockFFN's official model averages its
+        # router losses over layers; a sum would give every router N times the weight its coefficient was set for
+        out.aux_losses = {k: v / n_reporting[k] for k, v in out.aux_losses.items()}
         x = self.norm(x)
         if return_logits if return_logits is not None else labels is None: out.logits = self.lm_head(x)
         if labels is not None:  # fused head + loss: never materialises [tokens, vocab] on the Triton path
