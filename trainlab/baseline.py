@@ -4,13 +4,12 @@
 
 # %% ../nbs/05_baseline.ipynb #6714943a
 from __future__ import annotations
-import math
 from dataclasses import dataclass, field, asdict
 
 import matplotlib.pyplot as plt
 import torch
 
-from .core import expect, check_choice, in_test
+from .core import in_test
 from .model import ModelConfig, count_parameters
 from .data import LMDataModule
 from .train import TrainConfig, LMLitModule, fit

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_moe_routing.ipynb #c7fd5aaf
 from __future__ import annotations
-import math, statistics
+import math
 from dataclasses import dataclass, asdict, field, replace
 from typing import Callable
 
@@ -20,7 +20,7 @@ from .train import TrainConfig, LMLitModule, make_trainer, fit
 from .data import LMDataModule
 from .kernels import grouped_expert_ffn, chunk_sparse_ffn, kl_div
 from .kernels.moe import bench_chunk_sparse_cpu
-from .stats import Claim
+from .stats import Claim, mean as seed_mean
 from .reproduce import register_reproduction, RunContext
 
 # %% auto #0
@@ -773,10 +773,6 @@ CLAIM_ARMS = tuple(dict.fromkeys(a for c in MOE_CLAIMS for a in c.arms))  # trai
 SAMPLE_KEYS = tuple(dict.fromkeys(("val_bpb", "tls", "cls8", *(c.metric for c in MOE_CLAIMS), "speedup_t8_scaled")))
 
 # %% ../nbs/20_moe_routing.ipynb #e1d0b468
-def _mean(values: list) -> float | None:
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    return statistics.fmean(v) if v else None
-
 @register_reproduction("moe", "BlockFFN vs dense, TopK, ReMoE, SMoE-Dropout, THOR: loss, token- and chunk-level sparsity, chunk-sparse inference speed.",
                        claims=MOE_CLAIMS, notebook="20_moe_routing.ipynb", default_seeds=3,
                        summary_keys=("blockffn_tls", "blockffn_cls8", "topk_cls8", "blockffn_vs_topk_bpb", "speedup_t8", "speedup_t8_scaled"))
@@ -804,9 +800,9 @@ def reproduce_moe(ctx: RunContext) -> dict:
         m["inference" + suffix], m["inference_scaled" + suffix] = first[arm].pop("inference", {}), first[arm].pop("inference_scaled", {})
     m["arms"] = first
     bf, tk = samples["blockffn"], samples["topk"]
-    m.update(blockffn_tls=_mean(bf["tls"]), blockffn_cls8=_mean(bf["cls8"]), topk_cls8=_mean(tk["cls8"]),
-             blockffn_vs_topk_bpb=_mean(bf["val_bpb"]) / _mean(tk["val_bpb"]) - 1, speedup_t8=_mean(bf["speedup_t8"]),
-             speedup_t8_scaled=_mean(bf["speedup_t8_scaled"]))
+    m.update(blockffn_tls=seed_mean(bf["tls"]), blockffn_cls8=seed_mean(bf["cls8"]), topk_cls8=seed_mean(tk["cls8"]),
+             blockffn_vs_topk_bpb=seed_mean(bf["val_bpb"]) / seed_mean(tk["val_bpb"]) - 1, speedup_t8=seed_mean(bf["speedup_t8"]),
+             speedup_t8_scaled=seed_mean(bf["speedup_t8_scaled"]))
     for name, fn in (("val_curves", plot_val_curves), ("cls_vs_chunk", plot_cls), ("coefficients", plot_coefficients),
                      ("expert_load", plot_expert_load)):
         ctx.save_figure(fn(m), name)

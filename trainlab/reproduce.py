@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_reproduce.ipynb #6c99b32b
 from __future__ import annotations
-import importlib, importlib.util, json, os, shutil, sys, tempfile, time
+import importlib, importlib.util, os, shutil, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -170,7 +170,7 @@ def reproduce(name: str, out: str | Path = "results", fast: bool = False, seed: 
     except BaseException as e:  # a crash, Ctrl-C or SIGTERM: keep the units for --resume, visibly marked as failed
         if staging.exists():
             write_json(staging / "status.json", {"state": "failed", "error": f"{type(e).__name__}: {e}", "started_at": started,
-                                                 "failed_at": now_iso(), "git_sha": sha, "resume": f"rerun the same command with --resume"})
+                                                 "failed_at": now_iso(), "git_sha": sha, "resume": "rerun the same command with --resume"})
         raise
     shutil.rmtree(staging / ".units", ignore_errors=True)
     for f in ("key.json", "status.json"): (staging / f).unlink(missing_ok=True)

@@ -5,7 +5,7 @@
 # %% ../nbs/03a_stats.ipynb #7f436bf8
 from __future__ import annotations
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -14,13 +14,17 @@ from scipy import stats as _st
 from .core import expect, check_choice
 
 # %% auto #0
-__all__ = ['DIRECTIONS', 'COMPARISONS', 'finite', 'mean', 'std', 'ci_mean', 'paired', 'ci_paired_diff', 'ci_ratio', 'verdict',
-           'Claim', 'fmt_num', 'fmt_claim']
+__all__ = ['DIRECTIONS', 'COMPARISONS', 'as_floats', 'finite', 'mean', 'std', 'ci_mean', 'paired', 'ci_paired_diff', 'ci_ratio',
+           'verdict', 'Claim', 'fmt_num', 'fmt_claim']
 
 # %% ../nbs/03a_stats.ipynb #e047730b
+def as_floats(xs: Sequence) -> np.ndarray:
+    "`xs` as a flat float64 array, None read as NaN."
+    return np.array([np.nan if x is None else x for x in xs], dtype=np.float64).ravel()
+
 def finite(xs: Sequence) -> np.ndarray:
     "The finite values of `xs` as float64 (None, NaN and ±inf dropped)."
-    a = np.array([np.nan if x is None else x for x in xs], dtype=np.float64).ravel()
+    a = as_floats(xs)
     return a[np.isfinite(a)]
 
 # %% ../nbs/03a_stats.ipynb #0d3bb1bf
@@ -48,8 +52,7 @@ def ci_mean(xs: Sequence, level: float = 0.95) -> tuple[float, float]:
 def paired(a: Sequence, b: Sequence) -> tuple[np.ndarray, np.ndarray]:
     "The seeds where both `a` and `b` are finite, as two aligned float64 arrays."
     expect(len(a) == len(b), "b", f"one value per seed, as many as a ({len(a)})", len(b))
-    a = np.array([np.nan if x is None else x for x in a], dtype=np.float64)
-    b = np.array([np.nan if x is None else x for x in b], dtype=np.float64)
+    a, b = as_floats(a), as_floats(b)
     ok = np.isfinite(a) & np.isfinite(b)
     return a[ok], b[ok]
 
