@@ -24,13 +24,15 @@ from .stats import Claim, mean as seed_mean
 from .reproduce import register_reproduction, RunContext
 
 # %% auto #0
-__all__ = ['MOE_ARMS', 'MOE_CLAIMS', 'CLAIM_ARMS', 'SAMPLE_KEYS', 'weighted_experts', 'ExpertFFN', 'DenseFFN', 'TopKMoE', 'ReMoE',
-           'locality_loss', 'chunk_sparsity_loss', 'BlockFFN', 'chunk_hit_probability_bruteforce',
-           'AdaptiveCoefficient', 'ReMoEController', 'SMoEDropout', 'THORFFN', 'routing_stats', 'ChunkLossScheduler',
-           'ReMoESparsityCallback', 'ExpertCountSchedule', 'model_tls', 'MoELitModule', 'THORLitModule', 'MoEConfig',
-           'MoEArm', 'make_arm', 'collect_router_scores', 'evaluate_routing', 'measure_inference', 'MoERunConfig',
-           'moe_datamodule', 'smoe_bpb_by_k', 'train_arm', 'plot_val_curves', 'plot_cls', 'plot_coefficients',
-           'plot_smoe', 'plot_inference', 'plot_expert_load', 'reproduce_moe']
+__all__ = ['MOE_ARMS', 'MOE_CLAIMS', 'CLAIM_ARMS', 'SAMPLE_KEYS', 'CALIBRATION_GRID', 'CALIBRATION_TARGETS', 'weighted_experts',
+           'ExpertFFN', 'DenseFFN', 'TopKMoE', 'ReMoE', 'locality_loss', 'chunk_sparsity_loss', 'BlockFFN',
+           'chunk_hit_probability_bruteforce', 'AdaptiveCoefficient', 'ReMoEController', 'SMoEDropout', 'THORFFN',
+           'routing_stats', 'ChunkLossScheduler', 'ReMoESparsityCallback', 'ExpertCountSchedule', 'model_tls',
+           'MoELitModule', 'THORLitModule', 'MoEConfig', 'MoEArm', 'make_arm', 'collect_router_scores',
+           'evaluate_routing', 'measure_inference', 'MoERunConfig', 'moe_datamodule', 'smoe_bpb_by_k', 'train_arm',
+           'plot_val_curves', 'plot_cls', 'plot_coefficients', 'plot_smoe', 'plot_inference', 'plot_expert_load',
+           'reproduce_moe', 'calibration_key', 'calibration_shortfall', 'calibration_pick', 'calibration_config',
+           'reproduce_moe_calibration']
 
 # %% ../nbs/20_moe_routing.ipynb #0e2d4132
 def weighted_experts(x: torch.Tensor, # [T, d] tokens
@@ -161,7 +163,7 @@ def chunk_sparsity_loss(p: torch.Tensor, # [B, L, E] per-token expert probabilit
 class BlockFFN(ExpertFFN):
     "BlockFFN: router `g * RMSNorm(relu(W_r x))`, non-gated SiLU experts weighted by it; locality and chunk-sparsification losses."
     def __init__(self, d_model: int, n_experts: int, d_expert: int, locality_coef: float = 2e-3, locality_alpha: float = 100.0,
-                 chunk: int = 64, chunk_coef: float = 5e-2, eps: float = 1e-6):
+                 chunk: int = 64, chunk_coef: float = 5e-2, eps: float = 1e-5):
         super().__init__(d_model, n_experts, d_expert)
         expect(locality_coef >= 0, "locality_coef", ">= 0 (0 disables the locality loss)", locality_coef)
         expect(chunk_coef >= 0, "chunk_coef", ">= 0 (0 disables the chunk loss)", chunk_coef)
@@ -227,7 +229,7 @@ class AdaptiveCoefficient:
         self._buf.append(float(loss))
         if len(self._buf) == self.window:
             mean = sum(self._buf) / self.window; self._buf = []
-            if self.t > self.hold and self._prev is not None and self._prev > 0:
+            if self.t >= self.hold and self._prev is not None and self._prev > 0:
                 ratio = mean / self._prev
                 target = self.value * (max(self.min_growth, ratio) if ratio > 1 else ratio)
                 self._ramp = (self.t, self.value, min(target, self.cap * self.c0))
@@ -455,7 +457,7 @@ class MoEConfig:
     balance_coef: float = 1e-2
     locality_coef: float = 2e-3
     locality_alpha: float = 100.0
-    chunk: int = 32                 # training chunk of the chunk-sparsification loss
+    chunk: int = 64                 # training chunk of the chunk-sparsification loss (the official 64)
     chunk_c0: float = 5e-2
     chunk_hold: int = 100
     chunk_window: int = 20
@@ -809,3 +811,63 @@ def reproduce_moe(ctx: RunContext) -> dict:
     if any("val_bpb_by_k" in r for r in first.values()): ctx.save_figure(plot_smoe(m), "smoe_by_k")
     if m.get("inference"): ctx.save_figure(plot_inference(m), "inference_speedup")
     return m
+
+# %% ../nbs/20_moe_routing.ipynb #61368233
+CALIBRATION_GRID = (  # (locality_coef = lambda_AL, locality_alpha = alpha, chunk_c0 = c0); the paper's setting first
+    (2e-3, 100.0, 0.05), (2e-3, 100.0, 0.1), (2e-3, 100.0, 0.2),
+    (4e-3, 100.0, 0.05), (4e-3, 100.0, 0.1), (4e-3, 100.0, 0.2),
+    (2e-3, 30.0, 0.1), (2e-3, 300.0, 0.1))
+CALIBRATION_TARGETS = {"tls": 0.80, "cls8": 0.60, "token_dependence": 0.30, "degenerate_share": 0.10}  # the last one is a ceiling
+
+def calibration_key(point: tuple) -> str:
+    "A readable unit name for a grid point, e.g. `la0.002_a100_c0.05`."
+    la, a, c0 = point
+    return f"la{la:g}_a{a:g}_c{c0:g}"
+
+def calibration_shortfall(s: dict) -> float:
+    "Summed relative shortfall of a setting's seed means against `CALIBRATION_TARGETS` (0 = feasible)."
+    t = CALIBRATION_TARGETS
+    short = sum(max(0.0, (t[k] - s[k]) / t[k]) for k in ("tls", "cls8", "token_dependence"))
+    return short + max(0.0, (s["degenerate_share"] - t["degenerate_share"]) / t["degenerate_share"])
+
+def calibration_pick(settings: dict) -> str:
+    "The key of the feasible setting with the lowest val bpb, else of the smallest shortfall (bpb breaks ties)."
+    expect(isinstance(settings, dict) and len(settings) > 0, "settings", "a non-empty dict of key -> seed means", type(settings).__name__)
+    return min(settings, key=lambda k: (calibration_shortfall(settings[k]), settings[k]["val_bpb"]))
+
+# %% ../nbs/20_moe_routing.ipynb #a59d0df3
+def calibration_config(rc: MoERunConfig, point: tuple, seed: int) -> MoERunConfig:
+    "`rc` at half length (hold and window halved too), BlockFFN only, with grid point `point`'s coefficients, on `seed`."
+    la, a, c0 = point
+    t = rc.train.replace(steps=rc.train.steps // 2, warmup_steps=max(1, rc.train.warmup_steps // 2), val_every=rc.train.steps // 2, seed=seed)
+    moe = replace(rc.moe, locality_coef=la, locality_alpha=a, chunk_c0=c0, chunk_hold=max(1, rc.moe.chunk_hold // 2),
+                  chunk_window=max(1, rc.moe.chunk_window // 2))
+    return replace(rc, train=t, moe=moe, arms=("blockffn",), inference_arms=())
+
+_CAL_KEYS = ("val_bpb", "tls", "cls8", "token_dependence", "dead_experts", "always_on")
+
+@register_reproduction("moe_calibration", "BlockFFN's router-loss coefficients (lambda_AL, alpha, c0) recalibrated for the layer-averaged objective: a registered grid, 2 paired seeds, half-length runs.",
+                       notebook="20_moe_routing.ipynb", default_seeds=2, summary_keys=("selected",))
+def reproduce_moe_calibration(ctx: RunContext) -> dict:
+    "Every grid point on every seed, then the pick by `calibration_pick` over the seed means."
+    rc = (MoERunConfig.fast if (ctx.fast or in_test()) else MoERunConfig.full)()
+    grid = CALIBRATION_GRID[:2] if (ctx.fast or in_test()) else CALIBRATION_GRID
+    ctx.config = {"base": asdict(rc), "grid": [list(p) for p in grid], "targets": CALIBRATION_TARGETS, "threads": torch.get_num_threads()}
+    n_experts = rc.moe.n_experts * rc.train.model.n_layers
+    settings, per_seed = {}, {}
+    for point in grid:
+        key = calibration_key(point); runs = []
+        for seed in ctx.seeds:
+            cfg = calibration_config(rc, point, seed)
+            u = ctx.unit(f"{key}/seed{seed}", lambda run_dir: train_arm("blockffn", cfg, run_dir, ctx.progress))
+            runs.append({k: u[k] for k in _CAL_KEYS} | {"seed": seed})
+            ctx.log(f"{key} seed {seed}: bpb {u['val_bpb']:.4f} TLS {u['tls']:.3f} CLS@8 {u['cls8']:.3f} jac {u['token_dependence']:.2f} dead {u['dead_experts']} on {u['always_on']}")
+        mean = {k: seed_mean([r[k] for r in runs]) for k in _CAL_KEYS}
+        mean["degenerate_share"] = (mean["dead_experts"] + mean["always_on"]) / n_experts
+        settings[key] = mean | {"locality_coef": point[0], "locality_alpha": point[1], "chunk_c0": point[2],
+                                "shortfall": calibration_shortfall(mean)}
+        per_seed[key] = runs
+    sel = calibration_pick(settings)
+    return {"config": ctx.config, "settings": settings, "per_seed": per_seed, "selected": sel,
+            "selected_point": {k: settings[sel][k] for k in ("locality_coef", "locality_alpha", "chunk_c0")},
+            "feasible": [k for k, s in settings.items() if s["shortfall"] == 0]}
