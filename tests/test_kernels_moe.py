@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainlab.kernels import moe
 from trainlab.kernels.moe import (
-    bench_chunk_sparse_cpu, chunk_sparse_ffn, chunk_sparse_ffn_ref, chunk_sparse_torch, grouped_expert_ffn,
-    grouped_expert_ffn_ref, route_by_expert)
+    PackedExperts, bench_chunk_sparse_cpu, chunk_sparse_ffn, chunk_sparse_ffn_packed, chunk_sparse_ffn_ref,
+    chunk_sparse_torch, grouped_expert_ffn, grouped_expert_ffn_ref, pack_experts, route_by_expert)
 from trainlab.kernels.utils import assert_close_3way, interpreting, max_abs_err
 from kernel_checks import assert_raises_with
 
@@ -382,13 +383,168 @@ def test_chunk_auto_on_cpu_is_the_union_torch_path():
     assert torch.equal(chunk_sparse_ffn(x, w_in, w_out, scores, impl="torch"), chunk_sparse_torch(x, w_in, w_out, scores))
 
 
+# ---------------------------------------------------------------- pack_experts, chunk_sparse_ffn_packed
+
+PACKED_CASES = CHUNK_CASES + [(1, 24, 16, 8, 0), (1, 24, 16, 8, 8), (3, 7, 5, 1, 1)]  # + T = 1 with none / all, E = 1
+TOL_PACKED = {torch.float64: TOL[torch.float64], torch.float32: dict(atol=1e-5, rtol=1e-5)}  # fp32: the issue's 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", PACKED_CASES)
+def test_packed_parity(case, dtype):
+    x, w_in, w_out, scores = make_chunk(*case, dtype=dtype)
+    packed = pack_experts(w_in, w_out)
+    with torch.inference_mode():
+        y = chunk_sparse_ffn_packed(x, packed, scores)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y, chunk_sparse_ffn_ref(x, w_in, w_out, scores), **TOL_PACKED[dtype])
+    torch.testing.assert_close(chunk_sparse_ffn_packed(x, packed, scores), y, atol=0, rtol=0)  # grad mode on: same
+
+
+def test_packed_no_active_expert_gives_zeros():
+    x, w_in, w_out, scores = make_chunk(8, 20, 12, 6, 3, dtype=torch.float32)
+    y = chunk_sparse_ffn_packed(x, pack_experts(w_in, w_out), torch.zeros_like(scores))
+    assert torch.equal(y, torch.zeros(8, 20)) and y.dtype == torch.float32
+    y0 = chunk_sparse_ffn_packed(x[:0], pack_experts(w_in, w_out), scores[:0])
+    assert y0.shape == (0, 20) and y0.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_packed_non_contiguous(dtype):
+    x, w_in, w_out, scores = make_chunk(9, 20, 12, 6, 4, dtype=dtype)
+    want = chunk_sparse_ffn_ref(x, w_in, w_out, scores)
+    args = (x.T.contiguous().T, w_in.transpose(1, 2).contiguous().transpose(1, 2),
+            w_out.permute(2, 1, 0).contiguous().permute(2, 1, 0), scores.T.contiguous().T)
+    assert not any(t.is_contiguous() for t in args)
+    packed = pack_experts(args[1], args[2])
+    torch.testing.assert_close(chunk_sparse_ffn_packed(args[0], packed, args[3]), want, **TOL_PACKED[dtype])
+    xe = x[:1].expand(9, 20)  # stride-0 rows
+    torch.testing.assert_close(chunk_sparse_ffn_packed(xe, packed, scores),
+                               chunk_sparse_ffn_ref(xe, w_in, w_out, scores), **TOL_PACKED[dtype])
+    wide = torch.zeros(9, 40, dtype=dtype); wide[:, ::2] = x  # every other column
+    torch.testing.assert_close(chunk_sparse_ffn_packed(wide[:, ::2], packed, scores), want, **TOL_PACKED[dtype])
+
+
+def test_packed_dtypes():
+    "The pack computes in fp32 (fp64 if a weight is fp64), like the reference, and returns x.dtype."
+    x, w_in, w_out, scores = make_chunk(8, 20, 12, 6, 3)
+    p64 = pack_experts(w_in, w_out)
+    assert p64.w_up.dtype == torch.float64
+    y = chunk_sparse_ffn_packed(x.float(), p64, scores.float())  # fp32 x, fp64 weights: fp64 compute, fp32 out
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, chunk_sparse_ffn_ref(x.float(), w_in, w_out, scores.float()), atol=1e-6, rtol=1e-6)
+    lo = [t.to(torch.bfloat16) for t in (w_in, w_out)]
+    p = pack_experts(*lo)
+    assert p.w_up.dtype == torch.float32  # upcast once at pack time, as the reference upcasts per call
+    xb, sb = x.to(torch.bfloat16), scores.to(torch.bfloat16)
+    yb = chunk_sparse_ffn_packed(xb, p, sb)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb, chunk_sparse_ffn_ref(xb, *lo, sb), atol=0, rtol=0)
+    assert pack_experts(*lo, dtype=torch.bfloat16).w_up.dtype == torch.bfloat16
+
+
+def test_pack_experts_layout():
+    x, w_in, w_out, scores = make_chunk(8, 20, 12, 6, 3)
+    p = pack_experts(w_in, w_out)
+    assert isinstance(p, PackedExperts) and (p.num_experts, p.hidden) == (6, 12)
+    assert p.w_up.shape == p.w_down.shape == (72, 20) and p.w_up.is_contiguous() and p.w_down.is_contiguous()
+    for e in range(6):
+        assert torch.equal(p.w_up[e * 12:(e + 1) * 12], w_in[e]) and torch.equal(p.w_down[e * 12:(e + 1) * 12], w_out[e].T)
+    assert p.views == {}
+    want = chunk_sparse_ffn_packed(x, p, scores)
+    runs = moe._active_runs(scores.any(0).tolist())
+    assert list(p.views) == runs  # the runs' views, cached
+    for (a, b), (u, dn) in p.views.items():
+        assert u.data_ptr() == p.w_up[a * 12:].data_ptr() and dn.data_ptr() == p.w_down[a * 12:].data_ptr()
+        assert u.shape == dn.shape == ((b - a) * 12, 20)
+    w_in.zero_(); w_out.zero_()  # a snapshot: later changes to the weights do not reach the pack
+    torch.testing.assert_close(chunk_sparse_ffn_packed(x, p, scores), want, atol=0, rtol=0)
+    assert repr(p) == "PackedExperts(E=6, h=12, d=20, dtype=float64, device=cpu)"
+    leaf = torch.nn.Parameter(torch.randn(6, 12, 20))
+    assert not pack_experts(leaf, torch.randn(6, 20, 12)).w_up.requires_grad
+
+
+def test_packed_never_reads_inactive_experts():
+    "Inactive experts' weights set to NaN before packing: the packed path stays finite and exact."
+    x, w_in, w_out, scores = make_chunk(8, 45, 70, 8, 3)
+    want = chunk_sparse_ffn_ref(x, w_in, w_out, scores)
+    inactive = ~scores.any(0)
+    w_in[inactive], w_out[inactive] = float("nan"), float("nan")
+    torch.testing.assert_close(chunk_sparse_ffn_packed(x, pack_experts(w_in, w_out), scores), want, **TOL[torch.float64])
+
+
+class _OpLog(TorchDispatchMode):
+    "Records (op name, outputs) of every aten call, and the FLOPs of its matrix products (2 m k n each)."
+    def __init__(self):
+        super().__init__(); self.calls = []; self.flops = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket.__name__)
+        if name in ("mm", "addmm", "addmm_"):
+            a, b = args[-2:] if name != "mm" else args
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        self.calls.append((name, outs))
+        return out
+
+
+@pytest.mark.parametrize("n_union", [1, 3, 8])
+def test_packed_copies_no_weights(n_union):
+    "A dispatch spy: every tensor of weight-block size seen during a call is a view of the packed weights (no copy)."
+    T, d, h, E = 3, 40, 16, 8  # activations (at most T*E*h = 384 elements) stay below one weight block (h*d = 640)
+    x, w_in, w_out, scores = make_chunk(T, d, h, E, n_union)
+    packed = pack_experts(w_in, w_out)
+    storages = {packed.w_up.untyped_storage().data_ptr(), packed.w_down.untyped_storage().data_ptr()}
+    with _OpLog() as log:
+        chunk_sparse_ffn_packed(x, packed, scores)
+    big = [(name, o) for name, outs in log.calls for o in outs if o.numel() >= h * d]
+    assert big, "the spy saw no weight block"
+    for name, o in big:
+        assert o.untyped_storage().data_ptr() in storages, f"{name} made a new weight-sized tensor {tuple(o.shape)}"
+    names = {name for name, _ in log.calls}
+    assert not names & {"index_select", "index", "clone", "cat", "stack", "bmm", "_to_copy", "copy_"}, names
+
+
+def test_packed_matmuls_are_per_run():
+    "One up and one down matmul per run of consecutive active experts, FLOPs of the union only."
+    T, d, h, E = 8, 24, 16, 8
+    x, w_in, w_out, _ = make_chunk(T, d, h, E, 1)
+    packed = pack_experts(w_in, w_out)
+    for active, runs in [([2, 3, 4], 1), ([0, 7], 2), ([1, 3, 4, 6], 3), (list(range(8)), 1)]:
+        scores = torch.zeros(T, E, dtype=torch.float64)
+        scores[torch.arange(T), torch.tensor(active)[torch.arange(T) % len(active)]] = 0.5
+        with _OpLog() as log:
+            y = chunk_sparse_ffn_packed(x, packed, scores)
+        mms = [name for name, _ in log.calls if name in ("mm", "addmm", "addmm_", "bmm", "baddbmm")]
+        assert len(mms) == 2 * runs, (active, mms)
+        assert log.flops == 4 * T * len(active) * h * d  # 2 T h d up and 2 T h d down per active expert
+        torch.testing.assert_close(y, chunk_sparse_ffn_ref(x, w_in, w_out, scores), **TOL[torch.float64])
+
+
+def test_chunk_sparse_ffn_torch_unchanged_next_to_packed():
+    "The public chunk_sparse_ffn(impl='torch') keeps its behaviour and agrees with the packed path."
+    x, w_in, w_out, scores = make_chunk(8, 20, 12, 6, 3, dtype=torch.float32)
+    y = chunk_sparse_ffn(x, w_in, w_out, scores, impl="torch")
+    assert torch.equal(y, chunk_sparse_torch(x, w_in, w_out, scores))
+    torch.testing.assert_close(y, chunk_sparse_ffn_packed(x, pack_experts(w_in, w_out), scores), **TOL[torch.float32])
+
+
 def test_bench_chunk_sparse_cpu():
     x, w_in, w_out, scores = make_chunk(8, 32, 16, 8, 2, dtype=torch.float32)
     threads = torch.get_num_threads()
     r = bench_chunk_sparse_cpu(x, w_in, w_out, scores, repeats=3, warmup=1)
     assert torch.get_num_threads() == threads
+    for k in ("dense_us", "sparse_us", "speedup", "speedup_gmean", "active_fraction", "token_active_fraction"):
+        assert isinstance(r[k], float) and math.isfinite(r[k]), k
     assert r["dense_us"] > 0 and r["sparse_us"] > 0 and r["speedup"] == pytest.approx(r["dense_us"] / r["sparse_us"])
-    assert r["active_fraction"] == 0.25 and r["T"] == 8 and r["threads"] == 1
+    assert len(r["ratios"]) == 3 and all(math.isfinite(v) and v > 0 for v in r["ratios"])
+    lo, hi = r["speedup_ci95"]
+    assert math.isfinite(lo) and math.isfinite(hi) and lo <= r["speedup_gmean"] <= hi
+    assert len(r["times_us"]["dense"]) == len(r["times_us"]["sparse"]) == 3 and "old_us" not in r
+    assert r["active_fraction"] == 0.25 and r["T"] == 8 and r["threads"] == 1 and r["repeats"] == 3
+    r2 = bench_chunk_sparse_cpu(x, w_in, w_out, scores, repeats=2, warmup=0, compare_old=True)
+    assert r2["old_us"] > 0 and r2["speedup_old"] == pytest.approx(r2["dense_us"] / r2["old_us"])
+    assert len(r2["speedup_old_ci95"]) == 2 and len(r2["times_us"]["old"]) == 2
     with pytest.raises(ValueError, match="`repeats`"):
         bench_chunk_sparse_cpu(x, w_in, w_out, scores, repeats=0)
 
@@ -424,6 +580,17 @@ ERRORS = [
     (lambda: chunk_sparse_ffn(X, WI, WO, S, impl="fast"), ValueError, "`impl`"),
     (lambda: chunk_sparse_ffn(X, torch.randn(0, 5, 6), torch.randn(0, 6, 5), S[:, :0]), ValueError, "`w_in`"),
     (lambda: bench_chunk_sparse_cpu(X, WI, WO, S, threads=0), ValueError, "`threads`"),
+    (lambda: bench_chunk_sparse_cpu(X, WI, WO, S, warmup=-1), ValueError, "`warmup`"),
+    (lambda: bench_chunk_sparse_cpu(X, WI, WO, S.long()), TypeError, "`scores`: expected dtype"),
+    (lambda: pack_experts(WI, WO.transpose(1, 2)), ValueError, "`w_out`: expected shape (3, 6, 5)"),
+    (lambda: pack_experts(WI, WO[:2]), ValueError, "`w_out`: expected shape (3, 6, 5)"),
+    (lambda: pack_experts(WI[0], WO), ValueError, "`w_in`: expected 3 dimension"),
+    (lambda: pack_experts(WI.int(), WO), TypeError, "`w_in`: expected dtype"),
+    (lambda: pack_experts(WI, WO.long()), TypeError, "`w_out`: expected dtype"),
+    (lambda: pack_experts(WI.numpy(), WO), TypeError, "`w_in`: expected a torch.Tensor"),
+    (lambda: pack_experts(WI, WO.to("meta")), ValueError, "`w_out` is on meta"),
+    (lambda: pack_experts(torch.randn(0, 5, 6), torch.randn(0, 6, 5)), ValueError, "`w_in`: expected shape (E, h, d) with E, h, d >= 1"),
+    (lambda: pack_experts(WI, WO, dtype=torch.int64), TypeError, "`dtype`: expected a floating dtype"),
 ]
 
 
