@@ -288,6 +288,17 @@ def test_claims_are_registered_with_the_reproduction():
     assert set(CLAIM_ARMS) <= set(MOE_ARMS)
 
 
+def test_moe_defaults_are_the_committed_calibration_pick():
+    "MoEConfig's router-loss coefficients were fixed from the registered sweep before the main run: they must equal its pick."
+    from pathlib import Path
+    from trainlab.core import read_json
+    from trainlab.moe import calibration_pick
+    m = read_json(Path(__file__).parents[1] / "nbs/results/moe_calibration/metrics.json")
+    assert m["selected"] == calibration_pick(m["settings"])  # the pick follows the rule registered in code
+    cfg = MoEConfig()
+    assert (cfg.locality_coef, cfg.locality_alpha, cfg.chunk_c0) == tuple(m["selected_point"][k] for k in ("locality_coef", "locality_alpha", "chunk_c0"))
+
+
 class _Crash(L.Callback):
     def on_train_batch_start(self, trainer, *args):
         if trainer.global_step == 7: raise RuntimeError("simulated crash")

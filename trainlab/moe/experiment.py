@@ -40,10 +40,10 @@ class MoEConfig:
     d_expert: int = 32
     k: int = 3                      # TopK's experts per token; ReMoE's target 1 - k/E
     balance_coef: float = 1e-2
-    locality_coef: float = 2e-3
-    locality_alpha: float = 100.0
+    locality_coef: float = 2e-3         # lambda_AL: the paper's, kept by the calibration sweep
+    locality_alpha: float = 100.0       # alpha: the paper's, kept by the calibration sweep
     chunk: int = 64                 # training chunk of the chunk-sparsification loss (the official 64)
-    chunk_c0: float = 5e-2
+    chunk_c0: float = 0.1              # from the registered calibration sweep (moe_calibration); the paper's 5e-2
     chunk_hold: int = 100
     chunk_window: int = 20
     chunk_cap: float = 4.0

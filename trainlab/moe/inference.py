@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..core import expect
+from ..stats import ci_mean, mean
 from ..kernels.moe import bench_chunk_sparse_cpu
 from .experts import ExpertFFN
 
@@ -34,13 +35,13 @@ def _doc_chunks(doc_ids: torch.Tensor, T: int, n: int, seed: int = 0) -> list:
 def measure_inference(model: nn.Module, layer_scores: list, doc_ids: torch.Tensor, layer_inputs: list,
                       chunk_lengths=(1, 8, 32), chunks_per_layer: int = 8, repeats: int = 50, threads: int = 1,
                       scale_to: tuple | None = None, seed: int = 0) -> dict:
-    "Dense vs chunk-sparse FFN time over real chunks of every MoE layer; per T: summed medians, speedup, mean union (active) fraction."
+    "Dense vs chunk-sparse FFN time over real chunks of every MoE layer; per T: summed medians, speedup, per-chunk speedups (geometric mean, 95% CI), mean union fraction."
     ffns = [m for m in model.modules() if isinstance(m, ExpertFFN)]
     expect(len(ffns) == len(layer_scores), "layer_scores", f"one entry per expert layer ({len(ffns)})", len(layer_scores))
     g = torch.Generator().manual_seed(seed)
     res = {}
     for T in chunk_lengths:
-        dense = sparse = 0.0; fracs = []
+        dense = sparse = 0.0; fracs, per_chunk = [], []
         for li, (ffn, sc, xin) in enumerate(zip(ffns, layer_scores, layer_inputs)):
             E = sc.shape[-1]
             if scale_to is None: w_in, w_out = ffn.w_in.detach().float(), ffn.w_out.detach().float()
@@ -50,9 +51,12 @@ def measure_inference(model: nn.Module, layer_scores: list, doc_ids: torch.Tenso
             for r, s in _doc_chunks(doc_ids, T, chunks_per_layer, seed + li):
                 x = xin[r, s:s + T] if scale_to is None else torch.randn(T, scale_to[0], generator=g)
                 b = bench_chunk_sparse_cpu(x.contiguous(), w_in, w_out, sc[r, s:s + T].contiguous(), repeats=repeats, threads=threads, warmup=3)
-                dense += b["dense_us"]; sparse += b["sparse_us"]; fracs.append(b["active_fraction"])
+                dense += b["dense_us"]; sparse += b["sparse_us"]; fracs.append(b["active_fraction"]); per_chunk.append(b["speedup"])
         if fracs:
+            logs = [math.log(v) for v in per_chunk]
+            lo, hi = ci_mean(logs) if len(logs) > 1 else (float("nan"), float("nan"))
             res[str(T)] = {"dense_us": dense / len(fracs), "sparse_us": sparse / len(fracs), "speedup": dense / sparse,
-                           "active_fraction": sum(fracs) / len(fracs), "chunks": len(fracs),
+                           "speedup_gmean": math.exp(mean(logs)), "speedup_ci95": [math.exp(lo), math.exp(hi)],
+                           "speedups": per_chunk, "active_fraction": sum(fracs) / len(fracs), "chunks": len(fracs),
                            "active_fractions": fracs}
     return res
