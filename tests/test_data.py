@@ -1,5 +1,5 @@
 "Tests of trainlab.data: tokenizer, corpora, splits, cache, datasets, DataModules, fixtures."
-import functools, json, multiprocessing, pickle, random, re, time, warnings
+import ast, functools, json, multiprocessing, pickle, random, re, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +10,11 @@ from torch.utils.data import DistributedSampler
 import trainlab.data as D
 from trainlab.core import repo_root
 from trainlab.data import (CORPORA, ByteTokenizer, DocEvalDataModule, DocWindowDataset, Document, LMDataModule, PackedDataset,
-                           TokenizedCorpus, check_tokenizer, corpus_card, corpus_checksum, load_corpus, load_documents,
-                           list_corpora, register_corpus, select_eval_docs, split_corpus, split_documents, write_tiny_fixtures)
+                           TokenizedCorpus, balanced_val_mask, balanced_val_split, boundary_share, check_tokenizer, corpus_card,
+                           corpus_checksum, load_corpus, load_documents, list_corpora, register_corpus, select_eval_docs, split_corpus,
+                           split_documents, top_level_defs, val_split_stats, write_tiny_fixtures)
 
-BUILTINS = ["stdlib_code", "stdlib_prose", "stdlib_tests", "unicode_names", "synthetic_facts"]
+BUILTINS = ["stdlib_code", "stdlib_prose", "stdlib_tests", "unicode_names", "synthetic_facts", "stdlib_defs"]
 TOK = ByteTokenizer()
 
 
@@ -159,6 +160,51 @@ def test_stdlib_tests_missing_suite_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "test").mkdir(); (tmp_path / "test" / "__init__.py").write_text("")
     monkeypatch.setattr(D, "stdlib_dir", lambda: tmp_path)
     with pytest.raises(FileNotFoundError, match="test suite"): load_documents("stdlib_tests")
+
+
+def test_top_level_defs():
+    src = ("import functools\n"
+           "def f(x): return x\n\n"
+           "@functools.cache\n@staticmethod\ndef g(): pass\n"
+           "class C:\n    def m(self): 'a method: part of C'\n"
+           "if True:\n    def h(): 'nested in an if: skipped'\n"
+           "async def f(): 'defined again'\n"
+           "x = 1\n")
+    defs = top_level_defs(src)
+    assert [n for n, _ in defs] == ["f", "g", "C", "f#2"]
+    assert dict(defs)["g"] == "@functools.cache\n@staticmethod\ndef g(): pass"
+    assert dict(defs)["C"] == "class C:\n    def m(self): 'a method: part of C'"
+    assert dict(defs)["f#2"] == "async def f(): 'defined again'"
+    # form-feed lines (one line for ast, two for str.splitlines), \r\n, multi-byte end columns, trailing comments
+    assert top_level_defs("\x0c\ndef π():\r\n    return 'é'  # note\n\x0c\n\x0c\ndef k(): pass") == [("π", "def π():\r\n    return 'é'"), ("k", "def k(): pass")]
+    assert top_level_defs("x = 1\n") == []
+    with pytest.raises(SyntaxError): top_level_defs("def broken(:\n")
+
+
+def test_stdlib_defs_contents():
+    docs = built("stdlib_defs")
+    ids = [d.id for d in docs]
+    assert len(ids) == len(set(ids)) > 1000                                 # unique ids, many documents
+    code_ids = [d.id for d in built("stdlib_code")]
+    files = [i.split("::")[0] for i in ids]
+    assert set(files) <= set(code_ids)                                      # the files of stdlib_code, in its order
+    assert files == sorted(files, key={c: k for k, c in enumerate(code_ids)}.__getitem__)
+    for must in ("json/decoder.py::JSONDecoder", "bisect.py::insort_right", "os.py::walk"): assert must in ids
+    lens = np.array([len(d.text.encode("utf-8")) for d in docs])
+    assert lens.min() >= D.MIN_DEF_BYTES and np.median(lens) < 512        # short documents: median well under 1024 tokens
+    assert sum(lens) > 1_000_000
+    code = {d.id: d.text for d in built("stdlib_code")}
+    for d in docs[::25]:                                                    # each one is a definition cut from its file
+        text = d.text[:-1]
+        assert d.text.endswith("\n") and text in code[d.id.split("::")[0]], d.id
+        tree = ast.parse(d.text)
+        assert len(tree.body) == 1 and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)), d.id
+        assert tree.body[0].name == d.id.split("::")[1].split("#")[0]
+    # rebuilt by hand for the first files: every top-level definition of at least MIN_DEF_BYTES, nothing else
+    first = code_ids[:60]
+    want = [f"{f}::{n}" for f in first for n, t in top_level_defs(code[f]) if len(t.encode("utf-8")) + 1 >= D.MIN_DEF_BYTES]
+    assert [i for i in ids if i.split("::")[0] in set(first)] == want
+    assert any(len(t.encode("utf-8")) + 1 < D.MIN_DEF_BYTES for f in first for _, t in top_level_defs(code[f]))  # some are dropped
 
 
 def test_unicode_names_filters_generated_names():
@@ -380,6 +426,91 @@ def test_load_corpus_splits_partition(temp_corpus):
         for i in range(len(c)): assert np.array_equal(c.doc(i), full.doc(full.ids.index(c.ids[i])))
 
 
+
+def _uneven_docs(n=300, seed=0):
+    "Documents of very different lengths, a few of them huge."
+    rng = random.Random(seed)
+    return [Document(f"u/{i:03d}", "x" * (50_000 if i % 37 == 0 else 1 + int(rng.random() * 3000))) for i in range(n)]
+
+
+@pytest.mark.parametrize("min_tokens,max_share", [(20_000, 0.2), (50_000, 0.05), (1000, 1.0), (100_000, 0.3)])
+def test_balanced_val_split_invariants(min_tokens, max_share):
+    docs = _uneven_docs()
+    tr, va = balanced_val_split(docs, min_tokens, max_share)
+    st = val_split_stats(tr, va)
+    assert st["val_tokens"] >= min_tokens and st["largest_share"] <= max_share + 1e-12
+    assert st["largest_share"] == max(len(d.text) for d in va) / st["val_tokens"]
+    assert {d.id for d in tr}.isdisjoint(d.id for d in va) and len(tr) + len(va) == len(docs) and len(tr) > 0
+    val_ids = {d.id for d in va}
+    assert [d.id for d in va] == [d.id for d in docs if d.id in val_ids]               # documents keep their order
+    assert (st["train_docs"], st["val_docs"], st["train_tokens"] + st["val_tokens"]) == (len(tr), len(va), sum(len(d.text) for d in docs))
+    # deterministic, and decided by ids and lengths only: not by the order of the documents
+    assert balanced_val_split(docs, min_tokens, max_share) == (tr, va)
+    shuffled = docs[:]; random.Random(1).shuffle(shuffled)
+    assert {d.id for d in balanced_val_split(shuffled, min_tokens, max_share)[1]} == {d.id for d in va}
+    # a TokenizedCorpus splits the same way
+    ctr, cva = balanced_val_split(TokenizedCorpus.from_documents(docs), min_tokens, max_share)
+    assert (ctr.ids, cva.ids, ctr.split, cva.split) == ([d.id for d in tr], [d.id for d in va], "train", "val")
+    assert val_split_stats(ctr, cva) == st
+    # another salt gives another split
+    assert {d.id for d in balanced_val_split(docs, min_tokens, max_share, salt="other")[1]} != {d.id for d in va}
+
+
+def test_balanced_val_mask_by_hand():
+    ids = [f"d{k}" for k in range(8)]
+    order = sorted(range(8), key=lambda k: D.stable_unit_hash(ids[k]))
+    lens = np.full(8, 10); lens[order[1]] = 100
+    m = balanced_val_mask(ids, lens, 30, 0.5)             # 100 > 0.5 * max(30, 10 + 100): skipped
+    assert np.flatnonzero(m).tolist() == sorted(order[i] for i in (0, 2, 3))
+    assert np.flatnonzero(balanced_val_mask(ids, lens, 30, 1.0)).tolist() == sorted(order[:2])
+    lens2 = np.full(8, 12); lens2[order[3]] = 15           # 15 > 0.3 * 40, but 15 <= 0.3 * (36 + 15): the final total counts
+    m2 = balanced_val_mask(ids, lens2, 40, 0.3)
+    assert np.flatnonzero(m2).tolist() == sorted(order[:4]) and lens2[m2].max() <= 0.3 * lens2[m2].sum()
+    # with salt "" the hash order is the default split's: its validation documents come first
+    docs = _docs(400)
+    default_val = {d.id for d in split_documents(docs, 0.05)[1]}
+    need = sum(len(d.text) for d in docs if d.id in default_val)
+    assert {d.id for d in balanced_val_split(docs, need, 1.0)[1]} == default_val
+
+
+def test_balanced_val_split_cannot_be_satisfied():
+    docs = _uneven_docs(40)
+    total = sum(len(d.text) for d in docs)
+    with pytest.raises(ValueError, match=r"`min_tokens`: expected at most the [\d,]+ tokens this corpus can give"):
+        balanced_val_split(docs, 10 * total, 0.2)
+    with pytest.raises(ValueError, match="`min_tokens`.*leaves training documents"):
+        balanced_val_split(docs, total, 1.0)
+    with pytest.raises(ValueError, match="`min_tokens`"):
+        balanced_val_split([Document("one", "x" * 1000), Document("two", "y" * 10)], 500, 0.2)
+
+
+@pytest.mark.parametrize("kw,arg,exc", [
+    (dict(min_tokens=0), "min_tokens", ValueError), (dict(min_tokens=-5), "min_tokens", ValueError),
+    (dict(min_tokens=1.5), "min_tokens", ValueError), (dict(min_tokens=True), "min_tokens", ValueError),
+    (dict(max_share=0), "max_share", ValueError), (dict(max_share=1.5), "max_share", ValueError),
+    (dict(max_share=float("nan")), "max_share", ValueError), (dict(max_share="0.2"), "max_share", ValueError),
+    (dict(max_share=True), "max_share", ValueError), (dict(salt=3), "salt", TypeError)])
+def test_balanced_val_split_argument_errors(kw, arg, exc):
+    with pytest.raises(exc, match=f"`{arg}`"): balanced_val_split(_uneven_docs(), **{**dict(min_tokens=1000), **kw})
+
+
+def test_balanced_val_split_bad_corpus():
+    with pytest.raises(TypeError, match="`corpus`"): balanced_val_split(42)
+    with pytest.raises(TypeError, match="`corpus`"): balanced_val_split([Document("a", "x"), ("b", "y")])
+    with pytest.raises(ValueError, match="`lengths`"): balanced_val_mask(["a", "b"], [1], 1)
+    with pytest.raises(ValueError, match="`lengths`"): balanced_val_mask(["a", "b"], [1, -1], 1)
+
+
+@pytest.mark.parametrize("name", ["stdlib_code", "stdlib_defs"])
+def test_balanced_val_split_builtin(name):
+    c = TokenizedCorpus.from_documents(list(built(name)))
+    tr, va = balanced_val_split(c)                           # defaults: at least 200k tokens, none above 20% of them
+    st = val_split_stats(tr, va)
+    assert st["val_tokens"] >= 200_000 and st["largest_share"] <= 0.2 and st["val_docs"] >= 10
+    assert set(tr.ids).isdisjoint(va.ids) and len(tr) + len(va) == len(c) and tr.n_tokens + va.n_tokens == c.n_tokens
+    assert split_corpus(c)[1].ids == [i for i in c.ids if D.is_val(i, 0.05)]   # the default split is untouched
+
+
 # ---------------------------------------------------------------- cache
 def test_cache_is_reused(fresh_cache, temp_corpus):
     name, calls = temp_corpus
@@ -492,6 +623,43 @@ def test_packed_dataset(seq_len):
     with pytest.raises(IndexError): ds[len(ds)]
     with pytest.raises(ValueError, match="`seq_len`"): PackedDataset(c, 0, TOK.eot_id)
     with pytest.raises(ValueError, match="`seq_len`"): PackedDataset(c, 10**6, TOK.eot_id)
+
+
+def test_boundary_share_hand_made():
+    docs = [Document("a", "abc"), Document("b", "de"), Document("c", "fghij")]
+    c = TokenizedCorpus.from_documents(docs)              # packed: E a b c E d e E f g h i j (EOT at 0, 4, 7)
+    assert boundary_share(c, 4) == 1 / 3                  # [E a b c] [E d e E] [f g h i]
+    assert boundary_share(c, 3) == 2 / 4                  # [E a b] [c E d] [e E f] [g h i]
+    assert boundary_share(c, 5) == 1.0                    # [E a b c E] [d e E f g]
+    assert boundary_share(c, 12) == 1.0 and boundary_share(c, 1) == 0.0
+    assert boundary_share(docs, 4) == 1 / 3               # documents are tokenized and packed the same way
+    assert boundary_share([Document("x", "a" * 100)], 10) == 0.0   # one document never crosses
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 16, 64])
+def test_boundary_share_matches_packed_dataset(window):
+    c = _toy_corpus(3)
+    ds = PackedDataset(c, window, TOK.eot_id)
+    want = np.mean([bool(ds[i]["doc_ids"].any()) for i in range(len(ds))])
+    assert boundary_share(c, window) == pytest.approx(want, abs=1e-12)
+
+
+def test_boundary_share_errors(tmp_path):
+    c = TokenizedCorpus.from_documents([Document("a", "abc"), Document("b", "de")])
+    with pytest.raises(ValueError, match="`window`"): boundary_share(c, 0)
+    with pytest.raises(ValueError, match="`window`"): boundary_share(c, 7)       # 7 packed tokens: at most 6
+    with pytest.raises(ValueError, match="`window`"): boundary_share(c, 2.5)
+    with pytest.raises(TypeError, match="`corpus`"): boundary_share(42, 4)
+    with pytest.raises(TypeError, match="`corpus`"): boundary_share([Document("a", "x"), "not a doc"], 4)
+    with pytest.raises(ValueError, match="`corpus`"): boundary_share([], 4)
+
+
+def test_boundary_share_short_corpus_crosses_more():
+    code = TokenizedCorpus.from_documents(list(built("stdlib_code")))
+    defs = TokenizedCorpus.from_documents(list(built("stdlib_defs")))
+    for w in (128, 1024):
+        assert boundary_share(defs, w) > 4 * boundary_share(code, w)
+    assert boundary_share(defs, 1024) > 0.25 and boundary_share(code, 1024) < 0.1
 
 
 @pytest.mark.parametrize("window", [1, 3, 8, 16, 100])

@@ -17,14 +17,15 @@ from torch.utils.data import DataLoader, Dataset
 from .core import *
 
 # %% auto #0
-__all__ = ['CORPORA', 'PSF_LICENSE', 'MIN_PROSE_CHARS', 'NUMBERED_NAME_FAMILIES', 'FACT_KEYS', 'CORPUS_VERSION', 'token_dtype',
-           'Tokenizer', 'check_tokenizer', 'encode_array', 'ByteTokenizer', 'Document', 'CorpusSpec', 'register_corpus',
-           'list_corpora', 'stdlib_dir', 'stdlib_code_files', 'read_source', 'stdlib_code', 'docstrings',
-           'pydoc_topics', 'stdlib_prose', 'stdlib_tests', 'is_generated_name', 'unicode_names', 'fact_world',
-           'render_facts', 'synthetic_facts', 'load_documents', 'is_val', 'val_mask', 'split_documents',
-           'corpus_checksum', 'TokenizedCorpus', 'split_corpus', 'load_corpus', 'corpus_card', 'markdown_table',
-           'card_table', 'PackedDataset', 'select_eval_docs', 'DocWindowDataset', 'eval_sampler', 'doc_eval_loader',
-           'LMDataModule', 'DocEvalDataModule', 'write_tiny_fixtures']
+__all__ = ['CORPORA', 'PSF_LICENSE', 'MIN_PROSE_CHARS', 'MIN_DEF_BYTES', 'NUMBERED_NAME_FAMILIES', 'FACT_KEYS', 'CORPUS_VERSION',
+           'token_dtype', 'Tokenizer', 'check_tokenizer', 'encode_array', 'ByteTokenizer', 'Document', 'CorpusSpec',
+           'register_corpus', 'list_corpora', 'stdlib_dir', 'stdlib_code_files', 'read_source', 'stdlib_code',
+           'docstrings', 'pydoc_topics', 'stdlib_prose', 'stdlib_tests', 'top_level_defs', 'stdlib_defs',
+           'is_generated_name', 'unicode_names', 'fact_world', 'render_facts', 'synthetic_facts', 'load_documents',
+           'is_val', 'val_mask', 'split_documents', 'corpus_checksum', 'TokenizedCorpus', 'split_corpus', 'load_corpus',
+           'corpus_card', 'markdown_table', 'card_table', 'PackedDataset', 'boundary_share', 'select_eval_docs',
+           'DocWindowDataset', 'balanced_val_mask', 'balanced_val_split', 'val_split_stats', 'eval_sampler',
+           'doc_eval_loader', 'LMDataModule', 'DocEvalDataModule', 'write_tiny_fixtures']
 
 # %% ../nbs/01_data.ipynb #7ecd251f
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -203,6 +204,34 @@ def stdlib_tests(seed: int = 0) -> list[Document]:
         if "__pycache__" in p.parts or not p.is_file(): continue
         text = read_source(p)
         if text and text.strip(): docs.append(Document(p.relative_to(root).as_posix(), text))
+    return docs
+
+# %% ../nbs/01_data.ipynb #06e753f5
+_LINE_RE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")  # lines as `ast` numbers them
+
+def top_level_defs(source: str) -> list[tuple[str, str]]:
+    "`(name, source)` of each function and class defined in the body of module `source`, decorators included, in source order; repeated names get `#2`, `#3`, ..."
+    lines, seen, out = _LINE_RE.findall(source), {}, []
+    for n in ast.parse(source).body:
+        if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): continue
+        first = min([d.lineno for d in n.decorator_list] + [n.lineno])
+        last = lines[n.end_lineno - 1].encode("utf-8")[:n.end_col_offset].decode("utf-8")  # end_col_offset counts UTF-8 bytes
+        seen[n.name] = k = seen.get(n.name, 0) + 1
+        out.append((n.name if k == 1 else f"{n.name}#{k}", "".join(lines[first - 1:n.end_lineno - 1]) + last))
+    return out
+
+# %% ../nbs/01_data.ipynb #890d722d
+MIN_DEF_BYTES = 64  # shorter definitions (one-line stubs, empty exception classes) are skipped
+
+@register_corpus("stdlib_defs", description="Top-level functions and classes of the stdlib_code files, one doc per definition (short docs)",
+                 license=PSF_LICENSE, seeded=False)
+def stdlib_defs(seed: int = 0, min_bytes: int = MIN_DEF_BYTES) -> list[Document]:
+    "Each top-level function and class of the `stdlib_code` files with at least `min_bytes` UTF-8 bytes, one document each (id `<file>::<name>`)."
+    docs = []
+    for d in stdlib_code(seed):
+        try: defs = top_level_defs(d.text)
+        except (SyntaxError, ValueError, RecursionError): continue
+        docs += [Document(f"{d.id}::{name}", text + "\n") for name, text in defs if len(text.encode("utf-8")) + 1 >= min_bytes]
     return docs
 
 # %% ../nbs/01_data.ipynb #07f98997
@@ -614,6 +643,22 @@ class PackedDataset(Dataset):
         return dict(input_ids=torch.from_numpy(w[:-1].copy()), labels=torch.from_numpy(w[1:].copy()),
                     doc_ids=torch.from_numpy(doc - doc[0]))
 
+# %% ../nbs/01_data.ipynb #b9a933fe
+def boundary_share(corpus, window: int, tokenizer=None) -> float:
+    "Share of the windows of `PackedDataset(corpus, window)` whose `doc_ids` change, i.e. that hold a document boundary."
+    if isinstance(corpus, (str, os.PathLike)): corpus = load_corpus(corpus, "all", tokenizer)
+    elif not isinstance(corpus, TokenizedCorpus):
+        expect(isinstance(corpus, Sequence) and all(isinstance(d, Document) for d in corpus), "corpus",
+               "a TokenizedCorpus, a list of Documents, or a corpus name or path", type(corpus).__name__, TypeError)
+        corpus = TokenizedCorpus.from_documents(corpus, tokenizer)
+    w, n = _check_pos_int("window", window), len(corpus)
+    expect(n > 0, "corpus", "at least one document", n)
+    n_windows = (corpus.n_tokens + n - 1) // w
+    expect(n_windows >= 1, "window", f"at most {corpus.n_tokens + n - 1} for this corpus of {corpus.n_tokens + n} packed tokens", window)
+    starts = corpus.offsets[:-1] + np.arange(n)               # stream position of each document's EOT
+    inside = starts[starts % w != 0] // w                     # windows with an EOT after their first position
+    return len(np.unique(inside[inside < n_windows])) / n_windows
+
 # %% ../nbs/01_data.ipynb #47ebfccc
 def select_eval_docs(corpus: TokenizedCorpus, max_docs: int | None = None, max_tokens: int | None = None, salt: str = "eval") -> np.ndarray:
     "Indices (ascending) of a deterministic subset of `corpus`: at most `max_docs` whole documents with at most `max_tokens` tokens in all."
@@ -659,6 +704,51 @@ class DocWindowDataset(Dataset):
         x[0] = self.eot_id if start == 0 else toks[start - 1]  # each label is predicted from the token before it
         x[1:m] = y[:m - 1]
         return dict(input_ids=torch.from_numpy(x), labels=torch.from_numpy(y), positions=torch.from_numpy(pos), doc_index=d)
+
+# %% ../nbs/01_data.ipynb #e1cbc3a6
+def balanced_val_mask(ids: Sequence[str], lengths, min_tokens: int = 200_000, max_share: float = 0.2, salt: str = "") -> np.ndarray:
+    "Boolean array: documents taken in `stable_unit_hash(id, salt)` order until `min_tokens`, none above `max_share` of the validation tokens."
+    _check_pos_int("min_tokens", min_tokens)
+    expect(isinstance(max_share, (int, float, np.floating)) and not isinstance(max_share, bool) and 0 < max_share <= 1, "max_share", "a number in (0, 1]", max_share)
+    expect(isinstance(salt, str), "salt", "a str", salt, TypeError)
+    lens = np.asarray(lengths, dtype=np.int64)
+    expect(lens.shape == (len(ids),) and bool((lens >= 0).all()), "lengths", f"{len(ids)} token counts >= 0, one per id", lens.shape)
+    m, taken, skipped = np.zeros(len(ids), dtype=bool), 0, 0
+    for i in sorted(range(len(ids)), key=lambda i: stable_unit_hash(ids[i], salt)):
+        if taken >= min_tokens: break
+        if lens[i] > max_share * max(min_tokens, taken + lens[i]): skipped += 1; continue  # would exceed max_share of the final total
+        m[i], taken = True, taken + int(lens[i])
+    expect(taken >= min_tokens, "min_tokens", f"at most the {taken:,} tokens this corpus can give ({int(m.sum())} documents taken, "
+           f"{skipped} skipped as longer than max_share={max_share} of the total)", min_tokens)
+    expect(not m.all(), "min_tokens", f"a size that leaves training documents (it takes all {len(ids)} documents)", min_tokens)
+    return m
+
+# %% ../nbs/01_data.ipynb #8ce63d8e
+def _token_lengths(corpus, tokenizer=None) -> tuple[list[str], np.ndarray]:
+    "Ids and token counts of a `TokenizedCorpus` or a list of `Document`s (tokenized with `tokenizer`)."
+    if isinstance(corpus, TokenizedCorpus): return corpus.ids, corpus.lengths
+    expect(isinstance(corpus, Sequence) and not isinstance(corpus, str) and all(isinstance(d, Document) for d in corpus), "corpus",
+           "a TokenizedCorpus or a list of Documents", type(corpus).__name__, TypeError)
+    tok = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
+    return [d.id for d in corpus], np.array([len(encode_array(tok, d.text)) for d in corpus], dtype=np.int64)
+
+def balanced_val_split(corpus, min_tokens: int = 200_000, max_share: float = 0.2, salt: str = "", tokenizer=None) -> tuple:
+    "(train, val) of a `TokenizedCorpus`, a list of `Document`s or a corpus name or path (loaded whole), by `balanced_val_mask`."
+    if isinstance(corpus, (str, os.PathLike)): corpus = load_corpus(corpus, "all", tokenizer)
+    m = balanced_val_mask(*_token_lengths(corpus, tokenizer), min_tokens, max_share, salt)
+    if isinstance(corpus, TokenizedCorpus):
+        tr, va = corpus.subset(~m), corpus.subset(m)
+        tr.split, va.split = "train", "val"
+        return tr, va
+    return [d for d, v in zip(corpus, m) if not v], [d for d, v in zip(corpus, m) if v]
+
+# %% ../nbs/01_data.ipynb #d8865cd6
+def val_split_stats(train, val, tokenizer=None) -> dict:
+    "Documents and tokens of a (train, val) split, and the validation document with the largest share of the validation tokens."
+    (tr_ids, tr_l), (va_ids, va_l) = _token_lengths(train, tokenizer), _token_lengths(val, tokenizer)
+    k = int(np.argmax(va_l)) if len(va_l) else None
+    return dict(train_docs=len(tr_ids), train_tokens=int(tr_l.sum()), val_docs=len(va_ids), val_tokens=int(va_l.sum()),
+                largest_val_doc=None if k is None else va_ids[k], largest_share=float(va_l[k] / max(1, va_l.sum())) if k is not None else 0.0)
 
 # %% ../nbs/01_data.ipynb #0df7328a
 def eval_sampler(ds: Dataset):
