@@ -55,6 +55,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float = 10_000.0) -> tuple[t
     return ang.cos().float(), ang.sin().float()
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    "RoPE's rotation of the last axis in halves: (x1, x2) -> (-x2, x1)."
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 

@@ -258,10 +258,14 @@ def gradient_path(s: SeedRun, method: str, steps: str) -> tuple[list, dict, dict
     return pts, states, {}
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #bf092e89
-def exact_anchors(s: SeedRun) -> dict: return s.world.anchors
+def exact_anchors(s: SeedRun) -> dict:
+    "The world's exact anchor dictionary (every anchored term and its generic counterpart)."
+    return s.world.anchors
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #1244b0a5
-def noisy_world_anchors(s: SeedRun) -> dict: return noisy_anchors(s.world.anchors, s.cfg.noisy_coverage, s.seed)
+def noisy_world_anchors(s: SeedRun) -> dict:
+    "An imperfect anchor dictionary: a seeded `noisy_coverage` share of the exact one (`noisy_anchors`)."
+    return noisy_anchors(s.world.anchors, s.cfg.noisy_coverage, s.seed)
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #600c5522
 def whp_path(s: SeedRun, reinforced: bool, anchors: Callable | None) -> tuple[list, dict, dict]:
