@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from trainlab.curriculum import (Arm, Buckets, ChunkBatchSampler, CurriculumDataModule, CurriculumRunConfig, CURRICULUM_ARMS,
-                                 CURRICULUM_CLAIMS, DDBatchSampler, DDDataset, LossReweighter, StepLog, arm_datamodule,
-                                 curriculum_fit, curriculum_odds, dd_schedule, decompose, evaluate_by_position, minmax_scale,
-                                 reweight, steps_per_bucket, time_to_target, toy_regression, train_arm)
-from trainlab.data import ByteTokenizer, TokenizedCorpus, load_corpus, doc_eval_loader
+                                 CURRICULUM_CLAIMS, BASELINE_ARM, HEADLINE_ARM, DDBatchSampler, DDDataset, LossReweighter, StepLog,
+                                 VarChunkDataset, arm_datamodule, censored_time_to_target, curriculum_fit, curriculum_odds, dd_schedule,
+                                 decompose, estimate_run_seconds, evaluate_by_position, minmax_scale, paired_effects, reweight,
+                                 step_seconds, steps_per_bucket, time_to_target, toy_regression, train_arm)
+from trainlab.data import ByteTokenizer, PackedDataset, TokenizedCorpus, balanced_val_split, load_corpus, doc_eval_loader
 from trainlab.model import ModelConfig, TinyLM
 from trainlab.train import LMLitModule, TrainConfig, make_trainer
 
@@ -205,44 +206,107 @@ def test_time_to_target():
     assert time_to_target([(0, 4.0), (10, 2.5), (20, 3.0)], 2.0) is None
 
 
+def test_censored_time_to_target_never_drops_a_run():
+    "A curve that misses the target keeps its last time (a lower bound), flagged; one that reaches it is unchanged."
+    assert censored_time_to_target([(0, 4.0), (10, 2.0), (20, 1.0)], 3.0) == (5.0, True)
+    assert censored_time_to_target([(0, 4.0), (10, 2.5), (20, 3.0)], 2.0) == (20.0, False)
+    with pytest.raises(ValueError, match="points"): censored_time_to_target([], 2.0)
+
+
 def test_arm_registry():
     a = CURRICULUM_ARMS["dd_grow_p2_c8"]
     assert (a.mode, a.curriculum, a.cycles, a.exploratory) == ("dd", "grow_p2", 8, False)  # the headline arm, in the claims
+    assert (HEADLINE_ARM, BASELINE_ARM) == ("dd_grow_p2_c8", "cc_long")
     assert CURRICULUM_ARMS["cc_long_docmask"].doc_mask and CURRICULUM_ARMS["cc_short"].short
     rc = CurriculumRunConfig()
     assert a.data_kwargs(rc) == dict(mode="dd", min_log2=5, max_log2=10, curriculum="grow_p2", cycles=8)
     assert CURRICULUM_ARMS["cc_short"].data_kwargs(rc) == dict(mode="cc", seq_len=128, doc_mask=False)
     claim_arms = {x for c in CURRICULUM_CLAIMS for x in c.arms}
     assert claim_arms == {"cc_long", "cc_short", "dd_grow_p2_c8", "dd_uniform_c1"}
-    assert all(not CURRICULUM_ARMS[x].exploratory for x in claim_arms)
+    every_seed = {k for k, x in CURRICULUM_ARMS.items() if not x.exploratory}
+    assert every_seed == claim_arms | {"cc_long_docmask"}  # the +DM baseline is paired on every seed, without a claim
+    # the ablations: C&C on the headline arm's schedule, and the masked code path with nothing masked
+    v = CURRICULUM_ARMS["cc_dd_lengths"]
+    assert (v.mode, v.curriculum, v.cycles, v.vs, v.exploratory) == ("cc_var", a.curriculum, a.cycles, HEADLINE_ARM, True)
+    assert v.data_kwargs(rc) == dict(mode="cc_var", min_log2=5, max_log2=10, curriculum="grow_p2", cycles=8)
+    z = CURRICULUM_ARMS["cc_long_zero_docids"]
+    assert z.data_kwargs(rc) == dict(mode="cc", seq_len=1024, doc_mask=False, zero_doc_ids=True) and z.attention == "masked_path"
+    assert {k: x.corpus for k, x in CURRICULUM_ARMS.items() if x.corpus} == {"defs_cc_long": "stdlib_defs", "defs_cc_long_docmask": "stdlib_defs"}
+    assert all(x.vs is None or x.vs in CURRICULUM_ARMS for x in CURRICULUM_ARMS.values())
+    assert len({x.color for x in CURRICULUM_ARMS.values()}) == len(CURRICULUM_ARMS)  # every arm its own colour
     for bad in ("dd_shrink_c1", "dd_uniform", "cc_medium"):
         with pytest.raises(ValueError, match="arm"): arm_datamodule(bad, rc)
     with pytest.raises(ValueError, match="curriculum"): Arm("dd", curriculum="shrink")
     with pytest.raises(ValueError, match="cycles"): Arm("dd", cycles=0)
+    with pytest.raises(ValueError, match="zero_doc_ids"): Arm("cc", doc_mask=True, zero_doc_ids=True)
+    with pytest.raises(ValueError, match="doc_mask"): Arm("cc_var", doc_mask=True)
+
+
+def test_claims_as_registered():
+    "The pre-registered claims: metric, arms, comparison, direction, threshold (changing one is a new registration)."
+    got = [(c.name, c.metric, c.arms, c.comparison, c.direction, c.threshold) for c in CURRICULUM_CLAIMS]
+    assert got == [("dd_time_to_target", "time_to_target_censored_s", ("cc_long", "dd_grow_p2_c8"), "ratio", ">", 1.3),
+                   ("dd_long_positions", "val_bpb_long", ("dd_grow_p2_c8", "cc_short"), "diff", "<", 0.0),
+                   ("grow_matches_uniform", "val_bpb", ("dd_grow_p2_c8", "dd_uniform_c1"), "diff", "<", 0.01),
+                   ("grow_beats_uniform_long", "val_bpb_long", ("dd_grow_p2_c8", "dd_uniform_c1"), "diff", "<", 0.0)]
+    assert "censored" in CURRICULUM_CLAIMS[0].statement and "target_missed_n" in CURRICULUM_CLAIMS[0].statement
+    # a censored seed counts: the ratio is judged over every seed, not only those where DD reached the target
+    samples = {"cc_long": {"time_to_target_censored_s": [100.0, 100.0, 100.0]},
+               "dd_grow_p2_c8": {"time_to_target_censored_s": [40.0, 50.0, 90.0]}}  # the last one censored
+    assert CURRICULUM_CLAIMS[0].judge(samples)["n_seeds"] == 3
+
+
+def test_paired_effects():
+    r = lambda seed, v: dict(seed=seed, val_bpb=v, val_bpb_long=None, val_bpb_packed=v, tokens_per_s=10.0)
+    e = paired_effects({"cc_long": [r(0, 2.0), r(1, 2.2)], "cc_long_docmask": [r(0, 2.1), r(1, 2.4)], "defs_cc_long_docmask": [r(0, 1.0)]})
+    assert set(e) == {"cc_long_docmask"} and e["cc_long_docmask"]["vs"] == "cc_long"
+    assert e["cc_long_docmask"]["diff"]["val_bpb"] == pytest.approx([0.1, 0.2]) and e["cc_long_docmask"]["diff"]["val_bpb_long"] == [None, None]
+    assert e["cc_long_docmask"]["val_bpb_diff"] == pytest.approx(0.15)
 
 
 def test_run_config_embeds_train_config():
     rc = CurriculumRunConfig()
-    assert isinstance(rc.train, TrainConfig) and (rc.long_len, rc.max_log2, rc.tokens_per_step) == (1024, 10, 16384)
-    assert rc.train.tokens == rc.train.steps * rc.tokens_per_step
+    assert isinstance(rc.train, TrainConfig) and (rc.long_len, rc.max_log2, rc.tokens_per_step, rc.train.steps) == (1024, 10, 8192, 200)
+    assert rc.train.tokens == rc.train.steps * rc.tokens_per_step and rc.train.precision == "32-true"
     r2 = CurriculumRunConfig(train=rc.train.replace(precision="bf16-mixed", impl="torch"))
     assert (r2.train.precision, r2.train.impl) == ("bf16-mixed", "torch")
     assert rc.arms == tuple(CURRICULUM_ARMS) and rc.arms_on(1) == [a for a in rc.arms if not CURRICULUM_ARMS[a].exploratory]
+    assert rc.corpora == ("stdlib_code", "stdlib_defs")
     assert rc.with_seed(5).train.seed == 5 and rc.train.seed == 0
     assert CurriculumRunConfig(**dataclasses.asdict(rc)) == rc  # rebuilt from its recorded fields
     for kw, arg in ((dict(train=TrainConfig(seq_len=1000)), "train.seq_len"), (dict(short_len=96), "short_len"),
                     (dict(arms=("cc_long",)), "arms"), (dict(reweight_strategies=("nope",)), "reweight_strategies"),
-                    (dict(long_from=4096), "long_from"), (dict(exploratory_seeds=0), "exploratory_seeds")):
+                    (dict(long_from=4096), "long_from"), (dict(exploratory_seeds=0), "exploratory_seeds"),
+                    (dict(max_eval_tokens=0), "max_eval_tokens"), (dict(val_max_share=0), "val_max_share"),
+                    (dict(reweight_base="dd_grow_p2_c1"), "reweight_seeds"), (dict(burn_in_frac=1.0), "burn_in_frac")):
         with pytest.raises(ValueError, match=arg): CurriculumRunConfig(**kw)
+    # the bigger validation set, uncapped
+    assert (rc.val_min_tokens, rc.val_max_share, rc.max_eval_tokens) == (200_000, 0.2, None)
+    # reweighting at the authors' setting: Quadratic, r = 1.0, 5% burn-in, on 3 seeds
+    assert (rc.reweight_strategies, rc.reweight_temperature, rc.burn_in_frac, rc.reweight_seeds) == (("quadratic",), 1.0, 0.05, 3)
+    assert [rc.reweight_on(i) for i in range(4)] == [["quadratic"]] * 3 + [[]]
+    w = rc.reweighter("quadratic")
+    assert (w.strategy, w.burn_in_steps, w.temperature) == ("quadratic", 10, 1.0)  # 5% of 200 steps
     w = rc.reweighter("annealed")
-    assert (w.strategy, w.burn_in_steps, w.anneal_steps, w.temperature) == ("annealed", 30, 150, 0.4)
+    assert (w.strategy, w.burn_in_steps, w.anneal_steps, w.temperature) == ("annealed", 10, 100, 1.0)
+
+
+def test_budget_estimate_fits_the_hour():
+    "The registered full run is sized to an estimate of at most 50 minutes (2 threads), for a 60-minute limit."
+    assert step_seconds(1024, 8192, overhead=1.0) == pytest.approx(0.449)  # measured through fit at 8,192 tokens, 2 threads
+    assert step_seconds(1024, 8192, "docmask", overhead=1.0) == pytest.approx(0.675)
+    assert step_seconds(1024, 8192, "masked_path", overhead=1.0) == pytest.approx(0.810)
+    assert step_seconds(128, 16_384) == pytest.approx(2 * 0.302 * 1.05)  # linear in tokens, plus 5%
+    rc = CurriculumRunConfig()
+    est = estimate_run_seconds(rc, 3)
+    assert est["total_s"] <= 50 * 60, est["total_s"] / 60
+    n_units = sum(len(rc.arms_on(i)) + len(rc.reweight_on(i)) for i in range(3))
+    assert len(est["units"]) == n_units == 12 + 2 * 5 + 3
 
 
 @pytest.fixture(scope="module")
 def tiny_split():
-    c = load_corpus("stdlib_prose", "all")
-    from trainlab.data import split_corpus
-    return split_corpus(c)
+    return balanced_val_split(load_corpus("stdlib_prose", "all"), 8192)
 
 
 def test_datamodule_modes(tiny_split):
@@ -254,9 +318,41 @@ def test_datamodule_modes(tiny_split):
     dm = CurriculumDataModule(tiny_split, mode="dd", tokens_per_step=512, num_steps=20, min_log2=3, max_log2=6, curriculum="grow_p2")
     shapes = [tuple(b["input_ids"].shape) for b in dm.train_dataloader()]
     assert len(shapes) == 20 and all(B * Lq == 512 for B, Lq in shapes) and len(set(shapes)) > 1
+    dm = CurriculumDataModule(tiny_split, mode="cc", tokens_per_step=512, num_steps=3, seq_len=64, zero_doc_ids=True)
+    b = next(iter(dm.train_dataloader()))
+    assert b["doc_ids"].shape == (8, 64) and not b["doc_ids"].any()
     for kw, arg in ((dict(mode="xx"), "mode"), (dict(mode="dd", doc_mask=True), "doc_mask"), (dict(mode="cc", seq_len=100), "tokens_per_step"),
-                    (dict(mode="dd", curriculum="fast"), "curriculum"), (dict(mode="dd", cycles=0), "cycles")):
+                    (dict(mode="dd", curriculum="fast"), "curriculum"), (dict(mode="dd", cycles=0), "cycles"),
+                    (dict(mode="cc_var", zero_doc_ids=True), "doc_mask"), (dict(mode="cc", doc_mask=True, zero_doc_ids=True), "zero_doc_ids")):
         with pytest.raises(ValueError, match=arg): CurriculumDataModule(tiny_split, **kw)
+
+
+def test_var_chunk_windows_follow_the_dd_schedule(tiny_split):
+    "cc_var: the DD arm's length and batch size at every step, but windows of the packed stream (across documents)."
+    kw = dict(tokens_per_step=512, num_steps=30, min_log2=3, max_log2=6, curriculum="grow_p2", cycles=3, seed=2)
+    dd = [b["input_ids"].shape for b in CurriculumDataModule(tiny_split, mode="dd", **kw).train_dataloader()]
+    dm = CurriculumDataModule(tiny_split, mode="cc_var", **kw)
+    var = list(dm.train_dataloader())
+    assert [b["input_ids"].shape for b in var] == dd and len(set(dd)) > 1
+    ds = dm.train_dataloader().dataset
+    assert isinstance(ds, VarChunkDataset) and ds.lengths == [8, 16, 32, 64]
+    stream = PackedDataset(tiny_split[0], 64, EOT).stream.astype(np.int64)
+    for b in var[:5]:  # every window is a run of the packed stream at a multiple of its length
+        for i, x, y in zip(b["index"].tolist(), b["input_ids"], b["labels"]):
+            k = int(np.searchsorted(ds.offsets, i, side="right") - 1); n = ds.lengths[k]; s = (i - int(ds.offsets[k])) * n
+            assert np.array_equal(x.numpy(), stream[s:s + n]) and np.array_equal(y.numpy(), stream[s + 1:s + n + 1])
+    crossing = sum(int((b["input_ids"][:, 1:] == EOT).any(1).sum()) for b in var)
+    assert crossing > 0  # some windows run across a document boundary: no single-document pieces
+
+
+def test_zero_doc_ids_mask_nothing():
+    "The masked code path with all-zero doc_ids computes the plain causal model (up to rounding)."
+    torch.manual_seed(0)
+    m = TinyLM(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64))
+    x = torch.randint(0, 256, (3, 48))
+    a = m(x, labels=x).loss
+    b = m(x, labels=x, doc_ids=torch.zeros_like(x)).loss
+    assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_evaluate_by_position_matches_lightning_validation(tiny_split):
@@ -308,8 +404,11 @@ def test_train_arm_is_paired_and_deterministic(tiny_split):
     assert a["val_bpb"] == b["val_bpb"] and a["val_bpb_long"] == b["val_bpb_long"]
     assert math.isfinite(a["val_bpb_long"]) and a["val_bpb_by_position"]["128-511"] == pytest.approx(a["val_bpb_long"])  # 256-token windows
     assert len(a["steps"]) == rc.train.steps and {L for L, _ in a["steps"]} <= {32, 64, 128, 256}
-    c = train_arm("dd_grow_p2_c8", rc.with_seed(1), tiny_split)
-    assert c["val_bpb"] != a["val_bpb"] and c["seed"] == 1
+    assert a["val_bpb_short_window"] is None and a["eval_window"] == rc.eval_window and a["corpus"] == rc.corpus
+    s = train_arm("cc_short", rc, tiny_split, eval_window=rc.short_len)  # scored on windows of its training length
+    assert s["eval_window"] == rc.short_len and s["val_bpb_short_window"] == s["val_bpb_docwise_check"] and s["val_bpb_long"] is None
+    c = train_arm("dd_grow_p2_c8", rc.with_seed(1), tiny_split, short_window=True)
+    assert c["val_bpb"] != a["val_bpb"] and c["seed"] == 1 and math.isfinite(c["val_bpb_short_window"])
 
 
 def test_step_log_state_survives_a_checkpoint():

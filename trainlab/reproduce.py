@@ -199,6 +199,9 @@ def results_table(results_dir: str | Path, link_prefix: str = "nbs/") -> str:
         if not f.exists(): continue
         m = read_json(f); fast = read_json(f.with_name("run.json")).get("fast")
         nb = f"[{Path(rep.notebook).stem.split('_', 1)[-1]}]({link_prefix}{rep.notebook})" if rep.notebook else ""
+        if not rep.claims:  # a reproduction without claims (a calibration feeding another one): one line, no verdict
+            rows.append(f"| `{name}` | {rep.description} | no claims registered | | - | {nb} |")
+            continue
         if "claims" not in m:  # the registered claims, not yet judged by a run
             for c in rep.claims or [None]:
                 rows.append(f"| `{name}` | {c.statement if c else rep.description} | results predate the claims format; rerun pending | | not judged | {nb} |")

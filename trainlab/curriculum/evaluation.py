@@ -12,18 +12,22 @@ import torch.nn as nn
 import lightning as L
 from torch.utils.data import DataLoader
 
+from ..core import expect
 from ..data import TokenizedCorpus, PackedDataset, select_eval_docs
 from ..model import eval_mode
 from ..train import bits_per_byte
 
 # %% auto #0
-__all__ = ['POSITION_BUCKETS', 'position_key', 'evaluate_by_position', 'packed_eval_loader', 'time_to_target', 'StepLog']
+__all__ = ['POSITION_BUCKETS', 'position_key', 'evaluate_by_position', 'packed_eval_loader', 'time_to_target',
+           'censored_time_to_target', 'StepLog']
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #611142f6
 POSITION_BUCKETS = ((0, 32), (32, 128), (128, 512), (512, None))
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #81dbd613
-def position_key(lo: int, hi: int | None) -> str: return f"{lo}-{hi - 1}" if hi is not None else f"{lo}+"
+def position_key(lo: int, hi: int | None) -> str:
+    "The metrics key of the positions [lo, hi): `'lo-(hi-1)'`, or `'lo+'` when open-ended."
+    return f"{lo}-{hi - 1}" if hi is not None else f"{lo}+"
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #479d2190
 @torch.no_grad()
@@ -66,6 +70,13 @@ def time_to_target(points: Sequence[tuple[float, float]], target: float) -> floa
             return float(t0 + (t - t0) * (v0 - target) / (v0 - v))
         prev = (t, v)
     return None
+
+# %% ../../nbs/curriculum/04_evaluation.ipynb #9d7bdbe2
+def censored_time_to_target(points: Sequence[tuple[float, float]], target: float) -> tuple[float, bool]:
+    "(time, reached): `time_to_target`, or the curve's last time (censored: a lower bound on the time needed) if it never reaches `target`."
+    expect(len(points) >= 1, "points", "at least one (seconds, bpb) point", len(points))
+    t = time_to_target(points, target)
+    return (t, True) if t is not None else (float(points[-1][0]), False)
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #084b3938
 class StepLog(L.Callback):

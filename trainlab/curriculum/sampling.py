@@ -8,18 +8,19 @@ import functools
 from typing import Sequence
 
 import numpy as np
+import torch
 import matplotlib.pyplot as plt
 from torch.utils.data import Dataset, DataLoader, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from ..core import expect, check_choice, dist_rank_world
-from ..data import PackedDataset, LMDataModule
+from ..data import TokenizedCorpus, PackedDataset, LMDataModule
 from ..train import TrainConfig, fit
 from .decompose import Buckets, decompose, DDDataset, _check_bucket_range
 
 # %% auto #0
 __all__ = ['CURRICULA', 'curriculum_odds', 'steps_per_bucket', 'dd_schedule', 'plot_schedules', 'DDBatchSampler',
-           'ChunkBatchSampler', 'CurriculumDataModule', 'curriculum_fit']
+           'ChunkBatchSampler', 'VarChunkDataset', 'CurriculumDataModule', 'curriculum_fit']
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #143dd2f4
 CURRICULA = {"uniform": lambda n: np.ones(n), "grow_linear": lambda n: np.arange(n, 0, -1, dtype=np.float64),
@@ -97,7 +98,9 @@ class _PermutationStream:
 class DDBatchSampler(Sampler):
     "Algorithm 1 as a batch sampler over a `DDDataset`: fixed tokens per step, one bucket per step, seeded, DDP-correct."
     def __init__(self, buckets: Buckets, tokens_per_step: int, num_steps: int, curriculum="uniform", cycles: int = 1,
-                 seed: int = 0, weighting: str = "odds", rank: int | None = None, world_size: int | None = None):
+                 seed: int = 0, weighting: str = "odds", rank: int | None = None, world_size: int | None = None,
+                 pool: Sequence[int] | None = None, # items to draw from per bucket (default: its pieces); see `VarChunkDataset`
+                ):
         expect(isinstance(buckets, Buckets), "buckets", "a Buckets decomposition", type(buckets).__name__, TypeError)
         longest = 2 ** buckets.max_log2
         expect(isinstance(tokens_per_step, int) and tokens_per_step >= longest and tokens_per_step % longest == 0, "tokens_per_step",
@@ -110,7 +113,9 @@ class DDBatchSampler(Sampler):
         expect(isinstance(cycles, int) and cycles >= 1, "cycles", "an int >= 1", cycles)
         self.counts = steps_per_bucket(buckets, tokens_per_step, num_steps)
         self.rank, self.world_size, self.epoch = rank, world_size, 0
-        self.offsets = buckets.offsets
+        self.pool = buckets.counts if pool is None else np.asarray(pool, dtype=np.int64)
+        expect(self.pool.shape == buckets.counts.shape and bool((self.pool >= 0).all()), "pool", f"{len(buckets.counts)} item counts, one per bucket", pool)
+        self.offsets = np.concatenate([[0], np.cumsum(self.pool)]).astype(np.int64)
 
     def set_epoch(self, epoch: int): self.epoch = int(epoch)
     def __len__(self) -> int: return self.num_steps
@@ -126,7 +131,7 @@ class DDBatchSampler(Sampler):
         rank, world = dist_rank_world(self.rank, self.world_size)
         expect((self.tokens_per_step // 2 ** self.buckets.max_log2) % world == 0, "tokens_per_step",
                f"a multiple of longest length x world size ({2 ** self.buckets.max_log2} x {world})", self.tokens_per_step)
-        streams = [_PermutationStream(int(n), (self.seed, self.epoch, b)) for b, n in enumerate(self.buckets.counts)]
+        streams = [_PermutationStream(int(n), (self.seed, self.epoch, b)) for b, n in enumerate(self.pool)]
         for b in self.schedule().tolist():
             idx = streams[b].take(self.batch_size(b))
             yield (self.offsets[b] + idx[rank::world]).tolist()
@@ -151,9 +156,10 @@ class ChunkBatchSampler(Sampler):
         for _ in range(self.num_steps): yield stream.take(self.global_batch)[rank::world].tolist()
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #16b79f20
-def _collate(items: list, keep_doc_ids: bool = True) -> dict:
+def _collate(items: list, keep_doc_ids: bool = True, zero_doc_ids: bool = False) -> dict:
     batch = default_collate(items)
     if not keep_doc_ids: batch.pop("doc_ids", None)
+    elif zero_doc_ids: batch["doc_ids"] = torch.zeros_like(batch["doc_ids"])  # the masked-attention path, masking nothing
     return batch
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #714fcfb3
@@ -163,22 +169,43 @@ class _IndexedPacked(Dataset):
     def __len__(self) -> int: return len(self.ds)
     def __getitem__(self, i): return {**self.ds[i], "index": int(i)}
 
+# %% ../../nbs/curriculum/02_sampling.ipynb #1491182c
+class VarChunkDataset(Dataset):
+    "The packed stream (EOT before each document) cut into windows of each of `lengths`, indexed length after length; `counts[b]` windows of `lengths[b]`."
+    def __init__(self, corpus: TokenizedCorpus, lengths: Sequence[int], eot_id: int):
+        self.lengths = [int(n) for n in lengths]
+        expect(len(self.lengths) >= 1 and min(self.lengths) >= 1, "lengths", "positive window lengths", lengths)
+        self.stream = PackedDataset(corpus, max(self.lengths), eot_id).stream  # built once, shared by every length
+        self.counts = np.array([(len(self.stream) - 1) // n for n in self.lengths], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+    def __len__(self) -> int: return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0: i += len(self)
+        if not 0 <= i < len(self): raise IndexError(f"window {i} out of range [0, {len(self)})")
+        b = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        n, s = self.lengths[b], (i - int(self.offsets[b])) * self.lengths[b]
+        w = self.stream[s:s + n + 1].astype(np.int64)
+        return dict(input_ids=torch.from_numpy(w[:-1].copy()), labels=torch.from_numpy(w[1:].copy()), index=int(i))
+
 # %% ../../nbs/curriculum/02_sampling.ipynb #f82a18e0
 class CurriculumDataModule(LMDataModule):
-    "Training data for concat-and-chunk (optionally document-masked) or Dataset Decomposition; document-wise validation for all."
+    "Training data for concat-and-chunk (optionally document-masked), Dataset Decomposition, or C&C on DD's length schedule; document-wise validation for all."
     def __init__(self, corpus="stdlib_code", mode: str = "dd", tokens_per_step: int = 16384, num_steps: int = 1000,
-                 seq_len: int = 1024, doc_mask: bool = False, min_log2: int = 5, max_log2: int = 10, curriculum="uniform",
-                 cycles: int = 1, weighting: str = "odds", randomize: bool = True, eval_window: int = 1024,
+                 seq_len: int = 1024, doc_mask: bool = False, zero_doc_ids: bool = False, min_log2: int = 5, max_log2: int = 10,
+                 curriculum="uniform", cycles: int = 1, weighting: str = "odds", randomize: bool = True, eval_window: int = 1024,
                  max_eval_tokens: int | None = 65_536, eval_batch_size: int = 16, val_frac: float = 0.05, seed: int = 0,
                  tokenizer=None, num_workers: int = 0):
-        check_choice("mode", mode, ("cc", "dd"))
+        check_choice("mode", mode, ("cc", "dd", "cc_var"))
         expect(isinstance(tokens_per_step, int) and tokens_per_step >= 1, "tokens_per_step", "a positive int", tokens_per_step)
         expect(isinstance(num_steps, int) and num_steps >= 1, "num_steps", "a positive int", num_steps)
         expect(isinstance(seq_len, int) and seq_len >= 1, "seq_len", "a positive int", seq_len)
+        expect(not (doc_mask and zero_doc_ids), "zero_doc_ids", "False with doc_mask=True (zeroed doc_ids mask nothing)", zero_doc_ids)
         if mode == "cc":
             expect(tokens_per_step % seq_len == 0, "tokens_per_step", f"a multiple of seq_len={seq_len}", tokens_per_step)
         else:
-            expect(not doc_mask, "doc_mask", "False with mode='dd' (pieces never cross documents)", doc_mask)
+            expect(not (doc_mask or zero_doc_ids), "doc_mask", f"False with mode={mode!r} (no doc_ids: DD pieces never cross documents)", doc_mask or zero_doc_ids)
             _check_bucket_range(min_log2, max_log2)
             curriculum_odds(curriculum, max_log2 - min_log2 + 1)  # fail here, not at the first batch
             expect(isinstance(cycles, int) and cycles >= 1, "cycles", "an int >= 1", cycles)
@@ -187,32 +214,39 @@ class CurriculumDataModule(LMDataModule):
         super().__init__(corpus=corpus, seq_len=seq_len, batch_size=max(1, tokens_per_step // seq_len), eval_window=eval_window,
                          val_frac=val_frac, max_eval_tokens=max_eval_tokens, num_workers=num_workers, seed=seed, tokenizer=tokenizer,
                          eval_batch_size=eval_batch_size)
-        self.mode, self.tokens_per_step, self.num_steps, self.doc_mask = mode, tokens_per_step, num_steps, bool(doc_mask)
+        self.mode, self.tokens_per_step, self.num_steps = mode, tokens_per_step, num_steps
+        self.doc_mask, self.zero_doc_ids = bool(doc_mask), bool(zero_doc_ids)
         self.min_log2, self.max_log2, self.curriculum, self.cycles = min_log2, max_log2, curriculum, cycles
         self.weighting, self.randomize = weighting, randomize
         self.buckets: Buckets | None = None
 
     def setup(self, stage: str | None = None):
         super().setup(stage)
-        if self.mode == "dd" and self.buckets is None:
+        if self.mode != "cc" and self.buckets is None:  # cc_var: the decomposition fixes the schedule (steps per length), not the data
             self.buckets = decompose(self.train_corpus, self.min_log2, self.max_log2, self.randomize, seed=self.seed)
 
     def _rank_world(self):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (None, None)
 
+    def _dd_sampler(self, pool=None) -> DDBatchSampler:
+        rank, world = self._rank_world()
+        return DDBatchSampler(self.buckets, self.tokens_per_step, self.num_steps, self.curriculum, self.cycles, self.seed,
+                              self.weighting, rank=rank, world_size=world, pool=pool)
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        rank, world = self._rank_world()
         kw = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         if self.mode == "dd":
-            ds = DDDataset(self.train_corpus, self.buckets, self.tokenizer.eot_id)
-            bs = DDBatchSampler(self.buckets, self.tokens_per_step, self.num_steps, self.curriculum, self.cycles, self.seed,
-                                self.weighting, rank=rank, world_size=world)
-            return DataLoader(ds, batch_sampler=bs, **kw)
+            return DataLoader(DDDataset(self.train_corpus, self.buckets, self.tokenizer.eot_id), batch_sampler=self._dd_sampler(), **kw)
+        if self.mode == "cc_var":  # DD's schedule (same steps per length, same order), windows of the packed stream
+            ds = VarChunkDataset(self.train_corpus, self.buckets.lengths, self.tokenizer.eot_id)
+            return DataLoader(ds, batch_sampler=self._dd_sampler(pool=ds.counts), **kw)
+        rank, world = self._rank_world()
         ds = _IndexedPacked(self.train_dataset)
         bs = ChunkBatchSampler(len(ds), self.tokens_per_step // self.seq_len, self.num_steps, self.seed, rank=rank, world_size=world)
-        return DataLoader(ds, batch_sampler=bs, collate_fn=functools.partial(_collate, keep_doc_ids=self.doc_mask), **kw)
+        collate = functools.partial(_collate, keep_doc_ids=self.doc_mask or self.zero_doc_ids, zero_doc_ids=self.zero_doc_ids)
+        return DataLoader(ds, batch_sampler=bs, collate_fn=collate, **kw)
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #320945d9
 def curriculum_fit(cfg: TrainConfig, lit, datamodule: CurriculumDataModule, **kwargs):
