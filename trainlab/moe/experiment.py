@@ -385,7 +385,7 @@ def calibration_config(rc: MoERunConfig, point: tuple, seed: int) -> MoERunConfi
     return replace(rc, train=t, moe=moe, arms=("blockffn",), inference_arms=())
 
 # %% ../../nbs/moe/07_experiment.ipynb #e75a7914
-_CAL_KEYS = ("val_bpb", "tls", "cls8", "token_dependence", "dead_experts", "always_on")
+_CAL_KEYS = ("val_bpb", "tls", "cls8", "token_dependence", "dead_experts", "always_on", "degenerate_share")
 
 @register_reproduction("moe_calibration", "BlockFFN's router-loss coefficients (lambda_AL, alpha, c0) recalibrated for the layer-averaged objective: a registered grid, 2 paired seeds, half-length runs.",
                        notebook="moe/08_results.ipynb", default_seeds=2, summary_keys=("selected",))
@@ -394,7 +394,6 @@ def reproduce_moe_calibration(ctx: RunContext) -> dict:
     rc = (MoERunConfig.fast if (ctx.fast or in_test()) else MoERunConfig.full)()
     grid = CALIBRATION_GRID[:2] if (ctx.fast or in_test()) else CALIBRATION_GRID
     ctx.config = {"base": asdict(rc), "grid": [list(p) for p in grid], "targets": CALIBRATION_TARGETS, "threads": torch.get_num_threads()}
-    n_experts = rc.moe.n_experts * rc.train.model.n_layers
     settings, per_seed = {}, {}
     for point in grid:
         key = calibration_key(point); runs = []
@@ -404,7 +403,6 @@ def reproduce_moe_calibration(ctx: RunContext) -> dict:
             runs.append({k: u[k] for k in _CAL_KEYS} | {"seed": seed})
             ctx.log(f"{key} seed {seed}: bpb {u['val_bpb']:.4f} TLS {u['tls']:.3f} CLS@8 {u['cls8']:.3f} jac {u['token_dependence']:.2f} dead {u['dead_experts']} on {u['always_on']}")
         mean = {k: seed_mean([r[k] for r in runs]) for k in _CAL_KEYS}
-        mean["degenerate_share"] = (mean["dead_experts"] + mean["always_on"]) / n_experts
         settings[key] = mean | {"locality_coef": point[0], "locality_alpha": point[1], "chunk_c0": point[2],
                                 "shortfall": calibration_shortfall(mean)}
         per_seed[key] = runs
