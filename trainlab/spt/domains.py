@@ -5,7 +5,7 @@
 # %% ../../nbs/spt/01_domains.ipynb #888ed033
 from __future__ import annotations
 import math, random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,26 +32,32 @@ def _documents(source, seed: int = 0) -> list[Document]:
 # %% ../../nbs/spt/01_domains.ipynb #bb33e25a
 @dataclass
 class DomainData:
-    "A scarce domain set: `train` and `test` splits (as `TokenizedCorpus`) drawn from disjoint source documents."
+    "A scarce domain set: `train` and `test` splits (as `TokenizedCorpus`), and optionally a `report` split, drawn from disjoint source documents."
     name: str
     train: TokenizedCorpus
     test: TokenizedCorpus
     train_sources: list
     test_sources: list
+    report: TokenizedCorpus | None = None   # a second held-out half: `test` selects (early stopping, the grid), `report` is what gets reported
+    report_sources: list = field(default_factory=list)
 
     def card(self) -> dict:
-        "Sizes and provenance of the two splits."
-        return dict(name=self.name, train_pieces=len(self.train), train_tokens=self.train.n_tokens, train_bytes=self.train.n_bytes,
-                    test_pieces=len(self.test), test_tokens=self.test.n_tokens, test_bytes=self.test.n_bytes,
-                    train_sources=len(self.train_sources), test_sources=len(self.test_sources),
-                    shared_sources=len(set(self.train_sources) & set(self.test_sources)))
+        "Sizes and provenance of the splits; `shared_sources` counts source documents in more than one split (0 by construction)."
+        splits = {"train": (self.train, self.train_sources), "test": (self.test, self.test_sources)}
+        if self.report is not None: splits["report"] = (self.report, self.report_sources)
+        out = dict(name=self.name)
+        for k, (c, src) in splits.items(): out.update({f"{k}_pieces": len(c), f"{k}_tokens": c.n_tokens, f"{k}_bytes": c.n_bytes})
+        out.update({f"{k}_sources": len(src) for k, (c, src) in splits.items()})
+        seen = [s for _, src in splits.values() for s in set(src)]
+        return {**out, "shared_sources": len(seen) - len(set(seen))}
 
 # %% ../../nbs/spt/01_domains.ipynb #6c9d0de6
 def make_domain(source="unicode_names", train_tokens: int = 4096, test_tokens: int = 2048, lines_per_piece: int = 8, seed: int = 0,
-                tokenizer=None, name: str | None = None) -> DomainData:
-    "Draw a domain set of about `train_tokens` / `test_tokens` tokens: pieces of `lines_per_piece` lines, each source document in one split only."
+                tokenizer=None, name: str | None = None, report_tokens: int = 0) -> DomainData:
+    "Draw a domain set of about `train_tokens` / `test_tokens` (/ `report_tokens`) tokens: pieces of `lines_per_piece` lines, each source document in one split only."
     for k, v in dict(train_tokens=train_tokens, test_tokens=test_tokens, lines_per_piece=lines_per_piece).items():
         expect(isinstance(v, (int, np.integer)) and v >= 1, k, "a positive int", v)
+    expect(isinstance(report_tokens, (int, np.integer)) and report_tokens >= 0, "report_tokens", "an int >= 0 (0: no report split)", report_tokens)
     expect(isinstance(seed, (int, np.integer)) and seed >= 0, "seed", "an int >= 0", seed)
     tok = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
     docs = [d for d in _documents(source, int(seed)) if d.text.strip()]
@@ -68,11 +74,12 @@ def make_domain(source="unicode_names", train_tokens: int = 4096, test_tokens: i
             s, text = pieces[i].pop()
             if text.strip(): return s, text
         return None
-    budget, owner, out = {"test": int(test_tokens), "train": int(train_tokens)}, {}, {"test": [], "train": []}
+    budget = {"test": int(test_tokens), "report": int(report_tokens), "train": int(train_tokens)}
+    owner, out = {}, {k: [] for k in budget}
     while any(b > 0 for b in budget.values()):
         progress = False
         for i in order:
-            split = owner.get(i) or next((s for s in ("test", "train") if budget[s] > 0), None)
+            split = owner.get(i) or next((s for s in budget if budget[s] > 0), None)
             if split is None: break
             if budget[split] <= 0: continue
             p = next_piece(i)
@@ -80,12 +87,13 @@ def make_domain(source="unicode_names", train_tokens: int = 4096, test_tokens: i
             owner[i] = split; progress = True
             out[split].append(Document(f"{docs[i].id}:{p[0]}", p[1])); budget[split] -= len(tok.encode_array(p[1]))
         if not progress:
-            raise ValueError(f"source {source!r} is too small for train_tokens={train_tokens} and test_tokens={test_tokens} "
-                             f"(short by {max(budget['train'], 0)} train and {max(budget['test'], 0)} test tokens)")
+            raise ValueError(f"source {source!r} is too small for train_tokens={train_tokens}, test_tokens={test_tokens} and report_tokens={report_tokens} "
+                             f"(short by {max(budget['train'], 0)} train, {max(budget['test'], 0)} test and {max(budget['report'], 0)} report tokens)")
     label = name or (source if isinstance(source, str) else "domain")
     mk = lambda split: TokenizedCorpus.from_documents(out[split], tok, name=f"{label}/{split}")
-    return DomainData(label, mk("train"), mk("test"), sorted({docs[i].id for i, s in owner.items() if s == "train"}),
-                      sorted({docs[i].id for i, s in owner.items() if s == "test"}))
+    src = lambda split: sorted({docs[i].id for i, s in owner.items() if s == split})
+    return DomainData(label, mk("train"), mk("test"), src("train"), src("test"),
+                      report=mk("report") if report_tokens else None, report_sources=src("report"))
 
 # %% ../../nbs/spt/01_domains.ipynb #c94e5430
 def mixture_plan(num_sequences: int, delta: float, domain_start: float = 0.0, seed: int = 0) -> np.ndarray:

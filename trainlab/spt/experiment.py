@@ -4,7 +4,7 @@
 
 # %% ../../nbs/spt/04_experiment.ipynb #e94a498a
 from __future__ import annotations
-import shutil, time
+import math, shutil, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Sequence
@@ -13,21 +13,23 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from ..core import expect
+from ..core import expect, read_json
 from ..data import TokenizedCorpus, load_corpus, split_corpus
 from ..model import ModelConfig, TinyLM, count_parameters
 from ..train import TrainConfig
-from ..stats import Claim, mean
+from ..stats import Claim, mean, std, ci_mean
 from ..reproduce import register_reproduction, RunContext
 from .domains import DomainData, make_domain, general_eval_set
 from .training import SPTConfig, FinetuneConfig, pretrain, finetune_grid
-from .laws import (law_gap, law_offset, law_test, fit_overfitting_law, b_gap, predicted_turn, observed_turn, fit_muennighoff,
-                               muennighoff_test)
+from .laws import (law_gap, law_offset, law_test, fit_overfitting_law, fit_per_delta, after_warmup, b_gap, predicted_turn,
+                               observed_turn, fit_muennighoff, muennighoff_test)
 
 # %% auto #0
-__all__ = ['SPT_ARMS', 'SPT_MAIN', 'SPT_REF', 'SPT_DOMAINS', 'SPT_CLAIMS', 'SPTArm', 'SPTRunConfig', 'spt_run_config',
-           'interp_log_tokens', 'domain_summary', 'pretrain_unit', 'finetune_unit', 'reproduce_spt',
-           'plot_post_ft_vs_tokens', 'plot_forgetting', 'plot_train_vs_test', 'plot_pretrain_domain_test', 'plot_law']
+__all__ = ['SPT_ARMS', 'SPT_MAIN', 'SPT_REF', 'SPT_DOMAINS', 'SPT_CLAIMS', 'SPT_EXPECTED_EFFECT', 'SPT_MIN_SEEDS',
+           'SPT_RUN_BUDGET_S', 'SPT_SEEDS', 'SPTArm', 'seeds_needed', 'SPTRunConfig', 'spt_run_config',
+           'interp_log_tokens', 'domain_summary', 'pretrain_unit', 'finetune_unit', 'spt_unit_counts', 'pick_seeds',
+           'reproduce_spt_pilot', 'reproduce_spt', 'plot_post_ft_vs_tokens', 'plot_forgetting', 'plot_train_vs_test',
+           'plot_pretrain_domain_test', 'plot_law']
 
 # %% ../../nbs/spt/04_experiment.ipynb #54a8b4a4
 def _dkey(d: float) -> str:
@@ -68,16 +70,29 @@ def _arm(domain: str, arm: str) -> str:
 
 # %% ../../nbs/spt/04_experiment.ipynb #1a47d57c
 SPT_CLAIMS = (
-    Claim("spt_lowers_far_domain_bpb", "Far domain, final checkpoint, equal tokens: post-finetuning domain test bpb is lower with SPT at δ = 2% "
-          "than with pretrain-then-finetune (δ = 0): paired difference below 0 (R_gain > 0).",
-          "post_ft_domain_test_bpb", (_arm("far", SPT_MAIN), _arm("far", SPT_REF)), "diff", "<", 0.0),
+    Claim("spt_lowers_far_domain_bpb", "Far domain, final checkpoint, equal tokens: post-finetuning domain bpb on the report half of the test set "
+          "is lower with SPT at δ = 2% than with pretrain-then-finetune (δ = 0): paired difference below 0 (R_gain > 0).",
+          "post_ft_domain_report_bpb", (_arm("far", SPT_MAIN), _arm("far", SPT_REF)), "diff", "<", 0.0),
     Claim("spt_forgets_less_far", "Far domain, final checkpoint: finetuning raises the general bpb less after SPT at δ = 2% than after δ = 0 "
           "(forgetting = general bpb at the best finetuning point minus before): paired difference below 0.",
           "forgetting", (_arm("far", SPT_MAIN), _arm("far", SPT_REF)), "diff", "<", 0.0),
-    Claim("far_gain_exceeds_near", "SPT's gain over δ = 0 at the final checkpoint (R_gain of δ = 2%, in %) is larger on the far domain "
+    Claim("far_gain_exceeds_near", "SPT's gain over δ = 0 at the final checkpoint (R_gain of δ = 2% on the report half, in %) is larger on the far domain "
           "(Unicode names) than on the near one (Python tests): paired difference above 0.",
           "r_gain", (_arm("far", SPT_MAIN), _arm("near", SPT_MAIN)), "diff", ">", 0.0),
 )
+
+# %% ../../nbs/spt/04_experiment.ipynb #e9b32525
+SPT_EXPECTED_EFFECT = 1.5   # R_gain (%) the seed count is sized to detect: the paper's ProofPile value, mid-range of its 0.8-2.0%
+
+# %% ../../nbs/spt/04_experiment.ipynb #8c94ef9b
+SPT_MIN_SEEDS = 8           # never fewer paired seeds in the main run
+
+# %% ../../nbs/spt/04_experiment.ipynb #25754bee
+def seeds_needed(spread: float, effect: float = SPT_EXPECTED_EFFECT, min_seeds: int = SPT_MIN_SEEDS) -> int:
+    "Paired seeds for a 95% interval of half-width about 2 spread / sqrt(n) to clear `effect`: n >= (2 spread / effect)^2, and at least `min_seeds`."
+    expect(spread >= 0 and math.isfinite(spread), "spread", "a finite standard deviation >= 0", spread)
+    expect(effect > 0, "effect", "an expected effect > 0", effect)
+    return max(int(min_seeds), int(math.ceil((2 * spread / effect) ** 2)))
 
 # %% ../../nbs/spt/04_experiment.ipynb #2e4f5f63
 @dataclass
@@ -87,11 +102,17 @@ class SPTRunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     arms: tuple = tuple(SPT_ARMS)
     tokens_per_domain_token: float = 667.0   # T / |D_train|, as in the paper (200B / 300M)
-    test_tokens: int = 2048
+    test_tokens: int = 8192                  # the half that selects the finetuning point
+    report_tokens: int = 8192                # the half that is reported
     lines_per_piece: int = 8
     domains: tuple = (("far", "unicode_names"), ("near", "stdlib_tests"))
+    explore_domains: tuple = ("far",)        # where the exploratory arms and checkpoints run (the main pair runs on every domain)
     law_max_delta: float = 0.05
+    law_skip_warmups: float = 1.0            # the law drops curve points at or below this many warmups
     turn_min_rise: float = 0.01
+    turn_tolerance: float = 0.25             # a forecast turn within this relative error of the observed one counts as a hit
+    ft_max_lr_frac: float = 0.25             # finetuning rates at most this fraction of the pretraining peak (the paper's grid: 0.025-0.25)
+    ft_max_warmup_epochs: float = 0.5        # finetuning warmups at most this many epochs of the domain set
 
     def __post_init__(self):
         unknown = [a for a in self.arms if a not in SPT_ARMS]
@@ -99,21 +120,40 @@ class SPTRunConfig:
         expect({SPT_MAIN, SPT_REF} <= set(self.arms), "arms", f"the pre-registered pair {SPT_MAIN!r} and {SPT_REF!r} among them", self.arms)
         expect(tuple(k for k, _ in self.domains) == SPT_DOMAINS, "domains", f"(name, source) pairs named {SPT_DOMAINS} (the claims compare them)",
                tuple(k for k, _ in self.domains))
+        expect(set(self.explore_domains) <= set(SPT_DOMAINS), "explore_domains", f"names among {SPT_DOMAINS}", self.explore_domains)
+        top = self.ft_max_lr_frac * self.pretrain.train.lr
+        expect(max(self.finetune.lrs) <= top * (1 + 1e-9), "finetune.lrs", f"at most {self.ft_max_lr_frac} of the pretraining peak ({top:g})", self.finetune.lrs)
 
     def domain_tokens(self) -> int:
         "Domain training tokens: the pretraining tokens over `tokens_per_domain_token`."
         return int(round(self.pretrain.tokens / self.tokens_per_domain_token))
 
+    def check_domain(self, domain: DomainData) -> float:
+        "The finetuning steps per epoch of `domain`, after checking that every warmup is at most `ft_max_warmup_epochs` of them."
+        spe = self.finetune.steps_per_epoch(domain)
+        expect(max(self.finetune.warmups) <= self.ft_max_warmup_epochs * spe, "finetune.warmups",
+               f"at most {self.ft_max_warmup_epochs} epoch of the {domain.name} domain ({spe:.1f} steps an epoch)", self.finetune.warmups)
+        return spe
+
+    def law_min_tokens(self) -> int:
+        "Pretraining tokens at or below which the law drops a curve's points: `law_skip_warmups` warmups."
+        t = self.pretrain.train
+        return int(self.law_skip_warmups * t.warmup_steps * t.batch_size * t.seq_len)
+
 # %% ../../nbs/spt/04_experiment.ipynb #2478994d
 def spt_run_config(fast: bool = False) -> SPTRunConfig:
-    "The full configuration, or a tiny one that checks the machinery in seconds (`fast`); finetuning shares the pretraining's model, precision and kernels."
-    pre = SPTConfig() if not fast else SPTConfig(TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), steps=40,
-                                                             lr=3e-3, warmup_steps=4, batch_size=8, seq_len=64, val_every=10),
-                                                 max_general_eval_tokens=2048, checkpoint_fracs=(0.5, 1.0))
-    ft = FinetuneConfig(pre.train.replace(batch_size=4, schedule="constant", weight_decay=1e-7))
-    if not fast: return SPTRunConfig(pre, ft)
-    return SPTRunConfig(pre, ft.replace(lrs=(3e-3,), warmups=(2,), max_epochs=2.0, patience=2), arms=(SPT_REF, SPT_MAIN, "0.05", "0.1", "late_upsampling"),
-                        tokens_per_domain_token=40.0, test_tokens=512)
+    "The full configuration (the paper's ratios at 35k parameters), or a tiny one that checks the machinery in seconds (`fast`); finetuning shares the pretraining's model, precision and kernels."
+    if fast:
+        pre = SPTConfig(TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), steps=40, lr=3e-3, warmup_steps=4,
+                                    batch_size=8, seq_len=64, val_every=10), max_general_eval_tokens=2048, checkpoint_fracs=(0.5, 1.0))
+        ft = FinetuneConfig(pre.train.replace(batch_size=4, schedule="constant", weight_decay=1e-7), lrs=(7.5e-4,), warmups=(1,), max_epochs=2.0, patience=2)
+        return SPTRunConfig(pre, ft, arms=(SPT_REF, SPT_MAIN, "0.05", "0.1", "late_upsampling"), tokens_per_domain_token=40.0, test_tokens=512, report_tokens=512)
+    pre = SPTConfig(TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=1, max_seq_len=256), steps=1710, lr=3e-3, warmup_steps=50,
+                                batch_size=16, seq_len=256, val_every=50), checkpoint_fracs=(0.25, 0.5, 1.0))
+    peak = pre.train.lr
+    ft = FinetuneConfig(pre.train.replace(batch_size=4, schedule="constant", weight_decay=1e-7), lrs=tuple(f * peak for f in (0.025, 0.1, 0.25)),
+                        warmups=(2, 5), max_epochs=16.0, evals_per_epoch=2.0, patience=4)
+    return SPTRunConfig(pre, ft)
 
 # %% ../../nbs/spt/04_experiment.ipynb #48ed1d61
 def _curve_rows(val: list, prefix: str) -> list:
@@ -137,29 +177,24 @@ def interp_log_tokens(tokens: Sequence[float], values: Sequence[float], target: 
     return None
 
 # %% ../../nbs/spt/04_experiment.ipynb #0f44c594
-def domain_summary(arms: dict, budgets: list, seeds_post: dict | None = None, main: str | None = None) -> dict:
-    "r_gain, compute multiplier, forgetting and best delta per budget from arms[delta]['budgets'][tokens]['post_ft'/'pre_ft'] (exploratory: best over arms); per seed, `main` (default: the best delta) vs 0."
+def domain_summary(arms: dict, budgets: list, seeds_post: dict | None = None, main: str = SPT_MAIN, metric: str = "domain_report_bpb") -> dict:
+    "R_gain per delta, forgetting, the best delta per budget (exploratory) and the compute multiplier along `main`'s curve, from arms[delta]['budgets'][tokens]['post_ft'][metric]; per seed, `main` vs 0."
     final = budgets[-1]
-    post = lambda a, b: arms[a]["budgets"][b]["post_ft"]["domain_test_bpb"]
+    post = lambda a, b: arms[a]["budgets"][b]["post_ft"][metric]
     spt = [a for a in arms if float(a) > 0]
+    base = post(SPT_REF, final)
+    gains = {a: 100 * (base - post(a, final)) / base for a in spt}
     best = min(spt, key=lambda a: post(a, final))
-    base = post("0", final)
-    out = dict(best_delta=float(best), r_gain=100 * (base - post(best, final)) / base,
-               r_gain_by_delta={a: 100 * (base - post(a, final)) / base for a in spt},
-               forgetting={a: arms[a]["forgetting"] for a in arms},
-               best_delta_by_budget={str(b): float(min(arms, key=lambda a: post(a, b))) for b in budgets})
-    envelope = [min(post(a, b) for a in spt) for b in budgets]
-    t_match = interp_log_tokens(budgets, envelope, base)
-    out["compute_multiplier"] = None if t_match is None else final / t_match
-    out["compute_multiplier_is_lower_bound"] = t_match is not None and t_match == budgets[0] and envelope[0] < base
-    if seeds_post:  # delta -> [post-FT domain test bpb per seed] at the final budget
-        bk = main if main is not None else _dkey(out["best_delta"])
-        pairs = list(zip(seeds_post["0"], seeds_post[bk]))
-        gains = [100 * (b0 - bs) / b0 for b0, bs in pairs]
-        spread = max(max(seeds_post[k]) - min(seeds_post[k]) for k in ("0", bk))
-        out.update(seed_compared_delta=float(bk), r_gain_by_seed=gains, r_gain_mean=float(np.mean(gains)), seed_spread_bpb=spread,
-                   gain_bpb_mean=float(np.mean([b0 - bs for b0, bs in pairs])))
-        out["beyond_seed_noise"] = bool(min(gains) > 0 and out["gain_bpb_mean"] > spread)
+    shared = [b for b in budgets if all(b in a["budgets"] for a in arms.values())]
+    out = dict(metric=metric, best_delta=float(best), r_gain=gains[best], r_gain_by_delta=gains, forgetting={a: arms[a]["forgetting"] for a in arms},
+               best_delta_by_budget={str(b): float(min(arms, key=lambda a: post(a, b))) for b in shared})
+    mb = sorted(arms[main]["budgets"]) if main in arms else []
+    t_match = interp_log_tokens(mb, [post(main, b) for b in mb], base) if len(mb) > 1 else None
+    out.update(compute_multiplier_delta=float(main), compute_multiplier=None if t_match is None else final / t_match,
+               compute_multiplier_is_lower_bound=bool(t_match is not None and t_match == mb[0] and post(main, mb[0]) < base))
+    if seeds_post:  # delta -> [post-FT domain bpb per seed] at the final budget
+        g = [100 * (b0 - bs) / b0 for b0, bs in zip(seeds_post[SPT_REF], seeds_post[main])]
+        out.update(r_gain_by_seed=g, r_gain_mean=float(np.mean(g)))
     return out
 
 # %% ../../nbs/spt/04_experiment.ipynb #aa7d291e
@@ -182,12 +217,14 @@ def finetune_unit(pre: dict, prefix: str, domain: DomainData, general_eval: Toke
     for step in steps:
         t0 = time.perf_counter()
         ft = finetune_grid(pre["snapshots"][str(step)], rc.pretrain.train.model, domain, general_eval, cfg)
-        res["budgets"][step * spb] = dict(pre_ft=ft["pre_ft"], post_ft=ft["post_ft"], forgetting=ft["forgetting"], grid=ft["grid"], ft_curve=ft["curve"])
+        res["budgets"][step * spb] = dict(pre_ft=ft["pre_ft"], post_ft=ft["post_ft"], forgetting=ft["forgetting"], grid=ft["grid"], ft_curve=ft["curve"],
+                                          wall_s=time.perf_counter() - t0)
         log(f"{name}, {step * spb:,} tokens: domain test {ft['pre_ft']['domain_test_bpb']:.4f} -> {ft['post_ft']['domain_test_bpb']:.4f}, "
+            f"report {ft['pre_ft'].get('domain_report_bpb', math.nan):.4f} -> {ft['post_ft'].get('domain_report_bpb', math.nan):.4f}, "
             f"general {ft['pre_ft']['general_bpb']:.4f} -> {ft['post_ft']['general_bpb']:.4f} (lr {ft['post_ft']['best_lr']:g}, "
             f"step {ft['post_ft']['best_step']}), {time.perf_counter() - t0:.0f} s")
     final = res["budgets"][max(res["budgets"])]
-    return {**res, **_pick(final, ("pre_ft", "post_ft", "forgetting"))}
+    return {**res, "finetune_s": sum(b["wall_s"] for b in res["budgets"].values()), **_pick(final, ("pre_ft", "post_ft", "forgetting"))}
 
 # %% ../../nbs/spt/04_experiment.ipynb #2d2a878d
 def _int_budgets(res: dict) -> dict:
@@ -196,42 +233,123 @@ def _int_budgets(res: dict) -> dict:
 
 # %% ../../nbs/spt/04_experiment.ipynb #563f4bf5
 def _law(arms: dict, rc: SPTRunConfig, unique: int, seed: int) -> dict:
-    "The overfitting law (and the data-constrained one) fitted on the far domain's pretraining curves for delta <= `rc.law_max_delta`, forecasting the largest delta."
-    curves = {float(a): [(p["tokens"], p["domain_train_bpb"], p["domain_test_bpb"]) for p in v["pretrain_curve"]] for a, v in arms.items()}
+    "The overfitting law per delta and in its delta-dependent form (and the data-constrained law), fitted on the far domain's pretraining curves after warmup; the forecast of the largest delta's turn, judged only when the fit resolves it."
+    raw = {float(a): [(p["tokens"], p["domain_train_bpb"], p["domain_test_bpb"]) for p in v["pretrain_curve"]] for a, v in arms.items()}
+    curves = after_warmup(raw, rc.law_min_tokens())
     fit_c = {d: c for d, c in curves.items() if d <= rc.law_max_delta}
     big = max(curves)
     law = fit_overfitting_law(fit_c, seed=seed)
-    t_obs = [p[0] for p in curves[big]]
+    t_obs, y_big = np.array([p[0] for p in curves[big]]), np.array([p[2] for p in curves[big]])
     pred = predicted_turn(law["params"], big, t_obs[0], 5 * t_obs[-1])
-    obs = observed_turn(t_obs, [p[2] for p in curves[big]], min_rise=rc.turn_min_rise)
+    obs = observed_turn(t_obs, y_big, min_rise=rc.turn_min_rise)
+    i_min = int(np.argmin(y_big))
+    effect = float(y_big[i_min:].max() - y_big[i_min]) if obs is not None else None
+    err = abs(pred - obs) / obs if (pred is not None and obs is not None) else None
+    if obs is None: verdict = "not judged: the largest delta's curve does not turn within the run"
+    elif law["rmse_test"] >= effect: verdict = f"not judged: the fit's test RMSE ({law['rmse_test']:.3f} bpb) is not below the turn it forecasts ({effect:.3f} bpb)"
+    elif err is None: verdict = "misses: the law forecasts no turn"
+    else: verdict = ("hits" if err <= rc.turn_tolerance else "misses") + f": forecast error {err:.0%} (tolerance {rc.turn_tolerance:.0%})"
     mu = fit_muennighoff(fit_c, unique=unique, seed=seed)
-    y_big = np.array([p[2] for p in curves[big]])
-    law.update(b_gap={_dkey(d): b_gap(d, law["params"]) for d in curves if d > 0}, forecast_delta=big,
-               predicted_turn_tokens=pred, observed_turn_tokens=obs,
-               turn_forecast_error=(abs(pred - obs) / obs if (pred is not None and obs is not None) else None),
-               forecast_rmse=float(np.sqrt(np.mean((law_test(np.array(t_obs) / 1e6, big, law["params"]) - y_big) ** 2))),
+    law.update(per_delta=fit_per_delta(curves, seed=seed), min_tokens=rc.law_min_tokens(), dropped_points=sum(len(raw[d]) - len(curves[d]) for d in raw),
+               b_gap={_dkey(d): b_gap(d, law["params"]) for d in curves if d > 0}, forecast_delta=big,
+               predicted_turn_tokens=pred, observed_turn_tokens=obs, turn_effect_bpb=effect, turn_forecast_error=err,
+               forecast_judged=verdict.startswith(("hits", "misses")), forecast_verdict=verdict,
+               forecast_rmse=float(np.sqrt(np.mean((law_test(t_obs / 1e6, big, law["params"]) - y_big) ** 2))),
                muennighoff=dict(**mu, forecast_rmse=float(np.sqrt(np.mean((muennighoff_test(t_obs, big, mu["params"]) - y_big) ** 2))),
                                 predicted_turn_tokens=None))
     law["b_gap_in_0_1"] = bool(all(0 < v < 1 for v in law["b_gap"].values()))
     return law
 
-# %% ../../nbs/spt/04_experiment.ipynb #74e4c115
-@register_reproduction("spt", "Specialized pretraining: repeat a scarce domain set at fraction delta inside pretraining, then finetune; vs pretrain-then-finetune.",
-                       claims=SPT_CLAIMS, notebook="spt/05_results.ipynb", default_seeds=5,
-                       summary_keys=("far_r_gain_main", "near_r_gain_main", "far_best_delta", "far_compute_multiplier", "turn_forecast_error", "b_gap_10pct"))
-def reproduce_spt(ctx: RunContext) -> dict:
-    "Every arm of the run config on the first seed (all checkpoints: the exploratory sweep, figures and law); the pre-registered pair on every seed."
-    rc = spt_run_config(ctx.fast)
-    ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "domain_train_tokens": rc.domain_tokens(), "main_comparison": [SPT_MAIN, SPT_REF],
-                               "arm_specs": {k: asdict(SPT_ARMS[k]) for k in rc.arms}, "model_parameters": count_parameters(TinyLM(rc.pretrain.train.model))}
+# %% ../../nbs/spt/04_experiment.ipynb #2256e155
+def _setup(rc: SPTRunConfig, domains: Sequence[str] = SPT_DOMAINS) -> tuple:
+    "The general corpus (train, val), its evaluation set and the named domain sets (test and report halves), each checked against the finetuning protocol."
     general = split_corpus(load_corpus(rc.pretrain.general, "all"))
     gv = general_eval_set(general[1], rc.pretrain.max_general_eval_tokens)
-    doms = {k: make_domain(src, rc.domain_tokens(), rc.test_tokens, rc.lines_per_piece, seed=0, name=k) for k, src in rc.domains}
+    doms = {k: make_domain(src, rc.domain_tokens(), rc.test_tokens, rc.lines_per_piece, seed=0, name=k, report_tokens=rc.report_tokens)
+            for k, src in rc.domains if k in domains}
+    for d in doms.values(): rc.check_domain(d)
+    return general, gv, doms
+
+# %% ../../nbs/spt/04_experiment.ipynb #6f35f9d2
+def spt_unit_counts(rc: SPTRunConfig, n_seeds: int) -> dict:
+    "Pretraining units and finetuned checkpoints (one grid each) of `reproduce_spt` with `n_seeds` seeds."
+    n_ck, pre, ft = len(rc.pretrain.checkpoint_steps()), 0, 0
+    for i in range(n_seeds):
+        keys = set()
+        for dname in SPT_DOMAINS:
+            explore = i == 0 and dname in rc.explore_domains
+            for k in (rc.arms if explore else (SPT_REF, SPT_MAIN)):
+                keys.add(k if SPT_ARMS[k].shared else (dname, k))
+                ft += n_ck if (explore and SPT_ARMS[k].on_curve) else 1
+        pre += len(keys)
+    return dict(pretrain=pre, finetune=ft)
+
+# %% ../../nbs/spt/04_experiment.ipynb #8ab7703d
+SPT_RUN_BUDGET_S = 55 * 60   # the main run's estimated wall time must fit this (the limit is 60 min on 2 cores; 5 min of margin)
+
+# %% ../../nbs/spt/04_experiment.ipynb #463d1548
+def pick_seeds(r_gains: Sequence[float], pretrain_s: float, finetune_s: float, rc: SPTRunConfig, budget_s: float = SPT_RUN_BUDGET_S,
+               effect: float = SPT_EXPECTED_EFFECT, overhead_s: float = 60.0) -> dict:
+    "From the pilot's per-seed R_gain (%) and unit costs (s): the spread, the seeds needed, the seeds the main run affords in `budget_s`, the pick."
+    expect(pretrain_s > 0 and finetune_s > 0, "pretrain_s, finetune_s", "measured unit costs > 0", (pretrain_s, finetune_s))
+    cost = lambda n: overhead_s + (c := spt_unit_counts(rc, n))["pretrain"] * pretrain_s + c["finetune"] * finetune_s
+    affordable = 0
+    while cost(affordable + 1) <= budget_s and affordable < 200: affordable += 1
+    sd = std(r_gains) if len(r_gains) >= 2 else None
+    needed = seeds_needed(sd, effect) if sd is not None else None
+    picked = max(1, affordable) if needed is None else max(1, min(needed, affordable))
+    return dict(r_gain_sd=sd, effect=effect, seeds_needed=needed, seeds_affordable=affordable, seeds_picked=picked,
+                underpowered=needed is None or picked < needed, estimated_run_s=cost(picked), unit_counts=spt_unit_counts(rc, picked))
+
+# %% ../../nbs/spt/04_experiment.ipynb #b4291fd1
+@register_reproduction("spt_pilot", "Pilot for spt: the seed spread of R_gain (delta 2% vs 0, far domain, final checkpoint) and the cost of each unit, which size the main run.",
+                       notebook="spt/05_results.ipynb", default_seeds=4,
+                       summary_keys=("r_gain_mean", "r_gain_sd", "seeds_needed", "seeds_affordable", "seeds_picked", "underpowered"))
+def reproduce_spt_pilot(ctx: RunContext) -> dict:
+    "The pre-registered pair on the far domain over the pilot's seeds, finetuned from the final checkpoint: R_gain per seed, its spread, the unit costs and the seed pick."
+    rc = spt_run_config(ctx.fast)
+    general, gv, doms = _setup(rc, ("far",))
+    dom, final = doms["far"], rc.pretrain.checkpoint_steps()[-1:]
+    ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "domain_train_tokens": rc.domain_tokens(), "pair": [SPT_MAIN, SPT_REF],
+                               "expected_effect": SPT_EXPECTED_EFFECT, "min_seeds": SPT_MIN_SEEDS, "budget_s": SPT_RUN_BUDGET_S}
+    rows, pre_s, ft_s = [], [], []
+    for seed in ctx.seeds:
+        row = dict(seed=seed)
+        for key in (SPT_REF, SPT_MAIN):
+            pre = ctx.unit(f"pretrain/far/{key}/seed{seed}", lambda run_dir: pretrain_unit(run_dir, dom, SPT_ARMS[key], rc.pretrain.replace(seed=seed),
+                                                                                         general, None, ctx.progress))
+            ft = ctx.unit(f"finetune/far/{key}/seed{seed}", lambda _: finetune_unit(pre, "domain", dom, gv, final, rc, seed, name=f"pilot far {key} seed {seed}",
+                                                                                  log=ctx.log))
+            row[key] = dict(_pick(ft["post_ft"], ("domain_test_bpb", "domain_report_bpb", "general_bpb", "best_lr", "best_warmup", "best_step")),
+                            forgetting=ft["forgetting"], pretrain_s=pre["wall_s"], finetune_s=ft["finetune_s"])
+            pre_s.append(pre["wall_s"]); ft_s.append(ft["finetune_s"])
+        b0, b2 = row[SPT_REF]["domain_report_bpb"], row[SPT_MAIN]["domain_report_bpb"]
+        rows.append(dict(row, r_gain=100 * (b0 - b2) / b0))
+        ctx.log(f"pilot seed {seed}: R_gain {rows[-1]['r_gain']:+.2f}%")
+    g = [r["r_gain"] for r in rows]
+    pick = pick_seeds(g, float(np.mean(pre_s)), float(np.mean(ft_s)), spt_run_config(False) if not ctx.fast else rc)
+    return dict(config=ctx.config, domain_card=dom.card(), seeds=rows, r_gain=g, r_gain_mean=mean(g),
+                r_gain_ci95=list(ci_mean(g)) if len(g) >= 2 else None, pretrain_s_mean=float(np.mean(pre_s)), finetune_s_mean=float(np.mean(ft_s)), **pick)
+
+# %% ../../nbs/spt/04_experiment.ipynb #c8d230da
+SPT_SEEDS = 8   # the main run's paired seeds: the committed pilot's `seeds_picked` (nbs/results/spt_pilot/metrics.json)
+
+# %% ../../nbs/spt/04_experiment.ipynb #74e4c115
+@register_reproduction("spt", "Specialized pretraining: repeat a scarce domain set at fraction delta inside pretraining, then finetune; vs pretrain-then-finetune.",
+                       claims=SPT_CLAIMS, notebook="spt/05_results.ipynb", default_seeds=SPT_SEEDS,
+                       summary_keys=("far_r_gain_main", "near_r_gain_main", "far_best_delta_by_budget", "far_compute_multiplier", "forecast_verdict"))
+def reproduce_spt(ctx: RunContext) -> dict:
+    "Every arm of the run config on the first seed on `explore_domains` (all checkpoints: the exploratory sweep, figures and law); the pre-registered pair on every seed and domain."
+    rc = spt_run_config(ctx.fast)
+    ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "domain_train_tokens": rc.domain_tokens(), "main_comparison": [SPT_MAIN, SPT_REF],
+                               "arm_specs": {k: asdict(SPT_ARMS[k]) for k in rc.arms}, "model_parameters": count_parameters(TinyLM(rc.pretrain.train.model)),
+                               "unit_counts": spt_unit_counts(rc, len(ctx.seeds))}
+    general, gv, doms = _setup(rc)
     steps, spb = rc.pretrain.checkpoint_steps(), rc.pretrain.train.batch_size * rc.pretrain.train.seq_len
     budgets = [s * spb for s in steps]
     m = {"config": ctx.config, "domain_cards": {k: d.card() for k, d in doms.items()}, "budgets_tokens": budgets,
          "domains": {k: {"arms": {}, "seeds": {a: [] for a in (SPT_REF, SPT_MAIN)}} for k in doms}}
-    samples = {_arm(d, a): {"post_ft_domain_test_bpb": [], "forgetting": []} for d in doms for a in (SPT_MAIN, SPT_REF)}
+    samples = {_arm(d, a): {"post_ft_domain_report_bpb": [], "forgetting": []} for d in doms for a in (SPT_MAIN, SPT_REF)}
     pre_units = {}
 
     def pretrained(dname: str, key: str, seed: int) -> tuple[dict, str]:
@@ -246,32 +364,34 @@ def reproduce_spt(ctx: RunContext) -> dict:
 
     for i, seed in enumerate(ctx.seeds):
         for dname, dom in doms.items():
-            for key in (rc.arms if i == 0 else (SPT_REF, SPT_MAIN)):  # the exploratory arms on the first seed, the main pair on all
+            explore = i == 0 and dname in rc.explore_domains
+            for key in (rc.arms if explore else (SPT_REF, SPT_MAIN)):  # the exploratory arms on the first seed, the main pair on all
                 arm, (pre, prefix) = SPT_ARMS[key], pretrained(dname, key, seed)
-                ft_steps = steps if (i == 0 and arm.on_curve) else steps[-1:]
+                ft_steps = steps if (explore and arm.on_curve) else steps[-1:]
                 res = _int_budgets(ctx.unit(f"finetune/{dname}/{key}/seed{seed}", lambda _: finetune_unit(
                     pre, prefix, dom, gv, ft_steps, rc, seed, name=f"{dname} {key} seed {seed}", log=ctx.log)))
                 if i == 0 and arm.on_curve: m["domains"][dname]["arms"][key] = res
                 elif i == 0: m["domains"][dname][key] = dict(delta=arm.delta, domain_start=arm.domain_start, **res)
                 if key in m["domains"][dname]["seeds"]:
-                    m["domains"][dname]["seeds"][key].append(dict(seed=seed, **_pick(res["post_ft"], ("domain_test_bpb", "general_bpb")),
-                                                                  pre_ft_domain_test_bpb=res["pre_ft"]["domain_test_bpb"]))
-                    samples[_arm(dname, key)]["post_ft_domain_test_bpb"].append(res["post_ft"]["domain_test_bpb"])
+                    m["domains"][dname]["seeds"][key].append(dict(seed=seed, **_pick(res["post_ft"], ("domain_test_bpb", "domain_report_bpb", "general_bpb")),
+                                                                  pre_ft_domain_report_bpb=res["pre_ft"]["domain_report_bpb"], forgetting=res["forgetting"]))
+                    samples[_arm(dname, key)]["post_ft_domain_report_bpb"].append(res["post_ft"]["domain_report_bpb"])
                     samples[_arm(dname, key)]["forgetting"].append(res["forgetting"])
     for d in doms:  # R_gain of the main arm over δ = 0, per seed
-        b0, bs = samples[_arm(d, SPT_REF)]["post_ft_domain_test_bpb"], samples[_arm(d, SPT_MAIN)]["post_ft_domain_test_bpb"]
+        b0, bs = samples[_arm(d, SPT_REF)]["post_ft_domain_report_bpb"], samples[_arm(d, SPT_MAIN)]["post_ft_domain_report_bpb"]
         samples[_arm(d, SPT_MAIN)]["r_gain"] = [100 * (x0 - xs) / x0 for x0, xs in zip(b0, bs)]
     for d, dd in m["domains"].items():  # exploratory: the best delta, the compute multiplier, forgetting by delta (first seed)
-        seeds_post = {a: [r["domain_test_bpb"] for r in runs] for a, runs in dd["seeds"].items()}
+        seeds_post = {a: [r["domain_report_bpb"] for r in runs] for a, runs in dd["seeds"].items()}
         dd.update(domain_summary(dd["arms"], budgets, seeds_post if len(ctx.seeds) > 1 else None, main=SPT_MAIN))
     far_k, near_k = SPT_DOMAINS
     fd, nd = m["domains"][far_k], m["domains"][near_k]
     m["law"] = law = _law(fd["arms"], rc, doms[far_k].train.n_tokens, ctx.seed)
     m.update(seeds=fd["seeds"], samples=samples, far_r_gain_main=mean(samples[_arm(far_k, SPT_MAIN)]["r_gain"]),
              near_r_gain_main=mean(samples[_arm(near_k, SPT_MAIN)]["r_gain"]),
-             far_r_gain=fd["r_gain"], near_r_gain=nd["r_gain"], far_best_delta=fd["best_delta"], far_compute_multiplier=fd["compute_multiplier"],
-             turn_forecast_error=law["turn_forecast_error"], b_gap_10pct=law["b_gap"].get(_dkey(law["forecast_delta"])),
-             far_forgetting_best=fd["forgetting"][_dkey(fd["best_delta"])], far_forgetting_npt=fd["forgetting"][SPT_REF])
+             far_best_delta=fd["best_delta"], far_best_delta_by_budget=fd["best_delta_by_budget"], far_compute_multiplier=fd["compute_multiplier"],
+             turn_forecast_error=law["turn_forecast_error"], forecast_verdict=law["forecast_verdict"])
+    bd = [fd["best_delta_by_budget"][str(b)] for b in budgets if str(b) in fd["best_delta_by_budget"]]
+    m["far_best_delta_shrinks"] = bool(len(bd) > 1 and all(x >= y for x, y in zip(bd, bd[1:])) and bd[-1] < bd[0])  # descriptive, seed 0
     for fname, fn in (("post_ft_vs_tokens", plot_post_ft_vs_tokens), ("forgetting", plot_forgetting), ("train_vs_test", plot_train_vs_test),
                       ("pretrain_domain_test", plot_pretrain_domain_test), ("law", plot_law)):
         ctx.save_figure(fn(m), fname)
@@ -307,13 +427,13 @@ def _one_domain(m: dict, domain: str | None):
 
 # %% ../../nbs/spt/04_experiment.ipynb #2c41eb71
 def plot_post_ft_vs_tokens(m: dict):
-    "Best post-finetuning domain test bpb against pretraining tokens, one line per delta, per domain (the paper's Fig. 2)."
+    "Post-finetuning domain bpb (report half) against pretraining tokens, one line per delta, per domain (the paper's Fig. 2)."
     fig, panels = _each_domain(m)
     for ax, dn, dom, col, arms in panels:
         for k, a in arms:
             b = sorted((int(t), v) for t, v in a["budgets"].items())
-            ax.plot([t / 1e6 for t, _ in b], [v["post_ft"]["domain_test_bpb"] for _, v in b], "o-", color=col[k], label=_label(k))
-        ax.set(title=f"{dn} domain: after finetuning", xlabel="pretraining tokens (M)", ylabel="best domain test bpb")
+            ax.plot([t / 1e6 for t, _ in b], [v["post_ft"]["domain_report_bpb"] for _, v in b], "o-", color=col[k], label=_label(k))
+        ax.set(title=f"{dn} domain: after finetuning", xlabel="pretraining tokens (M)", ylabel="domain bpb after finetuning (report half)")
         ax.legend(fontsize=8)
     fig.tight_layout(); return fig
 
@@ -324,11 +444,11 @@ def plot_forgetting(m: dict):
     for ax, dn, dom, col, arms in panels:
         for k, a in arms:
             pre, post = a["pre_ft"], a["post_ft"]
-            ax.annotate("", xy=(post["domain_test_bpb"], post["general_bpb"]), xytext=(pre["domain_test_bpb"], pre["general_bpb"]),
+            ax.annotate("", xy=(post["domain_report_bpb"], post["general_bpb"]), xytext=(pre["domain_report_bpb"], pre["general_bpb"]),
                         arrowprops=dict(arrowstyle="->", color=col[k], alpha=0.6))
-            ax.scatter([pre["domain_test_bpb"]], [pre["general_bpb"]], facecolors="none", edgecolors=[col[k]])
-            ax.scatter([post["domain_test_bpb"]], [post["general_bpb"]], color=col[k], label=_label(k))
-        ax.set(title=f"{dn} domain: pre-FT (open) -> best FT point (filled)", xlabel="domain test bpb", ylabel="general bpb (stdlib val)")
+            ax.scatter([pre["domain_report_bpb"]], [pre["general_bpb"]], facecolors="none", edgecolors=[col[k]])
+            ax.scatter([post["domain_report_bpb"]], [post["general_bpb"]], color=col[k], label=_label(k))
+        ax.set(title=f"{dn} domain: pre-FT (open) -> best FT point (filled)", xlabel="domain bpb (report half)", ylabel="general bpb (stdlib val)")
         ax.legend(fontsize=8)
     fig.tight_layout(); return fig
 

@@ -12,8 +12,9 @@ import numpy as np
 from ..core import expect
 
 # %% auto #0
-__all__ = ['MUENNIGHOFF_R_STAR', 'law_train', 'law_gap', 'law_offset', 'law_test', 'fit_overfitting_law', 'b_gap',
-           'predicted_turn', 'observed_turn', 'effective_data', 'fit_muennighoff', 'muennighoff_test']
+__all__ = ['MUENNIGHOFF_R_STAR', 'law_train', 'law_gap', 'law_offset', 'law_test', 'fit_overfitting_law', 'fit_per_delta',
+           'after_warmup', 'b_gap', 'predicted_turn', 'observed_turn', 'effective_data', 'fit_muennighoff',
+           'muennighoff_test']
 
 # %% ../../nbs/spt/03_laws.ipynb #9f31a151
 def _lsq(residual, inits, bounds=None, seed: int = 0, n_random: int = 16, scale=None, max_nfev: int = 500) -> tuple[np.ndarray, float]:
@@ -104,6 +105,33 @@ def fit_overfitting_law(curves: dict, seed: int = 0) -> dict:
     rmse_test = float(np.sqrt(np.mean((law_test(Ts, ds, p) - tes) ** 2)))
     return dict(params={k: float(v) for k, v in p.items()}, rmse_train=rmse_tr, rmse_gap=rmse_gap, rmse_offset=rmse_off,
                 rmse_test=rmse_test, deltas=sorted(c), units=dict(T="millions of tokens", delta="fraction", loss="bits per byte"))
+
+# %% ../../nbs/spt/03_laws.ipynb #38d9caf0
+def fit_per_delta(curves: dict, seed: int = 0) -> dict:
+    "Fit each delta's curve alone: L_train = A T^b + C, and for delta > 0 the excess gap A_gap T^b_gap (against the delta = 0 curve); delta key -> parameters and RMSEs."
+    c = _curves_array(curves)
+    expect(0.0 in c, "curves", "a delta = 0 curve (the reference for the excess gap)", sorted(c))
+    T0, tr0, te0 = c[0.0]
+    out = {}
+    for d, (T, tr, te) in sorted(c.items()):
+        x, rmse_tr = _lsq(lambda x: np.exp(x[0]) * np.power(T, x[1]) + x[2] - tr, [[0.0, -0.5, float(tr.min())], [1.0, -2.0, float(tr.min()) - 0.5]], seed=seed)
+        row = dict(A_train=float(np.exp(x[0])), b_train=float(x[1]), C_train=float(x[2]), rmse_train=rmse_tr)
+        if d > 0:
+            gap = (te - tr) - np.interp(T, T0, te0 - tr0)
+            y, rmse_gap = _lsq(lambda y: np.exp(y[0]) * np.power(T, y[1]) - gap, [[math.log(max(float(np.abs(gap).mean()), 1e-3)), 0.5]],
+                               bounds=([-20, -3], [10, 3]), seed=seed)
+            row.update(A_gap=float(np.exp(y[0])), b_gap=float(y[1]), rmse_gap=rmse_gap)
+        out[f"{d:g}"] = row
+    return out
+
+# %% ../../nbs/spt/03_laws.ipynb #782bb577
+def after_warmup(curves: dict, min_tokens: float) -> dict:
+    "The curves (delta -> [(tokens, train, test)]) without their points at or below `min_tokens` (the warmup and its transient)."
+    expect(min_tokens >= 0, "min_tokens", ">= 0", min_tokens)
+    out = {d: [r for r in rows if r[0] > min_tokens] for d, rows in curves.items()}
+    short = {d: len(r) for d, r in out.items() if len(r) < 2}
+    expect(not short, "min_tokens", "a cut that leaves every curve at least two points", short)
+    return out
 
 # %% ../../nbs/spt/03_laws.ipynb #cd353699
 def b_gap(delta: float, params: dict) -> float:

@@ -235,8 +235,8 @@ class KeepBest(L.Callback):
 class FinetuneConfig:
     "Domain-only finetuning: a shared `TrainConfig` run over a learning-rate x warmup grid with early stopping; `run_config` sets each run's steps, validation interval, lr and warmup."
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=4, seq_len=256, schedule="constant", weight_decay=1e-7))
-    lrs: tuple = (3e-4, 1e-3, 3e-3)
-    warmups: tuple = (5, 20)
+    lrs: tuple = (7.5e-5, 3e-4, 7.5e-4)   # 0.025, 0.1 and 0.25 of SPTConfig's peak (3e-3), as the paper's grid is of its peak
+    warmups: tuple = (2, 5)
     max_epochs: float = 12.0
     evals_per_epoch: float = 2.0
     patience: int = 4           # validations without improvement before stopping
@@ -305,10 +305,11 @@ def finetune(state: dict | str | Path, model_cfg: ModelConfig | None, domain: Do
 # %% ../../nbs/spt/02_training.ipynb #29b5c314
 def finetune_grid(state: dict | str | Path, model_cfg: ModelConfig | None, domain: DomainData, general_val: TokenizedCorpus | None = None,
                   cfg: FinetuneConfig | None = None, run_dir: str | Path | None = None, **kw) -> dict:
-    "Finetune from `state` over `cfg.lrs x cfg.warmups` (each run in `run_dir/lr<lr>-w<warmup>`); keep the configuration with the lowest domain test bpb and measure it (and the start) fully."
+    "Finetune from `state` over `cfg.lrs x cfg.warmups` (each run in `run_dir/lr<lr>-w<warmup>`); keep the configuration with the lowest domain test bpb and measure it (and the start) on every split, the report split included."
     cfg = cfg or FinetuneConfig()
     model_cfg = model_cfg if model_cfg is not None else cfg.train.model
-    sets = {"domain_train": domain.train, "domain_test": domain.test, **({"general": general_val} if general_val is not None else {})}
+    sets = {"domain_train": domain.train, "domain_test": domain.test, **({"domain_report": domain.report} if domain.report is not None else {}),
+            **({"general": general_val} if general_val is not None else {})}
     state = _load_state(state)
     pre = evaluate_groups(_model_from(model_cfg, state), sets, cfg.train.seq_len)
     runs = [finetune(state, model_cfg, domain, lr, int(w), cfg, start_bpb=pre["domain_test"],
