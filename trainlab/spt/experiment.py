@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from ..core import expect, read_json
+from ..core import expect
 from ..data import TokenizedCorpus, load_corpus, split_corpus
 from ..model import ModelConfig, TinyLM, count_parameters
 from ..train import TrainConfig
@@ -235,7 +235,8 @@ def _int_budgets(res: dict) -> dict:
 def _law(arms: dict, rc: SPTRunConfig, unique: int, seed: int) -> dict:
     "The overfitting law per delta and in its delta-dependent form (and the data-constrained law), fitted on the far domain's pretraining curves after warmup; the forecast of the largest delta's turn, judged only when the fit resolves it."
     raw = {float(a): [(p["tokens"], p["domain_train_bpb"], p["domain_test_bpb"]) for p in v["pretrain_curve"]] for a, v in arms.items()}
-    curves = after_warmup(raw, rc.law_min_tokens())
+    min_tokens = rc.law_min_tokens()
+    curves = after_warmup(raw, min_tokens)
     fit_c = {d: c for d, c in curves.items() if d <= rc.law_max_delta}
     big = max(curves)
     law = fit_overfitting_law(fit_c, seed=seed)
@@ -250,7 +251,7 @@ def _law(arms: dict, rc: SPTRunConfig, unique: int, seed: int) -> dict:
     elif err is None: verdict = "misses: the law forecasts no turn"
     else: verdict = ("hits" if err <= rc.turn_tolerance else "misses") + f": forecast error {err:.0%} (tolerance {rc.turn_tolerance:.0%})"
     mu = fit_muennighoff(fit_c, unique=unique, seed=seed)
-    law.update(per_delta=fit_per_delta(curves, seed=seed), min_tokens=rc.law_min_tokens(), dropped_points=sum(len(raw[d]) - len(curves[d]) for d in raw),
+    law.update(per_delta=fit_per_delta(curves, seed=seed), min_tokens=min_tokens, dropped_points=sum(len(raw[d]) - len(curves[d]) for d in raw),
                b_gap={_dkey(d): b_gap(d, law["params"]) for d in curves if d > 0}, forecast_delta=big,
                predicted_turn_tokens=pred, observed_turn_tokens=obs, turn_effect_bpb=effect, turn_forecast_error=err,
                forecast_judged=verdict.startswith(("hits", "misses")), forecast_verdict=verdict,
@@ -270,19 +271,20 @@ def _setup(rc: SPTRunConfig, domains: Sequence[str] = SPT_DOMAINS) -> tuple:
     for d in doms.values(): rc.check_domain(d)
     return general, gv, doms
 
-# %% ../../nbs/spt/04_experiment.ipynb #6f35f9d2
-def spt_unit_counts(rc: SPTRunConfig, n_seeds: int) -> dict:
-    "Pretraining units and finetuned checkpoints (one grid each) of `reproduce_spt` with `n_seeds` seeds."
-    n_ck, pre, ft = len(rc.pretrain.checkpoint_steps()), 0, 0
+# %% ../../nbs/spt/04_experiment.ipynb #cac23602
+def _spt_plan(rc: SPTRunConfig, n_seeds: int):
+    "The finetuning units of `reproduce_spt` in run order: (seed index, domain, arm key, whether every checkpoint is finetuned)."
     for i in range(n_seeds):
-        keys = set()
         for dname in SPT_DOMAINS:
-            explore = i == 0 and dname in rc.explore_domains
-            for k in (rc.arms if explore else (SPT_REF, SPT_MAIN)):
-                keys.add(k if SPT_ARMS[k].shared else (dname, k))
-                ft += n_ck if (explore and SPT_ARMS[k].on_curve) else 1
-        pre += len(keys)
-    return dict(pretrain=pre, finetune=ft)
+            explore = i == 0 and dname in rc.explore_domains   # the exploratory arms on the first seed, the main pair on all
+            for k in (rc.arms if explore else (SPT_REF, SPT_MAIN)): yield i, dname, k, explore and SPT_ARMS[k].on_curve
+
+# %% ../../nbs/spt/04_experiment.ipynb #2339bb98
+def spt_unit_counts(rc: SPTRunConfig, n_seeds: int) -> dict:
+    "Pretraining units and finetuned checkpoints (one grid each) of `reproduce_spt` with `n_seeds` seeds (the delta = 0 pretraining is shared by the domains)."
+    plan, n_ck = list(_spt_plan(rc, n_seeds)), len(rc.pretrain.checkpoint_steps())
+    return dict(pretrain=len({(i, k if SPT_ARMS[k].shared else (d, k)) for i, d, k, _ in plan}),
+                finetune=sum(n_ck if every else 1 for *_, every in plan))
 
 # %% ../../nbs/spt/04_experiment.ipynb #8ab7703d
 SPT_RUN_BUDGET_S = 55 * 60   # the main run's estimated wall time must fit this (the limit is 60 min on 2 cores; 5 min of margin)
@@ -327,7 +329,7 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
         rows.append(dict(row, r_gain=100 * (b0 - b2) / b0))
         ctx.log(f"pilot seed {seed}: R_gain {rows[-1]['r_gain']:+.2f}%")
     g = [r["r_gain"] for r in rows]
-    pick = pick_seeds(g, float(np.mean(pre_s)), float(np.mean(ft_s)), spt_run_config(False) if not ctx.fast else rc)
+    pick = pick_seeds(g, float(np.mean(pre_s)), float(np.mean(ft_s)), rc)
     return dict(config=ctx.config, domain_card=dom.card(), seeds=rows, r_gain=g, r_gain_mean=mean(g),
                 r_gain_ci95=list(ci_mean(g)) if len(g) >= 2 else None, pretrain_s_mean=float(np.mean(pre_s)), finetune_s_mean=float(np.mean(ft_s)), **pick)
 
@@ -362,21 +364,18 @@ def reproduce_spt(ctx: RunContext) -> dict:
             pre_units[ukey] = ctx.unit(ukey, lambda run_dir: pretrain_unit(run_dir, doms[home], arm, rc.pretrain.replace(seed=seed), general, extra, ctx.progress))
         return pre_units[ukey], ("domain" if home == dname else dname)
 
-    for i, seed in enumerate(ctx.seeds):
-        for dname, dom in doms.items():
-            explore = i == 0 and dname in rc.explore_domains
-            for key in (rc.arms if explore else (SPT_REF, SPT_MAIN)):  # the exploratory arms on the first seed, the main pair on all
-                arm, (pre, prefix) = SPT_ARMS[key], pretrained(dname, key, seed)
-                ft_steps = steps if (explore and arm.on_curve) else steps[-1:]
-                res = _int_budgets(ctx.unit(f"finetune/{dname}/{key}/seed{seed}", lambda _: finetune_unit(
-                    pre, prefix, dom, gv, ft_steps, rc, seed, name=f"{dname} {key} seed {seed}", log=ctx.log)))
-                if i == 0 and arm.on_curve: m["domains"][dname]["arms"][key] = res
-                elif i == 0: m["domains"][dname][key] = dict(delta=arm.delta, domain_start=arm.domain_start, **res)
-                if key in m["domains"][dname]["seeds"]:
-                    m["domains"][dname]["seeds"][key].append(dict(seed=seed, **_pick(res["post_ft"], ("domain_test_bpb", "domain_report_bpb", "general_bpb")),
-                                                                  pre_ft_domain_report_bpb=res["pre_ft"]["domain_report_bpb"], forgetting=res["forgetting"]))
-                    samples[_arm(dname, key)]["post_ft_domain_report_bpb"].append(res["post_ft"]["domain_report_bpb"])
-                    samples[_arm(dname, key)]["forgetting"].append(res["forgetting"])
+    for i, dname, key, every in _spt_plan(rc, len(ctx.seeds)):
+        seed, dom = ctx.seeds[i], doms[dname]
+        arm, (pre, prefix) = SPT_ARMS[key], pretrained(dname, key, seed)
+        res = _int_budgets(ctx.unit(f"finetune/{dname}/{key}/seed{seed}", lambda _: finetune_unit(
+            pre, prefix, dom, gv, steps if every else steps[-1:], rc, seed, name=f"{dname} {key} seed {seed}", log=ctx.log)))
+        if i == 0 and arm.on_curve: m["domains"][dname]["arms"][key] = res
+        elif i == 0: m["domains"][dname][key] = dict(delta=arm.delta, domain_start=arm.domain_start, **res)
+        if key in m["domains"][dname]["seeds"]:
+            m["domains"][dname]["seeds"][key].append(dict(seed=seed, **_pick(res["post_ft"], ("domain_test_bpb", "domain_report_bpb", "general_bpb")),
+                                                          pre_ft_domain_report_bpb=res["pre_ft"]["domain_report_bpb"], forgetting=res["forgetting"]))
+            samples[_arm(dname, key)]["post_ft_domain_report_bpb"].append(res["post_ft"]["domain_report_bpb"])
+            samples[_arm(dname, key)]["forgetting"].append(res["forgetting"])
     for d in doms:  # R_gain of the main arm over δ = 0, per seed
         b0, bs = samples[_arm(d, SPT_REF)]["post_ft_domain_report_bpb"], samples[_arm(d, SPT_MAIN)]["post_ft_domain_report_bpb"]
         samples[_arm(d, SPT_MAIN)]["r_gain"] = [100 * (x0 - xs) / x0 for x0, xs in zip(b0, bs)]
