@@ -28,8 +28,8 @@ from .laws import (law_gap, law_offset, law_test, fit_overfitting_law, fit_per_d
 __all__ = ['SPT_ARMS', 'SPT_MAIN', 'SPT_REF', 'SPT_DOMAINS', 'SPT_CLAIMS', 'SPT_EXPECTED_EFFECT', 'SPT_MIN_SEEDS',
            'SPT_RUN_BUDGET_S', 'SPT_SEEDS', 'SPTArm', 'seeds_needed', 'SPTRunConfig', 'spt_run_config',
            'interp_log_tokens', 'domain_summary', 'pretrain_unit', 'finetune_unit', 'spt_unit_counts', 'pick_seeds',
-           'reproduce_spt_pilot', 'reproduce_spt', 'plot_post_ft_vs_tokens', 'plot_forgetting', 'plot_train_vs_test',
-           'plot_pretrain_domain_test', 'plot_law']
+           'reproduce_spt_pilot', 'plot_post_ft_vs_tokens', 'plot_forgetting', 'plot_train_vs_test',
+           'plot_pretrain_domain_test', 'plot_law', 'plot_paired', 'reproduce_spt', 'reproduce_spt_sweep']
 
 # %% ../../nbs/spt/04_experiment.ipynb #54a8b4a4
 def _dkey(d: float) -> str:
@@ -152,7 +152,7 @@ def spt_run_config(fast: bool = False) -> SPTRunConfig:
                                 batch_size=16, seq_len=256, val_every=50), checkpoint_fracs=(0.25, 0.5, 1.0))
     peak = pre.train.lr
     ft = FinetuneConfig(pre.train.replace(batch_size=4, schedule="constant", weight_decay=1e-7), lrs=tuple(f * peak for f in (0.025, 0.1, 0.25)),
-                        warmups=(2, 5), max_epochs=16.0, evals_per_epoch=2.0, patience=4)
+                        warmups=(5,), max_epochs=16.0, evals_per_epoch=2.0, patience=4)
     return SPTRunConfig(pre, ft)
 
 # %% ../../nbs/spt/04_experiment.ipynb #48ed1d61
@@ -272,17 +272,16 @@ def _setup(rc: SPTRunConfig, domains: Sequence[str] = SPT_DOMAINS) -> tuple:
     return general, gv, doms
 
 # %% ../../nbs/spt/04_experiment.ipynb #cac23602
-def _spt_plan(rc: SPTRunConfig, n_seeds: int):
-    "The finetuning units of `reproduce_spt` in run order: (seed index, domain, arm key, whether every checkpoint is finetuned)."
-    for i in range(n_seeds):
-        for dname in SPT_DOMAINS:
-            explore = i == 0 and dname in rc.explore_domains   # the exploratory arms on the first seed, the main pair on all
-            for k in (rc.arms if explore else (SPT_REF, SPT_MAIN)): yield i, dname, k, explore and SPT_ARMS[k].on_curve
+def _spt_plan(rc: SPTRunConfig, n_seeds: int, sweep: bool = False):
+    "The finetuning units in run order, (seed index, domain, arm key, whether every checkpoint is finetuned): the main pair on every seed and domain, or (`sweep`) every arm on the first seed and the `explore_domains`."
+    for i in range(1 if sweep else n_seeds):
+        for dname in (rc.explore_domains if sweep else SPT_DOMAINS):
+            for k in (rc.arms if sweep else (SPT_REF, SPT_MAIN)): yield i, dname, k, sweep and SPT_ARMS[k].on_curve
 
 # %% ../../nbs/spt/04_experiment.ipynb #2339bb98
-def spt_unit_counts(rc: SPTRunConfig, n_seeds: int) -> dict:
-    "Pretraining units and finetuned checkpoints (one grid each) of `reproduce_spt` with `n_seeds` seeds (the delta = 0 pretraining is shared by the domains)."
-    plan, n_ck = list(_spt_plan(rc, n_seeds)), len(rc.pretrain.checkpoint_steps())
+def spt_unit_counts(rc: SPTRunConfig, n_seeds: int, sweep: bool = False) -> dict:
+    "Pretraining units and finetuned checkpoints (one grid each) of `reproduce_spt` with `n_seeds` seeds, or of `reproduce_spt_sweep` (`sweep`)."
+    plan, n_ck = list(_spt_plan(rc, n_seeds, sweep)), len(rc.pretrain.checkpoint_steps())
     return dict(pretrain=len({(i, k if SPT_ARMS[k].shared else (d, k)) for i, d, k, _ in plan}),
                 finetune=sum(n_ck if every else 1 for *_, every in plan))
 
@@ -336,67 +335,26 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
 # %% ../../nbs/spt/04_experiment.ipynb #c8d230da
 SPT_SEEDS = 8   # the main run's paired seeds: the committed pilot's `seeds_picked` (nbs/results/spt_pilot/metrics.json)
 
-# %% ../../nbs/spt/04_experiment.ipynb #74e4c115
-@register_reproduction("spt", "Specialized pretraining: repeat a scarce domain set at fraction delta inside pretraining, then finetune; vs pretrain-then-finetune.",
-                       claims=SPT_CLAIMS, notebook="spt/05_results.ipynb", default_seeds=SPT_SEEDS,
-                       summary_keys=("far_r_gain_main", "near_r_gain_main", "far_best_delta_by_budget", "far_compute_multiplier", "forecast_verdict"))
-def reproduce_spt(ctx: RunContext) -> dict:
-    "Every arm of the run config on the first seed on `explore_domains` (all checkpoints: the exploratory sweep, figures and law); the pre-registered pair on every seed and domain."
-    rc = spt_run_config(ctx.fast)
-    ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "domain_train_tokens": rc.domain_tokens(), "main_comparison": [SPT_MAIN, SPT_REF],
-                               "arm_specs": {k: asdict(SPT_ARMS[k]) for k in rc.arms}, "model_parameters": count_parameters(TinyLM(rc.pretrain.train.model)),
-                               "unit_counts": spt_unit_counts(rc, len(ctx.seeds))}
-    general, gv, doms = _setup(rc)
-    steps, spb = rc.pretrain.checkpoint_steps(), rc.pretrain.train.batch_size * rc.pretrain.train.seq_len
-    budgets = [s * spb for s in steps]
-    m = {"config": ctx.config, "domain_cards": {k: d.card() for k, d in doms.items()}, "budgets_tokens": budgets,
-         "domains": {k: {"arms": {}, "seeds": {a: [] for a in (SPT_REF, SPT_MAIN)}} for k in doms}}
-    samples = {_arm(d, a): {"post_ft_domain_report_bpb": [], "forgetting": []} for d in doms for a in (SPT_MAIN, SPT_REF)}
-    pre_units = {}
-
+# %% ../../nbs/spt/04_experiment.ipynb #c798c37d
+def _run_units(ctx: RunContext, rc: SPTRunConfig, doms: dict, general, gv, sweep: bool = False) -> list:
+    "Run the units of `_spt_plan` (each resumable): [(seed index, domain, arm key, finetuning record)]; the snapshots are deleted once all have run."
+    steps, pre_units, out = rc.pretrain.checkpoint_steps(), {}, []
     def pretrained(dname: str, key: str, seed: int) -> tuple[dict, str]:
         "The pretraining unit arm `key` x `seed` that domain `dname` finetunes from, and `dname`'s eval group in it."
         arm = SPT_ARMS[key]
-        home = SPT_DOMAINS[0] if arm.shared else dname
+        home = next(iter(doms)) if arm.shared else dname
         ukey = f"pretrain/{home}/{key}/seed{seed}"
         if ukey not in pre_units:
             extra = {k: d for k, d in doms.items() if k != home} if arm.shared else None
             pre_units[ukey] = ctx.unit(ukey, lambda run_dir: pretrain_unit(run_dir, doms[home], arm, rc.pretrain.replace(seed=seed), general, extra, ctx.progress))
         return pre_units[ukey], ("domain" if home == dname else dname)
-
-    for i, dname, key, every in _spt_plan(rc, len(ctx.seeds)):
-        seed, dom = ctx.seeds[i], doms[dname]
-        arm, (pre, prefix) = SPT_ARMS[key], pretrained(dname, key, seed)
-        res = _int_budgets(ctx.unit(f"finetune/{dname}/{key}/seed{seed}", lambda _: finetune_unit(
-            pre, prefix, dom, gv, steps if every else steps[-1:], rc, seed, name=f"{dname} {key} seed {seed}", log=ctx.log)))
-        if i == 0 and arm.on_curve: m["domains"][dname]["arms"][key] = res
-        elif i == 0: m["domains"][dname][key] = dict(delta=arm.delta, domain_start=arm.domain_start, **res)
-        if key in m["domains"][dname]["seeds"]:
-            m["domains"][dname]["seeds"][key].append(dict(seed=seed, **_pick(res["post_ft"], ("domain_test_bpb", "domain_report_bpb", "general_bpb")),
-                                                          pre_ft_domain_report_bpb=res["pre_ft"]["domain_report_bpb"], forgetting=res["forgetting"]))
-            samples[_arm(dname, key)]["post_ft_domain_report_bpb"].append(res["post_ft"]["domain_report_bpb"])
-            samples[_arm(dname, key)]["forgetting"].append(res["forgetting"])
-    for d in doms:  # R_gain of the main arm over δ = 0, per seed
-        b0, bs = samples[_arm(d, SPT_REF)]["post_ft_domain_report_bpb"], samples[_arm(d, SPT_MAIN)]["post_ft_domain_report_bpb"]
-        samples[_arm(d, SPT_MAIN)]["r_gain"] = [100 * (x0 - xs) / x0 for x0, xs in zip(b0, bs)]
-    for d, dd in m["domains"].items():  # exploratory: the best delta, the compute multiplier, forgetting by delta (first seed)
-        seeds_post = {a: [r["domain_report_bpb"] for r in runs] for a, runs in dd["seeds"].items()}
-        dd.update(domain_summary(dd["arms"], budgets, seeds_post if len(ctx.seeds) > 1 else None, main=SPT_MAIN))
-    far_k, near_k = SPT_DOMAINS
-    fd, nd = m["domains"][far_k], m["domains"][near_k]
-    m["law"] = law = _law(fd["arms"], rc, doms[far_k].train.n_tokens, ctx.seed)
-    m.update(seeds=fd["seeds"], samples=samples, far_r_gain_main=mean(samples[_arm(far_k, SPT_MAIN)]["r_gain"]),
-             near_r_gain_main=mean(samples[_arm(near_k, SPT_MAIN)]["r_gain"]),
-             far_best_delta=fd["best_delta"], far_best_delta_by_budget=fd["best_delta_by_budget"], far_compute_multiplier=fd["compute_multiplier"],
-             turn_forecast_error=law["turn_forecast_error"], forecast_verdict=law["forecast_verdict"])
-    bd = [fd["best_delta_by_budget"][str(b)] for b in budgets if str(b) in fd["best_delta_by_budget"]]
-    m["far_best_delta_shrinks"] = bool(len(bd) > 1 and all(x >= y for x, y in zip(bd, bd[1:])) and bd[-1] < bd[0])  # descriptive, seed 0
-    for fname, fn in (("post_ft_vs_tokens", plot_post_ft_vs_tokens), ("forgetting", plot_forgetting), ("train_vs_test", plot_train_vs_test),
-                      ("pretrain_domain_test", plot_pretrain_domain_test), ("law", plot_law)):
-        ctx.save_figure(fn(m), fname)
+    for i, dname, key, every in _spt_plan(rc, len(ctx.seeds), sweep):
+        seed, (pre, prefix) = ctx.seeds[i], pretrained(dname, key, ctx.seeds[i])
+        out.append((i, dname, key, _int_budgets(ctx.unit(f"finetune/{dname}/{key}/seed{seed}", lambda _: finetune_unit(
+            pre, prefix, doms[dname], gv, steps if every else steps[-1:], rc, seed, name=f"{dname} {key} seed {seed}", log=ctx.log)))))
     for u in pre_units.values():  # every finetuning unit is done: the snapshots (MBs each) need not stay in the result folder
         for p in u["snapshots"].values(): shutil.rmtree(Path(p).parent, ignore_errors=True)
-    return m
+    return out
 
 # %% ../../nbs/spt/04_experiment.ipynb #1b6eacab
 def _colors(keys) -> dict:
@@ -499,3 +457,75 @@ def plot_law(m: dict, domain: str | None = None, horizon: float = 5.0):
                 xlabel="pretraining tokens (M)", ylabel="domain test bpb")
     axes[1].set(xscale="log", title="train-test gap (offset + law's gap)", xlabel="pretraining tokens (M)", ylabel="test - train bpb")
     axes[0].legend(fontsize=7); fig.tight_layout(); return fig
+
+# %% ../../nbs/spt/04_experiment.ipynb #cb3606e0
+def plot_paired(m: dict, metric: str = "post_ft_domain_report_bpb"):
+    "The main run's paired seeds: `metric` of delta 0 and delta 2% joined per seed, one panel per domain, with the paired mean difference in the title."
+    fig, axes = plt.subplots(1, len(m["domains"]), figsize=(4.2 * len(m["domains"]), 3.6), squeeze=False)
+    for ax, dn in zip(axes[0], m["domains"]):
+        a, b = (m["samples"][_arm(dn, k)][metric] for k in (SPT_REF, SPT_MAIN))
+        for x0, x1 in zip(a, b): ax.plot([0, 1], [x0, x1], "o-", color="C0" if x1 < x0 else "C3", alpha=0.6)
+        ax.set_xticks([0, 1], [_label(SPT_REF), _label(SPT_MAIN)]); ax.set_xlim(-0.3, 1.3)
+        ax.set(title=f"{dn}: mean diff {np.mean(np.subtract(b, a)):+.4f} ({len(a)} seeds)", ylabel=metric.replace("_", " "))
+    fig.tight_layout(); return fig
+
+# %% ../../nbs/spt/04_experiment.ipynb #7a84b178
+@register_reproduction("spt", "Specialized pretraining: repeat a scarce domain set at fraction delta inside pretraining, then finetune; vs pretrain-then-finetune.",
+                       claims=SPT_CLAIMS, notebook="spt/05_results.ipynb", default_seeds=SPT_SEEDS,
+                       summary_keys=("far_r_gain_main", "near_r_gain_main", "far_forgetting_diff"))
+def reproduce_spt(ctx: RunContext) -> dict:
+    "The pre-registered pair (delta 2% vs 0, final checkpoint) on every seed and domain: per-seed post-finetuning domain bpb, forgetting and R_gain, which the claims judge."
+    rc = spt_run_config(ctx.fast)
+    ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "domain_train_tokens": rc.domain_tokens(), "main_comparison": [SPT_MAIN, SPT_REF],
+                               "model_parameters": count_parameters(TinyLM(rc.pretrain.train.model)), "unit_counts": spt_unit_counts(rc, len(ctx.seeds))}
+    general, gv, doms = _setup(rc)
+    spb = rc.pretrain.train.batch_size * rc.pretrain.train.seq_len
+    m = {"config": ctx.config, "domain_cards": {k: d.card() for k, d in doms.items()}, "budget_tokens": rc.pretrain.checkpoint_steps()[-1] * spb,
+         "domains": {k: {"seeds": {a: [] for a in (SPT_REF, SPT_MAIN)}} for k in doms}}
+    samples = {_arm(d, a): {"post_ft_domain_report_bpb": [], "forgetting": []} for d in doms for a in (SPT_MAIN, SPT_REF)}
+    for i, dname, key, res in _run_units(ctx, rc, doms, general, gv):
+        post = res["post_ft"]
+        m["domains"][dname]["seeds"][key].append(dict(seed=ctx.seeds[i], **_pick(post, ("domain_test_bpb", "domain_report_bpb", "general_bpb", "best_lr", "best_step")),
+                                                      pre_ft_domain_report_bpb=res["pre_ft"]["domain_report_bpb"], forgetting=res["forgetting"]))
+        samples[_arm(dname, key)]["post_ft_domain_report_bpb"].append(post["domain_report_bpb"])
+        samples[_arm(dname, key)]["forgetting"].append(res["forgetting"])
+    for d in doms:  # R_gain of the main arm over delta = 0, per seed
+        b0, bs = samples[_arm(d, SPT_REF)]["post_ft_domain_report_bpb"], samples[_arm(d, SPT_MAIN)]["post_ft_domain_report_bpb"]
+        samples[_arm(d, SPT_MAIN)]["r_gain"] = [100 * (x0 - xs) / x0 for x0, xs in zip(b0, bs)]
+    far_k, near_k = SPT_DOMAINS
+    fg = [a - b for a, b in zip(samples[_arm(far_k, SPT_MAIN)]["forgetting"], samples[_arm(far_k, SPT_REF)]["forgetting"])]
+    m.update(samples=samples, far_r_gain_main=mean(samples[_arm(far_k, SPT_MAIN)]["r_gain"]), near_r_gain_main=mean(samples[_arm(near_k, SPT_MAIN)]["r_gain"]),
+             far_forgetting_diff=mean(fg))
+    ctx.save_figure(plot_paired(m, "post_ft_domain_report_bpb"), "paired_domain_bpb")
+    ctx.save_figure(plot_paired(m, "forgetting"), "paired_forgetting")
+    return m
+
+# %% ../../nbs/spt/04_experiment.ipynb #13cdc1ac
+@register_reproduction("spt_sweep", "Exploratory sweep for spt: every delta and the late upsampling on one seed, finetuned at every checkpoint; the best delta per budget, the compute multiplier and the overfitting law.",
+                       notebook="spt/05_results.ipynb", default_seeds=1,
+                       summary_keys=("far_best_delta_by_budget", "far_compute_multiplier", "far_best_delta_shrinks", "forecast_verdict"))
+def reproduce_spt_sweep(ctx: RunContext) -> dict:
+    "Every arm of the run config on the first seed and the `explore_domains` (every checkpoint of the delta sweep): R_gain by delta, the best delta by budget, the compute multiplier and the law. Exploratory."
+    rc = spt_run_config(ctx.fast)
+    ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "domain_train_tokens": rc.domain_tokens(), "arm_specs": {k: asdict(SPT_ARMS[k]) for k in rc.arms},
+                               "model_parameters": count_parameters(TinyLM(rc.pretrain.train.model)), "unit_counts": spt_unit_counts(rc, 1, sweep=True)}
+    general, gv, doms = _setup(rc, rc.explore_domains)
+    spb = rc.pretrain.train.batch_size * rc.pretrain.train.seq_len
+    budgets = [s * spb for s in rc.pretrain.checkpoint_steps()]
+    m = {"config": ctx.config, "domain_cards": {k: d.card() for k, d in doms.items()}, "budgets_tokens": budgets, "domains": {k: {"arms": {}} for k in doms}}
+    for _, dname, key, res in _run_units(ctx, rc, doms, general, gv, sweep=True):
+        arm, dd = SPT_ARMS[key], m["domains"][dname]
+        if arm.on_curve: dd["arms"][key] = res
+        else: dd[key] = dict(delta=arm.delta, domain_start=arm.domain_start, **res)
+    for dd in m["domains"].values(): dd.update(domain_summary(dd["arms"], budgets, main=SPT_MAIN))
+    far_k = SPT_DOMAINS[0]
+    fd = m["domains"][far_k]
+    m["law"] = law = _law(fd["arms"], rc, doms[far_k].train.n_tokens, ctx.seed)
+    bd = [fd["best_delta_by_budget"][str(b)] for b in budgets if str(b) in fd["best_delta_by_budget"]]
+    m.update(far_best_delta=fd["best_delta"], far_best_delta_by_budget=fd["best_delta_by_budget"], far_compute_multiplier=fd["compute_multiplier"],
+             far_best_delta_shrinks=bool(len(bd) > 1 and all(x >= y for x, y in zip(bd, bd[1:])) and bd[-1] < bd[0]),  # descriptive, one seed
+             turn_forecast_error=law["turn_forecast_error"], forecast_verdict=law["forecast_verdict"])
+    for fname, fn in (("post_ft_vs_tokens", plot_post_ft_vs_tokens), ("forgetting", plot_forgetting), ("train_vs_test", plot_train_vs_test),
+                      ("pretrain_domain_test", plot_pretrain_domain_test), ("law", plot_law)):
+        ctx.save_figure(fn(m), fname)
+    return m
