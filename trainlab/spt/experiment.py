@@ -27,8 +27,8 @@ from .laws import (law_gap, law_offset, law_test, fit_overfitting_law, fit_per_d
 # %% auto #0
 __all__ = ['SPT_ARMS', 'SPT_MAIN', 'SPT_REF', 'SPT_DOMAINS', 'SPT_CLAIMS', 'SPT_EXPECTED_EFFECT', 'SPT_MIN_SEEDS',
            'SPT_RUN_BUDGET_S', 'SPT_SEEDS', 'SPTArm', 'seeds_needed', 'SPTRunConfig', 'spt_run_config',
-           'interp_log_tokens', 'domain_summary', 'pretrain_unit', 'finetune_unit', 'spt_unit_counts', 'pick_seeds',
-           'reproduce_spt_pilot', 'plot_post_ft_vs_tokens', 'plot_forgetting', 'plot_train_vs_test',
+           'interp_log_tokens', 'domain_summary', 'pair_pretrain', 'pretrain_unit', 'finetune_unit', 'spt_unit_counts',
+           'pick_seeds', 'reproduce_spt_pilot', 'plot_post_ft_vs_tokens', 'plot_forgetting', 'plot_train_vs_test',
            'plot_pretrain_domain_test', 'plot_law', 'plot_paired', 'reproduce_spt', 'reproduce_spt_sweep']
 
 # %% ../../nbs/spt/04_experiment.ipynb #54a8b4a4
@@ -197,6 +197,11 @@ def domain_summary(arms: dict, budgets: list, seeds_post: dict | None = None, ma
         out.update(r_gain_by_seed=g, r_gain_mean=float(np.mean(g)))
     return out
 
+# %% ../../nbs/spt/04_experiment.ipynb #3eaafd6c
+def pair_pretrain(rc: SPTRunConfig, seed: int, curves: bool = False) -> SPTConfig:
+    "The pretraining config of one seed: validating only at the end (the pair runs), or every `val_every` steps (`curves`, the sweep)."
+    return rc.pretrain.replace(seed=seed) if curves else rc.pretrain.replace(seed=seed, val_every=rc.pretrain.train.steps)
+
 # %% ../../nbs/spt/04_experiment.ipynb #aa7d291e
 def pretrain_unit(run_dir: str | Path, domain: DomainData, arm: SPTArm, cfg: SPTConfig, general, extra_domains: dict | None = None,
                   progress: bool = False) -> dict:
@@ -317,7 +322,7 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
     for seed in ctx.seeds:
         row = dict(seed=seed)
         for key in (SPT_REF, SPT_MAIN):
-            pre = ctx.unit(f"pretrain/far/{key}/seed{seed}", lambda run_dir: pretrain_unit(run_dir, dom, SPT_ARMS[key], rc.pretrain.replace(seed=seed),
+            pre = ctx.unit(f"pretrain/far/{key}/seed{seed}", lambda run_dir: pretrain_unit(run_dir, dom, SPT_ARMS[key], pair_pretrain(rc, seed),
                                                                                          general, None, ctx.progress))
             ft = ctx.unit(f"finetune/far/{key}/seed{seed}", lambda _: finetune_unit(pre, "domain", dom, gv, final, rc, seed, name=f"pilot far {key} seed {seed}",
                                                                                   log=ctx.log))
@@ -346,7 +351,7 @@ def _run_units(ctx: RunContext, rc: SPTRunConfig, doms: dict, general, gv, sweep
         ukey = f"pretrain/{home}/{key}/seed{seed}"
         if ukey not in pre_units:
             extra = {k: d for k, d in doms.items() if k != home} if arm.shared else None
-            pre_units[ukey] = ctx.unit(ukey, lambda run_dir: pretrain_unit(run_dir, doms[home], arm, rc.pretrain.replace(seed=seed), general, extra, ctx.progress))
+            pre_units[ukey] = ctx.unit(ukey, lambda run_dir: pretrain_unit(run_dir, doms[home], arm, pair_pretrain(rc, seed, curves=sweep), general, extra, ctx.progress))
         return pre_units[ukey], ("domain" if home == dname else dname)
     for i, dname, key, every in _spt_plan(rc, len(ctx.seeds), sweep):
         seed, (pre, prefix) = ctx.seeds[i], pretrained(dname, key, ctx.seeds[i])
