@@ -201,7 +201,8 @@ class MixtureDataModule(L.LightningDataModule):
     "General data plus a domain set repeated at exactly `delta` of the training tokens; grouped evaluation of general and domain sets."
     def __init__(self, domain: DomainData, general="stdlib_code", delta: float = 0.05, num_steps: int = 600, batch_size: int = 16,
                  seq_len: int = 256, domain_start: float = 0.0, max_general_eval_tokens: int | None = 16_384,
-                 eval_general: bool = True, extra_domains: dict | None = None, eval_batch_size: int = 16, seed: int = 0, tokenizer=None):
+                 eval_general: bool = True, extra_domains: dict | None = None, eval_batch_size: int = 16, seed: int = 0, tokenizer=None,
+                 eval_domain_train: bool = True):
         super().__init__()
         expect(isinstance(domain, DomainData), "domain", "a DomainData (see make_domain)", type(domain).__name__, TypeError)
         for k, v in dict(num_steps=num_steps, batch_size=batch_size, seq_len=seq_len, eval_batch_size=eval_batch_size).items():
@@ -212,7 +213,7 @@ class MixtureDataModule(L.LightningDataModule):
         self.num_steps, self.batch_size, self.seq_len, self.eval_batch_size = int(num_steps), int(batch_size), int(seq_len), int(eval_batch_size)
         self.delta, self.domain_start = delta, domain_start
         self.plan = mixture_plan(self.num_steps * self.batch_size, delta, domain_start, seed)  # validates delta, domain_start
-        self.max_general_eval_tokens, self.eval_general = max_general_eval_tokens, bool(eval_general)
+        self.max_general_eval_tokens, self.eval_general, self.eval_domain_train = max_general_eval_tokens, bool(eval_general), bool(eval_domain_train)
         self.extra_domains = dict(extra_domains or {})
         expect(all(isinstance(d, DomainData) for d in self.extra_domains.values()), "extra_domains", "a dict name -> DomainData", self.extra_domains, TypeError)
         self.tokenizer = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
@@ -238,7 +239,8 @@ class MixtureDataModule(L.LightningDataModule):
             self.general_eval = general_eval_set(self.general_val, self.max_general_eval_tokens)
             sets["general"] = self.general_eval
         for name, d in {"domain": self.domain, **self.extra_domains}.items():
-            sets[f"{name}_train"], sets[f"{name}_test"] = d.train, d.test
+            if self.eval_domain_train: sets[f"{name}_train"] = d.train   # the train-vs-test curves; early stopping needs only the test set
+            sets[f"{name}_test"] = d.test
         self._val_ds, self.val_group_names = eval_sets(sets, self.seq_len, self.tokenizer)
 
     def stats(self) -> dict:

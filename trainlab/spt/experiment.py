@@ -211,10 +211,10 @@ def pretrain_unit(run_dir: str | Path, domain: DomainData, arm: SPTArm, cfg: SPT
 
 # %% ../../nbs/spt/04_experiment.ipynb #127bbe66
 def finetune_unit(pre: dict, prefix: str, domain: DomainData, general_eval: TokenizedCorpus, steps: Sequence[int], rc: SPTRunConfig, seed: int,
-                  name: str = "", log=print) -> dict:
+                  name: str = "", log=print, curves: bool = True) -> dict:
     "Finetune the snapshots of pretraining unit `pre` at `steps` on `domain` (its eval group there: `prefix`); per budget (tokens) the grid's best point, and the final one's."
     # no run_dir: a grid point trains for seconds, and checkpointing it at every validation would cost about a quarter of that; an unfinished unit reruns whole
-    spb, cfg = rc.pretrain.train.batch_size * rc.pretrain.train.seq_len, rc.finetune.replace(seed=seed)
+    spb, cfg = rc.pretrain.train.batch_size * rc.pretrain.train.seq_len, rc.finetune.replace(seed=seed, curves=curves)
     res = dict(mixture=pre["mixture"] if prefix == "domain" else None, wall_s=pre["wall_s"], train_s=pre["train_s"],
                pretrain_curve=[dict(tokens=t, domain_train_bpb=a, domain_test_bpb=b) for t, a, b in _curve_rows(pre["val"], prefix)],
                general_curve=[dict(tokens=v["tokens"], general_bpb=v["val/general_bpb"]) for v in pre["val"] if "val/general_bpb" in v],
@@ -325,7 +325,7 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
             pre = ctx.unit(f"pretrain/far/{key}/seed{seed}", lambda run_dir: pretrain_unit(run_dir, dom, SPT_ARMS[key], pair_pretrain(rc, seed),
                                                                                          general, None, ctx.progress))
             ft = ctx.unit(f"finetune/far/{key}/seed{seed}", lambda _: finetune_unit(pre, "domain", dom, gv, final, rc, seed, name=f"pilot far {key} seed {seed}",
-                                                                                  log=ctx.log))
+                                                                                  log=ctx.log, curves=False))
             row[key] = dict(_pick(ft["post_ft"], ("domain_test_bpb", "domain_report_bpb", "general_bpb", "best_lr", "best_warmup", "best_step")),
                             forgetting=ft["forgetting"], pretrain_s=pre["wall_s"], finetune_s=ft["finetune_s"])
             pre_s.append(pre["wall_s"]); ft_s.append(ft["finetune_s"])
@@ -356,7 +356,7 @@ def _run_units(ctx: RunContext, rc: SPTRunConfig, doms: dict, general, gv, sweep
     for i, dname, key, every in _spt_plan(rc, len(ctx.seeds), sweep):
         seed, (pre, prefix) = ctx.seeds[i], pretrained(dname, key, ctx.seeds[i])
         out.append((i, dname, key, _int_budgets(ctx.unit(f"finetune/{dname}/{key}/seed{seed}", lambda _: finetune_unit(
-            pre, prefix, doms[dname], gv, steps if every else steps[-1:], rc, seed, name=f"{dname} {key} seed {seed}", log=ctx.log)))))
+            pre, prefix, doms[dname], gv, steps if every else steps[-1:], rc, seed, name=f"{dname} {key} seed {seed}", log=ctx.log, curves=sweep)))))
     for u in pre_units.values():  # every finetuning unit is done: the snapshots (MBs each) need not stay in the result folder
         for p in u["snapshots"].values(): shutil.rmtree(Path(p).parent, ignore_errors=True)
     return out

@@ -240,6 +240,7 @@ class FinetuneConfig:
     max_epochs: float = 12.0
     evals_per_epoch: float = 2.0
     patience: int = 4           # validations without improvement before stopping
+    curves: bool = True         # also measure the domain train bpb at every validation (the train-vs-test figure); early stopping needs only the test set
 
     def __post_init__(self):
         self.train = _as_train(self.train)
@@ -292,7 +293,8 @@ def finetune(state: dict | str | Path, model_cfg: ModelConfig | None, domain: Do
     state = _load_state(state)
     expect(lr > 0, "lr", "> 0", lr); expect(isinstance(warmup, (int, np.integer)) and warmup >= 0, "warmup", "an int >= 0", warmup)
     t, spe = cfg.run_config(domain, lr, warmup, model_cfg), cfg.steps_per_epoch(domain)
-    dm = MixtureDataModule(domain, general=None, delta=1.0, num_steps=t.steps, batch_size=t.batch_size, seq_len=t.seq_len, eval_general=False, seed=t.seed)
+    dm = MixtureDataModule(domain, general=None, delta=1.0, num_steps=t.steps, batch_size=t.batch_size, seq_len=t.seq_len, eval_general=False,
+                           eval_domain_train=cfg.curves, seed=t.seed)
     best = KeepBest("val/domain_test_bpb", start_bpb)
     stop = EarlyStopping(monitor="val/domain_test_bpb", mode="min", patience=cfg.patience, check_on_train_epoch_end=False)
     t0 = time.perf_counter()
