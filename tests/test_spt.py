@@ -352,3 +352,36 @@ def test_ddp_two_processes_pretrain_and_finetune(domain, general, tmp_path):
                    strategy="ddp_spawn")
     assert out["metrics"]["train/world"] == 2 and math.isfinite(out["metrics"]["val/domain_test_bpb"])
     assert "val/general_bpb" not in out["metrics"]  # finetuning validates on the two small domain sets only
+
+
+def _committed(name):
+    from pathlib import Path
+    from trainlab.core import read_json
+    return read_json(Path(__file__).parents[1] / f"nbs/results/{name}/metrics.json")
+
+
+def test_main_run_follows_the_committed_pilot():
+    "The pilot measured today's design, and the main run's seed count is its pick (fixed before the main run)."
+    from dataclasses import asdict
+    from trainlab.spt import SPT_SEEDS, SPT_EXPECTED_EFFECT, pick_seeds, seeds_needed
+    from trainlab.stats import std
+    p = _committed("spt_pilot")
+    import json
+    rc = json.loads(json.dumps(asdict(spt_run_config())))  # tuples as the JSON file has them
+    assert {k: p["config"][k] for k in rc} == rc  # the pilot ran the current run config
+    assert p["seeds_needed"] == seeds_needed(std(p["r_gain"]), SPT_EXPECTED_EFFECT)
+    assert p == p | pick_seeds(p["r_gain"], p["pretrain_s_mean"], p["finetune_s_mean"], spt_run_config())  # the pick follows the rule in code
+    assert SPT_SEEDS == p["seeds_picked"]
+
+
+def test_committed_claims_recompute_from_their_samples():
+    "Every committed claim of the main run is what its per-seed samples give; R_gain is the paired relative gain of those samples."
+    m = _committed("spt")
+    if "samples" not in m: pytest.skip("the main run of the second edition (trainlab reproduce spt) is not committed yet; nbs/results/spt holds the first edition")
+    assert [c["name"] for c in m["claims"]] == [c.name for c in SPT_CLAIMS]
+    for c, rec in zip(SPT_CLAIMS, m["claims"]):
+        assert rec == pytest.approx(c.judge(m["samples"]), rel=1e-9)
+    for d in SPT_DOMAINS:
+        b0, b2 = (m["samples"][f"{d}/{a}"]["post_ft_domain_report_bpb"] for a in (SPT_REF, SPT_MAIN))
+        assert m["samples"][f"{d}/{SPT_MAIN}"]["r_gain"] == pytest.approx([100 * (x - y) / x for x, y in zip(b0, b2)])
+        assert [r["seed"] for r in m["domains"][d]["seeds"][SPT_MAIN]] == [r["seed"] for r in m["domains"][d]["seeds"][SPT_REF]]  # paired

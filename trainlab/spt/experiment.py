@@ -338,7 +338,7 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
                 r_gain_ci95=list(ci_mean(g)) if len(g) >= 2 else None, pretrain_s_mean=float(np.mean(pre_s)), finetune_s_mean=float(np.mean(ft_s)), **pick)
 
 # %% ../../nbs/spt/04_experiment.ipynb #c8d230da
-SPT_SEEDS = 8   # the main run's paired seeds: the committed pilot's `seeds_picked` (nbs/results/spt_pilot/metrics.json)
+SPT_SEEDS = 6   # the main run's paired seeds: the committed pilot's `seeds_picked` (nbs/results/spt_pilot/metrics.json)
 
 # %% ../../nbs/spt/04_experiment.ipynb #c798c37d
 def _run_units(ctx: RunContext, rc: SPTRunConfig, doms: dict, general, gv, sweep: bool = False) -> list:
