@@ -318,7 +318,7 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
     dom, final = doms["far"], rc.pretrain.checkpoint_steps()[-1:]
     ctx.config = asdict(rc) | {"threads": torch.get_num_threads(), "domain_train_tokens": rc.domain_tokens(), "pair": [SPT_MAIN, SPT_REF],
                                "expected_effect": SPT_EXPECTED_EFFECT, "min_seeds": SPT_MIN_SEEDS, "budget_s": SPT_RUN_BUDGET_S}
-    rows, pre_s, ft_s = [], [], []
+    rows, pre_s, ft_s, units = [], [], [], []
     for seed in ctx.seeds:
         row = dict(seed=seed)
         for key in (SPT_REF, SPT_MAIN):
@@ -328,10 +328,12 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
                                                                                   log=ctx.log, curves=False))
             row[key] = dict(_pick(ft["post_ft"], ("domain_test_bpb", "domain_report_bpb", "general_bpb", "best_lr", "best_warmup", "best_step")),
                             forgetting=ft["forgetting"], pretrain_s=pre["wall_s"], finetune_s=ft["finetune_s"])
-            pre_s.append(pre["wall_s"]); ft_s.append(ft["finetune_s"])
+            pre_s.append(pre["wall_s"]); ft_s.append(ft["finetune_s"]); units.append(pre)
         b0, b2 = row[SPT_REF]["domain_report_bpb"], row[SPT_MAIN]["domain_report_bpb"]
         rows.append(dict(row, r_gain=100 * (b0 - b2) / b0))
         ctx.log(f"pilot seed {seed}: R_gain {rows[-1]['r_gain']:+.2f}%")
+    for u in units:  # every unit is done: the snapshots (MBs each) need not stay in the result folder
+        for p in u["snapshots"].values(): shutil.rmtree(Path(p).parent, ignore_errors=True)
     g = [r["r_gain"] for r in rows]
     pick = pick_seeds(g, float(np.mean(pre_s)), float(np.mean(ft_s)), rc)
     return dict(config=ctx.config, domain_card=dom.card(), seeds=rows, r_gain=g, r_gain_mean=mean(g),
