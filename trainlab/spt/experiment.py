@@ -202,6 +202,12 @@ def pair_pretrain(rc: SPTRunConfig, seed: int, curves: bool = False) -> SPTConfi
     "The pretraining config of one seed: validating only at the end (the pair runs), or every `val_every` steps (`curves`, the sweep)."
     return rc.pretrain.replace(seed=seed) if curves else rc.pretrain.replace(seed=seed, val_every=rc.pretrain.train.steps)
 
+# %% ../../nbs/spt/04_experiment.ipynb #9623d1ba
+def _drop_snapshots(units) -> None:
+    "Delete the snapshot folders of finished pretraining units: every finetuning has read them, and they are MBs each in the result folder."
+    for u in units:
+        for p in u["snapshots"].values(): shutil.rmtree(Path(p).parent, ignore_errors=True)
+
 # %% ../../nbs/spt/04_experiment.ipynb #aa7d291e
 def pretrain_unit(run_dir: str | Path, domain: DomainData, arm: SPTArm, cfg: SPTConfig, general, extra_domains: dict | None = None,
                   progress: bool = False) -> dict:
@@ -332,8 +338,7 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
         b0, b2 = row[SPT_REF]["domain_report_bpb"], row[SPT_MAIN]["domain_report_bpb"]
         rows.append(dict(row, r_gain=100 * (b0 - b2) / b0))
         ctx.log(f"pilot seed {seed}: R_gain {rows[-1]['r_gain']:+.2f}%")
-    for u in units:  # every unit is done: the snapshots (MBs each) need not stay in the result folder
-        for p in u["snapshots"].values(): shutil.rmtree(Path(p).parent, ignore_errors=True)
+    _drop_snapshots(units)
     g = [r["r_gain"] for r in rows]
     pick = pick_seeds(g, float(np.mean(pre_s)), float(np.mean(ft_s)), rc)
     return dict(config=ctx.config, domain_card=dom.card(), seeds=rows, r_gain=g, r_gain_mean=mean(g),
@@ -359,8 +364,7 @@ def _run_units(ctx: RunContext, rc: SPTRunConfig, doms: dict, general, gv, sweep
         seed, (pre, prefix) = ctx.seeds[i], pretrained(dname, key, ctx.seeds[i])
         out.append((i, dname, key, _int_budgets(ctx.unit(f"finetune/{dname}/{key}/seed{seed}", lambda _: finetune_unit(
             pre, prefix, doms[dname], gv, steps if every else steps[-1:], rc, seed, name=f"{dname} {key} seed {seed}", log=ctx.log, curves=sweep)))))
-    for u in pre_units.values():  # every finetuning unit is done: the snapshots (MBs each) need not stay in the result folder
-        for p in u["snapshots"].values(): shutil.rmtree(Path(p).parent, ignore_errors=True)
+    _drop_snapshots(pre_units.values())
     return out
 
 # %% ../../nbs/spt/04_experiment.ipynb #1b6eacab
