@@ -13,7 +13,7 @@ __all__ = ['SPT_TRAINER_KW', 'MUENNIGHOFF_R_STAR', 'SPT_ARMS', 'SPT_MAIN', 'SPT_
            'plot_forgetting', 'plot_train_vs_test', 'plot_pretrain_domain_test', 'plot_law', 'fit_per_delta',
            'after_warmup', 'SPT_EXPECTED_EFFECT', 'SPT_MIN_SEEDS', 'SPT_RUN_BUDGET_S', 'SPT_SEEDS', 'seeds_needed',
            'spt_unit_counts', 'pick_seeds', 'reproduce_spt_pilot', 'reproduce_spt_sweep', 'plot_paired',
-           'pair_pretrain']
+           'pair_pretrain', 'r_gain']
 
 # %% ../../nbs/spt/00_spt.ipynb #a21d359d
 from .domains import (DomainData, make_domain, mixture_plan, MixtureDataset, GlobalBatchSampler, general_eval_set, GroupTagged,
@@ -28,7 +28,7 @@ from .experiment import (SPTArm, SPT_ARMS, SPT_MAIN, SPT_REF, SPT_DOMAINS, SPT_C
                                      SPTRunConfig, spt_run_config,
                                      interp_log_tokens, domain_summary, pretrain_unit, finetune_unit, reproduce_spt, reproduce_spt_sweep,
                                      plot_post_ft_vs_tokens, plot_forgetting, plot_train_vs_test, plot_pretrain_domain_test, plot_law,
-                                     plot_paired, pair_pretrain)
+                                     plot_paired, pair_pretrain, r_gain)
 
 # %% ../../nbs/spt/00_spt.ipynb #a0f0ba14
 _all_ = ["SPT_TRAINER_KW", "MUENNIGHOFF_R_STAR", "SPT_ARMS", "SPT_MAIN", "SPT_REF", "SPT_DOMAINS", "SPT_CLAIMS", "DomainData",
@@ -40,4 +40,4 @@ _all_ = ["SPT_TRAINER_KW", "MUENNIGHOFF_R_STAR", "SPT_ARMS", "SPT_MAIN", "SPT_RE
          "domain_summary", "pretrain_unit", "finetune_unit", "reproduce_spt", "plot_post_ft_vs_tokens",
          "plot_forgetting", "plot_train_vs_test", "plot_pretrain_domain_test", "plot_law",
          "fit_per_delta", "after_warmup", "SPT_EXPECTED_EFFECT", "SPT_MIN_SEEDS", "SPT_RUN_BUDGET_S", "SPT_SEEDS", "seeds_needed",
-         "spt_unit_counts", "pick_seeds", "reproduce_spt_pilot", "reproduce_spt_sweep", "plot_paired", "pair_pretrain"]
+         "spt_unit_counts", "pick_seeds", "reproduce_spt_pilot", "reproduce_spt_sweep", "plot_paired", "pair_pretrain", "r_gain"]

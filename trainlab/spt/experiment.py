@@ -27,9 +27,10 @@ from .laws import (law_gap, law_offset, law_test, fit_overfitting_law, fit_per_d
 # %% auto #0
 __all__ = ['SPT_ARMS', 'SPT_MAIN', 'SPT_REF', 'SPT_DOMAINS', 'SPT_CLAIMS', 'SPT_EXPECTED_EFFECT', 'SPT_MIN_SEEDS',
            'SPT_RUN_BUDGET_S', 'SPT_SEEDS', 'SPTArm', 'seeds_needed', 'SPTRunConfig', 'spt_run_config',
-           'interp_log_tokens', 'domain_summary', 'pair_pretrain', 'pretrain_unit', 'finetune_unit', 'spt_unit_counts',
-           'pick_seeds', 'reproduce_spt_pilot', 'plot_post_ft_vs_tokens', 'plot_forgetting', 'plot_train_vs_test',
-           'plot_pretrain_domain_test', 'plot_law', 'plot_paired', 'reproduce_spt', 'reproduce_spt_sweep']
+           'interp_log_tokens', 'r_gain', 'domain_summary', 'pair_pretrain', 'pretrain_unit', 'finetune_unit',
+           'spt_unit_counts', 'pick_seeds', 'reproduce_spt_pilot', 'plot_post_ft_vs_tokens', 'plot_forgetting',
+           'plot_train_vs_test', 'plot_pretrain_domain_test', 'plot_law', 'plot_paired', 'reproduce_spt',
+           'reproduce_spt_sweep']
 
 # %% ../../nbs/spt/04_experiment.ipynb #54a8b4a4
 def _dkey(d: float) -> str:
@@ -176,6 +177,11 @@ def interp_log_tokens(tokens: Sequence[float], values: Sequence[float], target: 
             return float(np.exp(np.log(t[i - 1]) + f * (np.log(t[i]) - np.log(t[i - 1]))))
     return None
 
+# %% ../../nbs/spt/04_experiment.ipynb #05dcdda1
+def r_gain(b0: float, b: float) -> float:
+    "R_gain (%) of an arm with post-finetuning domain bpb `b` over delta = 0's `b0`: 100 (b0 - b) / b0."
+    return 100 * (b0 - b) / b0
+
 # %% ../../nbs/spt/04_experiment.ipynb #0f44c594
 def domain_summary(arms: dict, budgets: list, seeds_post: dict | None = None, main: str = SPT_MAIN, metric: str = "domain_report_bpb") -> dict:
     "R_gain per delta, forgetting, the best delta per budget (exploratory) and the compute multiplier along `main`'s curve, from arms[delta]['budgets'][tokens]['post_ft'][metric]; per seed, `main` vs 0."
@@ -183,7 +189,7 @@ def domain_summary(arms: dict, budgets: list, seeds_post: dict | None = None, ma
     post = lambda a, b: arms[a]["budgets"][b]["post_ft"][metric]
     spt = [a for a in arms if float(a) > 0]
     base = post(SPT_REF, final)
-    gains = {a: 100 * (base - post(a, final)) / base for a in spt}
+    gains = {a: r_gain(base, post(a, final)) for a in spt}
     best = min(spt, key=lambda a: post(a, final))
     shared = [b for b in budgets if all(b in a["budgets"] for a in arms.values())]
     out = dict(metric=metric, best_delta=float(best), r_gain=gains[best], r_gain_by_delta=gains, forgetting={a: arms[a]["forgetting"] for a in arms},
@@ -193,7 +199,7 @@ def domain_summary(arms: dict, budgets: list, seeds_post: dict | None = None, ma
     out.update(compute_multiplier_delta=float(main), compute_multiplier=None if t_match is None else final / t_match,
                compute_multiplier_is_lower_bound=bool(t_match is not None and t_match == mb[0] and post(main, mb[0]) < base))
     if seeds_post:  # delta -> [post-FT domain bpb per seed] at the final budget
-        g = [100 * (b0 - bs) / b0 for b0, bs in zip(seeds_post[SPT_REF], seeds_post[main])]
+        g = [r_gain(b0, bs) for b0, bs in zip(seeds_post[SPT_REF], seeds_post[main])]
         out.update(r_gain_by_seed=g, r_gain_mean=float(np.mean(g)))
     return out
 
@@ -336,7 +342,7 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
                             forgetting=ft["forgetting"], pretrain_s=pre["wall_s"], finetune_s=ft["finetune_s"])
             pre_s.append(pre["wall_s"]); ft_s.append(ft["finetune_s"]); units.append(pre)
         b0, b2 = row[SPT_REF]["domain_report_bpb"], row[SPT_MAIN]["domain_report_bpb"]
-        rows.append(dict(row, r_gain=100 * (b0 - b2) / b0))
+        rows.append(dict(row, r_gain=r_gain(b0, b2)))
         ctx.log(f"pilot seed {seed}: R_gain {rows[-1]['r_gain']:+.2f}%")
     _drop_snapshots(units)
     g = [r["r_gain"] for r in rows]
@@ -502,7 +508,7 @@ def reproduce_spt(ctx: RunContext) -> dict:
         samples[_arm(dname, key)]["forgetting"].append(res["forgetting"])
     for d in doms:  # R_gain of the main arm over delta = 0, per seed
         b0, bs = samples[_arm(d, SPT_REF)]["post_ft_domain_report_bpb"], samples[_arm(d, SPT_MAIN)]["post_ft_domain_report_bpb"]
-        samples[_arm(d, SPT_MAIN)]["r_gain"] = [100 * (x0 - xs) / x0 for x0, xs in zip(b0, bs)]
+        samples[_arm(d, SPT_MAIN)]["r_gain"] = [r_gain(x0, xs) for x0, xs in zip(b0, bs)]
     far_k, near_k = SPT_DOMAINS
     fg = [a - b for a, b in zip(samples[_arm(far_k, SPT_MAIN)]["forgetting"], samples[_arm(far_k, SPT_REF)]["forgetting"])]
     m.update(samples=samples, far_r_gain_main=mean(samples[_arm(far_k, SPT_MAIN)]["r_gain"]), near_r_gain_main=mean(samples[_arm(near_k, SPT_MAIN)]["r_gain"]),
