@@ -48,6 +48,41 @@ def test_quarto_config_is_the_root_file_through_a_symlink():
     assert "keep-md: true" in (ROOT / "_quarto.yml").read_text()
 
 
+def test_sidebar_lists_every_notebook_once_under_titled_sections():
+    import yaml
+    assert "custom_sidebar = True" in (ROOT / "settings.ini").read_text()  # else nbdev_docs regenerates it with folder names
+    contents = yaml.safe_load((ROOT / "nbs" / "sidebar.yml").read_text())["website"]["sidebar"]["contents"]
+    listed, sections = [], []
+    for x in contents:
+        if isinstance(x, str): listed.append(x)
+        else: sections.append(x["section"]); listed += x["contents"]
+    nbs = sorted(str(p.relative_to(ROOT / "nbs")) for p in (ROOT / "nbs").rglob("*.ipynb")
+                 if not any(part.startswith((".", "_")) for part in p.relative_to(ROOT / "nbs").parts))
+    assert sorted(listed) == nbs and len(listed) == len(set(listed))
+    assert all(s[0].isupper() for s in sections), sections
+
+
+def test_markdown_backticks_link_only_to_anchors_the_site_has():
+    "nbdev links a backticked indexed name; pandoc drops a heading id's leading underscore and no method has its own heading here,"
+    "so private names and Class.member references are written as double-backtick spans, which nbdev does not link."
+    import json
+    from nbdev.doclinks import NbdevLookup
+    look, bad = NbdevLookup(), []
+    for p in sorted((ROOT / "nbs").rglob("*.ipynb")):
+        for c in json.loads(p.read_text())["cells"]:
+            if c["cell_type"] != "markdown": continue
+            fence = False
+            for line in "".join(c["source"]).split("\n"):
+                if line.startswith("```"): fence = not fence; continue
+                if fence or line.startswith("    "): continue
+                for m in re.finditer(r"(?<!`)`([^`\s]+?)`(?!`)", line):
+                    s = m.group(1).removesuffix("()")
+                    parts = s.split(".")
+                    if look.doc(s) and (any(x.startswith("_") for x in parts) or (len(parts) > 1 and parts[0] != "trainlab")):
+                        bad.append(f"{p.relative_to(ROOT)}: {m.group(0)}")
+    assert not bad, bad
+
+
 def test_readme_results_table_is_generated_from_committed_results():
     from trainlab.reproduce import results_table
     table = results_table(ROOT / "nbs" / "results")
