@@ -83,6 +83,18 @@ def test_markdown_backticks_link_only_to_anchors_the_site_has():
     assert not bad, bad
 
 
+def test_signature_comments_carry_no_markdown():
+    "nbdev's docments put parameter comments into the rendered signature block, where a linked `name` shows as a raw markdown link."
+    import ast
+    bad = []
+    for f in sorted((ROOT / "trainlab").rglob("*.py")):
+        lines = f.read_text().split("\n")
+        for n in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.body:
+                bad += [f"{f.name}:{i + 1}" for i in range(n.lineno - 1, n.body[0].lineno - 1) if "#" in lines[i] and "`" in lines[i].split("#", 1)[1]]
+    assert not bad, bad
+
+
 def test_readme_results_table_is_generated_from_committed_results():
     from trainlab.reproduce import results_table
     table = results_table(ROOT / "nbs" / "results")

@@ -67,7 +67,7 @@ def encode_array(tok, text: str) -> np.ndarray:
 class ByteTokenizer(Tokenizer):
     "UTF-8 bytes as tokens: ids 0..255 are bytes, 256 is EOT, 257 is PAD (vocab 258)."
     name, vocab_size, eot_id, pad_id = "byte", 258, 256, 257
-    def __init__(self, eot_marker: str = "<|eot|>"):  # how `decode` renders EOT
+    def __init__(self, eot_marker: str = "<|eot|>"):  # how decode renders EOT
         self.eot_marker = eot_marker
         bl = torch.ones(self.vocab_size, dtype=torch.long); bl[self.pad_id] = 0  # EOT: 1 byte (a separator), PAD: 0
         self.byte_lengths = bl

@@ -75,7 +75,7 @@ def _check_bucket_range(min_log2, max_log2):
     expect(max_log2 >= min_log2, "max_log2", f">= min_log2={min_log2}", max_log2)
 
 # %% ../../nbs/curriculum/01_decompose.ipynb #c0aca34d
-def decompose(docs, # a `TokenizedCorpus` or a sequence of token sequences (only their lengths matter)
+def decompose(docs, # a TokenizedCorpus or a sequence of token sequences (only their lengths matter)
               min_log2: int = 5, # shortest bucket: 2**min_log2 tokens; shorter remainders are dropped
               max_log2: int = 10, # longest bucket
               randomize: bool = True, # split over-long remainders at random lengths (P(k) ~ 2**(max-k)); else at the longest

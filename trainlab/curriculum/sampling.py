@@ -99,7 +99,7 @@ class DDBatchSampler(Sampler):
     "Algorithm 1 as a batch sampler over a `DDDataset`: fixed tokens per step, one bucket per step, seeded, DDP-correct."
     def __init__(self, buckets: Buckets, tokens_per_step: int, num_steps: int, curriculum="uniform", cycles: int = 1,
                  seed: int = 0, weighting: str = "odds", rank: int | None = None, world_size: int | None = None,
-                 pool: Sequence[int] | None = None, # items to draw from per bucket (default: its pieces); see `VarChunkDataset`
+                 pool: Sequence[int] | None = None, # items to draw from per bucket (default: its pieces); see VarChunkDataset
                 ):
         expect(isinstance(buckets, Buckets), "buckets", "a Buckets decomposition", type(buckets).__name__, TypeError)
         longest = 2 ** buckets.max_log2

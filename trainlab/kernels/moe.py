@@ -197,15 +197,15 @@ def _lowp(x, *ws) -> bool:
     return (x.is_cuda and not interpreting(_grouped_mm_kernel) and x.dtype in (torch.float16, torch.bfloat16)
             and all(w.dtype == x.dtype for w in ws))
 
-def grouped_mm(x: torch.Tensor, # [rows, K] (rows gathered through `x_idx`, else the sorted rows themselves)
-               w_kn: torch.Tensor, # [E, K, N], any strides (e.g. `w_in.transpose(1, 2)`)
+def grouped_mm(x: torch.Tensor, # [rows, K] (rows gathered through x_idx, else the sorted rows themselves)
+               w_kn: torch.Tensor, # [E, K, N], any strides (e.g. w_in.transpose(1, 2))
                rt: ExpertRouting,
                out_rows: int, # rows of the output (N pairs when scattering)
                out_dtype: torch.dtype,
                cdt: torch.dtype = torch.float32, # compute dtype: fp32, or fp64
                x_idx: torch.Tensor | None = None, # [R] int32 row of x for each sorted row
                y_idx: torch.Tensor | None = None, # [R] int32 output row for each sorted row
-               act: int = 0, # 0: none; 1: silu (stores pre-activations if `store_a`); 2: multiply by silu'(a)
+               act: int = 0, # 0: none; 1: silu (stores pre-activations if store_a); 2: multiply by silu'(a)
                a: torch.Tensor | None = None, # [R, N] pre-activations (read for act=2)
                store_a: bool = False, lowp: bool = False):
     "Launch `_grouped_mm_kernel`: `Y[dst(r)] = act(X[src(r)] @ W[e_r])`; returns `(Y, A)` (A: pre-activations or None)."
@@ -523,7 +523,7 @@ def _active_runs(active: list) -> list:
 
 # %% ../../nbs/kernels/20_moe_experts.ipynb #ee332ceb
 def chunk_sparse_ffn_packed(x: torch.Tensor, # [T, d] the tokens of one chunk
-                            packed: PackedExperts, # the expert weights, from `pack_experts`
+                            packed: PackedExperts, # the expert weights, from pack_experts
                             scores: torch.Tensor, # [T, E] router scores, exactly 0 for inactive experts
                            ) -> torch.Tensor:
     "`chunk_sparse_ffn` for serving: prepacked weights, no argument checks, no weight copies, only the union's blocks read; returns `x.dtype`."
@@ -555,7 +555,7 @@ def bench_chunk_sparse_cpu(x: torch.Tensor, # [T, d] a chunk of tokens (CPU)
                            repeats: int = 100, # timed calls of each path (one each per repeat, interleaved)
                            threads: int = 1, # torch threads during the measurement (restored afterwards)
                            warmup: int = 10, # untimed calls of each path first
-                           compare_old: bool = False, # also time `chunk_sparse_ffn(impl='torch')`, which gathers weights per call
+                           compare_old: bool = False, # also time chunk_sparse_ffn(impl='torch'), which gathers weights per call
                           ) -> dict:
     "CPU times (us) of a dense FFN of equal total width and of `chunk_sparse_ffn_packed` (packed once, untimed), interleaved in one run, with a 95% CI of their ratio."
     from trainlab.stats import ci_ratio  # scipy: imported only when benchmarking

@@ -251,8 +251,8 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_close_3way(out: torch.Tensor, # the kernel's result (e.g. bf16)
                       ref: torch.Tensor, # the upcast reference (fp32, or fp64)
-                      base: torch.Tensor, # plain PyTorch in `out`'s dtype
-                      atol: float | None = None, # default: `default_tol(out.dtype)["atol"]`
+                      base: torch.Tensor, # plain PyTorch in out's dtype
+                      atol: float | None = None, # default: default_tol(out.dtype)["atol"]
                       name: str = "output"):
     "Flash-attention's rule `err(out) <= 2 * err(base) + atol`, errors measured against `ref`; returns both errors."
     atol = default_tol(out.dtype)["atol"] if atol is None else atol
@@ -351,7 +351,7 @@ def read_rows(path: str | Path) -> list[dict]:
     if not path.exists(): return []
     with open(path, newline="") as f: return list(csv.DictReader(f))
 
-def append_rows(rows: Sequence[dict], # new rows (from `bench_row`)
+def append_rows(rows: Sequence[dict], # new rows (from bench_row)
                 path: str | Path, # the CSV, e.g. kernels/results/all.csv
                 overwrite: bool | None = None, # drop earlier rows of the same kernel and GPU; default: env OVERWRITE=1
                ) -> Path:

@@ -183,7 +183,7 @@ def ce_fwd(logits: torch.Tensor, # [M, V], rows contiguous
 def ce_bwd(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
            dloss: torch.Tensor, # [M] upstream gradient per row
            ignore_index: int,
-           out: torch.Tensor | None = None, # where to write d logits (may be `logits` itself)
+           out: torch.Tensor | None = None, # where to write d logits (may be logits itself)
           ) -> torch.Tensor:
     "Launch the backward kernel: `d logits = g_i (softmax - onehot)`, in the logits' dtype."
     M, V = logits.shape
@@ -270,8 +270,8 @@ def cross_entropy(logits: torch.Tensor, # [..., V], class dimension last
                   ignore_index: int = -100,
                   reduction: str = "mean", # "mean" (over non-ignored rows), "sum" or "none"
                   impl: str = "auto", # "auto" (Triton on CUDA, else reference), "triton" or "torch"
-                  group_ids: torch.Tensor | None = None, # [...] like `target`: each row's group, in [0, num_groups)
-                  num_groups: int | None = None, # required with `group_ids`
+                  group_ids: torch.Tensor | None = None, # [...] like target: each row's group, in [0, num_groups)
+                  num_groups: int | None = None, # required with group_ids
                  ) -> torch.Tensor | GroupedLoss:
     "Cross entropy of `logits` against `target`, like `F.cross_entropy` with the class dimension last; with `group_ids`, a `GroupedLoss`."
     check_floating("logits", logits, min_dims=1)
@@ -341,14 +341,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 # %% ../../nbs/kernels/02_cross_entropy.ipynb #84dcd883
 def linear_cross_entropy(hidden: torch.Tensor, # [..., H]
-                         weight: torch.Tensor, # [V, H] (like a tied LM head), same dtype and device as `hidden`
+                         weight: torch.Tensor, # [V, H] (like a tied LM head), same dtype and device as hidden
                          target: torch.Tensor, # [...] integer class indices (or ignore_index)
                          ignore_index: int = -100,
                          reduction: str = "mean", # "mean" (over non-ignored tokens), "sum" or "none"
                          impl: str = "auto", # "auto" (Triton on CUDA, else reference), "triton" or "torch"
-                         group_ids: torch.Tensor | None = None, # [...] like `target`: each token's group, in [0, num_groups)
-                         num_groups: int | None = None, # required with `group_ids`
-                         _chunk_size: int | None = None, # tokens per chunk (default: `linear_ce_chunk_size`); for tests
+                         group_ids: torch.Tensor | None = None, # [...] like target: each token's group, in [0, num_groups)
+                         num_groups: int | None = None, # required with group_ids
+                         _chunk_size: int | None = None, # tokens per chunk (default: linear_ce_chunk_size); for tests
                         ) -> torch.Tensor | GroupedLoss:
     "`cross_entropy(hidden @ weight.T, target)`; the Triton path never materialises the full [tokens, V] logits. With `group_ids`, a `GroupedLoss`."
     check_floating("hidden", hidden, min_dims=1)
