@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reps = available_reproductions()
     if args.command == "list":
-        for name, rep in reps.items(): print(f"{name:12s} {rep.description}")
+        w = max(map(len, reps))
+        for name, rep in reps.items(): print(f"{name:{w}s}  {rep.description}")
         return 0
     if args.name != "all" and args.name not in reps:
         parser.error(f"unknown reproduction {args.name!r}; choose from: all, " + ", ".join(reps))
