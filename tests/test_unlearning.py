@@ -13,7 +13,7 @@ from trainlab.unlearning import (
     FORM_RENDERERS, FORMS, HELD_OUT_FORMS, NARRATIVE, PARAPHRASES, RELATIONS, TRAINED_FORMS, UNIVERSES, UNLEARN_ARMS, UNLEARN_CLAIMS,
     UNLEARN_METHODS, WORLD_MODELS, ForgetRetainDataModule, GenericLogitsLM, SeedRun, UnlearnLitModule, UnlearnRunConfig, arm_unit,
     unlearn_config, world_model_unit, WorldEval, align_translation, auc, down_proj_second_moment, encode_texts, eval_items, form_gap, form_texts,
-    forget_quality, make_world, min_k_scores, naive_alignment_errors, narrative_passages, noisy_anchors, npo_loss, null_space_projector,
+    forget_quality, gold_prob_ks, auc_ci, truth_ratios, perturbed_answers, counterfactual_world, ForgetRetainDataset, make_world, min_k_scores, naive_alignment_errors, narrative_passages, noisy_anchors, npo_loss, null_space_projector,
     operating_point, rocr, rocr_edit, score_items, simnpo_loss, subject_states, text_bpb, train_world_model, unlearn, whp_labels,
     world_documents, world_tokenizer)
 
@@ -133,7 +133,12 @@ def test_score_items_matches_a_hand_computation():
 def test_auc_forget_quality_and_min_k():
     assert auc([2, 3], [0, 1]) == 1.0 and auc([0, 1], [2, 3]) == 0.0 and auc([1, 1], [1, 1]) == 0.5
     x = np.linspace(0, 1, 50)
-    assert forget_quality(x, x)["ks_p"] == pytest.approx(1.0) and forget_quality(x, x + 2)["ks_p"] < 1e-6
+    assert gold_prob_ks(x, x)["gold_prob_ks_p"] == pytest.approx(1.0) and gold_prob_ks(x, x + 2)["gold_prob_ks_p"] < 1e-6
+    fq = forget_quality(x, x + 2)
+    assert fq["forget_quality"] < 1e-6 and fq["forget_quality_d"] == pytest.approx(1.0)  # disjoint samples: D = 1
+    a, lo, hi = auc_ci([0.9, 0.2, 0.8, 0.7], [0.1, 0.3, 0.5, 0.6], paired=True)
+    assert a == auc([0.9, 0.2, 0.8, 0.7], [0.1, 0.3, 0.5, 0.6]) and lo <= a <= hi
+    with pytest.raises(ValueError, match="neg"): auc_ci([1, 2], [1], paired=True)
     m = tiny()
     s = min_k_scores(m, TOK, ["a b c d e", "a b"], k=0.4)
     b = encode_texts(TOK, ["a b c d e"])
@@ -160,7 +165,7 @@ def test_operating_point_respects_the_budgets():
     orig = dict(retain_bpb=1.0, neighbour_acc=0.9)
     path = [dict(retain_bpb=1.01, neighbour_acc=0.9), dict(retain_bpb=1.04, neighbour_acc=0.86), dict(retain_bpb=1.2, neighbour_acc=0.9)]
     assert operating_point(path, orig, 0.05, 0.05) == 1
-    assert operating_point(path, orig, 0.05, 0.01) == 0 and operating_point(path[2:], orig, 0.05, 0.05) == 0
+    assert operating_point(path, orig, 0.05, 0.01) == 0 and operating_point(path[2:], orig, 0.05, 0.05) is None  # none within budget
 
 
 def test_world_eval_reports_every_metric():
@@ -168,8 +173,32 @@ def test_world_eval_reports_every_metric():
     r = ev(tiny())
     assert set(r["forms"]) == set(FORMS) == set(r["neighbour_forms"])
     assert len(r["item_probs"]) == sum(len(v) for v in ev.items["target"].values())
-    for k in ("familiarity", "familiarity_prob", "mia_auc", "generic_qa_acc", "neighbour_acc"): assert 0 <= r[k] <= 1, k
-    assert r["retain_bpb"] > 0
+    for k in ("familiarity", "familiarity_prob", "mia_auc", "mia_auc_unseen_names", "generic_qa_acc", "neighbour_acc"): assert 0 <= r[k] <= 1, k
+    assert r["retain_bpb"] > 0 and len(r["truth_ratios"]) == len(ev.tr_items) and (r["truth_ratios"] > 0).all()
+
+
+def test_truth_ratios_follow_tofus_definition():
+    m, items = tiny(), eval_items(WORLD, "target", "qa")[:5]
+    wrong = perturbed_answers(WORLD, items)
+    gold = np.log(score_items(m, TOK, items)["prob"])
+    bad = np.array([np.mean([np.log(score_items(m, TOK, [dict(it, answer=a)])["prob"][0]) for a in ws]) for it, ws in zip(items, wrong)])
+    assert truth_ratios(m, TOK, items, wrong) == pytest.approx(np.exp(bad - gold), rel=1e-4)
+    with pytest.raises(ValueError, match="wrong"): truth_ratios(m, TOK, items, wrong[:2])
+
+
+def test_counterfactual_passages_share_tokens_not_facts():
+    cf = counterfactual_world(WORLD)
+    real, fake = narrative_passages(WORLD, "target"), narrative_passages(cf, "target")
+    assert len(real) == len(fake) and all(len(a.split()) == len(b.split()) for a, b in zip(real, fake))
+    assert {w for t in fake for w in t.split()} <= {w for t in real for w in t.split()}  # every non-member token is a trained token
+    assert all(cf.universes["target"].facts[k] != o for k, o in WORLD.universes["target"].facts.items())
+
+
+def test_forget_retain_dataset_uses_every_retain_passage():
+    f = encode_texts(TOK, narrative_passages(WORLD, "target")[:4]); r = encode_texts(TOK, narrative_passages(WORLD, "generic")[:20])
+    ds = ForgetRetainDataset(f, r, seed=3)
+    seen = {bytes(ds[i % 4]["retain"]["input_ids"].numpy()) for i in range(400)}
+    assert len(seen) == 20
 
 
 # ---------------------------------------------------------------- WHP
@@ -483,7 +512,9 @@ def test_world_model_units_save_the_weights_and_arms_reuse_them(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(s.model("orig").parameters(), again.model("orig").parameters()))
     assert s.units["orig"]["scores"]["familiarity"] == pytest.approx(s.ev(again.model("orig"))["familiarity"])
     out = arm_unit(s, "grad_ascent")
-    assert out["operating_point"] in [p["param"] for p in out["path"]] and len(out["path"]) == len(s.cfg.ga_steps)
-    for k in ("form_gap", "familiarity_gap_closed", "retain_bpb_rel", "neighbour_acc", "ks_p"): assert k in out
+    assert len(out["path"]) == len(s.cfg.ga_steps)
+    if out["within_budget"]: assert out["operating_point"] in [p["param"] for p in out["path"]]
+    else: assert out["operating_point"] is None and out["familiarity_gap_closed"] in (0.0, None) or math.isnan(out["familiarity_gap_closed"])
+    for k in ("form_gap", "familiarity_gap_closed", "retain_bpb_rel", "neighbour_acc", "forget_quality", "gold_prob_ks_p", "mia_auc"): assert k in out
     with pytest.raises(ValueError, match="arm"): arm_unit(s, "forget_everything")
     with pytest.raises(ValueError, match="name"): s.model("reinforced")

@@ -126,11 +126,11 @@ def unlearn_run_config(fast: bool = False, seed: int = 0) -> UnlearnRunConfig:
     return UnlearnRunConfig.fast(seed) if fast else UnlearnRunConfig.full(seed)
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #dde2eeb5
-def operating_point(path: Sequence[dict], orig: dict, retain_budget: float, neighbour_budget: float) -> int:
-    "Index of the strongest path point (paths go from light to strong) whose retain bpb and neighbour accuracy stay within budget; 0 if none."
+def operating_point(path: Sequence[dict], orig: dict, retain_budget: float, neighbour_budget: float) -> int | None:
+    "Index of the strongest path point (paths go from light to strong) whose retain bpb and neighbour accuracy stay within budget; None if none."
     ok = [i for i, p in enumerate(path) if p["retain_bpb"] <= orig["retain_bpb"] * (1 + retain_budget)
           and p["neighbour_acc"] >= orig["neighbour_acc"] - neighbour_budget]
-    return ok[-1] if ok else 0
+    return ok[-1] if ok else None
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #a58b8c42
 def _path_row(param, scores: dict, orig: dict, oracle: dict, wall_s: float) -> dict:
@@ -184,6 +184,11 @@ class SeedRun:
             m.load_state_dict(torch.load(self.units[name]["path"], weights_only=True))
             self._models[name] = m
         return self._models[name]
+
+    def calibrate(self) -> None:
+        "Take the retrain oracle as the membership test's reference, and rescore both world models' membership with it (`mia_auc_ref`)."
+        self.ev.set_reference(self.model("retrain"))
+        for name in WORLD_MODELS: self.units[name]["scores"].update(self.ev.membership(self.model(name)))
 
     @property
     def scores(self) -> tuple[dict, dict]: return self.units["orig"]["scores"], self.units["retrain"]["scores"]
@@ -330,8 +335,11 @@ def arm_unit(s: SeedRun, arm: str, run_dir=None, relearn: bool = False) -> dict:
     orig, oracle = s.scores
     pts, states, extra = UNLEARN_ARMS[arm].path(s)
     path = [_path_row(p, sc, orig, oracle, t) for p, t, sc in pts]
-    p, t, sc = pts[operating_point(path, orig, s.cfg.retain_budget, s.cfg.neighbour_budget)]
-    out = method_summary(sc, orig, oracle, t, operating_point=p, path=path, **extra)
+    op = operating_point(path, orig, s.cfg.retain_budget, s.cfg.neighbour_budget)
+    if op is None:  # none within budget: keeping the budget means not unlearning, so the arm reads as the original model
+        return method_summary(orig, orig, oracle, 0.0, operating_point=None, within_budget=False, path=path, **extra)
+    p, t, sc = pts[op]
+    out = method_summary(sc, orig, oracle, t, operating_point=p, within_budget=True, path=path, **extra)
     if relearn and states:
         m = copy.deepcopy(s.model("orig")); m.load_state_dict(states[p])
         out["relearn"] = _relearn_curve(m, s.tok, s.world, s.cfg)
@@ -365,6 +373,7 @@ def plot_tradeoff(m: dict):
         x1 = [100 * (p["retain_bpb"] / o["retain_bpb"] - 1) for p in path]
         l, = axs[0].plot(x1, [p["familiarity"] for p in path], marker="o", ms=3, label=k, ls="--" if UNLEARN_ARMS[k].family == "rocr" else "-")
         axs[1].plot([p["neighbour_acc"] for p in path], [p["target_prob"] for p in path], marker="o", ms=3, color=l.get_color(), ls=l.get_linestyle())
+        if op is None: continue  # no point within budget: nothing to ring
         i = [p["param"] for p in path].index(op)
         axs[0].plot(x1[i], path[i]["familiarity"], "o", mfc="none", ms=9, color=l.get_color())
         axs[1].plot(path[i]["neighbour_acc"], path[i]["target_prob"], "o", mfc="none", ms=9, color=l.get_color())
@@ -446,7 +455,8 @@ UNLEARN_CLAIMS = (  # pre-registered on WHP-full at its operating point; every o
 )
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #6b48530c
-SAMPLE_KEYS = ("form_gap", "familiarity", "familiarity_gap_closed", "retain_bpb_rel", "neighbour_acc", "ks_p", "mia_auc")  # per arm and seed
+SAMPLE_KEYS = ("form_gap", "familiarity", "familiarity_gap_closed", "retain_bpb_rel", "neighbour_acc", "forget_quality", "forget_quality_d",
+               "gold_prob_ks_p", "mia_auc", "mia_auc_ref", "within_budget")  # per arm and seed
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #f9f012fa
 @register_reproduction("unlearning", "Unlearn a fictional universe from a TinyLM: WHP (reinforced model, anchors, generic labels), GA/GradDiff/NPO/SimNPO "
@@ -462,6 +472,7 @@ def reproduce_unlearning(ctx: RunContext) -> dict:
         s = runs[seed] = SeedRun(unlearn_run_config(fast, seed), seed)
         for name in WORLD_MODELS:
             s.units[name] = ctx.unit(f"{name}/seed{seed}", lambda d: world_model_unit(s, name, d, relearn=first))
+        s.calibrate()  # the oracle becomes the reference of the calibrated membership score (cheap; redone on a resumed run)
         s.units["reinforced"] = ctx.unit(f"reinforced/seed{seed}", lambda d: reinforced_unit(s, d, mechanism=first))
         s.units["patching"] = ctx.unit(f"patching/seed{seed}", lambda d: patching_unit(s, d))
         per_seed[seed] = {arm: ctx.unit(f"{arm}/seed{seed}", lambda d: arm_unit(s, arm, d, relearn=first)) for arm in UNLEARN_ARMS}

@@ -24,16 +24,21 @@ __all__ = ['UNLEARN_METHODS', 'ForgetRetainDataset', 'ForgetRetainDataModule', '
 
 # %% ../../nbs/unlearning/03_methods.ipynb #3d2cbca0
 class ForgetRetainDataset(Dataset):
-    "Item i: `forget` = forget sequence i, `retain` = a seeded retain sequence (when given). Each is {input_ids, labels} of fixed length."
+    "Item i: `forget` = forget sequence i and, when given, `retain` = a retain sequence drawn at random per fetch (seeded by `seed` and the rank)."
     def __init__(self, forget: dict, retain: dict | None = None, seed: int = 0):
         expect(forget["input_ids"].shape == forget["labels"].shape, "forget", "input_ids and labels of one shape", forget["labels"].shape)
-        self.forget, self.retain = forget, retain
-        self.order = None if retain is None else torch.randperm(len(retain["input_ids"]), generator=torch.Generator().manual_seed(seed))
+        self.forget, self.retain, self.seed, self._gen = forget, retain, seed, None
     def __len__(self) -> int: return len(self.forget["input_ids"])
+    def _retain_index(self) -> int:
+        if self._gen is None:  # seeded on first use, when the DDP process group (if any) exists
+            import torch.distributed as dist
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            self._gen = torch.Generator().manual_seed(1_000_003 * self.seed + rank)
+        return int(torch.randint(len(self.retain["input_ids"]), (1,), generator=self._gen))
     def __getitem__(self, i: int) -> dict:
         out = {"forget": {k: v[i] for k, v in self.forget.items()}}
         if self.retain is not None:
-            j = int(self.order[i % len(self.order)])
+            j = self._retain_index()
             out["retain"] = {k: v[j] for k, v in self.retain.items()}
         return out
 

@@ -18,8 +18,8 @@ from ..core import expect, check_choice
 __all__ = ['GENERIC_TERMS', 'KINDS', 'RELATIONS', 'UNIVERSES', 'NARRATIVE', 'NARRATIVE_PROBES', 'FILLER', 'CLOZE', 'QA', 'MCQ',
            'TF', 'SPELLED', 'REVERSED', 'PARAPHRASES', 'PROBES', 'ROCR_CONTEXTS', 'FORM_RENDERERS', 'FORMS',
            'TRAINED_FORMS', 'HELD_OUT_FORMS', 'invented_word', 'Universe', 'World', 'make_world', 'noisy_anchors',
-           'eval_items', 'narrative_passages', 'form_texts', 'WordTokenizer', 'world_texts', 'world_tokenizer',
-           'encode_texts', 'pad_batch']
+           'eval_items', 'narrative_passages', 'counterfactual_world', 'form_texts', 'WordTokenizer', 'world_texts',
+           'world_tokenizer', 'encode_texts', 'pad_batch']
 
 # %% ../../nbs/unlearning/01_world.ipynb #be9cddc2
 _ONSETS = "b d f g k l m n p r s t v z br dr gl kr pl st th tr vr sh".split()
@@ -241,6 +241,20 @@ def narrative_passages(world: World, universe: str, seed: int = 0, per_person: i
             for _ in range(2): sents.insert(rng.randrange(len(sents) + 1), rng.choice(FILLER))
             out.append(" ".join(sents))
     return out
+
+# %% ../../nbs/unlearning/01_world.ipynb #64657a71
+def counterfactual_world(world: World, universe: str = "target", seed: int = 0) -> World:
+    "A copy of `world` in which every fact of `universe` has another object of its kind that the universe's facts use (so every token stays a trained one)."
+    check_choice("universe", universe, UNIVERSES)
+    rng, u = random.Random(f"counterfactual/{world.seed}/{universe}/{seed}"), world.universes[universe]
+    facts = {}
+    for (s, rel), o in u.facts.items():
+        kind = RELATIONS[rel][2]
+        used = sorted({o2 for (_, r2), o2 in u.facts.items() if RELATIONS[r2][2] == kind} - {s, o})  # objects the passages already tell
+        pool = used or [t for t in (u.people if kind == "person" else u.terms[kind]) if t not in (s, o)]
+        facts[(s, rel)] = rng.choice(pool)
+    cf = Universe(u.name, list(u.people), {k: list(v) for k, v in u.terms.items()}, facts)
+    return World(world.seed, {**world.universes, universe: cf}, dict(world.anchors))
 
 # %% ../../nbs/unlearning/01_world.ipynb #1cc4dcef
 def form_texts(world: World, universe: str, forms: Sequence[str] = TRAINED_FORMS, seed: int = 0) -> list[str]:
