@@ -245,3 +245,88 @@ def test_bench_scripts_quick_cpu():
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert r.returncode == 0, r.stderr
         assert "torch" in r.stdout and "appended" not in r.stdout
+
+
+# ---------------------------------------------------------------- parity figure and the committed parity CSV
+
+PARITY_CSV = ROOT / "kernels" / "results" / "parity_cpu.csv"
+# every kernel page, the `kernel` names its figure shows, and the quantities each must have (forward + input gradients)
+PAGE_KERNELS = {
+    "01_rmsnorm": {"rmsnorm": {"forward", "grad_x", "grad_weight"}},
+    "02_cross_entropy": {"cross_entropy": {"forward", "grad_logits"},
+                         "linear_cross_entropy": {"forward", "grad_hidden", "grad_weight"}},
+    "10_flash_attention": {k: {"forward", "grad_q", "grad_k", "grad_v"} for k in ("flash_attention_causal", "flash_attention_docs")},
+    "20_moe_experts": {"grouped_expert_ffn": {"forward", "grad_x", "grad_w_in", "grad_w_out", "grad_gates"},
+                       "chunk_sparse_ffn": {"forward"}},  # forward only: its gradients are the dense PyTorch formula
+    "40_unlearning_losses": {"generic_labels": {"labels_differing"}, "kl_div": {"forward", "grad_p", "grad_q"}},
+}
+
+
+def _parity_csv(path, rows):
+    cols = ("kernel", "op", "quantity", "size", "numel", "max_abs_err", "tol_atol", "tol_rtol", "ref_err_vs_fp64")
+    path.write_text("\n".join([",".join(cols)] + [",".join(map(str, r)) for r in rows]) + "\n")
+    return path
+
+
+def test_plot_parity_draws_and_names_bad_input(tmp_path):
+    import matplotlib.pyplot as plt
+    p = _parity_csv(tmp_path / "parity.csv", [
+        ("toy", "toy", "forward", "4x8", 32, 1e-7, 1e-5, 1e-5, 2e-7), ("toy", "toy", "grad_x", "4x8", 32, 0.0, 1e-5, 1e-5, 2e-7),
+        ("toy", "toy", "forward", "8x16", 128, 3e-7, 1e-5, 1e-5, 4e-7), ("toy", "toy", "grad_x", "8x16", 128, 2e-7, 1e-5, 1e-5, 4e-7),
+        ("labels", "labels", "labels_differing", "4x8", 32, 0, 0.0, 0.0, 0)])
+    fig = U.plot_parity(p, ["toy", "labels"])
+    try:
+        assert fig.get_size_inches()[0] <= 7 and len(fig.axes) == 2
+        assert fig._suptitle.get_text() == "Triton (interpreter, CPU) vs PyTorch reference, fp32"
+        ax, ax_labels = fig.axes
+        assert ax.get_yscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["4x8", "8x16"]
+        dashed = [l for l in ax.get_lines() if l.get_linestyle() == "--"]
+        assert len(dashed) == 1 and dashed[0].get_ydata()[0] == 1e-5  # the test atol
+        assert {"forward", "grad_x"} <= {l.get_label() for l in ax.get_lines()}
+        assert ax_labels.get_yscale() == "linear"  # an exact kernel counts differing outputs
+    finally:
+        plt.close(fig)
+    plt.close(U.plot_parity(p, "toy"))  # one name as a string
+    with pytest.raises(ValueError, match=r"`kernels`: expected names from the CSV's `kernel` column \(toy, labels\), got 'rms_norm'"):
+        U.plot_parity(p, ["toy", "rms_norm"])
+    with pytest.raises(ValueError, match="`kernels`: expected at least one kernel name"):
+        U.plot_parity(p, [])
+    with pytest.raises(FileNotFoundError, match="`csv_path`: expected an existing parity CSV"):
+        U.plot_parity(tmp_path / "missing.csv", "toy")
+    (tmp_path / "other.csv").write_text("kernel,size\ntoy,4x8\n")
+    with pytest.raises(ValueError, match="`csv_path`: expected a parity CSV with rows and the columns"):
+        U.plot_parity(tmp_path / "other.csv", "toy")
+    assert plt.get_fignums() == []
+
+
+def test_parity_csv_covers_every_kernel_page_within_tolerance():
+    "The committed kernels/results/parity_cpu.csv: every page's kernels and quantities, >= 3 sizes, every error within its test tolerance."
+    rows = U.read_rows(PARITY_CSV)
+    for page, kernels in PAGE_KERNELS.items():
+        nb = (ROOT / "nbs" / "kernels" / f"{page}.ipynb").read_text()
+        assert "What was measured" in nb and "GPU timings are pending" in nb, page
+        for k, quantities in kernels.items():
+            assert f'\\"{k}\\"' in nb, (page, k)  # the page's plot_parity call names it
+            sel = [r for r in rows if r["kernel"] == k]
+            assert {r["quantity"] for r in sel} == quantities, k
+            assert len({r["size"] for r in sel}) >= 3, k
+            for r in sel:
+                err, atol, rtol = float(r["max_abs_err"]), float(r["tol_atol"]), float(r["tol_rtol"])
+                assert r["dtype"] == "float32" and r["triton"] and r["torch"], r
+                if atol == 0: assert err == 0, r  # exact kernels (integer labels): nothing may differ
+                else:
+                    assert float(r["err_over_tol"]) <= 1, r  # what torch.testing.assert_close checks, per element
+                    assert err <= atol + rtol * float(r["ref_max_abs"]), r
+    assert {r["kernel"] for r in rows} == {k for ks in PAGE_KERNELS.values() for k in ks}
+
+
+def test_parity_tolerances_are_the_test_files():
+    "The tolerances recorded in the CSV are the fp32 ones the kernel test files state."
+    import importlib
+    files = {"rmsnorm": "test_kernels_rmsnorm", "cross_entropy": "test_kernels_cross_entropy",
+             "linear_cross_entropy": "test_kernels_cross_entropy", "flash_attention": "test_kernels_attention",
+             "grouped_expert_ffn": "test_kernels_moe", "chunk_sparse_ffn": "test_kernels_moe", "kl_div": "test_kernels_unlearning"}
+    for r in U.read_rows(PARITY_CSV):
+        if r["op"] not in files: continue
+        tol = importlib.import_module(files[r["op"]]).TOL[torch.float32]
+        assert (float(r["tol_atol"]), float(r["tol_rtol"])) == (tol["atol"], tol["rtol"]), r
