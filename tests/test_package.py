@@ -95,11 +95,25 @@ def test_signature_comments_carry_no_markdown():
     assert not bad, bad
 
 
-def test_readme_results_table_is_generated_from_committed_results():
-    from trainlab.reproduce import results_table
-    table = results_table(ROOT / "nbs" / "results")
-    assert "| `baseline` |" in table
-    assert table in (ROOT / "README.md").read_text()
+def test_readme_is_the_index_notebook_with_the_generated_results_table():
+    "README.md is readme_text(nbs): index.ipynb's markdown and the results table from the committed runs, never typed (nbdev_readme writes the same text)."
+    from trainlab.reproduce import readme_text, results_table
+    readme = (ROOT / "README.md").read_text()
+    assert readme == readme_text(ROOT / "nbs"), "README.md is stale: regenerate it with trainlab.reproduce.readme_text('nbs')"
+    assert "| `baseline` |" in results_table(ROOT / "nbs" / "results")
+
+
+def test_readme_links_work_on_the_repository_page_and_on_the_site():
+    "Relative links differ between README.md (repository root) and the site (.html pages without number prefixes): every page link is absolute."
+    import configparser
+    from trainlab.reproduce import SITE_URL
+    cfg = configparser.ConfigParser(); cfg.read(ROOT / "settings.ini")
+    assert SITE_URL == cfg["DEFAULT"]["doc_host"] + cfg["DEFAULT"]["doc_baseurl"]
+    links = re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text())
+    assert links and all(l.startswith(("https://", "http://", "#")) for l in links), [l for l in links if not l.startswith("http")]
+    site = [l.removeprefix(SITE_URL + "/").split("#")[0] for l in links if l.startswith(SITE_URL)]
+    pages = {re.sub(r"(^|/)\d+[a-z]?_", r"\1", str(p.relative_to(ROOT / "nbs").with_suffix(".html"))) for p in (ROOT / "nbs").rglob("*.ipynb")}
+    assert set(site) <= pages, set(site) - pages
 
 
 def test_readme_and_index_notebook_share_the_quick_start():

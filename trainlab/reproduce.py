@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_reproduce.ipynb #6c99b32b
 from __future__ import annotations
-import importlib, importlib.util, os, shutil, sys, tempfile, time
+import importlib, importlib.util, os, re, shutil, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,9 +16,9 @@ from .core import expect, write_json, read_json, save_figure, git_sha, environme
 from .stats import Claim, fmt_claim, fmt_num
 
 # %% auto #0
-__all__ = ['REPRODUCTIONS', 'REPRODUCTION_MODULES', 'VERDICT_MARKS', 'Reproduction', 'register_reproduction',
-           'available_reproductions', 'RunContext', 'check_out', 'staging_dir', 'reproduce', 'summarize',
-           'results_table']
+__all__ = ['REPRODUCTIONS', 'REPRODUCTION_MODULES', 'SITE_URL', 'VERDICT_MARKS', 'Reproduction', 'register_reproduction',
+           'available_reproductions', 'RunContext', 'check_out', 'staging_dir', 'reproduce', 'summarize', 'page_url',
+           'results_table', 'readme_text']
 
 # %% ../nbs/04_reproduce.ipynb #3799f3f0
 @dataclass
@@ -187,18 +187,28 @@ def summarize(name: str, result: dict) -> str:
     if keys: lines.append("  " + " ".join(f"{k}={fmt_num(m[k])}" for k in keys if k in m))
     return "\n".join(lines)
 
+# %% ../nbs/04_reproduce.ipynb #1c9a4911
+SITE_URL = "https://trainlab.github.io/trainlab"  # settings.ini's doc_host + doc_baseurl (a test checks that they agree)
+
+def page_url(notebook: str) -> str:
+    "The site address of the page of `notebook` (a path under nbs/): nbdev drops each number prefix and renders it as .html."
+    expect(isinstance(notebook, str) and notebook.endswith(".ipynb"), "notebook", "a notebook path under nbs/ such as 'spt/05_results.ipynb'", notebook)
+    parts = [re.sub(r"^\d+[a-z]?_", "", x) for x in Path(notebook).with_suffix(".html").parts]
+    return f"{SITE_URL}/{'/'.join(parts)}"
+
 # %% ../nbs/04_reproduce.ipynb #9c221d0e
 VERDICT_MARKS = {"holds": "holds", "fails": "**fails**", "inconclusive": "inconclusive"}
 
-def results_table(results_dir: str | Path, link_prefix: str = "nbs/") -> str:
-    "Markdown table of every claim of the committed reproductions under `results_dir`; notebook links start with `link_prefix`."
+def results_table(results_dir: str | Path, link: Callable[[str], str] | None = None) -> str:
+    "Markdown table of every claim of the committed reproductions under `results_dir`; each notebook linked to `link(notebook)` (default: its page on the site)."
+    link = link or page_url
     reps = available_reproductions()
     rows = ["| reproduction | claim | estimate [95% CI] | seeds | verdict | notebook |", "|---|---|---|---|---|---|"]
     for name, rep in reps.items():
         f = Path(results_dir) / name / "metrics.json"
         if not f.exists(): continue
         m = read_json(f); fast = read_json(f.with_name("run.json")).get("fast")
-        nb = f"[{Path(rep.notebook).stem.split('_', 1)[-1]}]({link_prefix}{rep.notebook})" if rep.notebook else ""
+        nb = f"[{Path(rep.notebook).stem.split('_', 1)[-1]}]({link(rep.notebook)})" if rep.notebook else ""
         if not rep.claims:  # a reproduction without claims (a calibration feeding another one): one line, no verdict
             rows.append(f"| `{name}` | {rep.description} | no claims registered | | - | {nb} |")
             continue
@@ -210,3 +220,14 @@ def results_table(results_dir: str | Path, link_prefix: str = "nbs/") -> str:
             v = VERDICT_MARKS.get(c["verdict"], c["verdict"]) + (" (--fast run)" if fast and c["verdict"] in VERDICT_MARKS else "")
             rows.append(f"| `{name}` | {c['statement']} | {fmt_claim(c)} | {c['n_seeds']} | {v} | {nb} |")
     return "\n".join(rows)
+
+# %% ../nbs/04_reproduce.ipynb #3620e71c
+def readme_text(nbs_path: str | Path, results_dir: str | Path | None = None) -> str:
+    "README.md's text: the markdown cells of `nbs_path/index.ipynb`, with `results_table(results_dir)` where the index draws it."
+    nb = read_json(Path(nbs_path) / "index.ipynb")
+    parts = []
+    for c in nb["cells"]:
+        src = "".join(c["source"])
+        if c["cell_type"] == "markdown": parts.append(src.strip())
+        elif "results_table(" in src and "#| export" not in src: parts.append(results_table(results_dir or Path(nbs_path) / "results"))
+    return "\n\n".join(parts) + "\n"

@@ -468,7 +468,7 @@ PARITY_COLUMNS = ("kernel", "quantity", "size", "numel", "max_abs_err", "tol_ato
 _MARKERS = "osD^v"  # hollow and distinct, so that quantities with equal errors stay visible
 
 def plot_parity(csv_path: str | Path, # a CSV written by kernels/parity.py, e.g. kernels/results/parity_cpu.csv
-                kernels: str | Sequence[str], # names from its `kernel` column: one panel each
+                kernels: str | Sequence[str], # names from its kernel column: one panel each
                 show_fp64: bool = True, # also draw PyTorch fp32's own error against the fp64 reference (dotted grey)
                ):
     "Plot the interpreted Triton path's max abs error against the PyTorch reference per size and quantity, test atol dashed."
