@@ -116,6 +116,20 @@ def test_readme_links_work_on_the_repository_page_and_on_the_site():
     assert set(site) <= pages, set(site) - pages
 
 
+def test_results_pages_show_the_committed_runs():
+    "A results page renders its stored outputs (no execution at render time): they must come from the committed run, not an older one."
+    import json
+    from trainlab.reproduce import available_reproductions
+    for name, rep in available_reproductions().items():
+        run = ROOT / "nbs" / "results" / name / "run.json"
+        if not run.exists() or not rep.notebook: continue
+        nb = json.loads((ROOT / "nbs" / rep.notebook).read_text())
+        out = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("data", {}).get("text/markdown", ""))
+                      for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
+        sha = json.loads(run.read_text())["git_sha"][:10]
+        assert sha in out, f"{rep.notebook} does not show the committed {name} run ({sha}): re-execute it"
+
+
 def test_readme_and_index_notebook_share_the_quick_start():
     import json
     nb = json.loads((ROOT / "nbs" / "index.ipynb").read_text())
