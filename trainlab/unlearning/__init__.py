@@ -17,9 +17,9 @@ __all__ = ['GENERIC_TERMS', 'KINDS', 'RELATIONS', 'UNIVERSES', 'NARRATIVE', 'NAR
            'down_proj_second_moment', 'null_space_projector', 'rocr_edit', 'subject_patching', 'rocr',
            'UnlearnRunConfig', 'unlearn_run_config', 'operating_point', 'mechanism_probe', 'SeedRun',
            'world_model_unit', 'reinforced_unit', 'patching_unit', 'rocr_per_layer_unit', 'gradient_path',
-           'exact_anchors', 'noisy_world_anchors', 'whp_path', 'whp_inference_path', 'rocr_path', 'UnlearnArm',
-           'arm_unit', 'plot_form_heatmap', 'plot_tradeoff', 'plot_whp_steps', 'plot_mechanism', 'plot_rocr_layers',
-           'plot_relearning', 'reproduce_unlearning']
+           'exact_anchors', 'default_anchors', 'noisy_world_anchors', 'whp_path', 'whp_inference_path', 'rocr_path',
+           'UnlearnArm', 'arm_unit', 'plot_form_heatmap', 'plot_tradeoff', 'plot_whp_steps', 'plot_mechanism',
+           'plot_rocr_layers', 'plot_relearning', 'reproduce_unlearning']
 
 # %% ../../nbs/unlearning/00_unlearning.ipynb #976a9c94
 from .world import (invented_word, GENERIC_TERMS, KINDS, RELATIONS, UNIVERSES, Universe, World, make_world,
@@ -36,7 +36,7 @@ from .whp import align_translation, naive_alignment_errors, whp_labels, GenericL
 from .rocr import subject_states, down_proj_second_moment, null_space_projector, rocr_edit, subject_patching, rocr
 from .experiment import (world_documents, world_model_config, train_world_model, UnlearnRunConfig,
                                             unlearn_run_config, operating_point, WORLD_MODELS, SeedRun, world_model_unit,
-                                            reinforced_unit, patching_unit, rocr_per_layer_unit, gradient_path, exact_anchors,
+                                            reinforced_unit, patching_unit, rocr_per_layer_unit, gradient_path, exact_anchors, default_anchors,
                                             noisy_world_anchors, whp_path, whp_inference_path, rocr_path, UnlearnArm, UNLEARN_ARMS,
                                             METHOD_ORDER, NARRATIVE_TRAINED, arm_unit, plot_form_heatmap, plot_tradeoff,
                                             plot_whp_steps, plot_mechanism, plot_rocr_layers, plot_relearning, UNLEARN_CLAIMS,
@@ -54,6 +54,6 @@ _all_ = ["GENERIC_TERMS", "KINDS", "RELATIONS", "UNIVERSES", "NARRATIVE", "NARRA
          "simnpo_loss", "UnlearnMethod", "UnlearnLitModule", "PathProbe", "unlearn_config", "unlearn", "align_translation",
          "naive_alignment_errors", "whp_labels", "GenericLogitsLM", "subject_states", "down_proj_second_moment", "null_space_projector",
          "rocr_edit", "subject_patching", "rocr", "UnlearnRunConfig", "unlearn_run_config", "operating_point", "mechanism_probe",
-         "SeedRun", "world_model_unit", "reinforced_unit", "patching_unit", "rocr_per_layer_unit", "gradient_path", "exact_anchors",
+         "SeedRun", "world_model_unit", "reinforced_unit", "patching_unit", "rocr_per_layer_unit", "gradient_path", "exact_anchors", "default_anchors",
          "noisy_world_anchors", "whp_path", "whp_inference_path", "rocr_path", "UnlearnArm", "arm_unit", "plot_form_heatmap",
          "plot_tradeoff", "plot_whp_steps", "plot_mechanism", "plot_rocr_layers", "plot_relearning", "reproduce_unlearning"]

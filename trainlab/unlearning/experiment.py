@@ -32,9 +32,9 @@ from .rocr import down_proj_second_moment, subject_patching, rocr
 __all__ = ['WORLD_MODELS', 'UNLEARN_ARMS', 'METHOD_ORDER', 'NARRATIVE_TRAINED', 'UNLEARN_CLAIMS', 'SAMPLE_KEYS',
            'world_documents', 'world_model_config', 'train_world_model', 'UnlearnRunConfig', 'unlearn_run_config',
            'operating_point', 'SeedRun', 'world_model_unit', 'reinforced_unit', 'patching_unit', 'rocr_per_layer_unit',
-           'gradient_path', 'exact_anchors', 'noisy_world_anchors', 'whp_path', 'whp_inference_path', 'rocr_path',
-           'UnlearnArm', 'arm_unit', 'plot_form_heatmap', 'plot_tradeoff', 'plot_whp_steps', 'plot_mechanism',
-           'plot_rocr_layers', 'plot_relearning', 'reproduce_unlearning']
+           'gradient_path', 'exact_anchors', 'default_anchors', 'noisy_world_anchors', 'whp_path', 'whp_inference_path',
+           'rocr_path', 'UnlearnArm', 'arm_unit', 'plot_form_heatmap', 'plot_tradeoff', 'plot_whp_steps',
+           'plot_mechanism', 'plot_rocr_layers', 'plot_relearning', 'reproduce_unlearning']
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #cae281d7
 def world_documents(world: World, universes: Sequence[str], seed: int = 0) -> list[Document]:
@@ -88,7 +88,8 @@ class UnlearnRunConfig:
     rocr_layers: tuple = (0, 1)
     rocr_strengths: tuple = (0.25, 0.5, 1.0, 1.5, 2.0)  # a scale on z - h_L: 1 is ROCR, > 1 overshoots (a path knob, not the paper's)
     rocr_threshold: float = 1e-2
-    noisy_coverage: float = 0.7
+    anchor_coverage: float = 0.8    # the default anchor dictionary keeps this share of the anchored terms: a real extractor misses some
+    noisy_coverage: float = 0.5     # the noisy-dictionary arms: a much poorer extractor
     relearn_people: int = 2
     relearn_steps: tuple = (2, 5, 10, 20)
     relearn_lr: float = 1e-3
@@ -267,17 +268,22 @@ def exact_anchors(s: SeedRun) -> dict:
     "The world's exact anchor dictionary (every anchored term and its generic counterpart)."
     return s.world.anchors
 
+# %% ../../nbs/unlearning/06_experiment.ipynb #499cef7b
+def default_anchors(s: SeedRun) -> dict:
+    "The default, imperfect anchor dictionary: a seeded `anchor_coverage` share of the exact one (the terms a real extractor would find)."
+    return noisy_anchors(s.world.anchors, s.cfg.anchor_coverage, s.seed)
+
 # %% ../../nbs/unlearning/06_experiment.ipynb #1244b0a5
 def noisy_world_anchors(s: SeedRun) -> dict:
     "An imperfect anchor dictionary: a seeded `noisy_coverage` share of the exact one (`noisy_anchors`)."
     return noisy_anchors(s.world.anchors, s.cfg.noisy_coverage, s.seed)
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #600c5522
-def whp_path(s: SeedRun, reinforced: bool, anchors: Callable | None) -> tuple[list, dict, dict]:
-    "WHP: finetune on generic labels from the reinforced model (or not) and the anchors `anchors(s)` (or none) along `cfg.whp_steps`; wall time includes labels and reinforcing."
+def whp_path(s: SeedRun, reinforced: bool, anchors: Callable | None, alpha: float | None = None) -> tuple[list, dict, dict]:
+    "WHP: finetune on generic labels from the reinforced model (or not) and the anchors `anchors(s)` (or none) along `cfg.whp_steps`, labels at `alpha` (default `cfg.whp_alpha`); wall time includes labels and reinforcing."
     t = time.perf_counter()
     lab = whp_labels(s.model("orig"), s.model("reinforced") if reinforced else None, s.tok, s.ev.forget_texts, anchors(s) if anchors else None,
-                     alpha=s.cfg.whp_alpha, impl=s.train.impl)
+                     alpha=s.cfg.whp_alpha if alpha is None else alpha, impl=s.train.impl)
     changed = lab.pop("changed")
     extra_s = time.perf_counter() - t + (s.units["reinforced"]["train_s"] if reinforced else 0.0)
     pts, states = _probe_path(s, "finetune", lab, s.cfg.whp_steps)
@@ -309,11 +315,15 @@ class UnlearnArm:
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #574b8e8f
 UNLEARN_ARMS = {  # arm name -> UnlearnArm, in the order of every table and figure
-    "whp_full": UnlearnArm(partial(whp_path, reinforced=True, anchors=exact_anchors), "whp", True),
+    "whp_full": UnlearnArm(partial(whp_path, reinforced=True, anchors=default_anchors), "whp", True),  # the registered arm: alpha = whp_alpha
     "whp_inference": UnlearnArm(whp_inference_path, "whp", False),
     "whp_reinforced_only": UnlearnArm(partial(whp_path, reinforced=True, anchors=None), "whp", True),
-    "whp_anchors_only": UnlearnArm(partial(whp_path, reinforced=False, anchors=exact_anchors), "whp", True),
+    "whp_anchors_only": UnlearnArm(partial(whp_path, reinforced=False, anchors=default_anchors), "whp", True),
     "whp_noisy_anchors": UnlearnArm(partial(whp_path, reinforced=True, anchors=noisy_world_anchors), "whp", True),
+    "whp_noisy_anchors_only": UnlearnArm(partial(whp_path, reinforced=False, anchors=noisy_world_anchors), "whp", True),
+    "whp_exact_anchors": UnlearnArm(partial(whp_path, reinforced=True, anchors=exact_anchors), "whp", True),      # exploratory ceiling
+    "whp_full_alpha5": UnlearnArm(partial(whp_path, reinforced=True, anchors=default_anchors, alpha=5.0), "whp", True),   # the alpha sweep
+    "whp_full_alpha20": UnlearnArm(partial(whp_path, reinforced=True, anchors=default_anchors, alpha=20.0), "whp", True),
     "grad_ascent": UnlearnArm(partial(gradient_path, method="grad_ascent", steps="ga_steps"), "gradient", True),
     "graddiff": UnlearnArm(partial(gradient_path, method="graddiff", steps="ga_steps"), "gradient", True),
     "graddiff_kl": UnlearnArm(partial(gradient_path, method="graddiff_kl", steps="ga_steps"), "gradient", True),
