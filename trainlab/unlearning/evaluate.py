@@ -89,12 +89,18 @@ def auc_ci(pos, neg, paired: bool = False, n_boot: int = 1000, level: float = 0.
     lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
     return a, float(lo), float(hi)
 
+# %% ../../nbs/unlearning/02_evaluate.ipynb #fe0f81c1
+def _ks(a, b) -> tuple[float, float]:
+    "(p, D) of the two-sample Kolmogorov-Smirnov test of samples `a` and `b` (scipy's `ks_2samp`, as open-unlearning's `ks_test`)."
+    from scipy.stats import ks_2samp
+    r = ks_2samp(np.asarray(a, float), np.asarray(b, float))
+    return float(r.pvalue), float(r.statistic)
+
 # %% ../../nbs/unlearning/02_evaluate.ipynb #8505dea6
 def gold_prob_ks(method_probs, oracle_probs) -> dict:
     "The first edition's statistic, under its own name: a two-sample KS test of per-item gold-answer probabilities, method vs oracle (`gold_prob_ks_p`, `gold_prob_ks_d`)."
-    from scipy.stats import ks_2samp
-    r = ks_2samp(np.asarray(method_probs, float), np.asarray(oracle_probs, float))
-    return dict(gold_prob_ks_p=float(r.pvalue), gold_prob_ks_d=float(r.statistic))
+    p, d = _ks(method_probs, oracle_probs)
+    return dict(gold_prob_ks_p=p, gold_prob_ks_d=d)
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #4a213871
 @torch.no_grad()
@@ -134,9 +140,8 @@ def truth_ratios(model, tok, items: Sequence[dict], wrong: Sequence[Sequence[str
 # %% ../../nbs/unlearning/02_evaluate.ipynb #9591db8a
 def forget_quality(method_tr, oracle_tr) -> dict:
     "TOFU's forget quality: a two-sample KS test of per-item truth ratios, method vs retrain oracle: `forget_quality` (p), `forget_quality_d` (D)."
-    from scipy.stats import ks_2samp
-    r = ks_2samp(np.asarray(method_tr, float), np.asarray(oracle_tr, float))
-    return dict(forget_quality=float(r.pvalue), forget_quality_d=float(r.statistic))
+    p, d = _ks(method_tr, oracle_tr)
+    return dict(forget_quality=p, forget_quality_d=d)
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #136ed027
 class WorldEval:
