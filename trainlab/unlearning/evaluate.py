@@ -249,6 +249,7 @@ def method_summary(scores: dict, orig: dict, oracle: dict, wall_s: float, **extr
                neighbour_acc=scores["neighbour_acc"], neighbour_forms=scores["neighbour_forms"], generic_qa_acc=scores["generic_qa_acc"],
                wall_s=float(wall_s))
     for k in ("mia_auc", "mia_auc_ci", "mia_auc_unseen_names", "mia_auc_ref"): out[k] = scores.get(k, float("nan"))
+    out["mia_auc_vs_oracle"] = abs(out["mia_auc"] - oracle.get("mia_auc", float("nan")))  # |AUC - AUC_oracle|: membership like the oracle's
     out.update(forget_quality(scores["truth_ratios"], oracle["truth_ratios"]))
     out.update(gold_prob_ks(scores["item_probs"], oracle["item_probs"]))
     out.update(extra)
