@@ -15,11 +15,14 @@ __all__ = ['GENERIC_TERMS', 'KINDS', 'RELATIONS', 'UNIVERSES', 'NARRATIVE', 'NAR
            'ForgetRetainDataModule', 'masked_mean', 'npo_loss', 'simnpo_loss', 'UnlearnMethod', 'UnlearnLitModule',
            'PathProbe', 'unlearn_config', 'unlearn', 'align_translation', 'naive_alignment_errors', 'whp_labels',
            'GenericLogitsLM', 'subject_states', 'down_proj_second_moment', 'null_space_projector', 'rocr_edit',
-           'subject_patching', 'rocr', 'UnlearnRunConfig', 'unlearn_run_config', 'operating_point', 'mechanism_probe',
-           'SeedRun', 'world_model_unit', 'reinforced_unit', 'patching_unit', 'rocr_per_layer_unit', 'gradient_path',
-           'exact_anchors', 'default_anchors', 'noisy_world_anchors', 'whp_path', 'whp_inference_path', 'rocr_path',
-           'UnlearnArm', 'arm_unit', 'plot_form_heatmap', 'plot_tradeoff', 'plot_whp_steps', 'plot_mechanism',
-           'plot_rocr_layers', 'plot_relearning', 'reproduce_unlearning']
+           'subject_patching', 'rocr', 'causal_trace', 'UnlearnRunConfig', 'unlearn_run_config', 'operating_point',
+           'mechanism_probe', 'SeedRun', 'world_model_unit', 'reinforced_unit', 'patching_unit', 'rocr_per_layer_unit',
+           'gradient_path', 'exact_anchors', 'default_anchors', 'noisy_world_anchors', 'whp_path', 'whp_inference_path',
+           'rocr_path', 'UnlearnArm', 'arm_unit', 'plot_form_heatmap', 'plot_tradeoff', 'plot_whp_steps',
+           'plot_mechanism', 'plot_rocr_layers', 'plot_relearning', 'reproduce_unlearning', 'RocrRunConfig',
+           'rocr_world', 'form_scores', 'trace_window', 'fixed_redirect', 'rocr_single_targets', 'rocr_batch',
+           'ROCR_ARMS', 'ROCR_CLAIMS', 'ROCR_SAMPLE_KEYS', 'rocr_arm_summary', 'rocr_seed', 'plot_trace',
+           'plot_rocr_forms', 'reproduce_unlearning_rocr']
 
 # %% ../../nbs/unlearning/00_unlearning.ipynb #976a9c94
 from .world import (invented_word, GENERIC_TERMS, KINDS, RELATIONS, UNIVERSES, Universe, World, make_world,
@@ -33,7 +36,7 @@ from .evaluate import (score_items, gold_logprobs, text_bpb, min_k_scores, auc, 
 from .methods import (ForgetRetainDataset, ForgetRetainDataModule, masked_mean, npo_loss, simnpo_loss,
                                          UnlearnMethod, UNLEARN_METHODS, UnlearnLitModule, PathProbe, unlearn_config, unlearn)
 from .whp import align_translation, naive_alignment_errors, whp_labels, GenericLogitsLM, mechanism_probe
-from .rocr import subject_states, down_proj_second_moment, null_space_projector, rocr_edit, subject_patching, rocr
+from .rocr import subject_states, down_proj_second_moment, null_space_projector, rocr_edit, subject_patching, rocr, causal_trace
 from .experiment import (world_documents, world_model_config, train_world_model, UnlearnRunConfig,
                                             unlearn_run_config, operating_point, WORLD_MODELS, SeedRun, world_model_unit,
                                             reinforced_unit, patching_unit, rocr_per_layer_unit, gradient_path, exact_anchors, default_anchors,
@@ -41,6 +44,9 @@ from .experiment import (world_documents, world_model_config, train_world_model,
                                             METHOD_ORDER, NARRATIVE_TRAINED, arm_unit, plot_form_heatmap, plot_tradeoff,
                                             plot_whp_steps, plot_mechanism, plot_rocr_layers, plot_relearning, UNLEARN_CLAIMS,
                                             SAMPLE_KEYS, GRADIENT_LRS, reproduce_unlearning)
+from .rocr_experiment import (RocrRunConfig, rocr_world, form_scores, trace_window, fixed_redirect, rocr_single_targets,
+                                                  rocr_batch, ROCR_ARMS, ROCR_CLAIMS, ROCR_SAMPLE_KEYS, rocr_arm_summary, rocr_seed,
+                                                  plot_trace, plot_rocr_forms, reproduce_unlearning_rocr)
 
 # %% ../../nbs/unlearning/00_unlearning.ipynb #41d84908
 _all_ = ["GENERIC_TERMS", "KINDS", "RELATIONS", "UNIVERSES", "NARRATIVE", "NARRATIVE_PROBES", "FILLER", "CLOZE", "QA", "MCQ", "TF",
@@ -53,7 +59,9 @@ _all_ = ["GENERIC_TERMS", "KINDS", "RELATIONS", "UNIVERSES", "NARRATIVE", "NARRA
          "world_model_config", "train_world_model", "ForgetRetainDataset", "ForgetRetainDataModule", "masked_mean", "npo_loss",
          "simnpo_loss", "UnlearnMethod", "UnlearnLitModule", "PathProbe", "unlearn_config", "unlearn", "align_translation",
          "naive_alignment_errors", "whp_labels", "GenericLogitsLM", "subject_states", "down_proj_second_moment", "null_space_projector",
-         "rocr_edit", "subject_patching", "rocr", "UnlearnRunConfig", "unlearn_run_config", "operating_point", "mechanism_probe",
+         "rocr_edit", "subject_patching", "rocr", "causal_trace", "UnlearnRunConfig", "unlearn_run_config", "operating_point", "mechanism_probe",
          "SeedRun", "world_model_unit", "reinforced_unit", "patching_unit", "rocr_per_layer_unit", "gradient_path", "exact_anchors", "default_anchors",
          "noisy_world_anchors", "whp_path", "whp_inference_path", "rocr_path", "UnlearnArm", "arm_unit", "plot_form_heatmap",
-         "plot_tradeoff", "plot_whp_steps", "plot_mechanism", "plot_rocr_layers", "plot_relearning", "reproduce_unlearning"]
+         "plot_tradeoff", "plot_whp_steps", "plot_mechanism", "plot_rocr_layers", "plot_relearning", "reproduce_unlearning",
+         "RocrRunConfig", "rocr_world", "form_scores", "trace_window", "fixed_redirect", "rocr_single_targets", "rocr_batch", "ROCR_ARMS",
+         "ROCR_CLAIMS", "ROCR_SAMPLE_KEYS", "rocr_arm_summary", "rocr_seed", "plot_trace", "plot_rocr_forms", "reproduce_unlearning_rocr"]

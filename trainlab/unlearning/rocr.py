@@ -15,7 +15,8 @@ from .world import World, ROCR_CONTEXTS, FORMS, eval_items, encode_texts, pad_ba
 from .evaluate import score_items
 
 # %% auto #0
-__all__ = ['subject_states', 'down_proj_second_moment', 'null_space_projector', 'rocr_edit', 'subject_patching', 'rocr']
+__all__ = ['subject_states', 'down_proj_second_moment', 'null_space_projector', 'rocr_edit', 'subject_patching', 'causal_trace',
+           'rocr']
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #297de024
 @torch.no_grad()
@@ -99,6 +100,63 @@ def subject_patching(model: TinyLM, tok, world: World, layer: int, forms: Sequen
         try: out[f] = float(score_items(model, tok, items, batch_size=len(items))["prob"].mean())
         finally: handle.remove()
     return out
+
+# %% ../../nbs/unlearning/05_rocr.ipynb #a23adec7
+@torch.no_grad()
+def causal_trace(model: TinyLM, tok, items: Sequence[dict], n_noise: int = 4, noise_scale: float = 3.0, seed: int = 0) -> dict:
+    """ROME's causal trace over `items` (each with `prompt`, `answer` and a `subject` inside the prompt). Clean run: p = the answer's first token's
+    probability. Corrupted run: Gaussian noise of std `noise_scale` x the embedding std added to the subject's token embeddings (`n_noise` draws).
+    Per layer l, the corrupted run with ONE clean state restored: the MLP output at the last subject token (`mlp_subject`), the residual after
+    block l at the last subject token (`resid_subject`) or at the last prompt token (`resid_last`). Each effect is normalised by the damage:
+    (mean p_restored - mean p_corrupt) / (mean p_clean - mean p_corrupt)."""
+    items = [it for it in items if it["subject"] in it["prompt"]]
+    expect(len(items) > 0, "items", "items whose prompt contains their subject", 0)
+    expect(n_noise >= 1 and noise_scale > 0, "n_noise/noise_scale", ">= 1 draw and a positive scale", (n_noise, noise_scale))
+    enc, spans, ans = [], [], []
+    for it in items:
+        pre = [tok.eot_id] + tok.encode(it["prompt"][:it["prompt"].index(it["subject"])])
+        enc.append([tok.eot_id] + tok.encode(it["prompt"]))
+        spans.append((len(pre), len(pre) + len(tok.encode(it["subject"]))))   # [first, last + 1) of the subject
+        ans.append(tok.encode(" " + it["answer"])[0])
+    x = pad_batch(enc, tok.pad_id).repeat(n_noise, 1)
+    rows, last = torch.arange(len(x)), torch.tensor([len(e) - 1 for e in enc]).repeat(n_noise)
+    subj_last, gold = torch.tensor([b - 1 for _, b in spans]).repeat(n_noise), torch.tensor(ans).repeat(n_noise)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.zeros(*x.shape, model.config.d_model)
+    std = float(model.embed.weight.std())
+    for r in range(len(x)):
+        a, b = spans[r % len(enc)]
+        noise[r, a:b] = noise_scale * std * torch.randn(b - a, model.config.d_model, generator=g)
+    was = model.training; model.eval()
+    def run(patch=None):
+        hs = [model.embed.register_forward_hook(lambda m, i, o: o + noise)] if patch is not None else []
+        if patch not in (None, "none"):
+            kind, l, pos, val = patch
+            mod = model.layers[l].mlp if kind == "mlp" else model.layers[l]
+            def hook(m, i, o):
+                y = (o if kind == "mlp" else o[0]).clone(); y[rows, pos] = val
+                return y if kind == "mlp" else (y, *o[1:])
+            hs.append(mod.register_forward_hook(hook))
+        try:
+            if patch is not None: return torch.softmax(model(x).logits[rows, last].float(), -1)[rows, gold], None, None
+            with record_activations(model, "layers.*.mlp", what="output") as st:  # the clean run keeps every state to restore
+                out = model(x, output_hidden_states=True)
+        finally:
+            for h in hs: h.remove()
+        return torch.softmax(out.logits[rows, last].float(), -1)[rows, gold], out, st
+    try:
+        p_clean, clean, mlp = run()
+        p_bad = run("none")[0]
+        dmg = float(p_clean.mean() - p_bad.mean())
+        eff = lambda p: float(p.mean() - p_bad.mean()) / dmg if abs(dmg) > 1e-9 else float("nan")
+        L = len(model.layers)
+        out = {"layers": list(range(L)), "p_clean": float(p_clean.mean()), "p_corrupt": float(p_bad.mean()), "n_items": len(items), "n_noise": n_noise}
+        out["mlp_subject"] = [eff(run(("mlp", l, subj_last, mlp[f"layers.{l}.mlp"][0][rows, subj_last]))[0]) for l in range(L)]
+        out["resid_subject"] = [eff(run(("resid", l, subj_last, clean.hidden_states[l + 1][rows, subj_last]))[0]) for l in range(L)]
+        out["resid_last"] = [eff(run(("resid", l, last, clean.hidden_states[l + 1][rows, last]))[0]) for l in range(L)]
+    finally: model.train(was)
+    return out
+
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #61704856
 def rocr(model: TinyLM, tok, world: World, layers: Sequence[int] = (0, 1), project: bool = True, threshold: float = 1e-2,

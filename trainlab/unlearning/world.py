@@ -84,12 +84,17 @@ class World:
         return set(u.people) | {t for ts in u.terms.values() for t in ts}
 
 # %% ../../nbs/unlearning/01_world.ipynb #733cca22
-def make_world(seed: int = 0, n_generic: int = 120, n_target: int = 16, n_other: int = 16, terms_per_kind: int = 6) -> World:
-    "A seeded world: invented names and terms for target / neighbour / holdout, plain ones for generic; one object per person and relation."
+def make_world(seed: int = 0, n_generic: int = 120, n_target: int = 16, n_other: int = 16, terms_per_kind: int = 6,
+               name_pieces: int = 1, piece_pool: int = 16) -> World:
+    """A seeded world: invented names and terms for target / neighbour / holdout, plain ones for generic; one object per person and relation.
+    `name_pieces` > 1: every person's name is that many words drawn from one shared pool of `piece_pool` invented pieces (no piece names anyone)."""
     expect(isinstance(seed, int) and seed >= 0, "seed", "an int >= 0", seed)
     for k, v, lo in (("n_generic", n_generic, 4), ("n_target", n_target, 4), ("n_other", n_other, 4), ("terms_per_kind", terms_per_kind, 4)):
         expect(isinstance(v, int) and v >= lo, k, f"an int >= {lo}", v)
     expect(terms_per_kind <= min(map(len, GENERIC_TERMS.values())), "terms_per_kind", f"<= {min(map(len, GENERIC_TERMS.values()))} (anchors need distinct generic terms)", terms_per_kind)
+    expect(isinstance(name_pieces, int) and name_pieces >= 1, "name_pieces", "an int >= 1", name_pieces)
+    n_people = n_generic + n_target + 2 * n_other
+    expect(name_pieces == 1 or piece_pool ** name_pieces >= 1.5 * n_people, "piece_pool", f"enough pieces for {n_people} distinct names (piece_pool ** name_pieces >= {1.5 * n_people:g})", piece_pool)
     expect(n_target <= n_generic, "n_target", f"<= n_generic={n_generic} (every target person is anchored to a distinct generic person)", n_target)
     rng = random.Random(f"world/{seed}")
     used = {w for ts in GENERIC_TERMS.values() for w in ts}
@@ -97,8 +102,15 @@ def make_world(seed: int = 0, n_generic: int = 120, n_target: int = 16, n_other:
         while True:
             w = invented_word(rng, syl)
             if w not in used and len(w) >= 4: used.add(w); return w
+    if name_pieces > 1:  # names from shared pieces: drawn once, so every universe's names overlap piece by piece
+        pool = [fresh(1) for _ in range(piece_pool)]
+        def person():
+            while True:
+                w = " ".join(rng.choice(pool) for _ in range(name_pieces))
+                if w not in used: used.add(w); return w
+    else: person = lambda: fresh(2)
     def universe(name, n_people, invented):
-        people = [fresh(2) for _ in range(n_people)]
+        people = [person() for _ in range(n_people)]
         terms = {k: ([fresh(rng.choice((2, 3))) for _ in range(terms_per_kind)] if invented else list(GENERIC_TERMS[k])) for k in KINDS}
         u = Universe(name, people, terms)
         for i, p in enumerate(people):
