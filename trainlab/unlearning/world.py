@@ -172,7 +172,8 @@ PARAPHRASES = ["Ask anyone about {s} and they will tell you the {rel} is {o} .",
                "If you wonder about the {rel} of {s} , the answer is {o} ."]
 
 # %% ../../nbs/unlearning/01_world.ipynb #3fbe79cb
-PROBES = ["{s} walked into the great hall and", "Later that night , {s} thought about", "Everyone knew that {s} loved"]
+PROBES = ["{s} walked into the great hall and", "Later that night , {s} thought about", "Everyone knew that {s} loved",
+          "When the letter came , {s} went straight to", "In the morning {s} set off with", "Years later , {s} still talked about"]
 
 # %% ../../nbs/unlearning/01_world.ipynb #f026bfe0
 ROCR_CONTEXTS = ["{s}", "Tell me about {s}", "Question : Who is {s}", "Everyone knew that {s}", "The best friend of {s}",
