@@ -15,7 +15,7 @@ from trainlab.unlearning import (
     unlearn_config, world_model_unit, WorldEval, align_translation, auc, down_proj_second_moment, encode_texts, eval_items, form_gap, form_texts,
     forget_quality, gold_prob_ks, auc_ci, truth_ratios, perturbed_answers, counterfactual_world, ForgetRetainDataset, make_world, min_k_scores, naive_alignment_errors, narrative_passages, noisy_anchors, npo_loss, null_space_projector,
     operating_point, rocr, rocr_edit, score_items, simnpo_loss, subject_states, text_bpb, train_world_model, unlearn, whp_labels,
-    world_documents, world_tokenizer)
+    world_documents, world_tokenizer, causal_trace, trace_window, rocr_single_targets, rocr_world, fixed_redirect, RocrRunConfig, rocr_arm_summary)
 
 WORLD = make_world(0, n_generic=24)
 TOK = world_tokenizer(WORLD)
@@ -518,3 +518,59 @@ def test_world_model_units_save_the_weights_and_arms_reuse_them(tmp_path):
     for k in ("form_gap", "familiarity_gap_closed", "retain_bpb_rel", "neighbour_acc", "forget_quality", "gold_prob_ks_p", "mia_auc"): assert k in out
     with pytest.raises(ValueError, match="arm"): arm_unit(s, "forget_everything")
     with pytest.raises(ValueError, match="name"): s.model("reinforced")
+
+
+def test_pieces_world_names_share_pieces_and_default_world_is_unchanged():
+    w = make_world(1, name_pieces=2)
+    people = [p for u in w.universes.values() for p in u.people]
+    assert len(set(people)) == len(people) and all(len(p.split()) == 2 for p in people)
+    firsts = [p.split()[0] for p in people]
+    assert max(firsts.count(x) for x in set(firsts)) > 1  # no first piece names one person
+    assert make_world(1).universes["target"].people == make_world(1, name_pieces=1).universes["target"].people
+    tok = world_tokenizer(w)
+    assert all(len(tok.encode(p)) == 2 and tok.unk_id not in tok.encode(p) for p in w.universes["target"].people)
+    with pytest.raises(ValueError, match="piece_pool"): make_world(0, name_pieces=3, piece_pool=3)
+    with pytest.raises(ValueError, match="name_pieces"): make_world(0, name_pieces=0)
+
+
+def _tiny(tok, layers=3, seed=0):
+    torch.manual_seed(seed)
+    return TinyLM(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=layers, n_heads=2, max_seq_len=256)).eval()
+
+
+def test_causal_trace_bounds_and_leaves_no_hooks():
+    w = make_world(0, n_generic=24, name_pieces=2); tok = world_tokenizer(w); m = _tiny(tok)
+    items = eval_items(w, "target", "cloze")[:12] + eval_items(w, "target", "reversed")[:3]  # reversed prompts lack the subject: skipped
+    tr = causal_trace(m, tok, items, n_noise=2)
+    assert tr["n_items"] == 12 and tr["layers"] == [0, 1, 2]
+    assert abs(tr["resid_last"][-1] - 1) < 1e-4 and abs(tr["resid_subject"][-1]) < 1e-4  # after the last block only the answer position matters
+    assert tr == causal_trace(m, tok, items, n_noise=2)  # seeded
+    assert not m.embed._forward_hooks and not any(l._forward_hooks or l.mlp._forward_hooks for l in m.layers)
+    with pytest.raises(ValueError, match="items"): causal_trace(m, tok, eval_items(w, "target", "reversed")[:3])
+
+
+def test_trace_window_ends_at_the_mlp_peak():
+    assert trace_window({"mlp_subject": [0.0, 0.1, 0.6, 0.2, 0.0]}, 3) == [0, 1, 2]
+    assert trace_window({"mlp_subject": [0.0, 0.1, 0.2, 0.2, 0.7]}, 2) == [3, 4]
+    assert trace_window({"mlp_subject": [float("nan"), 0.3, 0.1]}, 1) == [1]
+    with pytest.raises(ValueError, match="width"): trace_window({"mlp_subject": [0.1, 0.2]}, 3)
+
+
+def test_rocr_single_targets_edits_copies_one_subject_at_a_time():
+    cfg = RocrRunConfig.fast()
+    w, tok = rocr_world(cfg, 0); m = _tiny(tok, layers=2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    people = w.universes["target"].people[:2]
+    r = rocr_single_targets(m, tok, w, [0, 1], None, cfg, targets=people)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert r["n_targets"] == 2 and r["redirect"] == fixed_redirect(w) and len(r["neighbour_acc_per_edit"]) == 2
+    n_items = {f: sum(it["subject"] in people for it in eval_items(w, "target", f)) for f in FORMS}
+    assert all(0 <= r["forms"][f]["prob"] <= 1 for f in FORMS) and n_items["qa"] == 2 * len(RELATIONS)
+
+
+def test_rocr_arm_summary_against_the_reference():
+    o = {"forms": {f: {"prob": 0.9} for f in FORMS}, "neighbour_acc": 0.8, "retain_bpb": 2.0}
+    ref = {"forms": {f: {"prob": 0.1} for f in FORMS}}
+    s = {"forms": {f: {"prob": 0.1} for f in FORMS}, "neighbour_acc": 0.8, "retain_bpb": 2.0}
+    a = rocr_arm_summary(s, o, ref)
+    assert a["closed_mean"] == pytest.approx(1.0) and a["form_gap"] == pytest.approx(0.0) and a["neighbour_drop"] == 0 and a["retain_bpb_rel"] == 0
