@@ -196,6 +196,11 @@ def page_url(notebook: str) -> str:
     parts = [re.sub(r"^\d+[a-z]?_", "", x) for x in Path(notebook).with_suffix(".html").parts]
     return f"{SITE_URL}/{'/'.join(parts)}"
 
+# %% ../nbs/04_reproduce.ipynb #9069bff8
+def _cell(text: str) -> str:
+    "`text` safe inside a markdown table cell: its pipes escaped (a statement such as '|form-gap| < 0.2' would split the row)."
+    return text.replace("|", "\\|")
+
 # %% ../nbs/04_reproduce.ipynb #9c221d0e
 VERDICT_MARKS = {"holds": "holds", "fails": "**fails**", "inconclusive": "inconclusive"}
 
@@ -210,15 +215,15 @@ def results_table(results_dir: str | Path, link: Callable[[str], str] | None = N
         m = read_json(f); fast = read_json(f.with_name("run.json")).get("fast")
         nb = f"[{Path(rep.notebook).stem.split('_', 1)[-1]}]({link(rep.notebook)})" if rep.notebook else ""
         if not rep.claims:  # a reproduction without claims (a calibration feeding another one): one line, no verdict
-            rows.append(f"| `{name}` | {rep.description} | no claims registered | | - | {nb} |")
+            rows.append(f"| `{name}` | {_cell(rep.description)} | no claims registered | | - | {nb} |")
             continue
         if "claims" not in m:  # the registered claims, not yet judged by a run
             for c in rep.claims or [None]:
-                rows.append(f"| `{name}` | {c.statement if c else rep.description} | results predate the claims format; rerun pending | | not judged | {nb} |")
+                rows.append(f"| `{name}` | {_cell(c.statement if c else rep.description)} | results predate the claims format; rerun pending | | not judged | {nb} |")
             continue
         for c in m["claims"]:
             v = VERDICT_MARKS.get(c["verdict"], c["verdict"]) + (" (--fast run)" if fast and c["verdict"] in VERDICT_MARKS else "")
-            rows.append(f"| `{name}` | {c['statement']} | {fmt_claim(c)} | {c['n_seeds']} | {v} | {nb} |")
+            rows.append(f"| `{name}` | {_cell(c['statement'])} | {fmt_claim(c)} | {c['n_seeds']} | {v} | {nb} |")
     return "\n".join(rows)
 
 # %% ../nbs/04_reproduce.ipynb #3620e71c

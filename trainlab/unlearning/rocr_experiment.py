@@ -101,7 +101,6 @@ def rocr_single_targets(model: TinyLM, tok, world: World, layers: Sequence[int],
     probs, correct = {f: [] for f in FORMS}, {f: [] for f in FORMS}
     nb_acc, retain, edit_s = [], [], []
     retain_texts = narrative_passages(world, "generic", seed=1, per_person=1)
-    nb_items = [it for f in FORMS for it in eval_items(world, "neighbour", f)]
     for p in targets:
         m = copy.deepcopy(model).eval()
         info = rocr_edit(m, tok, [p], [redirect], layers, projectors, lam=cfg.lam)
@@ -109,7 +108,7 @@ def rocr_single_targets(model: TinyLM, tok, world: World, layers: Sequence[int],
         for f in FORMS:
             s = score_items(m, tok, [it for it in eval_items(world, "target", f) if it["subject"] == p])
             probs[f] += list(s["prob"]); correct[f] += list(s["correct"])
-        nb_acc.append(float(score_items(m, tok, nb_items)["correct"].mean()))
+        nb_acc.append(float(np.mean([v["acc"] for v in form_scores(m, tok, world, "neighbour")["forms"].values()])))  # as the original's: mean over forms
         retain.append(text_bpb(m, tok, retain_texts))
     forms = {f: dict(acc=float(np.mean(correct[f])), prob=float(np.mean(probs[f]))) for f in FORMS}
     return dict(forms=forms, neighbour_acc=float(np.mean(nb_acc)), neighbour_acc_per_edit=nb_acc, retain_bpb=float(np.mean(retain)),
