@@ -481,7 +481,7 @@ def test_unlearn_config_and_fit_follow_the_seed():
 
 def test_run_config_embeds_train_config():
     full, fast = UnlearnRunConfig.full(seed=1), UnlearnRunConfig.fast(seed=1)
-    assert isinstance(full.train, TrainConfig) and full.train.seed == 1 and full.train.steps == 1200 and fast.train.steps < full.train.steps
+    assert isinstance(full.train, TrainConfig) and full.train.seed == 1 and full.train.steps == 800 and fast.train.steps < full.train.steps
     u = fast.unlearn_train(7)
     assert (u.steps, u.lr, u.batch_size, u.seed, u.schedule) == (7, fast.unlearn_lr, fast.unlearn_batch_size, 1, "constant")
     bf = UnlearnRunConfig(train=fast.train.replace(precision="bf16-mixed", impl="torch"))
