@@ -5,15 +5,16 @@
 # %% ../nbs/05_baseline.ipynb #6714943a
 from __future__ import annotations
 from dataclasses import dataclass, field, asdict
+from typing import ClassVar
 
 import matplotlib.pyplot as plt
 import torch
 
-from .core import in_test
 from .model import ModelConfig, count_parameters
 from .data import LMDataModule
 from .train import TrainConfig, LMLitModule, fit
 from .stats import Claim
+from .runconfig import RunConfig, register_arm, arm_specs
 from .reproduce import register_reproduction, RunContext
 
 # %% auto #0
@@ -21,26 +22,33 @@ __all__ = ['BASELINE_ARMS', 'BASELINE_CLAIMS', 'BaselineConfig', 'train_baseline
 
 # %% ../nbs/05_baseline.ipynb #9ccd94a2
 @dataclass
-class BaselineConfig:
+class BaselineConfig(RunConfig):
     "The `baseline` run: a shared `TrainConfig` plus the corpus and the evaluation budget."
     train: TrainConfig = field(default_factory=TrainConfig)
     corpus: str = "stdlib_code"
     max_eval_tokens: int | None = 65_536
+    seed_field: ClassVar[str] = "train.seed"
 
     @classmethod
     def full(cls, seed: int = 0) -> BaselineConfig:
         "~0.8M-parameter decoder, 600 steps of 16 x 256 tokens (2.5M tokens)."
-        return cls(TrainConfig(model=ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256), steps=600, lr=3e-3,
-                               warmup_steps=60, batch_size=16, seq_len=256, val_every=100, seed=seed))
+        model = ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256)
+        train = TrainConfig(model=model, steps=600, lr=3e-3, warmup_steps=60, batch_size=16,
+                            seq_len=256, val_every=100, seed=seed)
+        return cls(train)
 
     @classmethod
     def fast(cls, seed: int = 0) -> BaselineConfig:
         "The CI-sized version: seconds on 2 cores."
-        return cls(TrainConfig(model=ModelConfig(d_model=64, n_layers=2, n_heads=4, max_seq_len=128), steps=60, lr=3e-3,
-                               warmup_steps=10, batch_size=8, seq_len=128, val_every=30, seed=seed), max_eval_tokens=8_192)
+        model = ModelConfig(d_model=64, n_layers=2, n_heads=4, max_seq_len=128)
+        train = TrainConfig(model=model, steps=60, lr=3e-3, warmup_steps=10, batch_size=8,
+                            seq_len=128, val_every=30, seed=seed)
+        return cls(train, max_eval_tokens=8_192)
 
 # %% ../nbs/05_baseline.ipynb #01475776
-BASELINE_ARMS = {"fp32": "32-true", "bf16": "bf16-mixed"}  # arm -> TrainConfig.precision
+register_arm("baseline", "fp32", "32-true", role="baseline", description="float32 training: the reference")
+register_arm("baseline", "bf16", "bf16-mixed", role="method", description="bf16 autocast on the CPU")
+BASELINE_ARMS = arm_specs("baseline")  # arm -> TrainConfig.precision
 
 # %% ../nbs/05_baseline.ipynb #ba41bc20
 BASELINE_CLAIMS = (
@@ -73,20 +81,28 @@ def plot_loss_curves(units: dict, title: str = ""):
     return fig
 
 # %% ../nbs/05_baseline.ipynb #07f9c074
-@register_reproduction("baseline", "Train the tiny LM on the embedded stdlib corpus in fp32 and bf16 over paired seeds: val bpb, tokens/s, loss curves.",
-                       claims=BASELINE_CLAIMS, notebook="05_baseline.ipynb", default_seeds=3)
+@register_reproduction(
+    "baseline",
+    "Train the tiny LM on the embedded stdlib corpus in fp32 and bf16 over paired seeds: "
+    "val bpb, tokens/s, loss curves.",
+    claims=BASELINE_CLAIMS, notebook="05_baseline.ipynb", default_seeds=3, run_config=BaselineConfig)
 def reproduce_baseline(ctx: RunContext) -> dict:
     "Both arms on every seed (each seed's arms back to back); per-seed values for the claims."
-    make = BaselineConfig.fast if (ctx.fast or in_test()) else BaselineConfig.full
-    ctx.config = {"baseline": asdict(make()), "arms": BASELINE_ARMS, "threads": torch.get_num_threads()}  # threads: as set by --threads
-    units, samples = {}, {arm: {"val_bpb": [], "tokens_per_s": []} for arm in BASELINE_ARMS}
+    base = BaselineConfig.preset(ctx.fast)
+    threads = torch.get_num_threads()  # as set by --threads
+    ctx.config = {"baseline": asdict(base), "arms": BASELINE_ARMS, "threads": threads}
+    units = {}
+    samples = {arm: {"val_bpb": [], "tokens_per_s": []} for arm in BASELINE_ARMS}
     for seed in ctx.seeds:
         for arm, precision in BASELINE_ARMS.items():
-            cfg = make(seed); cfg.train = cfg.train.replace(precision=precision)
+            cfg = base.with_seed(seed)
+            cfg.train = cfg.train.replace(precision=precision)
             key = f"{arm}/seed{seed}"
             units[key] = ctx.unit(key, lambda run_dir: train_baseline(cfg, run_dir, ctx.progress))
-            for k in samples[arm]: samples[arm][k].append(units[key][k])
-    ctx.save_figure(plot_loss_curves(units, f"baseline on {make().corpus}: fp32 vs bf16, seeds {ctx.seeds}"), "loss_curve")
+            for k in samples[arm]:
+                samples[arm][k].append(units[key][k])
+    title = f"baseline on {base.corpus}: fp32 vs bf16, seeds {ctx.seeds}"
+    ctx.save_figure(plot_loss_curves(units, title), "loss_curve")
     first = units[f"fp32/seed{ctx.seeds[0]}"]
     return {"samples": samples, "seeds": ctx.seeds, "params": first["params"], "tokens": first["tokens"],
             "units": {k: {m: v for m, v in u.items() if m != "params"} for k, u in units.items()}}

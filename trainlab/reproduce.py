@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 
 from .core import expect, write_json, read_json, save_figure, git_sha, environment_info, now_iso
 from .stats import Claim, fmt_claim, fmt_num
+from .runconfig import check_run_config, is_fast_run
 
 # %% auto #0
 __all__ = ['REPRODUCTIONS', 'REPRODUCTION_MODULES', 'SITE_URL', 'VERDICT_MARKS', 'Reproduction', 'register_reproduction',
@@ -31,19 +32,22 @@ class Reproduction:
     notebook: str = ""
     default_seeds: int = 1
     summary_keys: tuple = ()
+    run_config: type | None = None  # its RunConfig subclass (full/fast presets, with_seed)
 
 REPRODUCTIONS: dict[str, Reproduction] = {}
 REPRODUCTION_MODULES = ("trainlab.baseline", "trainlab.curriculum", "trainlab.moe", "trainlab.spt", "trainlab.unlearning")
 
 def register_reproduction(name: str, description: str = "", claims: tuple | list = (), notebook: str = "", default_seeds: int = 1,
-                          summary_keys: tuple = ()):
+                          summary_keys: tuple = (), run_config: type | None = None):
     "Decorator registering `fn(ctx) -> dict` as the reproduction `name`, with its claims fixed here, before any run."
     expect(isinstance(name, str) and name.isidentifier() and name != "all", "name", "an identifier other than 'all'", name)
     expect(all(isinstance(c, Claim) for c in claims), "claims", "Claim objects", [type(c).__name__ for c in claims])
     expect(len({c.name for c in claims}) == len(claims), "claims", "unique claim names", [c.name for c in claims])
     expect(isinstance(default_seeds, int) and default_seeds >= 1, "default_seeds", "an int >= 1", default_seeds)
+    if run_config is not None: check_run_config(run_config)
     def deco(fn):
-        REPRODUCTIONS[name] = Reproduction(name, fn, description, tuple(claims), notebook, default_seeds, tuple(summary_keys))
+        REPRODUCTIONS[name] = Reproduction(name, fn, description, tuple(claims), notebook, default_seeds, tuple(summary_keys),
+                                           run_config)
         return fn
     return deco
 
