@@ -80,7 +80,7 @@ def test_hidden_states_mlp_inputs_and_activation_recording():
     m = TinyLM(CFG)
     ids = torch.randint(0, 256, (2, 6))
     with record_activations(m, "layers.*.mlp.down_proj") as acts:
-        out = m(ids, output_hidden_states=True, output_mlp_inputs=True)
+        out = m(ids, outputs=("hidden_states", "mlp_inputs"))
     assert len(out.hidden_states) == CFG.n_layers + 1 and len(out.mlp_inputs) == CFG.n_layers
     assert acts["layers.1.mlp.down_proj"][0].shape == (2, 6, CFG.d_ff)
     with pytest.raises(ValueError, match="patterns"):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import expect
+from .core import expect, check_choice
 from .kernels import RMSNorm, linear_cross_entropy
 
 # %% auto #0
@@ -141,6 +141,8 @@ class LMOutput:
     mlp_inputs: list | None = None      # the normalised input of each block's FFN
     aux_losses: dict = field(default_factory=dict)  # each averaged over the layers reporting it; added to the training loss
     aux: list = field(default_factory=list)         # per-layer aux dicts from the FFNs (router stats, ...)
+    group_loss_sum: torch.Tensor | None = None  # [num_groups] summed token losses per group (with `groups`)
+    group_count: torch.Tensor | None = None     # [num_groups] counted (non-ignored) tokens per group
 
 # %% ../nbs/02_model.ipynb #e2643a29
 class TinyLM(nn.Module):
@@ -167,38 +169,58 @@ class TinyLM(nn.Module):
             scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
             nn.init.normal_(p, 0.0, std * scale)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                return_logits: bool | None = None, output_hidden_states: bool = False, output_mlp_inputs: bool = False,
-                ignore_index: int = -100, group_ids: torch.Tensor | None = None, num_groups: int | None = None) -> LMOutput:
-        "Logits (by default only without `labels`), per-token loss with `labels` (and per-group loss sums with `group_ids`), optional internals."
-        expect(input_ids.dim() == 2 and not input_ids.is_floating_point(), "input_ids", "an integer tensor [batch, length]", tuple(input_ids.shape))
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, *, ignore_index: int = -100,
+                groups: tuple | None = None, return_logits: bool | None = None,
+                outputs: tuple = ()) -> LMOutput:
+        "Logits (by default only without `labels`), per-token loss with `labels`, optional internals."
+        # groups = (group_ids [B, L], num_groups): per-group loss sums from the same fused kernel pass
+        # outputs: internals to keep, any of "hidden_states" (residual stream) and "mlp_inputs"
+        expect(input_ids.dim() == 2 and not input_ids.is_floating_point(), "input_ids",
+               "an integer tensor [batch, length]", tuple(input_ids.shape))
         B, L = input_ids.shape
         expect(L <= self.config.max_seq_len, "input_ids", f"length <= max_seq_len={self.config.max_seq_len}", L)
-        if labels is not None: expect(labels.shape == input_ids.shape, "labels", f"shape {tuple(input_ids.shape)}", tuple(labels.shape))
-        if doc_ids is not None: expect(doc_ids.shape == input_ids.shape, "doc_ids", f"shape {tuple(input_ids.shape)}", tuple(doc_ids.shape))
+        for name, t in (("labels", labels), ("doc_ids", doc_ids)):
+            if t is not None:
+                expect(t.shape == input_ids.shape, name, f"shape {tuple(input_ids.shape)}", tuple(t.shape))
+        outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+        for o in outputs:
+            check_choice("outputs", o, ("hidden_states", "mlp_inputs"))
+        keep_h, keep_mlp = "hidden_states" in outputs, "mlp_inputs" in outputs
         cos, sin = self.rope_cos[:L], self.rope_sin[:L]
         x = self.embed(input_ids)
-        out = LMOutput(hidden_states=[x] if output_hidden_states else None, mlp_inputs=[] if output_mlp_inputs else None)
+        out = LMOutput(hidden_states=[x] if keep_h else None, mlp_inputs=[] if keep_mlp else None)
         n_reporting = {}  # layers reporting each auxiliary loss
         for layer in self.layers:
             x, h, aux = layer(x, cos, sin, doc_ids)
-            if output_hidden_states: out.hidden_states.append(x)
-            if output_mlp_inputs: out.mlp_inputs.append(h)
+            if keep_h:
+                out.hidden_states.append(x)
+            if keep_mlp:
+                out.mlp_inputs.append(h)
             out.aux.append(aux)
             for k, v in aux.get("losses", {}).items():
-                out.aux_losses[k] = out.aux_losses.get(k, 0) + v; n_reporting[k] = n_reporting.get(k, 0) + 1
-        # L_aux = (1/N) Σ_ℓ L_aux^(ℓ): the mean over the N layers that report it, as BlockFFN's official model averages its
-        # router losses over layers; a sum would give every router N times the weight its coefficient was set for
+                out.aux_losses[k] = out.aux_losses.get(k, 0) + v
+                n_reporting[k] = n_reporting.get(k, 0) + 1
+        # L_aux = (1/N) Σ_ℓ L_aux^(ℓ): the mean over the N layers that report it, as BlockFFN's official
+        # model averages its router losses over layers; a sum would give every router N times the
+        # weight its coefficient was set for
         out.aux_losses = {k: v / n_reporting[k] for k, v in out.aux_losses.items()}
         x = self.norm(x)
-        if return_logits if return_logits is not None else labels is None: out.logits = self.lm_head(x)
-        if labels is not None:  # fused head + loss: never materialises [tokens, vocab] on the Triton path
-            if group_ids is None:
-                out.loss = linear_cross_entropy(x, self.lm_head.weight, labels, ignore_index=ignore_index, reduction="none", impl=self.impl)
-            else:  # per-source sums come out of the same kernel pass (e.g. general vs domain tokens in one batch)
-                out.loss, out.group_loss_sum, out.group_count = linear_cross_entropy(
-                    x, self.lm_head.weight, labels, ignore_index=ignore_index, reduction="none", group_ids=group_ids, num_groups=num_groups, impl=self.impl)
-        else: expect(group_ids is None, "group_ids", "None when no `labels` are given", "a tensor")
+        if return_logits if return_logits is not None else labels is None:
+            out.logits = self.lm_head(x)
+        if labels is None:
+            expect(groups is None, "groups", "None when no `labels` are given", "a (group_ids, n) pair")
+            return out
+        # fused head + loss: never materialises [tokens, vocab] on the Triton path
+        kw = dict(ignore_index=ignore_index, reduction="none", impl=self.impl)
+        if groups is None:
+            out.loss = linear_cross_entropy(x, self.lm_head.weight, labels, **kw)
+            return out
+        expect(isinstance(groups, tuple) and len(groups) == 2, "groups", "a (group_ids, num_groups) pair", groups)
+        group_ids, num_groups = groups
+        # per-source sums come out of the same kernel pass (e.g. general vs domain tokens in one batch)
+        out.loss, out.group_loss_sum, out.group_count = linear_cross_entropy(
+            x, self.lm_head.weight, labels, group_ids=group_ids, num_groups=num_groups, **kw)
         return out
 
 # %% ../nbs/02_model.ipynb #4531bfee

@@ -83,7 +83,7 @@ def collect_router_scores(model: nn.Module, loader, max_batches: int | None = No
     with eval_mode(model):
         for b, batch in enumerate(loader):
             if max_batches is not None and b >= max_batches: break
-            out = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_logits=False, output_mlp_inputs=True)
+            out = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_logits=False, outputs=("mlp_inputs",))
             layer_scores = [a.get("scores") for a in out.aux]
             if any(s is None for s in layer_scores): return None, None, None
             scores = [[] for _ in layer_scores] if scores is None else scores

@@ -32,7 +32,7 @@ class SPTLitModule(LMLitModule):
         g = batch.get("group_ids")
         names = self._group_names("train" if self.training else "val")
         return self.model(batch["input_ids"], labels=batch["labels"], ignore_index=self.hparams.ignore_index,
-                          group_ids=g, num_groups=len(names) if g is not None else None)
+                          groups=(g, len(names)) if g is not None else None)
 
     def _group_names(self, stage: str) -> list[str]:
         "The group names of `stage` ('train' or 'val') from the datamodule; by default ['general', 'domain']."
@@ -273,7 +273,7 @@ def evaluate_groups(model: torch.nn.Module, sets: dict, window: int = 256, batch
     tot = torch.zeros(2, len(names), dtype=torch.float64)
     with eval_mode(model):
         for b in DataLoader(ds, batch_size=batch_size):
-            o = model(b["input_ids"], labels=b["labels"], group_ids=b["group_ids"], num_groups=len(names))
+            o = model(b["input_ids"], labels=b["labels"], groups=(b["group_ids"], len(names)))
             m = b["labels"] != -100
             tot[0] += o.group_loss_sum.double().cpu()
             tot[1].index_add_(0, b["group_ids"][m].long(), bl[b["labels"][m]])

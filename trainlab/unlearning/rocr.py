@@ -27,7 +27,7 @@ def subject_states(model: TinyLM, tok, subjects: Sequence[str], layers: Sequence
         enc = [[tok.eot_id] + tok.encode(c.format(s=s)) for c in contexts]
         pos = [len([tok.eot_id] + tok.encode(c.split("{s}")[0] + s)) - 1 for c in contexts]
         with record_activations(model, [f"layers.{l}.mlp.down_proj" for l in layers]) as store:
-            out = model(pad_batch(enc, tok.pad_id), output_hidden_states=True)
+            out = model(pad_batch(enc, tok.pad_id), outputs=("hidden_states",))
         rows = torch.arange(len(enc))
         for l in layers: keys[l].append(store[f"layers.{l}.mlp.down_proj"][0][rows, pos].mean(0))
         hs.append(out.hidden_states[max(layers) + 1][rows, pos].mean(0))
@@ -92,7 +92,7 @@ def subject_patching(model: TinyLM, tok, world: World, layer: int, forms: Sequen
         items = [it for it in eval_items(world, "target", f) if tok.stoi[it["subject"]] in tok.encode(it["prompt"])]
         pos = [([tok.eot_id] + tok.encode(it["prompt"])).index(tok.stoi[it["subject"]]) for it in items]
         red = [[tok.eot_id] + tok.encode(it["prompt"].replace(it["subject"], world.anchors[it["subject"]])) for it in items]
-        h = model(pad_batch(red, tok.pad_id), output_hidden_states=True).hidden_states[layer + 1][torch.arange(len(items)), pos]
+        h = model(pad_batch(red, tok.pad_id), outputs=("hidden_states",)).hidden_states[layer + 1][torch.arange(len(items)), pos]
         def hook(mod, inp, o):
             y = o[0].clone(); y[torch.arange(len(items)), pos] = h
             return (y, *o[1:])
@@ -140,7 +140,7 @@ def causal_trace(model: TinyLM, tok, items: Sequence[dict], n_noise: int = 4, no
         try:
             if patch is not None: return torch.softmax(model(x).logits[rows, last].float(), -1)[rows, gold], None, None
             with record_activations(model, "layers.*.mlp", what="output") as st:  # the clean run keeps every state to restore
-                out = model(x, output_hidden_states=True)
+                out = model(x, outputs=("hidden_states",))
         finally:
             for h in hs: h.remove()
         return torch.softmax(out.logits[rows, last].float(), -1)[rows, gold], out, st
