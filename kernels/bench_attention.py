@@ -35,7 +35,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
 from trainlab.kernels.attention import attention_mask, attention_tile_map, flash_attention
-from trainlab.kernels.utils import SkipCase, bench_argparser, interpreting, make_mode_fn, run_bench, allow_retained_graph_backward
+from trainlab.kernels.utils import interpreting
+from benchlib import SkipCase, allow_retained_graph_backward, bench_argparser, make_mode_fn, run_bench
 
 PROVIDERS = ("sdpa", "sdpa_padded", "sdpa_mask", "flex", "trainlab")
 MIXES = ("causal", "docs_short", "docs_mixed")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark the MoE expert kernels (trainlab.kernels.moe).
+"""Benchmark the MoE expert kernels (trainlab.kernels.moe and trainlab.kernels.moe_chunk).
 
 grouped_expert_ffn (top-k routing; forward, backward, full): trainlab's sorted, padding-free Triton kernel against a
 per-expert PyTorch loop (`grouped_expert_ffn_ref` in the input dtype), a dense FFN of equal total width (E*h), a dense
@@ -8,12 +8,12 @@ FFN of equal active width (k*h), and, on GPU, ScatterMoE and MegaBlocks' grouped
 chunk_sparse_ffn (BlockFFN inference): on CPU, the dense FFN of equal total width against today's
 `chunk_sparse_ffn(impl='torch')` (gathers the union's weights per call) and the prepacked path
 `chunk_sparse_ffn_packed(x, pack_experts(w_in, w_out), scores)`, for T in {1, 8, 32} at d512/h128 and d128/h32 (16
-experts), 1 thread pinned, all three interleaved in one process (`trainlab.kernels.moe.bench_chunk_sparse_cpu` with
+experts), 1 thread pinned, all three interleaved in one process (`trainlab.moe.inference.bench_chunk_sparse_cpu` with
 `compare_old=True`), medians and 95% CIs of the paired ratios (`trainlab.stats.ci_ratio`). The scores are SYNTHETIC:
 3 of 16 experts per token, drawn from a small pool per 8-token segment (chunk locality); the union fraction is reported.
 The real measurement, with the trained BlockFFN and TopK routers' own inputs and scores chunk by chunk, is
 `trainlab.moe.measure_inference`, run by `trainlab reproduce moe` (results: nbs/results/moe/metrics.json, keys
-`inference*`, and the table in nbs/20_moe_routing.ipynb).
+`inference*`, and the table in nbs/moe/08_results.ipynb).
 On GPU, the Triton kernel, the PyTorch union path and the dense FFN over T at a fixed union fraction.
 
 GPU:  python kernels/bench_moe.py          bf16 sweeps, speed and peak memory, appended to kernels/results/all.csv (+ plots)
@@ -46,11 +46,13 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
 from trainlab.core import atomic_path, cpu_name, git_sha, now_iso
-from trainlab.kernels.moe import (
-    _active_runs, bench_chunk_sparse_cpu, chunk_sparse_ffn, chunk_sparse_ffn_packed, grouped_expert_ffn,
-    grouped_expert_ffn_ref, pack_experts, route_by_expert)
-from trainlab.kernels.utils import (
-    SkipCase, append_rows, bench_argparser, bench_row, interpreting, make_mode_fn, max_abs_err, require_compiled, run_bench)
+from trainlab.kernels.moe import grouped_expert_ffn, grouped_expert_ffn_ref, route_by_expert
+from trainlab.kernels.moe_chunk import (
+    active_runs, chunk_sparse_ffn, chunk_sparse_ffn_packed, pack_experts)
+from trainlab.moe.inference import bench_chunk_sparse_cpu
+from trainlab.kernels.utils import interpreting, max_abs_err
+from benchlib import (
+    SkipCase, append_rows, bench_argparser, bench_row, make_mode_fn, require_compiled, run_bench)
 from trainlab.stats import ci_ratio
 
 GROUPED_PROVIDERS = ("torch_loop", "dense_total", "dense_active", "scattermoe", "megablocks", "trainlab")
@@ -348,7 +350,7 @@ def variant_span(x, packed, scores):
 
 
 def variant_gather(x, packed, scores):
-    "index_select the union's blocks (a per-call weight COPY, what the issue rules out), then one up and one down matmul."
+    "index_select the union's blocks (a per-call weight COPY, what the packed path avoids), then one up and one down matmul."
     up, down, E, h = _up_down_views(packed)
     idx = torch.any(scores, 0).nonzero().view(-1)
     U = idx.numel()
@@ -365,7 +367,7 @@ def variant_csr(x, packed, scores):
     act = torch.any(scores, 0)
     idx = act.nonzero().view(-1)
     if idx.numel() == 0: return x.new_zeros(T, packed.w_up.shape[1])
-    parts = [F.linear(x, packed.w_up[a * h:b * h]) for a, b in _active_runs(act.tolist())]
+    parts = [F.linear(x, packed.w_up[a * h:b * h]) for a, b in active_runs(act.tolist())]
     hid = torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # [T, U*h], activations
     U = idx.numel()
     F.silu(hid, inplace=True)

@@ -23,18 +23,15 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
 from trainlab.kernels.unlearn import generic_labels, generic_labels_ref, kl_div, kl_div_ref
-from trainlab.kernels.utils import SkipCase, bench_argparser, interpreting, make_mode_fn, run_bench, require_compiled, allow_retained_graph_backward
+from trainlab.kernels.utils import interpreting
+from benchlib import (
+    SkipCase, allow_retained_graph_backward, bench_argparser, make_mode_fn, require_compiled, run_bench)
 
 PROVIDERS = ("torch", "torch_compile", "liger", "trainlab")
 OPS = ("generic_labels", "kl_div")
 SWEEPS = ("vocab", "rows")
 ALPHA = 1.0
 
-
-def allow_retained_graph_backward():
-    "The 'backward' mode re-runs backward on a retained graph, which torch.compile's donated buffers forbid."
-    import torch._functorch.config as fc
-    if hasattr(fc, "donated_buffer"): fc.donated_buffer = False
 
 
 def _liger_kl():

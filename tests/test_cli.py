@@ -1,4 +1,4 @@
-import json, os, shutil, subprocess, sys
+import json, os, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
@@ -44,12 +44,17 @@ def test_help_documents_seeds_and_resume(capsys):
     (["reproduce", "baseline", "--seed", "-1"], "expected a seed in"),
     (["reproduce", "baseline", "--threads", "0"], "expected a positive integer"),
     (["reproduce", "baseline", "--seeds", "0"], "expected a positive integer"),
+    (["reproduce", "baseline", "--seeds", "1001"], "expected at most 1000 seeds, got 1001"),
+    (["reproduce", "baseline", "--seed", str(2**32 - 1), "--seeds", "2"], "is below 2**32"),
+    (["reproduce", "baseline", "--out", ""], "`out`: expected a folder path, not an empty one"),
     (["reproduce", "baseline", "--bogus"], "unrecognized arguments: --bogus"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_rejected_clearly(argv, msg, capsys):
     with pytest.raises(SystemExit) as e: main(argv)
-    assert e.value.code == 2 and msg in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and "Traceback" not in err
+    assert re.match(r"trainlab( reproduce)?: error: ", err.strip().splitlines()[-1])  # argparse's usage line, then one error line
 
 
 def test_list_names_the_reproductions(capsys):

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from trainlab.curriculum import (Arm, Buckets, ChunkBatchSampler, CurriculumDataModule, CurriculumRunConfig, CURRICULUM_ARMS,
+from trainlab.curriculum import (Arm, Buckets, CurriculumArm, ChunkBatchSampler, CurriculumDataModule, CurriculumRunConfig, CURRICULUM_ARMS,
                                  CURRICULUM_CLAIMS, BASELINE_ARM, HEADLINE_ARM, DDBatchSampler, DDDataset, LossReweighter, StepLog,
                                  VarChunkDataset, arm_datamodule, censored_time_to_target, curriculum_fit, curriculum_odds, dd_schedule,
                                  decompose, estimate_run_seconds, evaluate_by_position, minmax_scale, paired_effects, reweight,
                                  step_seconds, steps_per_bucket, time_to_target, toy_regression, train_arm)
 from trainlab.data import ByteTokenizer, PackedDataset, TokenizedCorpus, balanced_val_split, load_corpus, doc_eval_loader
 from trainlab.model import ModelConfig, TinyLM
+from trainlab.runconfig import arms_of, check_claim_arms, check_run_config
 from trainlab.train import LMLitModule, TrainConfig, make_trainer
 
 EOT = ByteTokenizer().eot_id
@@ -218,7 +219,7 @@ def test_arm_registry():
     assert (a.mode, a.curriculum, a.cycles, a.exploratory) == ("dd", "grow_p2", 8, False)  # the headline arm, in the claims
     assert (HEADLINE_ARM, BASELINE_ARM) == ("dd_grow_p2_c8", "cc_long")
     assert CURRICULUM_ARMS["cc_long_docmask"].doc_mask and CURRICULUM_ARMS["cc_short"].short
-    rc = CurriculumRunConfig()
+    rc = CurriculumRunConfig.full()
     assert a.data_kwargs(rc) == dict(mode="dd", min_log2=5, max_log2=10, curriculum="grow_p2", cycles=8)
     assert CURRICULUM_ARMS["cc_short"].data_kwargs(rc) == dict(mode="cc", seq_len=128, doc_mask=False)
     claim_arms = {x for c in CURRICULUM_CLAIMS for x in c.arms}
@@ -236,10 +237,42 @@ def test_arm_registry():
     assert len({x.color for x in CURRICULUM_ARMS.values()}) == len(CURRICULUM_ARMS)  # every arm its own colour
     for bad in ("dd_shrink_c1", "dd_uniform", "cc_medium"):
         with pytest.raises(ValueError, match="arm"): arm_datamodule(bad, rc)
-    with pytest.raises(ValueError, match="curriculum"): Arm("dd", curriculum="shrink")
-    with pytest.raises(ValueError, match="cycles"): Arm("dd", cycles=0)
-    with pytest.raises(ValueError, match="zero_doc_ids"): Arm("cc", doc_mask=True, zero_doc_ids=True)
-    with pytest.raises(ValueError, match="doc_mask"): Arm("cc_var", doc_mask=True)
+    with pytest.raises(ValueError, match="curriculum"):
+        CurriculumArm("dd", curriculum="shrink")
+    with pytest.raises(ValueError, match="cycles"):
+        CurriculumArm("dd", cycles=0)
+    with pytest.raises(ValueError, match="zero_doc_ids"):
+        CurriculumArm("cc", doc_mask=True, zero_doc_ids=True)
+    with pytest.raises(ValueError, match="doc_mask"):
+        CurriculumArm("cc_var", doc_mask=True)
+    assert Arm is CurriculumArm  # the earlier name
+
+
+def test_arms_are_registered_with_roles():
+    "Every arm in the one arm registry, in the order of the lookup table, with its role; claims use none exploratory."
+    reg = arms_of("curriculum")
+    assert list(reg) == list(CURRICULUM_ARMS) and all(reg[k].spec is a for k, a in CURRICULUM_ARMS.items())
+    roles = {k: a.role for k, a in reg.items()}
+    assert {k for k, r in roles.items() if r == "method"} == {"dd_grow_p2_c8", "dd_uniform_c1"}
+    assert {k for k, r in roles.items() if r == "baseline"} == {"cc_long", "cc_short", "cc_long_docmask"}
+    assert (roles["cc_dd_lengths"], roles["cc_long_zero_docids"]) == ("ablation", "control")
+    assert all(CURRICULUM_ARMS[k].exploratory for k, r in roles.items() if r == "exploratory")  # first seed only
+    assert all(a.description for a in reg.values())
+    assert check_claim_arms("curriculum", CURRICULUM_CLAIMS) == CURRICULUM_CLAIMS
+
+
+def test_run_config_presets_and_seed():
+    "One run-config API: `full(seed)`, `fast(seed)`, `preset(fast, seed)`, and `with_seed` the one way to change the seed."
+    assert check_run_config(CurriculumRunConfig) is CurriculumRunConfig
+    assert CurriculumRunConfig.seed_field == "train.seed"
+    assert CurriculumRunConfig.full() == CurriculumRunConfig()  # the field defaults are the full run
+    assert CurriculumRunConfig.full(7) == CurriculumRunConfig.full().with_seed(7) and CurriculumRunConfig.full(7).run_seed == 7
+    fast = CurriculumRunConfig.fast(3)
+    assert (fast.train.seed, fast.train.steps, fast.long_len) == (3, 6, 256)
+    assert CurriculumRunConfig.preset(True, 3) == fast
+    assert "seed_field" not in dataclasses.asdict(fast)  # the recorded config is unchanged
+    with pytest.raises(ValueError, match="seed"):
+        CurriculumRunConfig.fast(0).with_seed(-1)
 
 
 def test_claims_as_registered():
@@ -265,7 +298,7 @@ def test_paired_effects():
 
 
 def test_run_config_embeds_train_config():
-    rc = CurriculumRunConfig()
+    rc = CurriculumRunConfig.full()
     assert isinstance(rc.train, TrainConfig) and (rc.long_len, rc.max_log2, rc.tokens_per_step, rc.train.steps) == (1024, 10, 8192, 200)
     assert rc.train.tokens == rc.train.steps * rc.tokens_per_step and rc.train.precision == "32-true"
     r2 = CurriculumRunConfig(train=rc.train.replace(precision="bf16-mixed", impl="torch"))
@@ -297,7 +330,7 @@ def test_budget_estimate_fits_the_hour():
     assert step_seconds(1024, 8192, "docmask", overhead=1.0) == pytest.approx(0.675)
     assert step_seconds(1024, 8192, "masked_path", overhead=1.0) == pytest.approx(0.810)
     assert step_seconds(128, 16_384) == pytest.approx(2 * 0.302 * 1.05)  # linear in tokens, plus 5%
-    rc = CurriculumRunConfig()
+    rc = CurriculumRunConfig.full()
     est = estimate_run_seconds(rc, 3)
     assert est["total_s"] <= 50 * 60, est["total_s"] / 60
     n_units = sum(len(rc.arms_on(i)) + len(rc.reweight_on(i)) for i in range(3))

@@ -1,5 +1,6 @@
-"Tests of trainlab.data: tokenizer, corpora, splits, cache, datasets, DataModules, fixtures."
-import ast, functools, json, multiprocessing, pickle, random, re, time, warnings
+"""Tests of the data layer (trainlab.data and the modules it re-exports): tokenizer, corpora,
+splits, cache, datasets, DataModules, fixtures."""
+import ast, functools, importlib, json, multiprocessing, pickle, random, re, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 import trainlab.data as D
-from trainlab.core import repo_root
+import trainlab.corpora
+from trainlab.core import repo_root, stable_unit_hash
 from trainlab.data import (CORPORA, ByteTokenizer, DocEvalDataModule, DocWindowDataset, Document, LMDataModule, PackedDataset,
                            TokenizedCorpus, balanced_val_mask, balanced_val_split, boundary_share, check_tokenizer, corpus_card,
                            corpus_checksum, load_corpus, load_documents, list_corpora, register_corpus, select_eval_docs, split_corpus,
@@ -113,7 +115,7 @@ def test_split_fixed_across_machines():
     # pinned decisions: the rule is SHA-256 of the id, never Python's per-process salted hash()
     pinned = {"chunk.py": True, "copyreg.py": True, "U+0000": True, "os.py": False, "json/decoder.py": False, "entity/0007": False}
     assert {i: D.is_val(i, 0.05) for i in pinned} == pinned
-    assert abs(D.stable_unit_hash("os.py") - 0.850948727781281) < 1e-12
+    assert abs(stable_unit_hash("os.py") - 0.850948727781281) < 1e-12
 
 
 @pytest.mark.parametrize("bad", [1.0, 1.5, -0.01, True, "0.1", float("nan"), None])
@@ -158,7 +160,7 @@ def test_stdlib_prose_and_tests_contents():
 
 def test_stdlib_tests_missing_suite_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "test").mkdir(); (tmp_path / "test" / "__init__.py").write_text("")
-    monkeypatch.setattr(D, "stdlib_dir", lambda: tmp_path)
+    monkeypatch.setattr(trainlab.corpora, "stdlib_dir", lambda: tmp_path)  # stdlib_tests looks here
     with pytest.raises(FileNotFoundError, match="test suite"): load_documents("stdlib_tests")
 
 
@@ -341,7 +343,7 @@ def _small_folder(root, names):
 def test_small_corpus_val_fallback(tmp_path):
     names = [f"part{k}.txt" for k in range(6)]
     assert not any(D.is_val(n, 0.05) for n in names)     # the hash rule alone gives no validation document
-    first = min(names, key=D.stable_unit_hash)
+    first = min(names, key=stable_unit_hash)
     root = _small_folder(tmp_path / "six", names)
     with pytest.warns(UserWarning, match=rf"val_frac=0.05 put none of the 6 documents .* {re.escape(repr(first))}.*small-corpus fallback"):
         va = load_corpus(root, "val")
@@ -458,7 +460,7 @@ def test_balanced_val_split_invariants(min_tokens, max_share):
 
 def test_balanced_val_mask_by_hand():
     ids = [f"d{k}" for k in range(8)]
-    order = sorted(range(8), key=lambda k: D.stable_unit_hash(ids[k]))
+    order = sorted(range(8), key=lambda k: stable_unit_hash(ids[k]))
     lens = np.full(8, 10); lens[order[1]] = 100
     m = balanced_val_mask(ids, lens, 30, 0.5)             # 100 > 0.5 * max(30, 10 + 100): skipped
     assert np.flatnonzero(m).tolist() == sorted(order[i] for i in (0, 2, 3))
@@ -777,3 +779,192 @@ def test_tiny_fixtures_are_generated(tmp_path):
     assert len(load_documents(tiny / "facts.jsonl")) == 60
     with pytest.warns(UserWarning, match="skipped 1 of 4 files that are not UTF-8 text: blob.bin"):
         assert [d.id for d in load_documents(tiny / "folder")] == ["code/times.py", "more/people.md", "notes.txt"]
+
+
+# ---------------------------------------------------------------- symbolic links, empty records
+def _write_people(folder, prefix, seed, n=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, d in enumerate(D.synthetic_facts(seed=seed, n_entities=n)):
+        (folder / f"{prefix}{k}.txt").write_text(d.text)
+
+
+def _link(link, target):
+    link.symlink_to(target, target_is_directory=True)
+
+
+def test_symlinked_subfolders_are_read(tmp_path):
+    root, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    _write_people(root, "own", 20)
+    _write_people(elsewhere / "a", "a", 21)
+    _write_people(elsewhere / "b", "b", 22)
+    _link(root / "a", elsewhere / "a")
+    _link(root / "b", elsewhere / "b")
+    assert len([p for p in root.rglob("*") if p.is_file()]) == 3   # a walk that ignores links
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                            # nothing skipped: no warning
+        docs = load_documents(root)
+    want = [f"{s}/{s}{k}.txt" for s in "ab" for k in range(3)] + [f"own{k}.txt" for k in range(3)]
+    assert [d.id for d in docs] == want
+    assert docs[0].text == (elsewhere / "a" / "a0.txt").read_text()
+    assert len(load_corpus(root, "all")) == 9                      # and through load_corpus
+    # a folder without links reads as it always did: sorted paths, hidden and __pycache__ skipped
+    plain = tmp_path / "plain"
+    _write_people(plain / "sub", "s", 23)
+    _write_people(plain / ".hidden", "h", 24)
+    _write_people(plain / "__pycache__", "c", 25)
+    assert [d.id for d in load_documents(plain)] == [f"sub/s{k}.txt" for k in range(3)]
+
+
+def test_symlink_loops_and_repeats_are_skipped_and_named(tmp_path):
+    root, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    _write_people(root / "sub", "s", 30)
+    _write_people(elsewhere / "ext", "e", 31)
+    _link(root / "self", root)                          # a loop to the folder itself
+    _link(root / "sub" / "up", root)                    # a loop to a parent
+    _link(root / "ext", elsewhere / "ext")              # followed
+    _link(root / "ext2", elsewhere / "ext")             # the same folder again
+    _link(root / "inner", root / "sub")                 # read as sub/ already
+    _link(elsewhere / "ext" / "back", elsewhere)        # a loop outside the corpus folder
+    (root / "dead.txt").symlink_to(tmp_path / "missing.txt")   # broken
+    with pytest.warns(UserWarning) as rec:
+        docs = load_documents(root)
+    want = [f"ext/e{k}.txt" for k in range(3)] + [f"sub/s{k}.txt" for k in range(3)]
+    assert [d.id for d in docs] == want
+    msgs = [str(w.message) for w in rec]
+    assert len(msgs) == 1 and msgs[0].startswith(f"{root}: skipped 6 symbolic link(s)")
+    for part in ("ext2 (the same folder as ext)", "inner (inside the folder: sub)", "self (a loop)",
+                 "dead.txt (broken)", "ext/back (a loop)", "... (1 more)"):
+        assert part in msgs[0], (part, msgs[0])
+    # a folder of nothing but a loop is empty, and says why
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    _link(lone / "again", lone)
+    with pytest.warns(UserWarning, match=r"again \(a loop\)"):
+        with pytest.raises(ValueError, match="is empty"): load_documents(lone)
+
+
+def test_jsonl_empty_records_are_skipped_and_counted(tmp_path):
+    jl = tmp_path / "people.jsonl"
+    texts = [d.text for d in D.synthetic_facts(seed=7, n_entities=3)]
+    recs = [{"text": texts[0]}, {"id": "e1", "text": ""}, {"text": texts[1]}, {"text": "   "},
+            {"text": "\n\t \r\n"}, {"id": "last", "text": texts[2]}]
+    jl.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.warns(UserWarning) as rec:
+        docs = load_documents(jl)
+    assert [d.id for d in docs] == ["people.jsonl:1", "people.jsonl:3", "last"]
+    assert [str(w.message) for w in rec] == [
+        f'{jl}: skipped 3 of 6 records whose "text" is empty or only whitespace (lines 2, 4, 5)']
+    # every record empty: an error naming the file and the lines
+    blank = ["", " ", "\n", "", "  ", "", "\t"]
+    jl.write_text("".join(json.dumps({"text": t}) + "\n" for t in blank))
+    with pytest.raises(ValueError) as e: load_documents(jl)
+    msg = str(e.value)
+    assert repr(str(jl)) in msg and "is empty" in msg and "`source`" in msg, msg
+    lines = "(lines 1, 2, 3, 4, 5, ... (2 more))"
+    assert f'7 record(s) whose "text" is empty or only whitespace {lines}' in msg, msg
+    # records with text never warn
+    jl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_documents(jl)) == 3
+
+
+# ---------------------------------------------------------------- validation always has text
+def _val_trap_ids():
+    "Ids where the hash rule (val_frac=0.05) puts only 'chunk.py' in validation."
+    ids = [f"part{k}.txt" for k in range(6)] + ["chunk.py"]
+    assert [D.is_val(i, 0.05) for i in ids] == [False] * 6 + [True]
+    return ids
+
+
+def test_validation_split_is_never_only_empty_documents():
+    ids = _val_trap_ids()
+    first = min(ids[:6], key=stable_unit_hash)
+    docs = [Document(i, "" if i == "chunk.py" else _gen_text(k)) for k, i in enumerate(ids)]
+    want = rf"only documents without text \(1 of the 7\) .* adding the non-empty .* {first!r}"
+    with pytest.warns(UserWarning, match=want):
+        tr, va = split_documents(docs)
+    assert [d.id for d in va] == [first, "chunk.py"] and len(tr) == 5 and any(d.text for d in va)
+    corpus = TokenizedCorpus.from_documents(docs)
+    with pytest.warns(UserWarning, match="small-corpus fallback"):
+        ctr, cva = split_corpus(corpus)
+    assert cva.ids == [first, "chunk.py"] and cva.n_tokens > 0
+    assert ctr.n_tokens + cva.n_tokens == corpus.n_tokens
+    with pytest.warns(UserWarning, match="small-corpus fallback"):
+        dm = LMDataModule(corpus, seq_len=16, batch_size=2)
+        dm.setup()
+    assert dm.val_corpus.n_tokens > 0 and len(dm.val_dataloader()) > 0
+    # a registered corpus with an empty document goes through the same rule in load_corpus
+    register_corpus("_t_empty_val", lambda seed: docs, seeded=False)
+    try:
+        with pytest.warns(UserWarning, match="small-corpus fallback"):
+            assert load_corpus("_t_empty_val", "val", cache=False).ids == [first, "chunk.py"]
+    finally: CORPORA.pop("_t_empty_val")
+    # fewer than two documents with text: no split can give both sides text
+    one = [Document(i, "" if k else "some text") for k, i in enumerate(ids)]
+    err = r"`val_frac`: .* needs at least 2 non-empty documents, got 1 of 7"
+    with pytest.raises(ValueError, match=err): split_documents(one)
+    with pytest.raises(ValueError, match=err): split_corpus(TokenizedCorpus.from_documents(one))
+    assert split_documents(one, 0.0)[1] == []               # val_frac=0: no split, no error
+
+
+def test_empty_documents_leave_text_splits_unchanged():
+    "With text everywhere the lengths change nothing: the same split, with or without them."
+    docs = _docs(300)
+    ids = [d.id for d in docs]
+    lens = [len(d.text) for d in docs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(D.val_mask(ids, 0.05, lengths=lens), D.val_mask(ids, 0.05))
+    # an empty document the hash puts in train, among documents with text, stays in train quietly
+    docs[0] = Document(docs[0].id, "")
+    tr, va = split_documents(docs, 0.1)
+    assert not D.is_val(docs[0].id, 0.1) and docs[0] in tr
+    assert {d.id for d in va} == {i for i in ids if D.is_val(i, 0.1)}
+
+
+def test_select_eval_docs_never_only_empty():
+    c = TokenizedCorpus.from_documents([Document("e0", ""), Document("e1", ""),
+                                        Document("long", "x" * 50), Document("mid", "y" * 20)])
+    sel = select_eval_docs(c, max_tokens=5)        # nothing with text fits: the shortest with text
+    assert "mid" in [c.ids[i] for i in sel] and c.lengths[sel].sum() == 20
+    for k in (1, 2):
+        sel = select_eval_docs(c, max_docs=k)      # empty documents do not use up max_docs
+        assert (c.lengths[sel] > 0).sum() == k
+    ds = DocWindowDataset(c, 8, TOK.eot_id, TOK.pad_id, max_docs=1)
+    assert len(ds) > 0 and ds.n_tokens > 0
+
+
+# ---------------------------------------------------------------- the data layer's modules
+DATA_MODULES = ("corpora", "facts", "user_corpus", "tokens", "corpus_cache", "windows",
+                "datamodules")
+
+
+def test_data_reexports_every_module_name():
+    names = []
+    for m in DATA_MODULES:
+        mod = importlib.import_module(f"trainlab.{m}")
+        for n in mod.__all__: assert getattr(D, n) is getattr(mod, n), (m, n)
+        names += mod.__all__
+    assert sorted(D.__all__) == sorted(names) and len(names) == len(set(names))
+    for n in ("LMDataModule", "DocEvalDataModule", "load_corpus", "ByteTokenizer", "Document",
+              "TokenizedCorpus", "CORPORA", "register_corpus", "write_tiny_fixtures"):
+        assert n in D.__all__, n
+
+
+def _trainlab_imports(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level or (node.module or "").startswith("trainlab"):
+                yield node
+
+
+def test_data_modules_are_small_and_import_explicitly():
+    root = repo_root() / "trainlab"
+    for m in ("data",) + DATA_MODULES:
+        text = (root / f"{m}.py").read_text()
+        assert len(text.splitlines()) <= 400, m
+        for node in _trainlab_imports(ast.parse(text)):
+            for a in node.names:
+                assert a.name != "*", f"{m}: star import from {node.module}"
+                assert not a.name.startswith("_"), f"{m}: imports {a.name} from {node.module}"

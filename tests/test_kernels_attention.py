@@ -1,4 +1,5 @@
-"""Flash-attention kernel vs. its SDPA reference (trainlab.kernels.attention).
+"""Flash-attention kernel vs. its SDPA reference (trainlab.kernels.attention; its masks and tiles are
+in trainlab.kernels.attention_tiles, its backward kernels in trainlab.kernels.attention_bwd).
 
 CPU: run with TRITON_INTERPRET=1 (tests/conftest.py sets it) so impl="triton" runs the kernels in the interpreter.
 GPU: `TRITON_INTERPRET=0 pytest -m gpu tests/test_kernels_attention.py` adds the bf16/fp16 three-way checks.
@@ -9,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from trainlab.kernels import attention as attn_mod
+from trainlab.kernels import attention_tiles as tiles
 from trainlab.kernels.attention import (
     attention_mask, attention_tile_map, flash_attention, flash_attention_fwd, flash_attention_ref, make_attention)
 from trainlab.kernels.utils import assert_close_3way, interpreting, max_abs_err
@@ -25,8 +26,8 @@ NAMES = ("o", "dq", "dk", "dv")
 @pytest.fixture
 def small_tiles(monkeypatch):
     "16 x 16 tiles in the interpreter (and the smallest on a GPU): several tiles per side, loops and skipping live."
-    monkeypatch.setitem(attn_mod._LIMITS, "interpret", dict(attn_mod._LIMITS["interpret"], max_block=16))
-    monkeypatch.setitem(attn_mod._LIMITS, "gpu", dict(attn_mod._LIMITS["gpu"], fwd=(16, 16), bwd=(16, 16)))
+    monkeypatch.setitem(tiles.TILE_LIMITS, "interpret", dict(tiles.TILE_LIMITS["interpret"], max_block=16))
+    monkeypatch.setitem(tiles.TILE_LIMITS, "gpu", dict(tiles.TILE_LIMITS["gpu"], fwd=(16, 16), bwd=(16, 16)))
 
 
 def random_docs(B, L, n_docs, seed=0):
@@ -243,8 +244,8 @@ def test_low_precision_code_path_in_interpreter(monkeypatch):
     """The GPU's fp16/bf16 path (tiles into tl.dot as loaded, p rounded to the input dtype) run on CPU with fp16,
     whose interpreter arithmetic is sound (bf16's is not). Three-way rule against fp16 PyTorch."""
     if not interpreting(): pytest.skip("interpreter-only check of the GPU code path")
-    monkeypatch.setitem(attn_mod._LIMITS, "interpret", dict(attn_mod._LIMITS["interpret"], lowp_dot=True))
-    assert attn_mod._config(33, 32, torch.float16, True, "fwd")["LOWP"]
+    monkeypatch.setitem(tiles.TILE_LIMITS, "interpret", dict(tiles.TILE_LIMITS["interpret"], lowp_dot=True))
+    assert tiles.tile_config(33, 32, torch.float16, True, "fwd")["LOWP"]
     q, k, v, do = make((2, 2, 33, 32), torch.float32, "cpu")
     q, k, v, do = (t.half() for t in (q, k, v, do))
     doc_ids = random_docs(2, 33, 3)

@@ -1,4 +1,5 @@
-"""MoE expert kernels vs. their references (trainlab.kernels.moe): grouped_expert_ffn and chunk_sparse_ffn.
+"""MoE expert kernels vs. their references: grouped_expert_ffn (trainlab.kernels.moe) and
+chunk_sparse_ffn (trainlab.kernels.moe_chunk, whose public names trainlab.kernels.moe re-exports).
 
 CPU: run with TRITON_INTERPRET=1 (tests/conftest.py sets it) so impl="triton" runs the kernels in the interpreter.
 GPU: `TRITON_INTERPRET=0 pytest -m gpu tests/test_kernels_moe.py` adds the bf16/fp16 three-way checks.
@@ -9,11 +10,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainlab.kernels import moe
+from trainlab.kernels import moe, moe_chunk
 from trainlab.kernels.moe import (
-    PackedExperts, bench_chunk_sparse_cpu, chunk_sparse_ffn, chunk_sparse_ffn_packed, chunk_sparse_ffn_ref,
+    PackedExperts, chunk_sparse_ffn, chunk_sparse_ffn_packed, chunk_sparse_ffn_ref,
     chunk_sparse_torch, grouped_expert_ffn, grouped_expert_ffn_ref, pack_experts, route_by_expert)
 from trainlab.kernels.utils import assert_close_3way, interpreting, max_abs_err
+from trainlab.moe.inference import bench_chunk_sparse_cpu
 from kernel_checks import assert_raises_with
 
 # Stated tolerances. Observed max abs errors at these sizes: fp64 <= 1e-14, fp32 <= 5e-6
@@ -25,8 +27,9 @@ NAMES = ("y", "dx", "dw_in", "dw_out", "dgates")
 @pytest.fixture
 def small_tiles(monkeypatch):
     "Every tile 16 wide: expert boundaries fall inside tiles, and every K loop runs several trips."
-    for key in ("interpret", "gpu"):
-        monkeypatch.setitem(moe._LIMITS, key, {k: 16 for k in moe._LIMITS[key]})
+    for mod in (moe, moe_chunk):
+        for key in ("interpret", "gpu"):
+            monkeypatch.setitem(mod._LIMITS, key, {k: 16 for k in mod._LIMITS[key]})
 
 
 def make(T, d, h, E, k, dtype=torch.float64, device="cpu", seed=0):
@@ -386,7 +389,7 @@ def test_chunk_auto_on_cpu_is_the_union_torch_path():
 # ---------------------------------------------------------------- pack_experts, chunk_sparse_ffn_packed
 
 PACKED_CASES = CHUNK_CASES + [(1, 24, 16, 8, 0), (1, 24, 16, 8, 8), (3, 7, 5, 1, 1)]  # + T = 1 with none / all, E = 1
-TOL_PACKED = {torch.float64: TOL[torch.float64], torch.float32: dict(atol=1e-5, rtol=1e-5)}  # fp32: the issue's 1e-5
+TOL_PACKED = {torch.float64: TOL[torch.float64], torch.float32: dict(atol=1e-5, rtol=1e-5)}  # fp32: 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -452,7 +455,7 @@ def test_pack_experts_layout():
         assert torch.equal(p.w_up[e * 12:(e + 1) * 12], w_in[e]) and torch.equal(p.w_down[e * 12:(e + 1) * 12], w_out[e].T)
     assert p.views == {}
     want = chunk_sparse_ffn_packed(x, p, scores)
-    runs = moe._active_runs(scores.any(0).tolist())
+    runs = moe_chunk.active_runs(scores.any(0).tolist())
     assert list(p.views) == runs  # the runs' views, cached
     for (a, b), (u, dn) in p.views.items():
         assert u.data_ptr() == p.w_up[a * 12:].data_ptr() and dn.data_ptr() == p.w_down[a * 12:].data_ptr()

@@ -1,5 +1,7 @@
-"""Kernel plumbing (trainlab.kernels.utils): triton stand-ins, interpreter detection, dispatch, checks, block sizes,
-tolerances and the benchmark harness."""
+"""Kernel plumbing (trainlab.kernels.utils): triton stand-ins, interpreter detection, dispatch, checks,
+block sizes, the shared jitted helpers and tolerances; the parity figure (trainlab.kernels.parity_plot,
+re-exported by utils) and the committed parity CSV; and the benchmark scripts' harness
+(kernels/benchlib.py, outside the package)."""
 import os
 import subprocess
 import sys
@@ -9,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainlab.kernels import utils as U
+from trainlab.kernels import parity_plot, utils as U
 from trainlab.kernels.norm import _rmsnorm_fwd_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "kernels"))  # the harness is a plain module next to the bench scripts
+import benchlib as B  # noqa: E402
 
 
 def _plain(x): return x
@@ -114,7 +118,7 @@ def test_check_tensor_messages():
         (lambda: U.check_tensor("x", x, device="meta"), ValueError, "`x`: expected a tensor on meta, got one on cpu"),
         (lambda: U.check_shape("w", x, (4, 9), "(from x)"), ValueError, "`w`: expected shape (4, 9) (from x), got (4, 8)"),
         (lambda: U.check_same_device(a=x, b=x, c=x.to("meta")), ValueError, "`c` is on meta but `a` is on cpu"),
-        (lambda: U.check_choice("mode", "fwd", U.MODES), ValueError, "`mode`: expected one of 'forward', 'backward', 'full', got 'fwd'"),
+        (lambda: U.check_choice("mode", "fwd", B.MODES), ValueError, "`mode`: expected one of 'forward', 'backward', 'full', got 'fwd'"),
     ]
     for fn, exc, msg in cases:
         with pytest.raises(exc) as e:
@@ -151,6 +155,30 @@ def test_block_sizes():
     assert U.num_sms("cpu") == 1
     assert U.compute_dtype(torch.zeros(1, dtype=torch.float16)) == torch.float32
     assert U.compute_dtype(torch.zeros(1), torch.zeros(1, dtype=torch.float64)) == torch.float64
+    sizes = (0, 1, 16, 17, 45, 64, 65, 10**6)
+    assert [U.dot_tile(n, 64) for n in sizes] == [16, 16, 16, 32, 64, 64, 64, 64]
+    assert U.dot_tile(100, 8) == 16  # never below tl.dot's minimum
+    lo = torch.zeros(2, dtype=torch.bfloat16)
+    assert not U.use_lowp(_rmsnorm_fwd_kernel, lo, lo)  # CPU tensors: never the tensor-core dot
+
+
+def test_check_experts():
+    x, w_in, w_out = torch.zeros(5, 6), torch.zeros(3, 4, 6), torch.zeros(3, 6, 4)
+    assert U.check_experts(x, w_in, w_out) == (5, 6, 3, 4)
+    w_in_msg = "`w_in`: expected shape (E, h, 6) with E, h >= 1"
+    cases = [
+        (lambda: U.check_experts(x.int(), w_in, w_out), TypeError, "`x`: expected dtype"),
+        (lambda: U.check_experts(x[:, :0], w_in[..., :0], w_out[:, :0]), ValueError,
+         "`x`: expected shape (T, d) with d >= 1"),
+        (lambda: U.check_experts(x, w_in[:, :, :5], w_out), ValueError, w_in_msg),
+        (lambda: U.check_experts(x, w_in[:0], w_out[:0]), ValueError, w_in_msg),
+        (lambda: U.check_experts(x, w_in, w_out[:2]), ValueError, "`w_out`: expected shape (3, 6, 4)"),
+        (lambda: U.check_experts(x, w_in, w_out[0]), ValueError, "`w_out`: expected 3 dimension"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc) as e:
+            fn()
+        assert msg in str(e.value), (msg, str(e.value))
 
 
 # ---------------------------------------------------------------- tolerances
@@ -172,68 +200,77 @@ def test_tolerances():
     assert U.max_abs_err(torch.zeros(0), torch.zeros(0)) == 0.0
 
 
-# ---------------------------------------------------------------- benchmark harness
+# ------------------------------------------------------------ benchmark harness (kernels/benchlib.py)
 
 def test_bench_cpu_fallback():
     a = torch.randn(64, 64)
-    q50, q20, q80 = U.bench(lambda: a @ a, "cpu")
+    q50, q20, q80 = B.bench(lambda: a @ a, "cpu")
     assert 0 < q20 <= q50 <= q80
-    assert U.peak_memory(lambda: a @ a, "cpu") is None
-    assert U.device_label("cpu") == "cpu"
+    assert B.peak_memory(lambda: a @ a, "cpu") is None
+    assert B.device_label("cpu") == "cpu"
+    assert B.quantiles([3.0, 1.0, 2.0, 4.0]) == pytest.approx((2.5, 1.6, 3.4))
+    assert B.safe_name("NVIDIA H100 80GB/HBM3") == "NVIDIA_H100_80GB_HBM3"
+
+
+def test_harness_is_outside_the_package():
+    "The library carries no benchmark harness: it lives with the scripts, which import the rest from trainlab."
+    assert not any(hasattr(U, n) for n in ("run_bench", "bench_row", "SkipCase", "bench_argparser"))
+    assert B.read_rows is parity_plot.read_rows is U.read_rows
+    assert U.plot_parity is parity_plot.plot_parity
 
 
 def test_make_mode_fn():
     x = torch.randn(5, 3, requires_grad=True)
     f = lambda: (x * 2).sum()
-    fn, g2n = U.make_mode_fn("forward", f, [x])
+    fn, g2n = B.make_mode_fn("forward", f, [x])
     assert fn().ndim == 0 and g2n == [x]
-    fn, _ = U.make_mode_fn("backward", f, [x])
+    fn, _ = B.make_mode_fn("backward", f, [x])
     fn(); fn()  # retained graph: backward twice
     assert torch.equal(x.grad, torch.full_like(x, 4.0))
     x.grad = None
-    fn, _ = U.make_mode_fn("full", f, [x])
+    fn, _ = B.make_mode_fn("full", f, [x])
     fn()
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
     with pytest.raises(ValueError, match="`mode`"):
-        U.make_mode_fn("both", f)
+        B.make_mode_fn("both", f)
 
 
 def test_csv_append_overwrite_and_atomicity(tmp_path, monkeypatch):
     p = tmp_path / "results" / "all.csv"
-    row = U.bench_row("rmsnorm", "triton", "forward", "speed", "ms", "N", "hidden size", 1024, (1.0, 0.9, 1.2),
+    row = B.bench_row("rmsnorm", "triton", "forward", "speed", "ms", "N", "hidden size", 1024, (1.0, 0.9, 1.2),
                       {"M": 4096, "dtype": "bfloat16"}, "NVIDIA H100")
-    assert tuple(row) == U.CSV_COLUMNS and row["extra_benchmark_config_str"] == '{"M": 4096, "dtype": "bfloat16"}'
-    U.append_rows([row], p)
-    U.append_rows([row | dict(kernel_name="cross_entropy")], p)
-    U.append_rows([row | dict(gpu_name="cpu")], p)
+    assert tuple(row) == B.CSV_COLUMNS and row["extra_benchmark_config_str"] == '{"M": 4096, "dtype": "bfloat16"}'
+    B.append_rows([row], p)
+    B.append_rows([row | dict(kernel_name="cross_entropy")], p)
+    B.append_rows([row | dict(gpu_name="cpu")], p)
     assert len(U.read_rows(p)) == 3
-    U.append_rows([row | dict(y_value_50=2.0)], p, overwrite=True)  # drops rmsnorm on H100 only
+    B.append_rows([row | dict(y_value_50=2.0)], p, overwrite=True)  # drops rmsnorm on H100 only
     rows = U.read_rows(p)
     assert sorted((r["kernel_name"], r["gpu_name"], r["y_value_50"]) for r in rows) == [
         ("cross_entropy", "NVIDIA H100", "1.0"), ("rmsnorm", "NVIDIA H100", "2.0"), ("rmsnorm", "cpu", "1.0")]
     monkeypatch.setenv("OVERWRITE", "1")
-    U.append_rows([row | dict(y_value_50=3.0)], p)
+    B.append_rows([row | dict(y_value_50=3.0)], p)
     assert sorted(r["y_value_50"] for r in U.read_rows(p) if r["kernel_name"] == "rmsnorm") == ["1.0", "3.0"]
-    assert p.read_text().splitlines()[0] == ",".join(U.CSV_COLUMNS)
+    assert p.read_text().splitlines()[0] == ",".join(B.CSV_COLUMNS)
     assert sorted(f.name for f in p.parent.iterdir()) == ["all.csv"]  # no temporary files left behind
     assert U.read_rows(tmp_path / "missing.csv") == []
 
 
 def test_run_bench_records_and_plots(tmp_path):
     def setup(provider, mode, x):
-        if provider == "liger": raise U.SkipCase("not installed")
+        if provider == "liger": raise B.SkipCase("not installed")
         inp = torch.randn(4, x, requires_grad=True)
-        return U.make_mode_fn(mode, lambda: torch.softmax(inp, -1).square().sum(), [inp])
+        return B.make_mode_fn(mode, lambda: torch.softmax(inp, -1).square().sum(), [inp])
     logs = []
-    rows = U.run_bench("toy", setup, ["torch", "liger"], U.MODES, "N", "row length", [8, 16], device="cpu",
+    rows = B.run_bench("toy", setup, ["torch", "liger"], B.MODES, "N", "row length", [8, 16], device="cpu",
                        extra_config={"M": 4}, csv_path=tmp_path / "all.csv", log=logs.append)
     assert len(rows) == 6 and {r["metric_name"] for r in rows} == {"speed"}  # no memory metric on CPU
     assert sum("skip" in l for l in logs) == 6
     assert len(U.read_rows(tmp_path / "all.csv")) == 6
     assert sorted(f.name for f in (tmp_path / "cpu").glob("*.png")) == ["toy_speed_backward.png", "toy_speed_forward.png",
                                                                       "toy_speed_full.png"]
-    assert '"M": 4' in rows[0]["extra_benchmark_config_str"] and rows[0]["version"].startswith(U.__version__)
-    assert U.run_bench("toy", setup, ["torch"], ["forward"], "N", "n", [8], device="cpu", log=logs.append)  # no CSV
+    assert '"M": 4' in rows[0]["extra_benchmark_config_str"] and rows[0]["version"].startswith(B.__version__)
+    assert B.run_bench("toy", setup, ["torch"], ["forward"], "N", "n", [8], device="cpu", log=logs.append)  # no CSV
 
 
 def test_bench_scripts_quick_cpu():
@@ -256,8 +293,8 @@ PAGE_KERNELS = {
     "02_cross_entropy": {"cross_entropy": {"forward", "grad_logits"},
                          "linear_cross_entropy": {"forward", "grad_hidden", "grad_weight"}},
     "10_flash_attention": {k: {"forward", "grad_q", "grad_k", "grad_v"} for k in ("flash_attention_causal", "flash_attention_docs")},
-    "20_moe_experts": {"grouped_expert_ffn": {"forward", "grad_x", "grad_w_in", "grad_w_out", "grad_gates"},
-                       "chunk_sparse_ffn": {"forward"}},  # forward only: its gradients are the dense PyTorch formula
+    "20_moe_experts": {"grouped_expert_ffn": {"forward", "grad_x", "grad_w_in", "grad_w_out", "grad_gates"}},
+    "20a_moe_chunk": {"chunk_sparse_ffn": {"forward"}},  # forward only: its gradients are the dense PyTorch formula
     "40_unlearning_losses": {"generic_labels": {"labels_differing"}, "kl_div": {"forward", "grad_p", "grad_q"}},
 }
 

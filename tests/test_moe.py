@@ -15,6 +15,7 @@ from trainlab.moe import (
     chunk_hit_probability_bruteforce, chunk_sparsity_loss, collect_router_scores, evaluate_routing, locality_loss,
     make_arm, measure_inference, routing_stats, weighted_experts)
 from trainlab.reproduce import REPRODUCTIONS
+from trainlab.runconfig import arm_specs, arms_of, check_claim_arms, check_run_config
 from trainlab.train import TrainConfig, fit
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
@@ -243,7 +244,7 @@ def test_remoe_controller_clamp_variants():
 @pytest.mark.parametrize("arm", list(MOE_ARMS))
 def test_every_arm_builds_with_equal_total_ffn_width(arm):
     moe = MoEConfig(n_experts=8, d_expert=8, k=2)
-    factory, cbs = make_arm(arm, TrainConfig(model=TINY, steps=10), moe)
+    factory, cbs = make_arm(arm, tiny_train(steps=10), moe)
     lit = factory()
     ffn = lit.model.layers[0].mlp
     width = sum(p.numel() for n, p in ffn.named_parameters() if n.endswith(("w_in")) or n.endswith("shared.w_in")) // TINY.d_model
@@ -255,15 +256,19 @@ def test_every_arm_builds_with_equal_total_ffn_width(arm):
 
 
 def test_make_arm_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="arm"): make_arm("top_k", TrainConfig(model=TINY), MoEConfig())
+    with pytest.raises(ValueError, match="arm"): make_arm("top_k", tiny_train(), MoEConfig())
     with pytest.raises(TypeError, match="train"): make_arm("topk", TINY, MoEConfig())
-    with pytest.raises(TypeError, match="moe"): make_arm("topk", TrainConfig(model=TINY), {"k": 2})
+    with pytest.raises(TypeError, match="moe"): make_arm("topk", tiny_train(), {"k": 2})
 
 
 def test_run_config_embeds_train_config_and_checks_arms():
     rc = MoERunConfig.full()
     assert isinstance(rc.train, TrainConfig) and (rc.train.steps, rc.train.impl, rc.train.precision) == (400, "auto", "32-true")
-    assert rc.arms == tuple(MOE_ARMS) and rc.seeded(3).train.seed == 3 and rc.train.seed == 0
+    assert rc.arms == tuple(MOE_ARMS) and rc.with_seed(3).train.seed == 3 and rc.train.seed == 0
+    assert rc.with_seed(3) == MoERunConfig.full(3)
+    assert MoERunConfig.preset(True, 2) == MoERunConfig.fast(2)
+    check_run_config(MoERunConfig)  # the presets agree with with_seed: a seed changes nothing else
+    assert {REPRODUCTIONS[n].run_config for n in ("moe", "moe_calibration")} == {MoERunConfig}
     fast = MoERunConfig.fast()
     assert MoERunConfig(**asdict(fast)) == fast  # the recorded config (a dict) builds the same run
     assert MoERunConfig(train=fast.train.replace(precision="bf16-mixed", impl="torch")).train.precision == "bf16-mixed"
@@ -286,6 +291,19 @@ def test_claims_are_registered_with_the_reproduction():
                    "chunk_sparse_speedup_t8_d512": ("speedup_t8_scaled", ("blockffn",), "mean", ">", 4.0)}
     assert CLAIM_ARMS == ("blockffn", "topk") and {c.metric for c in MOE_CLAIMS} <= set(SAMPLE_KEYS)
     assert set(CLAIM_ARMS) <= set(MOE_ARMS)
+    check_claim_arms("moe", MOE_CLAIMS)  # every claim arm registered and not exploratory
+
+
+def test_arms_are_registered_with_roles():
+    roles = {n: a.role for n, a in arms_of("moe").items()}
+    assert list(roles) == list(MOE_ARMS) == [
+        "dense", "topk", "topk_shared", "remoe", "blockffn", "blockffn_no_locality",
+        "blockffn_no_chunk", "smoe_dropout", "thor"]
+    assert roles == {
+        "dense": "baseline", "topk": "baseline", "topk_shared": "exploratory", "remoe": "baseline",
+        "blockffn": "method", "blockffn_no_locality": "ablation", "blockffn_no_chunk": "ablation",
+        "smoe_dropout": "exploratory", "thor": "exploratory"}
+    assert MOE_ARMS == arm_specs("moe") and all(a.description for a in arms_of("moe").values())
 
 
 def test_moe_defaults_are_the_committed_calibration_pick():
@@ -380,3 +398,10 @@ def test_ddp_two_processes_train_every_component(kind):
         assert "train/aux/chunk" in trainer.callback_metrics and "train/aux/balance" in trainer.callback_metrics
     else:
         assert float(trainer.callback_metrics["train/aux/consistency"]) >= 0
+
+
+def test_plots_stay_importable_from_experiment():
+    import trainlab.moe.experiment as ex
+    import trainlab.moe.plots as pl
+    assert set(pl.__all__) <= set(ex.__all__)
+    assert all(getattr(ex, n) is getattr(pl, n) for n in pl.__all__)

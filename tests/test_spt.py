@@ -10,11 +10,12 @@ from trainlab.data import Document, TokenizedCorpus, ByteTokenizer, split_corpus
 from trainlab.model import ModelConfig, TinyLM
 from trainlab.stats import Claim
 from trainlab.train import TrainConfig
+from trainlab.runconfig import arm_specs, arms_of, check_run_config
 from trainlab.spt import (SPT_ARMS, SPT_CLAIMS, SPT_DOMAINS, SPT_MAIN, SPT_REF, DomainData, GlobalBatchSampler, KeepBest, MixtureDataModule,
                           MixtureDataset, SPTConfig, SPTLitModule, SPTRunConfig, FinetuneConfig, Snapshots, b_gap, domain_summary, effective_data,
                           evaluate_groups, finetune, finetune_grid, fit_muennighoff, fit_overfitting_law, general_eval_set, interp_log_tokens,
                           law_test, law_train, make_domain, mixture_plan, muennighoff_test, observed_turn, predicted_turn, pretrain,
-                          spt_run_config)
+                          pair_pretrain, spt_run_config)
 
 TOK = ByteTokenizer()
 
@@ -134,7 +135,7 @@ def test_configs_embed_the_shared_train_config():
     with pytest.raises(ValueError, match="warmups"): _ft_cfg(warmups=(-1,))
     rc = spt_run_config(fast=True)
     assert rc.finetune.train.model == rc.pretrain.train.model and rc.finetune.train.seq_len == rc.pretrain.train.seq_len
-    assert SPTConfig(train=dict(steps=9)).train.steps == 9  # a recorded config (asdict) loads back
+    assert SPTConfig(train=dict(steps=9, warmup_steps=2)).train.steps == 9  # a recorded config (asdict) loads back
     with pytest.raises(TypeError, match="train"): SPTConfig(train=3)
 
 
@@ -144,6 +145,32 @@ def test_finetune_run_config(domain):
     t = cfg.run_config(domain, 2e-3, 3, ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=32))
     assert (t.lr, t.warmup_steps, t.steps, t.val_every) == (2e-3, 3, math.ceil(3 * spe), max(1, round(spe / 2)))
     assert t.model.d_model == 32 and cfg.train.lr == TrainConfig().lr  # the grid point is a copy
+
+
+def test_run_config_follows_the_contract():
+    check_run_config(SPTRunConfig)
+    rc = SPTRunConfig.fast(5)
+    assert (rc.run_seed, rc.pretrain.train.seed, rc.finetune.train.seed) == (5, 5, 5)  # one seed, both stages
+    assert SPTRunConfig.fast().with_seed(5) == rc and SPTRunConfig.preset(True, 5) == rc
+    assert spt_run_config() == SPTRunConfig.full() and spt_run_config(fast=True) == SPTRunConfig.fast()
+    full = SPTRunConfig.full()
+    assert pair_pretrain(full, 3) == SPTRunConfig.full(3).pretrain.replace(val_every=full.pretrain.train.steps)
+    assert pair_pretrain(full, 3, curves=True) == full.with_seed(3).pretrain
+    with pytest.raises(ValueError, match="seed"): rc.with_seed(2**32)
+
+
+def test_arms_are_registered_with_their_roles():
+    arms = arms_of("spt")
+    assert arm_specs("spt") == SPT_ARMS and list(arms) == list(SPT_ARMS)
+    assert {k for k, a in arms.items() if a.role != "exploratory"} == {SPT_MAIN, SPT_REF}
+    assert (arms[SPT_MAIN].role, arms[SPT_REF].role) == ("method", "baseline")
+    for c in SPT_CLAIMS:  # every claim compares registered, non-exploratory arms on the domains
+        for a in c.arms:
+            dom, arm = a.split("/")
+            assert dom in SPT_DOMAINS and arms[arm].role != "exploratory", (c.name, a)
+    from trainlab.reproduce import available_reproductions
+    reps = available_reproductions()
+    assert all(reps[n].run_config is SPTRunConfig for n in ("spt", "spt_pilot", "spt_sweep"))
 
 
 def test_arm_registry_and_claims_are_consistent():
@@ -374,13 +401,35 @@ def test_main_run_follows_the_committed_pilot():
     assert SPT_SEEDS == p["seeds_picked"]
 
 
+def _same_record(got, want, rel=1e-9) -> bool:
+    "`got` equals `want`, floats to `rel` and everything else exactly, through nested dicts and lists."
+    if isinstance(want, dict):
+        return (isinstance(got, dict) and got.keys() == want.keys()
+                and all(_same_record(got[k], want[k], rel) for k in want))
+    if isinstance(want, (list, tuple)):
+        return (isinstance(got, (list, tuple)) and len(got) == len(want)
+                and all(_same_record(g, w, rel) for g, w in zip(got, want)))
+    if isinstance(want, float) and not isinstance(got, bool):
+        return isinstance(got, (int, float)) and got == pytest.approx(want, rel=rel, nan_ok=True)
+    return got == want
+
+
+def test_same_record():
+    rec = {"name": "c", "arms": ["far/0.02", "far/0"], "estimate": 0.1, "ci95": [0.05, 0.15], "n_seeds": 6}
+    assert _same_record(rec, dict(rec, estimate=0.1 + 1e-12, arms=("far/0.02", "far/0")))
+    assert not _same_record(rec, dict(rec, estimate=0.11))
+    assert not _same_record(rec, dict(rec, arms=["far/0", "far/0.02"]))
+    assert not _same_record(rec, dict(rec, ci95=[0.05, 0.16]))
+    assert not _same_record(rec, dict(rec, verdict="holds"))
+
+
 def test_committed_claims_recompute_from_their_samples():
     "Every committed claim of the main run is what its per-seed samples give; R_gain is the paired relative gain of those samples."
     m = _committed("spt")
-    if "samples" not in m: pytest.skip("the main run of the second edition (trainlab reproduce spt) is not committed yet; nbs/results/spt holds the first edition")
+    if "samples" not in m: pytest.skip("the main run (trainlab reproduce spt) is not committed yet")
     assert [c["name"] for c in m["claims"]] == [c.name for c in SPT_CLAIMS]
-    for c, rec in zip(SPT_CLAIMS, m["claims"]):
-        assert rec == pytest.approx(c.judge(m["samples"]), rel=1e-9)
+    for c, rec in zip(SPT_CLAIMS, m["claims"]):  # floats to 1e-9, the rest (names, arms, verdict) exactly
+        assert _same_record(rec, c.judge(m["samples"])), c.name
     for d in SPT_DOMAINS:
         b0, b2 = (m["samples"][f"{d}/{a}"]["post_ft_domain_report_bpb"] for a in (SPT_REF, SPT_MAIN))
         assert m["samples"][f"{d}/{SPT_MAIN}"]["r_gain"] == pytest.approx([100 * (x - y) / x for x, y in zip(b0, b2)])

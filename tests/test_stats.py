@@ -81,3 +81,35 @@ def test_bad_claims_are_rejected_clearly():
     with pytest.raises(ValueError, match="threshold"): Claim("x", "", "m", ("a",), "mean", ">", float("nan"))
     with pytest.raises(ValueError, match="metric 'm'"): Claim("x", "", "m", ("a",), "mean").judge({"a": {"other": [1.0]}})
     assert fmt_num(None) == "n/a" and fmt_num(float("inf")) == "n/a" and fmt_num(1234567) == "1,234,567"
+
+
+def test_a_non_finite_seed_makes_a_claim_invalid_not_smaller():
+    from trainlab.baseline import BASELINE_CLAIMS
+    rec = BASELINE_CLAIMS[0].judge({"fp32": {"val_bpb": [1.95, float("nan"), 1.96, 1.94]}})
+    assert rec["verdict"] == "invalid (seed 1: non-finite)" and rec["nonfinite"] == {"rule": "invalid", "seeds": [1]}
+    assert rec["n_seeds"] == 3  # the estimate over the finite seeds is still recorded, for reading
+    for bad in (None, float("inf"), float("-inf")):
+        samples = {"a": {"m": [1.0, 2.0, bad]}, "b": {"m": [0.5, 1.0, 1.5]}}
+        assert Claim("d", "", "m", ("a", "b"), "diff", ">", 0.0).judge(samples, seeds=[7, 8, 9])["verdict"] == \
+            "invalid (seed 9: non-finite)"
+    two = Claim("d", "", "m", ("a", "b"), "ratio", ">", 1.0).judge({"a": {"m": [None, 2.0, 3.0]}, "b": {"m": [1.0, None, 1.0]}})
+    assert two["verdict"] == "invalid (seeds 0, 1: non-finite)"
+    assert Claim("d", "", "m", ("a",), "mean").judge({"a": {"m": [None]}}, tested=False)["verdict"] == "not tested (--fast)"
+
+
+def test_the_worst_rule_counts_a_non_finite_seed_against_the_claim():
+    samples = {"new": {"t": [40.0, 50.0, None]}, "old": {"t": [100.0, 100.0, 100.0]}}  # new diverged on seed 2
+    faster = Claim("faster", "", "t", ("old", "new"), "ratio", ">", 1.3, nonfinite="worst")
+    vals = faster.worst_case(samples)
+    assert vals[1].tolist() == [40.0, 50.0, 100.0]  # new must be low: its seed 2 counts at the largest value seen
+    rec = faster.judge(samples)
+    assert rec["n_seeds"] == 3 and rec["nonfinite"] == {"rule": "worst", "seeds": [2]}
+    assert rec["estimate"] == pytest.approx(ci_ratio([100.0] * 3, [40.0, 50.0, 100.0])[0])
+    assert rec["verdict"] == "inconclusive"  # while dropping seed 2 would have made it hold
+    assert Claim("faster", "", "t", ("old", "new"), "ratio", ">", 1.3).judge({k: {"t": v["t"][:2]} for k, v in samples.items()})[
+        "verdict"] == "inconclusive"  # (two seeds only: wide)
+    low = Claim("low", "", "t", ("new",), "mean", "<", 60.0, nonfinite="worst")
+    assert low.worst_case({"new": {"t": [40.0, float("nan"), 50.0]}})[0].tolist() == [40.0, 50.0, 50.0]
+    assert low.judge({"new": {"t": [None, None]}})["verdict"] == "fails"  # nothing finite: nothing on the claim's side
+    assert Claim("x", "", "t", ("new",), "mean", nonfinite="worst").judge({"new": {"t": [1.0, 2.0]}}).get("nonfinite") is None
+    with pytest.raises(ValueError, match="nonfinite"): Claim("x", "", "t", ("new",), "mean", nonfinite="drop")

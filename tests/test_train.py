@@ -102,9 +102,35 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(TypeError, match="lit"): fit(tiny_cfg(), lambda: 42, tiny_data(tiny_cfg()))
 
 
+@pytest.mark.parametrize("changes, msg", [
+    (dict(seq_len=64), "`seq_len`: expected at most model.max_seq_len (32)"),
+    (dict(steps=True), "`steps`: expected a positive int (not a bool)"),
+    (dict(steps=8.0), "`steps`"),
+    (dict(batch_size=0), "`batch_size`"),
+    (dict(warmup_steps=9), "`warmup_steps`: expected an int in [0, steps] = [0, 8]"),
+    (dict(warmup_steps=-1), "`warmup_steps`"),
+    (dict(lr=0.0), "`lr`: expected a finite number > 0"),
+    (dict(lr=float("nan")), "`lr`"),
+    (dict(lr=float("inf")), "`lr`"),
+    (dict(lr=True), "`lr`"),
+    (dict(min_lr_ratio=1.5), "`min_lr_ratio`"),
+    (dict(weight_decay=-0.1), "`weight_decay`"),
+    (dict(weight_decay=float("inf")), "`weight_decay`"),
+    (dict(grad_clip=0.0), "`grad_clip`"),
+    (dict(grad_clip=float("nan")), "`grad_clip`"),
+    (dict(seed=-1), "`seed`"),
+    (dict(seed=False), "`seed`"),
+    (dict(val_every=0), "`val_every`"),
+])
+def test_train_config_is_checked_when_built(changes, msg):
+    with pytest.raises(ValueError) as e: tiny_cfg(**changes)
+    assert msg in str(e.value)
+    assert tiny_cfg(warmup_steps=8, grad_clip=None, lr=1, min_lr_ratio=0).warmup_steps == 8  # the edges are allowed
+
+
 def test_fit_seeds_the_initialisation_of_a_factory():
     """Paired seeds: the same seed gives the same initial weights whatever ran before; another seed differs."""
-    cfg = tiny_cfg(steps=1, val_every=None)
+    cfg = tiny_cfg(steps=1, warmup_steps=1, val_every=None)
     inits = []
     class Grab(L.Callback):
         def on_train_start(self, trainer, pl_module): inits.append(pl_module.model.embed.weight.detach().clone())

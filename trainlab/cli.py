@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse, shlex, signal, sys, time, warnings
 from pathlib import Path
 
-from .core import set_threads
+from .core import set_threads, UsageError
+from .faults import DivergenceError
 from .reproduce import available_reproductions, reproduce, summarize, check_out, staging_dir
+from .reproduce import plan_seeds, MAX_SEEDS
+from .runconfig import is_fast_run
 
 # %% auto #0
 __all__ = ['Terminated', 'Interrupted', 'main']
@@ -25,12 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--fast", action="store_true", help="the CI-sized version with one seed (claims are not judged)")
     r.add_argument("--out", default="results", metavar="DIR", help="results folder (default: ./results)")
     r.add_argument("--seed", type=_seed, default=0, metavar="N", help="first seed (default: 0); seeds are N, N+1, ...")
-    r.add_argument("--seeds", type=_positive_int, default=None, metavar="K",
-                   help="number of paired seeds (default: the reproduction's own, 1 with --fast); every arm runs every seed")
+    r.add_argument("--seeds", type=_seed_count, default=None, metavar="K",
+                   help=f"number of paired seeds, at most {MAX_SEEDS} (default: the reproduction's own, 1 with --fast); "
+                        "every arm runs every seed")
     r.add_argument("--resume", action="store_true",
                    help="continue the unfinished run of the same command in DIR/.<name>.staging: finished arm x seed units "
                         "are reused, the unfinished one continues from its last checkpoint")
-    r.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads (default: all cores, at most 8)")
+    r.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch CPU threads (default: all cores, at most 8; never more than the cores available)")
     r.add_argument("--progress", dest="progress", action="store_true", default=None, help="a progress bar per arm with an ETA (default: when stderr is a terminal)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     sub.add_parser("list", help="list the reproductions")
@@ -40,6 +45,11 @@ def _seed(s: str) -> int:
     try: v = int(s)
     except ValueError: raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}")
     if not 0 <= v < 2**32: raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {v}")
+    return v
+
+def _seed_count(s: str) -> int:
+    v = _positive_int(s)
+    if v > MAX_SEEDS: raise argparse.ArgumentTypeError(f"expected at most {MAX_SEEDS} seeds, got {v}")
     return v
 
 def _positive_int(s: str) -> int:
@@ -59,8 +69,13 @@ def _raise(exc):
     def handler(signum, frame): raise exc(signal.Signals(signum).name)
     return handler
 
+def _fail(msg: str, code: int) -> int:
+    "Print `msg` as one `trainlab: error:` line on stderr and return `code`."
+    print("trainlab: error: " + str(msg).replace("\n", " "), file=sys.stderr, flush=True)
+    return code
+
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `trainlab` console script; returns the exit status (130 after SIGINT, 143 after SIGTERM)."
+    "The `trainlab` console script; returns the exit status (1: a run failed, 2: a bad request, 130/143: SIGINT/SIGTERM)."
     parser = _parser()
     args = parser.parse_args(argv)
     reps = available_reproductions()
@@ -71,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.name != "all" and args.name not in reps:
         parser.error(f"unknown reproduction {args.name!r}; choose from: all, " + ", ".join(reps))
     names = list(reps) if args.name == "all" else [args.name]
-    try: check_out(args.out, names)  # before anything trains
-    except ValueError as e: parser.error(str(e))
+    try:  # everything that can be checked before anything trains
+        for n in names: plan_seeds(reps[n], args.seed, args.seeds, is_fast_run(args.fast))
+        check_out(args.out, names)  # creates the folder: last
+    except UsageError as e: parser.error(str(e))
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *a, **k: print(f"trainlab: warning: {msg}", file=sys.stderr)
@@ -91,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainlab: {what} during {current!r}; its unfinished run is kept in {staging_dir(args.out, current)}: "
               "rerun the same command with --resume to continue it", file=sys.stderr, flush=True)
         return 143 if isinstance(e, Terminated) else 130
+    except UsageError as e:  # found once a run started: another run holds the folder, a --resume of another run
+        return _fail(e, 2)
+    except (DivergenceError, OSError) as e:  # the run failed: it diverged, or the disk is full
+        status = staging_dir(args.out, current) / "status.json"
+        return _fail(f"{current}: {e}; the run is marked failed in {status} and its finished units are kept: "
+                     "rerun the same command with --resume to continue it", 1)
     finally:
         for s, h in old.items(): signal.signal(s, h)
     if len(names) > 1: print(f"done: {len(names)} reproductions -> {args.out}")

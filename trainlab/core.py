@@ -7,15 +7,16 @@ from __future__ import annotations
 import contextlib, datetime, hashlib, json, math, os, platform, random, subprocess, sys, tempfile, time, warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['in_test', 'expect', 'check_choice', 'repo_root', 'cache_dir', 'seed_everything', 'available_cores', 'set_threads',
-           'dist_initialized', 'dist_rank_world', 'atomic_path', 'strict_json', 'write_json', 'read_json',
-           'save_figure', 'git_sha', 'cpu_name', 'environment_info', 'sha256_bytes', 'stable_unit_hash', 'now_iso']
+__all__ = ['in_test', 'expect', 'UsageError', 'check_choice', 'repo_root', 'cache_dir', 'seed_everything', 'available_cores',
+           'set_threads', 'dist_initialized', 'dist_rank_world', 'atomic_path', 'strict_json', 'write_json',
+           'read_json', 'save_figure', 'pid_alive', 'file_lock', 'git_sha', 'cpu_name', 'environment_info',
+           'sha256_bytes', 'stable_unit_hash', 'now_iso']
 
 # %% ../nbs/00_core.ipynb #5e54fa18
 def in_test() -> bool:
@@ -29,6 +30,9 @@ def expect(cond: bool, arg: str, expected: str, got: Any = None, exc: type = Val
         msg = f"`{arg}`: expected {expected}"
         if got is not None: msg += f", got {got!r}"
         raise exc(msg)
+
+class UsageError(ValueError):
+    "A request that cannot be carried out as asked (an argument, a results folder, a concurrent run)."
 
 def check_choice(arg: str, value: Any, choices: Iterable) -> Any:
     "Return `value` if it is one of `choices`, else raise a `ValueError` that lists them."
@@ -68,12 +72,14 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 def set_threads(n: int | None = None) -> int:
-    "Pin torch's intra-op threads to `n` (default: all cores, at most 8), warning when `n` oversubscribes the cores; returns the count in effect."
-    if n is None: n = max(1, min(8, available_cores()))
-    expect(isinstance(n, int) and n >= 1, "n", "a positive int", n)
-    if n > available_cores():
-        warnings.warn(f"threads={n} is more than the {available_cores()} CPU cores available here: oversubscribed threads "
-                      "slow training down, often many times over", stacklevel=2)
+    "Pin torch's intra-op threads to `n` (default: all cores, at most 8; at most the cores, with a warning); returns the count."
+    cores = available_cores()
+    if n is None: n = max(1, min(8, cores))
+    expect(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "n", "a positive int", n)
+    if n > cores:
+        warnings.warn(f"threads={n} is more than the {cores} CPU cores available here: using {cores} (oversubscribed "
+                      "threads slow training down, often many times over)", stacklevel=2)
+        n = cores
     torch.set_num_threads(n)
     return torch.get_num_threads()
 
@@ -103,6 +109,7 @@ def atomic_path(path: str | Path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent); os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb+") as f: os.fsync(f.fileno())  # a full disk fails here, before the old version is replaced
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give results the usual permissions
         os.replace(tmp, path)
     finally:
@@ -140,6 +147,58 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     return path
+
+# %% ../nbs/00_core.ipynb #2b0c46f7
+def pid_alive(pid: int) -> bool:
+    "Whether a process with id `pid` is running on this machine."
+    if not isinstance(pid, int) or pid <= 0: return False
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # it exists, owned by someone else
+    return True
+
+def _lock_pid(fd: int) -> int | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 64).decode(errors="ignore").strip()
+    return int(text) if text.isdigit() else None
+
+def _open_locked(path: Path, busy: str) -> int:
+    "Open `path` and lock it without waiting; retried if its last holder unlinked it in between."
+    import fcntl
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _lock_pid(fd)
+            os.close(fd)
+            raise UsageError(busy.format(pid=pid if pid is not None else "unknown", path=path)) from None
+        try: same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError: same = False
+        if same: return fd
+        os.close(fd)
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, busy: str = "{path} is locked by another process (pid {pid})",
+              log: Callable[[str], None] | None = None):
+    "Hold an exclusive advisory lock on `path` while the block runs; `UsageError(busy)` if another process holds it."
+    path = Path(path)
+    try: import fcntl  # noqa: F401
+    except ImportError:
+        yield path
+        return
+    fd = _open_locked(path, busy)
+    try:
+        prev = _lock_pid(fd)
+        if prev is not None and prev != os.getpid() and log is not None:
+            state = "is no longer running" if not pid_alive(prev) else "no longer holds it"
+            log(f"taking over the stale lock {path} of pid {prev}, which {state}")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError): path.unlink()  # while still locked: the next run creates a fresh file
+        os.close(fd)
 
 # %% ../nbs/00_core.ipynb #e1ee39a4
 def git_sha(root: str | Path | None = None) -> str | None:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_reproduce.ipynb #6c99b32b
 from __future__ import annotations
-import importlib, importlib.util, os, re, shutil, sys, tempfile, time
+import datetime, importlib, importlib.util, os, re, shutil, sys, tempfile, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -12,13 +12,15 @@ from typing import Callable
 import matplotlib
 import matplotlib.pyplot as plt
 
-from .core import expect, write_json, read_json, save_figure, git_sha, environment_info, now_iso
+from .core import expect, UsageError, write_json, read_json, save_figure, git_sha
+from .core import environment_info, now_iso, file_lock
 from .stats import Claim, fmt_claim, fmt_num
 from .runconfig import check_run_config, is_fast_run
 
 # %% auto #0
-__all__ = ['REPRODUCTIONS', 'REPRODUCTION_MODULES', 'SITE_URL', 'VERDICT_MARKS', 'Reproduction', 'register_reproduction',
-           'available_reproductions', 'RunContext', 'check_out', 'staging_dir', 'reproduce', 'summarize', 'page_url',
+__all__ = ['REPRODUCTIONS', 'PATH_MARGIN', 'MAX_SEEDS', 'Reproduction', 'register_reproduction', 'reproduction_modules',
+           'available_reproductions', 'RunContext', 'check_out', 'staging_dir', 'lock_path', 'plan_seeds', 'reproduce',
+           'summarize', 'REPRODUCTION_MODULES', 'SITE_URL', 'page_url', 'VERDICT_MARKS', 'verdict_mark',
            'results_table', 'readme_text']
 
 # %% ../nbs/04_reproduce.ipynb #3799f3f0
@@ -35,7 +37,6 @@ class Reproduction:
     run_config: type | None = None  # its RunConfig subclass (full/fast presets, with_seed)
 
 REPRODUCTIONS: dict[str, Reproduction] = {}
-REPRODUCTION_MODULES = ("trainlab.baseline", "trainlab.curriculum", "trainlab.moe", "trainlab.spt", "trainlab.unlearning")
 
 def register_reproduction(name: str, description: str = "", claims: tuple | list = (), notebook: str = "", default_seeds: int = 1,
                           summary_keys: tuple = (), run_config: type | None = None):
@@ -51,11 +52,37 @@ def register_reproduction(name: str, description: str = "", claims: tuple | list
         return fn
     return deco
 
+_REGISTERS = re.compile(r"^\s*@register_reproduction\(", re.M)
+
+def reproduction_modules(package_dir: str | Path | None = None, package: str = "trainlab") -> tuple:
+    "The modules of `package` (in `package_dir`, default: where it is installed) whose source registers a reproduction."
+    if package_dir is None: package_dir = Path(importlib.util.find_spec(package).origin).parent
+    root = Path(package_dir)
+    mods = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root)
+        if p.name == "_modidx.py" or any(x.startswith(".") for x in rel.parts): continue
+        try: text = p.read_text(errors="ignore")
+        except OSError: continue
+        if _REGISTERS.search(text):
+            mods.append(".".join((package, *rel.with_suffix("").parts)).removesuffix(".__init__"))
+    return tuple(mods)
+
 def available_reproductions() -> dict[str, Reproduction]:
-    "All registered reproductions by name, importing the modules that define them."
-    for mod in REPRODUCTION_MODULES:
-        if importlib.util.find_spec(mod) is not None: importlib.import_module(mod)
+    "All registered reproductions by name, importing the modules whose source registers one."
+    for mod in reproduction_modules(): importlib.import_module(mod)
     return dict(sorted(REPRODUCTIONS.items()))  # by name: registration order depends on what was imported first
+
+# %% ../nbs/04_reproduce.ipynb #1407c6eb
+_README_NAMES = ("SITE_URL", "page_url", "VERDICT_MARKS", "verdict_mark", "results_table", "readme_text")
+
+def __getattr__(name: str):
+    "`REPRODUCTION_MODULES`, computed when asked for; the README names, from `trainlab.readme` (which imports this one)."
+    if name == "REPRODUCTION_MODULES": return reproduction_modules()
+    if name in _README_NAMES: return getattr(importlib.import_module("trainlab.readme"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+_all_ = ["REPRODUCTION_MODULES", "SITE_URL", "page_url", "VERDICT_MARKS", "verdict_mark", "results_table", "readme_text"]
 
 # %% ../nbs/04_reproduce.ipynb #02af3110
 @dataclass
@@ -101,17 +128,40 @@ class RunContext:
         return read_json(cached)  # the same (JSON round-tripped) value whether or not the run was resumed
 
 # %% ../nbs/04_reproduce.ipynb #f53cb904
+PATH_MARGIN = 200  # bytes kept free below out/.<name>.staging for the deepest file a run writes there
+
+def _fs_limit(path: Path, key: str, default: int) -> int:
+    "The filesystem's `os.pathconf` limit `key` at the nearest existing folder of `path` (else `default`)."
+    while not os.path.isdir(path) and path != path.parent:  # isdir: False on any OSError (a name too long)
+        path = path.parent
+    try: return os.pathconf(path, key)
+    except (OSError, ValueError, AttributeError): return default
+
 def check_out(out: str | Path, names: list[str]) -> Path:
     "Validate the results folder `out` (created if missing) for the reproductions `names`; returns it."
+    ok = isinstance(out, (str, Path)) and str(out).strip() != ""
+    expect(ok, "out", "a folder path, not an empty one", out, exc=UsageError)
     out = Path(out)
-    if out.exists() and not out.is_dir(): raise ValueError(f"`out`: expected a folder (or a path to create one at), got the file {str(out)!r}")
+    full = out.absolute()
+    name_max, path_max = _fs_limit(full, "PC_NAME_MAX", 255), _fs_limit(full, "PC_PATH_MAX", 4096)
+    for part in (*full.parts, *(f".{n}.staging" for n in names)):
+        expect(len(os.fsencode(part)) <= name_max, "out", f"names of at most {name_max} bytes (this filesystem's limit)",
+               part[:40] + "...", exc=UsageError)
+    extra = max((len(os.fsencode(f"/.{n}.staging")) for n in names), default=0) + PATH_MARGIN
+    size = len(os.fsencode(str(full)))
+    expect(size + extra <= path_max, "out", f"a path of at most {path_max - extra} bytes (the filesystem allows "
+           f"{path_max}, and a run writes up to {extra} more below it)", size, exc=UsageError)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"`out`: expected a folder (or a path to create one at), got the file {str(out)!r}")
     try: out.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise ValueError(f"`out`: expected a folder that can be created, got {str(out)!r} ({e.strerror})") from None
+    except OSError as e:
+        raise UsageError(f"`out`: expected a folder that can be created, got {str(out)!r} ({e.strerror})") from None
     try:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"): pass
-    except OSError as e: raise ValueError(f"`out`: expected a writable folder, got {str(out)!r} ({e.strerror})") from None
+    except OSError as e: raise UsageError(f"`out`: expected a writable folder, got {str(out)!r} ({e.strerror})") from None
     for n in names:
-        expect(not (out / n).exists() or (out / n).is_dir(), "out", f"no non-folder at {out / n} (it is never replaced silently)", str(out / n))
+        expect(not (out / n).exists() or (out / n).is_dir(), "out",
+               f"no non-folder at {out / n} (it is never replaced silently)", str(out / n), exc=UsageError)
     return out
 
 # %% ../nbs/04_reproduce.ipynb #765ec879
@@ -126,6 +176,10 @@ def staging_dir(out: str | Path, name: str) -> Path:
     "The fixed staging folder of reproduction `name` under `out`."
     return Path(out) / f".{name}.staging"
 
+def lock_path(out: str | Path, name: str) -> Path:
+    "The lock file that a run of reproduction `name` holds under `out` while it works."
+    return Path(out) / f".{name}.lock"
+
 def _prepare_staging(staging: Path, key: dict, resume: bool, log: Callable) -> None:
     for old in staging.parent.glob(f".{key['name']}.staging-*"): shutil.rmtree(old, ignore_errors=True)  # older per-pid folders
     if staging.exists():
@@ -134,109 +188,125 @@ def _prepare_staging(staging: Path, key: dict, resume: bool, log: Callable) -> N
             n = len(list((staging / ".units").rglob("*.json")))
             log(f"resuming the unfinished run in {staging} ({n} unit(s) already finished)")
             return
-        if resume: raise ValueError(f"`resume`: expected the unfinished run in {staging} to be the same run ({prev}), got {key}; rerun without --resume to start over")
+        if resume: raise UsageError(f"`resume`: expected the unfinished run in {staging} to be the same run ({prev}), "
+                                    f"got {key}; rerun without --resume to start over")
         log(f"removing an unfinished earlier run in {staging} (use --resume to continue it instead)")
         shutil.rmtree(staging)
     elif resume: log("nothing to resume: starting from the beginning")
     staging.mkdir(parents=True)
     write_json(staging / "key.json", key)
 
+# %% ../nbs/04_reproduce.ipynb #5268a2c3
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+def _start_sitting(staging: Path) -> list[dict]:
+    "Append this sitting to `staging/sittings.json`; one before it that never recorded its end (killed) gets an estimate."
+    f = staging / "sittings.json"
+    sits = read_json(f) if f.is_file() else []
+    for s in sits:
+        if "wall_s" in s: continue
+        times = [p.stat().st_mtime for p in staging.rglob("*") if p.is_file() and p != f]
+        end = max(times, default=s["start_unix"])
+        s.update(ended_at=_iso(end), wall_s=round(max(0.0, end - s["start_unix"]), 3),
+                 outcome="killed (its end estimated from the last file it wrote)")
+    sits.append({"started_at": now_iso(), "start_unix": time.time(), "pid": os.getpid()})
+    write_json(f, sits)
+    return sits
+
+def _end_sitting(staging: Path, sits: list[dict], outcome: str) -> list[dict]:
+    "Record the end of this (the last) sitting."
+    t = time.time()
+    sits[-1].update(ended_at=_iso(t), wall_s=round(t - sits[-1]["start_unix"], 3), outcome=outcome)
+    write_json(staging / "sittings.json", sits)
+    return sits
+
+def _mark_failed(staging: Path, e: BaseException, sits: list[dict], started: str, sha: str | None):
+    "Mark the unfinished run failed (status.json, the sitting's end); a write that fails too never hides `e`."
+    if not staging.exists(): return
+    status = {"state": "failed", "error": f"{type(e).__name__}: {e}", "started_at": started, "failed_at": now_iso(),
+              "git_sha": sha, "resume": "rerun the same command with --resume",
+              "traceback": "".join(traceback.format_exception(e))[-4000:]}
+    for write in (lambda: _end_sitting(staging, sits, f"failed: {type(e).__name__}"),
+                  lambda: write_json(staging / "status.json", status)):
+        try: write()
+        except OSError as err:
+            msg = f"trainlab: warning: could not record the failure in {staging} ({err})"
+            print(msg, file=sys.stderr, flush=True)
+
 # %% ../nbs/04_reproduce.ipynb #231a7622
+MAX_SEEDS = 1000  # more seeds than this are refused before any list of them is built
+
+def plan_seeds(rep: Reproduction, seed: int = 0, seeds: int | None = None, fast: bool = False) -> list[int]:
+    "The seeds a run of `rep` trains: `seeds` of them (default: one when `fast`, else its own count) from `seed`."
+    ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32
+    expect(ok, "seed", "an int in [0, 2**32)", seed, exc=UsageError)
+    ok = seeds is None or (isinstance(seeds, int) and not isinstance(seeds, bool) and 1 <= seeds <= MAX_SEEDS)
+    expect(ok, "seeds", f"None or an int in [1, {MAX_SEEDS}]", seeds, exc=UsageError)
+    n = seeds or (1 if fast else rep.default_seeds)
+    last = f"a first seed whose last one, seed + {n} - 1, is below 2**32"
+    expect(seed + n - 1 < 2**32, "seed", last, seed, exc=UsageError)
+    return list(range(seed, seed + n))
+
 def reproduce(name: str, out: str | Path = "results", fast: bool = False, seed: int = 0, seeds: int | None = None,
               progress: bool = False, command: str | None = None, resume: bool = False) -> dict:
     "Run reproduction `name` over its seeds, judge its claims, write `out/name/` atomically; returns {'metrics', 'run', 'dir'}."
     reps = available_reproductions()
-    expect(name in reps, "name", "one of " + ", ".join(sorted(reps)), name)
-    expect(isinstance(seed, int) and 0 <= seed < 2**32, "seed", "an int in [0, 2**32)", seed)
-    expect(seeds is None or (isinstance(seeds, int) and seeds >= 1), "seeds", "None or an int >= 1", seeds)
-    rep, out = reps[name], check_out(out, [name])
-    n = seeds or (1 if fast else rep.default_seeds)
-    seed_list = [seed + i for i in range(n)]
-    final, staging = out / name, staging_dir(out, name)
-    ctx = RunContext(name, staging, fast=fast, seeds=seed_list, progress=progress)
-    _prepare_staging(staging, {"name": name, "fast": fast, "seeds": seed_list}, resume, ctx.log)
-    started, t0, sha = now_iso(), time.perf_counter(), git_sha()  # the code that runs is the code at the start
+    expect(name in reps, "name", "one of " + ", ".join(sorted(reps)), name, exc=UsageError)
+    rep, fast = reps[name], is_fast_run(fast)  # decided here, once: asked for, or a test run
+    seed_list = plan_seeds(rep, seed, seeds, fast)
+    out = check_out(out, [name])
+    ctx = RunContext(name, staging_dir(out, name), fast=fast, seeds=seed_list, progress=progress)
+    n = len(seed_list)
+    command = command or f"trainlab reproduce {name}" + (" --fast" if fast else "") + f" --seed {seed} --seeds {n}"
+    busy = f"another run (pid {{pid}}) is writing {name!r} into {out}: wait for it to end, or pass another --out"
+    with file_lock(lock_path(out, name), busy=busy, log=ctx.log):  # before the staging folder is touched
+        _prepare_staging(ctx.out_dir, {"name": name, "fast": fast, "seeds": seed_list}, resume, ctx.log)
+        return _run(rep, ctx, out / name, command, resume)
+
+def _run(rep: Reproduction, ctx: RunContext, final: Path, command: str, resume: bool) -> dict:
+    "Run `rep` in the staging folder, judge its claims, swap the result into `final`; on any error, mark it failed."
+    staging, sha = ctx.out_dir, git_sha()  # the code that runs is the code at the start
+    sits = _start_sitting(staging)
+    started = sits[-1]["started_at"]
     write_json(staging / "status.json", {"state": "running", "pid": os.getpid(), "started_at": started, "git_sha": sha})
     try:
         with matplotlib.rc_context({"figure.dpi": 100}):
-            backend = matplotlib.get_backend(); plt.switch_backend("agg")
+            backend = matplotlib.get_backend()
+            plt.switch_backend("agg")
             try: metrics = rep.fn(ctx)
             finally: plt.switch_backend(backend)
         expect(isinstance(metrics, dict), "reproduction result", "a dict of metrics", type(metrics).__name__, exc=TypeError)
         if rep.claims:
-            expect("samples" in metrics, "reproduction result", "per-seed values under 'samples' to judge its claims", sorted(metrics))
-            metrics["claims"] = [c.judge(metrics["samples"], tested=not fast) for c in rep.claims]
-        run = {"name": name, "command": command or f"trainlab reproduce {name}" + (" --fast" if fast else "") + f" --seed {seed} --seeds {n}",
-               "git_sha": sha, "started_at": started, "finished_at": now_iso(), "wall_s": round(time.perf_counter() - t0, 3),
-               "fast": fast, "seeds": seed_list, "resumed": resume, "config": ctx.config, "environment": environment_info()}
+            expect("samples" in metrics, "reproduction result", "per-seed values under 'samples' to judge its claims",
+                   sorted(metrics))
+            samples, tested = metrics["samples"], not ctx.fast
+            metrics["claims"] = [c.judge(samples, tested=tested, seeds=ctx.seeds) for c in rep.claims]
+        sits = _end_sitting(staging, sits, "finished")
+        run = {"name": rep.name, "command": command, "git_sha": sha, "started_at": sits[0]["started_at"],
+               "finished_at": sits[-1]["ended_at"], "wall_s": round(sum(s["wall_s"] for s in sits), 3),
+               "sittings": sits, "fast": ctx.fast, "seeds": ctx.seeds, "resumed": resume, "config": ctx.config,
+               "environment": environment_info()}
         write_json(staging / "metrics.json", metrics)
         write_json(staging / "run.json", run)
-    except BaseException as e:  # a crash, Ctrl-C or SIGTERM: keep the units for --resume, visibly marked as failed
-        if staging.exists():
-            write_json(staging / "status.json", {"state": "failed", "error": f"{type(e).__name__}: {e}", "started_at": started,
-                                                 "failed_at": now_iso(), "git_sha": sha, "resume": "rerun the same command with --resume"})
+        shutil.rmtree(staging / ".units", ignore_errors=True)
+        for f in ("key.json", "status.json", "sittings.json"): (staging / f).unlink(missing_ok=True)
+        _swap_into_place(staging, final)
+    except BaseException as e:  # an error, a full disk, Ctrl-C or SIGTERM: the units stay for --resume, marked failed
+        _mark_failed(staging, e, sits, started, sha)
         raise
-    shutil.rmtree(staging / ".units", ignore_errors=True)
-    for f in ("key.json", "status.json"): (staging / f).unlink(missing_ok=True)
-    _swap_into_place(staging, final)
     return {"metrics": read_json(final / "metrics.json"), "run": run, "dir": final}
 
 # %% ../nbs/04_reproduce.ipynb #dc33d528
 def summarize(name: str, result: dict) -> str:
     "A few lines: each claim's estimate, CI and verdict (or headline metrics), wall time and folder."
     rep, m = REPRODUCTIONS[name], result["metrics"]
-    lines = [f"{name}: wall={result['run']['wall_s']:.1f}s seeds={result['run']['seeds']} -> {result['dir']}"]
-    for c in m.get("claims", []): lines.append(f"  {c['name']}: {fmt_claim(c)} (n={c['n_seeds']}, threshold {c['direction']} {fmt_num(c['threshold'])}): {c['verdict']}")
+    run, n = result["run"], len(result["run"].get("sittings", []))
+    sittings = f" over {n} sittings" if n > 1 else ""
+    lines = [f"{name}: wall={run['wall_s']:.1f}s{sittings} seeds={run['seeds']} -> {result['dir']}"]
+    for c in m.get("claims", []):
+        thr = f"threshold {c['direction']} {fmt_num(c['threshold'])}"
+        lines.append(f"  {c['name']}: {fmt_claim(c)} (n={c['n_seeds']}, {thr}): {c['verdict']}")
     keys = rep.summary_keys or tuple(k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool))[:4]
     if keys: lines.append("  " + " ".join(f"{k}={fmt_num(m[k])}" for k in keys if k in m))
     return "\n".join(lines)
-
-# %% ../nbs/04_reproduce.ipynb #1c9a4911
-SITE_URL = "https://trainlab.github.io/trainlab"  # settings.ini's doc_host + doc_baseurl (a test checks that they agree)
-
-def page_url(notebook: str) -> str:
-    "The site address of the page of `notebook` (a path under nbs/): nbdev drops each number prefix and renders it as .html."
-    expect(isinstance(notebook, str) and notebook.endswith(".ipynb"), "notebook", "a notebook path under nbs/ such as 'spt/05_results.ipynb'", notebook)
-    parts = [re.sub(r"^\d+[a-z]?_", "", x) for x in Path(notebook).with_suffix(".html").parts]
-    return f"{SITE_URL}/{'/'.join(parts)}"
-
-# %% ../nbs/04_reproduce.ipynb #9069bff8
-def _cell(text: str) -> str:
-    "`text` safe inside a markdown table cell: its pipes escaped (a statement such as '|form-gap| < 0.2' would split the row)."
-    return text.replace("|", "\\|")
-
-# %% ../nbs/04_reproduce.ipynb #9c221d0e
-VERDICT_MARKS = {"holds": "holds", "fails": "**fails**", "inconclusive": "inconclusive"}
-
-def results_table(results_dir: str | Path, link: Callable[[str], str] | None = None) -> str:
-    "Markdown table of every claim of the committed reproductions under `results_dir`; each notebook linked to `link(notebook)` (default: its page on the site)."
-    link = link or page_url
-    reps = available_reproductions()
-    rows = ["| reproduction | claim | estimate [95% CI] | seeds | verdict | notebook |", "|---|---|---|---|---|---|"]
-    for name, rep in reps.items():
-        f = Path(results_dir) / name / "metrics.json"
-        if not f.exists(): continue
-        m = read_json(f); fast = read_json(f.with_name("run.json")).get("fast")
-        nb = f"[{Path(rep.notebook).stem.split('_', 1)[-1]}]({link(rep.notebook)})" if rep.notebook else ""
-        if not rep.claims:  # a reproduction without claims (a calibration feeding another one): one line, no verdict
-            rows.append(f"| `{name}` | {_cell(rep.description)} | no claims registered | | - | {nb} |")
-            continue
-        if "claims" not in m:  # the registered claims, not yet judged by a run
-            for c in rep.claims or [None]:
-                rows.append(f"| `{name}` | {_cell(c.statement if c else rep.description)} | results predate the claims format; rerun pending | | not judged | {nb} |")
-            continue
-        for c in m["claims"]:
-            v = VERDICT_MARKS.get(c["verdict"], c["verdict"]) + (" (--fast run)" if fast and c["verdict"] in VERDICT_MARKS else "")
-            rows.append(f"| `{name}` | {_cell(c['statement'])} | {fmt_claim(c)} | {c['n_seeds']} | {v} | {nb} |")
-    return "\n".join(rows)
-
-# %% ../nbs/04_reproduce.ipynb #3620e71c
-def readme_text(nbs_path: str | Path, results_dir: str | Path | None = None) -> str:
-    "README.md's text: the markdown cells of `nbs_path/index.ipynb`, with `results_table(results_dir)` where the index draws it."
-    nb = read_json(Path(nbs_path) / "index.ipynb")
-    parts = []
-    for c in nb["cells"]:
-        src = "".join(c["source"])
-        if c["cell_type"] == "markdown": parts.append(src.strip())
-        elif "results_table(" in src and "#| export" not in src: parts.append(results_table(results_dir or Path(nbs_path) / "results"))
-    return "\n\n".join(parts) + "\n"

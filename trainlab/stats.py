@@ -14,8 +14,8 @@ from scipy import stats as _st
 from .core import expect, check_choice
 
 # %% auto #0
-__all__ = ['DIRECTIONS', 'COMPARISONS', 'as_floats', 'finite', 'mean', 'std', 'ci_mean', 'paired', 'ci_paired_diff', 'ci_ratio',
-           'verdict', 'Claim', 'fmt_num', 'fmt_claim']
+__all__ = ['DIRECTIONS', 'COMPARISONS', 'NONFINITE_RULES', 'as_floats', 'finite', 'mean', 'std', 'ci_mean', 'paired',
+           'ci_paired_diff', 'ci_ratio', 'verdict', 'Claim', 'fmt_num', 'fmt_claim']
 
 # %% ../nbs/03a_stats.ipynb #e047730b
 def as_floats(xs: Sequence) -> np.ndarray:
@@ -94,6 +94,7 @@ def verdict(ci: tuple[float, float], direction: str, threshold: float) -> str:
 
 # %% ../nbs/03a_stats.ipynb #bbbe3fd3
 COMPARISONS = {"mean": 1, "diff": 2, "ratio": 2}  # comparison -> number of arms
+NONFINITE_RULES = ("invalid", "worst")  # what a seed with a non-finite value makes of a claim
 
 @dataclass(frozen=True)
 class Claim:
@@ -105,13 +106,16 @@ class Claim:
     comparison: str = "diff"
     direction: str = ">"
     threshold: float = 0.0
+    nonfinite: str = "invalid"  # a seed whose value is None, NaN or inf: "invalid", or "worst" (see below)
 
     def __post_init__(self):
         expect(isinstance(self.name, str) and self.name.isidentifier(), "name", "an identifier", self.name)
         check_choice("comparison", self.comparison, tuple(COMPARISONS))
         check_choice("direction", self.direction, tuple(DIRECTIONS))
+        check_choice("nonfinite", self.nonfinite, NONFINITE_RULES)
         object.__setattr__(self, "arms", tuple(self.arms))
-        expect(len(self.arms) == COMPARISONS[self.comparison], "arms", f"{COMPARISONS[self.comparison]} arm name(s) for {self.comparison!r}", self.arms)
+        n_arms = COMPARISONS[self.comparison]
+        expect(len(self.arms) == n_arms, "arms", f"{n_arms} arm name(s) for {self.comparison!r}", self.arms)
         expect(math.isfinite(self.threshold), "threshold", "a finite number", self.threshold)
 
     def values(self, samples: dict) -> list[list]:
@@ -119,25 +123,56 @@ class Claim:
         out = []
         for arm in self.arms:
             expect(arm in samples, "samples", f"per-seed values of arm {arm!r} for claim {self.name!r}", sorted(samples))
-            expect(self.metric in samples[arm], "samples", f"metric {self.metric!r} of arm {arm!r} for claim {self.name!r}", sorted(samples[arm]))
+            expect(self.metric in samples[arm], "samples",
+                   f"metric {self.metric!r} of arm {arm!r} for claim {self.name!r}", sorted(samples[arm]))
             out.append(list(samples[arm][self.metric]))
+        if len(out) == 2:
+            expect(len(out[0]) == len(out[1]), "samples", f"one value per seed in both arms of {self.name!r}",
+                   [len(x) for x in out])
         return out
 
-    def estimate(self, samples: dict, level: float = 0.95) -> tuple[float, float, float, int]:
-        "(estimate, lo, hi, n_seeds used)."
-        v = self.values(samples)
+    def nonfinite_seeds(self, samples: dict) -> list[int]:
+        "Positions in the per-seed lists where a compared arm's value is None, NaN or ±inf."
+        bad = [np.flatnonzero(~np.isfinite(as_floats(v))).tolist() for v in self.values(samples)]
+        return sorted({i for b in bad for i in b})
+
+    def worst_case(self, samples: dict) -> list[np.ndarray]:
+        "The compared values, each non-finite one replaced by the finite value (any compared arm) least favourable to the claim."
+        vs = [as_floats(v) for v in self.values(samples)]
+        seen = finite(np.concatenate(vs))
+        out = []
+        for i, v in enumerate(vs):  # the first arm raises the compared quantity, the second lowers it
+            low = (self.direction == ">") == (i == 0)
+            worst = (seen.min() if low else seen.max()) if len(seen) else np.nan
+            out.append(np.where(np.isfinite(v), v, worst))
+        return out
+
+    def _estimate(self, v: list, level: float) -> tuple[float, float, float, int]:
         if self.comparison == "mean": return (mean(v[0]), *ci_mean(v[0], level), len(finite(v[0])))
         n = len(paired(*v)[0])
         if self.comparison == "diff": return (*ci_paired_diff(*v, level=level), n)
         return (*ci_ratio(*v, level=level), n)
 
-    def judge(self, samples: dict, tested: bool = True) -> dict:
-        "The record kept in metrics.json; `tested=False` (a --fast run) keeps the structure without a verdict."
-        est, lo, hi, n = self.estimate(samples)
-        return {"name": self.name, "statement": self.statement, "metric": self.metric, "arms": list(self.arms),
-                "comparison": self.comparison, "direction": self.direction, "estimate": est, "ci95": [lo, hi],
-                "n_seeds": n, "threshold": self.threshold,
-                "verdict": verdict((lo, hi), self.direction, self.threshold) if tested else "not tested (--fast)"}
+    def estimate(self, samples: dict, level: float = 0.95) -> tuple[float, float, float, int]:
+        "(estimate, lo, hi, n_seeds used): over the seeds where every compared value is finite."
+        return self._estimate(self.values(samples), level)
+
+    def judge(self, samples: dict, tested: bool = True, seeds: Sequence | None = None) -> dict:
+        "The record kept in metrics.json (no verdict when not `tested`: a --fast run); `seeds` name the positions."
+        bad = self.nonfinite_seeds(samples)
+        worst = bool(bad) and self.nonfinite == "worst"
+        est, lo, hi, n = self._estimate(self.worst_case(samples), 0.95) if worst else self.estimate(samples)
+        label = [seeds[i] if seeds is not None and i < len(seeds) else i for i in bad]
+        if not tested: v = "not tested (--fast)"
+        elif bad and not worst:
+            v = f"invalid (seed{'s' if len(bad) > 1 else ''} {', '.join(map(str, label))}: non-finite)"
+        elif worst and n == 0: v = "fails"  # every value non-finite: nothing is left on the claim's side
+        else: v = verdict((lo, hi), self.direction, self.threshold)
+        rec = {"name": self.name, "statement": self.statement, "metric": self.metric, "arms": list(self.arms),
+               "comparison": self.comparison, "direction": self.direction, "estimate": est, "ci95": [lo, hi],
+               "n_seeds": n, "threshold": self.threshold, "verdict": v}
+        if bad: rec["nonfinite"] = {"rule": self.nonfinite, "seeds": label}
+        return rec
 
 # %% ../nbs/03a_stats.ipynb #01decc9c
 def fmt_num(v, digits: int = 3) -> str:

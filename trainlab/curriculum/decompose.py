@@ -16,7 +16,7 @@ from ..core import expect
 from ..data import TokenizedCorpus
 
 # %% auto #0
-__all__ = ['Buckets', 'decompose', 'plot_document_pieces', 'DDDataset']
+__all__ = ['Buckets', 'check_bucket_range', 'decompose', 'plot_document_pieces', 'DDDataset']
 
 # %% ../../nbs/curriculum/01_decompose.ipynb #fd1fe63b
 @dataclass
@@ -69,10 +69,15 @@ def _doc_lengths(docs) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 # %% ../../nbs/curriculum/01_decompose.ipynb #df948f1e
-def _check_bucket_range(min_log2, max_log2):
+def check_bucket_range(min_log2: int, # shortest bucket: 2**min_log2 tokens
+                       max_log2: int, # longest bucket: 2**max_log2 tokens
+                      ) -> tuple[int, int]:
+    "`(min_log2, max_log2)` if both are ints in [0, 30] with `min_log2 <= max_log2`, else a `ValueError` naming the bad one."
     for name, v in (("min_log2", min_log2), ("max_log2", max_log2)):
-        expect(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 30, name, "an int in [0, 30]", v)
+        ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 30
+        expect(ok, name, "an int in [0, 30]", v)
     expect(max_log2 >= min_log2, "max_log2", f">= min_log2={min_log2}", max_log2)
+    return min_log2, max_log2
 
 # %% ../../nbs/curriculum/01_decompose.ipynb #c0aca34d
 def decompose(docs, # a TokenizedCorpus or a sequence of token sequences (only their lengths matter)
@@ -82,7 +87,7 @@ def decompose(docs, # a TokenizedCorpus or a sequence of token sequences (only t
               seed: int = 0,
              ) -> Buckets:
     "Dataset Decomposition: every document cut into single-document pieces of power-of-two lengths by its binary expansion."
-    _check_bucket_range(min_log2, max_log2)
+    check_bucket_range(min_log2, max_log2)
     expect(isinstance(seed, (int, np.integer)) and seed >= 0, "seed", "an int >= 0", seed)
     lengths = _doc_lengths(docs)
     rng = np.random.default_rng(int(seed))

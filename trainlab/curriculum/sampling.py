@@ -16,7 +16,7 @@ from torch.utils.data._utils.collate import default_collate
 from ..core import expect, check_choice, dist_rank_world
 from ..data import TokenizedCorpus, PackedDataset, LMDataModule
 from ..train import TrainConfig, fit
-from .decompose import Buckets, decompose, DDDataset, _check_bucket_range
+from .decompose import Buckets, decompose, DDDataset, check_bucket_range
 
 # %% auto #0
 __all__ = ['CURRICULA', 'curriculum_odds', 'steps_per_bucket', 'dd_schedule', 'plot_schedules', 'DDBatchSampler',
@@ -206,7 +206,7 @@ class CurriculumDataModule(LMDataModule):
             expect(tokens_per_step % seq_len == 0, "tokens_per_step", f"a multiple of seq_len={seq_len}", tokens_per_step)
         else:
             expect(not (doc_mask or zero_doc_ids), "doc_mask", f"False with mode={mode!r} (no doc_ids: DD pieces never cross documents)", doc_mask or zero_doc_ids)
-            _check_bucket_range(min_log2, max_log2)
+            check_bucket_range(min_log2, max_log2)
             curriculum_odds(curriculum, max_log2 - min_log2 + 1)  # fail here, not at the first batch
             expect(isinstance(cycles, int) and cycles >= 1, "cycles", "an int >= 1", cycles)
             check_choice("weighting", weighting, ("odds", "size"))

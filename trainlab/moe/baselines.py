@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..core import expect
 from ..kernels import grouped_expert_ffn
-from .experts import ExpertFFN, weighted_experts, _router
+from .experts import ExpertFFN, weighted_experts, router_linear
 
 # %% auto #0
 __all__ = ['ReMoE', 'ReMoEController', 'SMoEDropout', 'THORFFN']
@@ -24,7 +24,7 @@ class ReMoE(ExpertFFN):
         expect(isinstance(k, int) and 1 <= k <= n_experts, "k", f"an int in [1, n_experts={n_experts}] (sets the target sparsity 1-k/E)", k)
         expect(lambda0 > 0, "lambda0", "> 0", lambda0)
         self.k = k
-        self.router = _router(d_model, n_experts)
+        self.router = router_linear(d_model, n_experts)
         self.register_buffer("l1_coef", torch.tensor(float(lambda0)))
         self.last_sparsity = None
 

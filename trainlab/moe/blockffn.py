@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import expect
-from .experts import ExpertFFN, weighted_experts, _router
+from .experts import ExpertFFN, weighted_experts, router_linear
 
 # %% auto #0
 __all__ = ['locality_loss', 'chunk_sparsity_loss', 'chunk_hit_probability_bruteforce', 'BlockFFN', 'AdaptiveCoefficient']
@@ -56,7 +56,7 @@ class BlockFFN(ExpertFFN):
         expect(chunk_coef >= 0, "chunk_coef", ">= 0 (0 disables the chunk loss)", chunk_coef)
         expect(isinstance(chunk, int) and chunk >= 1, "chunk", "an int >= 1", chunk)
         self.locality_coef, self.locality_alpha, self.chunk, self.eps = locality_coef, locality_alpha, chunk, eps
-        self.router = _router(d_model, n_experts)
+        self.router = router_linear(d_model, n_experts)
         self.gain = nn.Parameter(torch.ones(n_experts))
         self.register_buffer("chunk_coef", torch.tensor(float(chunk_coef)))  # c_t, set by ChunkLossScheduler
         self.use_chunk_loss = chunk_coef > 0

@@ -5,32 +5,40 @@
 # %% ../../nbs/moe/07_experiment.ipynb #c7fd5aaf
 from __future__ import annotations
 from dataclasses import dataclass, asdict, field, replace
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
 import lightning as L
-import matplotlib.pyplot as plt
 
-from ..core import expect, check_choice, in_test, seed_everything
+from ..core import expect, check_choice, seed_everything
 from ..model import ModelConfig, TinyLM, count_parameters
 from ..train import TrainConfig, make_trainer, fit
 from ..data import LMDataModule
 from ..stats import Claim, mean as seed_mean
+from ..runconfig import RunConfig, register_arm, arm_specs, is_fast_run
 from ..reproduce import register_reproduction, RunContext
 from .experts import DenseFFN, TopKMoE
 from .blockffn import BlockFFN
 from .baselines import ReMoE, SMoEDropout, THORFFN
 from .metrics import collect_router_scores, evaluate_routing
-from .training import _layers, ChunkLossScheduler, ReMoESparsityCallback, ExpertCountSchedule, MoELitModule, THORLitModule
+from trainlab.moe.training import (
+    moe_layers, ChunkLossScheduler, ReMoESparsityCallback, ExpertCountSchedule, MoELitModule,
+    THORLitModule)
 from .inference import measure_inference
+from .plots import (  # noqa: re-exported (see `_all_`)
+    plot_val_curves, plot_cls, plot_coefficients, plot_smoe, plot_inference, plot_expert_load)
 
 # %% auto #0
 __all__ = ['MOE_ARMS', 'MOE_CLAIMS', 'CLAIM_ARMS', 'SAMPLE_KEYS', 'CALIBRATION_GRID', 'CALIBRATION_TARGETS', 'MoEConfig',
-           'MoEArm', 'make_arm', 'MoERunConfig', 'moe_datamodule', 'smoe_bpb_by_k', 'train_arm', 'plot_val_curves',
-           'plot_cls', 'plot_coefficients', 'plot_smoe', 'plot_inference', 'plot_expert_load', 'reproduce_moe',
+           'MoEArm', 'make_arm', 'MoERunConfig', 'moe_datamodule', 'smoe_bpb_by_k', 'train_arm', 'reproduce_moe',
            'calibration_key', 'calibration_shortfall', 'calibration_pick', 'calibration_config',
-           'reproduce_moe_calibration']
+           'reproduce_moe_calibration', 'plot_val_curves', 'plot_cls', 'plot_coefficients', 'plot_smoe',
+           'plot_inference', 'plot_expert_load']
+
+# %% ../../nbs/moe/07_experiment.ipynb #8e5860fc
+_all_ = ["plot_val_curves", "plot_cls", "plot_coefficients", "plot_smoe", "plot_inference",
+         "plot_expert_load"]
 
 # %% ../../nbs/moe/07_experiment.ipynb #b067414c
 @dataclass
@@ -77,19 +85,47 @@ def _smoe_schedule(moe: MoEConfig, steps: int) -> list: return [ExpertCountSched
 def _thor_lit(model: nn.Module, moe: MoEConfig, **kw) -> THORLitModule: return THORLitModule(model, consistency=moe.thor_consistency, **kw)
 
 # %% ../../nbs/moe/07_experiment.ipynb #3d1a7e03
-MOE_ARMS = {
-    "dense": MoEArm(lambda moe, d, i: DenseFFN(d, moe.n_experts * moe.d_expert), color="k"),
-    "topk": MoEArm(lambda moe, d, i: TopKMoE(d, moe.n_experts, moe.d_expert, moe.k, moe.balance_coef), color="tab:blue"),
-    "topk_shared": MoEArm(lambda moe, d, i: TopKMoE(d, moe.n_experts - 1, moe.d_expert, max(1, moe.k - 1), moe.balance_coef, n_shared=1),
-                          color="tab:cyan"),
-    "remoe": MoEArm(lambda moe, d, i: ReMoE(d, moe.n_experts, moe.d_expert, moe.k, moe.remoe_lambda0), _remoe_control, color="tab:purple"),
-    "blockffn": MoEArm(_blockffn(), _chunk_schedule, color="tab:red"),
-    "blockffn_no_locality": MoEArm(_blockffn(locality=False), _chunk_schedule, color="tab:orange"),
-    "blockffn_no_chunk": MoEArm(_blockffn(chunk=False), color="tab:pink"),
-    "smoe_dropout": MoEArm(lambda moe, d, i: SMoEDropout(d, moe.n_experts, moe.d_expert, k=max(1, moe.n_experts // 2), seed=i),
-                           _smoe_schedule, color="tab:green"),
-    "thor": MoEArm(lambda moe, d, i: THORFFN(d, 2, moe.n_experts * moe.d_expert // 2), lit=_thor_lit, color="tab:brown"),
-}
+register_arm(
+    "moe", "dense", MoEArm(lambda moe, d, i: DenseFFN(d, moe.n_experts * moe.d_expert), color="k"),
+    role="baseline", description="A dense SiLU FFN of the same total width E h, without a router.")
+register_arm(
+    "moe", "topk",
+    MoEArm(lambda moe, d, i: TopKMoE(d, moe.n_experts, moe.d_expert, moe.k, moe.balance_coef),
+           color="tab:blue"),
+    role="baseline", description="Softmax router, top k of E experts, switch balance loss.")
+register_arm(
+    "moe", "topk_shared",
+    MoEArm(lambda moe, d, i: TopKMoE(d, moe.n_experts - 1, moe.d_expert, max(1, moe.k - 1),
+                                     moe.balance_coef, n_shared=1), color="tab:cyan"),
+    role="exploratory",
+    description="TopK with one always-on shared expert and k - 1 of E - 1 routed experts.")
+register_arm(
+    "moe", "remoe",
+    MoEArm(lambda moe, d, i: ReMoE(d, moe.n_experts, moe.d_expert, moe.k, moe.remoe_lambda0),
+           _remoe_control, color="tab:purple"),
+    role="baseline", description="ReMoE: ReLU router, L1 coefficient steered to sparsity 1 - k/E.")
+register_arm(
+    "moe", "blockffn", MoEArm(_blockffn(), _chunk_schedule, color="tab:red"), role="method",
+    description="BlockFFN: ReLU + RMSNorm router, locality and chunk-sparsification losses.")
+register_arm(
+    "moe", "blockffn_no_locality",
+    MoEArm(_blockffn(locality=False), _chunk_schedule, color="tab:orange"),
+    role="ablation", description="BlockFFN without the activation-locality loss.")
+register_arm(
+    "moe", "blockffn_no_chunk", MoEArm(_blockffn(chunk=False), color="tab:pink"), role="ablation",
+    description="BlockFFN without the chunk-sparsification loss (nothing to schedule).")
+register_arm(
+    "moe", "smoe_dropout",
+    MoEArm(lambda moe, d, i: SMoEDropout(d, moe.n_experts, moe.d_expert, max(1, moe.n_experts // 2),
+                                         seed=i), _smoe_schedule, color="tab:green"),
+    role="exploratory",
+    description="SMoE-Dropout: frozen random router, k growing from E/2 to E during training.")
+register_arm(
+    "moe", "thor",
+    MoEArm(lambda moe, d, i: THORFFN(d, 2, moe.n_experts * moe.d_expert // 2), lit=_thor_lit,
+           color="tab:brown"),
+    role="exploratory", description="THOR: 2 experts, no router, one drawn at random per batch.")
+MOE_ARMS = arm_specs("moe")  # name -> MoEArm, in registration order
 
 # %% ../../nbs/moe/07_experiment.ipynb #3d1a7e06
 def make_arm(arm: str, train: TrainConfig, moe: MoEConfig) -> tuple[Callable[[], L.LightningModule], list]:
@@ -104,7 +140,7 @@ def make_arm(arm: str, train: TrainConfig, moe: MoEConfig) -> tuple[Callable[[],
 
 # %% ../../nbs/moe/07_experiment.ipynb #be9b9ff2
 @dataclass
-class MoERunConfig:
+class MoERunConfig(RunConfig):
     "The `moe` reproduction: the shared `TrainConfig` every arm trains with, the MoE layer, the arms and the evaluation budgets."
     train: TrainConfig = field(default_factory=TrainConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -118,6 +154,7 @@ class MoERunConfig:
     inference_chunks: int = 8
     inference_repeats: int = 50
     scale_to: tuple = (512, 128)
+    seed_field: ClassVar[str] = "train.seed"
 
     def __post_init__(self):
         if isinstance(self.train, dict): self.train = TrainConfig(**self.train)
@@ -128,23 +165,23 @@ class MoERunConfig:
         expect(self.exploratory_seeds is None or (isinstance(self.exploratory_seeds, int) and self.exploratory_seeds >= 1),
                "exploratory_seeds", "None or an int >= 1", self.exploratory_seeds)
 
-    def seeded(self, seed: int) -> MoERunConfig:
-        "A copy whose training runs on `seed` (initialisation and data order)."
-        return replace(self, train=self.train.replace(seed=seed))
-
     @classmethod
     def full(cls, seed: int = 0) -> MoERunConfig:
         "~0.8M-parameter decoder, 400 steps of 16 x 256 tokens, 16 experts of width 32 per layer."
-        return cls(TrainConfig(model=ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256), steps=400, lr=3e-3,
-                               warmup_steps=40, batch_size=16, seq_len=256, val_every=100, seed=seed))
+        model = ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256)
+        train = TrainConfig(model=model, steps=400, lr=3e-3, warmup_steps=40, batch_size=16,
+                            seq_len=256, val_every=100, seed=seed)
+        return cls(train)
 
     @classmethod
     def fast(cls, seed: int = 0) -> MoERunConfig:
-        "The CI-sized version (tiny model, a few dozen steps): it checks the machinery, not the claims."
-        return cls(TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), steps=30, lr=3e-3,
-                               warmup_steps=5, batch_size=8, seq_len=64, val_every=15, seed=seed),
-                   MoEConfig(n_experts=8, d_expert=16, k=2, chunk=16, chunk_hold=10, chunk_window=5), max_eval_tokens=4096,
-                   smoe_ks=(1, 2, 4, 8), inference_T=(1, 8), inference_chunks=2, inference_repeats=3, scale_to=(64, 32))
+        "The CI-sized version (a tiny model, a few dozen steps): it checks the machinery, not the claims."
+        model = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+        train = TrainConfig(model=model, steps=30, lr=3e-3, warmup_steps=5, batch_size=8, seq_len=64,
+                            val_every=15, seed=seed)
+        moe = MoEConfig(n_experts=8, d_expert=16, k=2, chunk=16, chunk_hold=10, chunk_window=5)
+        return cls(train, moe, max_eval_tokens=4096, smoe_ks=(1, 2, 4, 8), inference_T=(1, 8),
+                   inference_chunks=2, inference_repeats=3, scale_to=(64, 32))
 
 # %% ../../nbs/moe/07_experiment.ipynb #2a21881c
 def moe_datamodule(rc: MoERunConfig) -> LMDataModule:
@@ -155,7 +192,7 @@ def moe_datamodule(rc: MoERunConfig) -> LMDataModule:
 # %% ../../nbs/moe/07_experiment.ipynb #b3685ea6
 def smoe_bpb_by_k(lit: L.LightningModule, dm: LMDataModule, ks) -> dict:
     "SMoE-Dropout's validation bpb (and TLS, CLS@8) at each inference k (k back to its training value afterwards)."
-    layers = _layers(lit.model, SMoEDropout)
+    layers = moe_layers(lit.model, SMoEDropout)
     k0, out = layers[0].k, {}
     for k in ks:
         if k > layers[0].n_experts: continue
@@ -185,7 +222,7 @@ def train_arm(arm: str, rc: MoERunConfig, run_dir=None, progress: bool = False) 
         m.update({k: routing[k] for k in _ROUTING_KEYS}, per_layer=routing["per_layer"])
         m["degenerate_share"] = (m["dead_experts"] + m["always_on"]) / sum(len(p["load"]) for p in routing["per_layer"])
     m["cls8"] = m["cls"]["8"]
-    if _layers(lit.model, SMoEDropout):
+    if moe_layers(lit.model, SMoEDropout):
         by = smoe_bpb_by_k(lit, dm, rc.smoe_ks)
         m.update(val_bpb_by_k={k: v["val_bpb"] for k, v in by.items()}, by_k=by)
     if arm in rc.inference_arms and scores is not None:
@@ -195,95 +232,6 @@ def train_arm(arm: str, rc: MoERunConfig, run_dir=None, progress: bool = False) 
         for T in rc.inference_T:
             m[f"speedup_t{T}"], m[f"speedup_t{T}_scaled"] = m["inference"][str(T)]["speedup"], m["inference_scaled"][str(T)]["speedup"]
     return m
-
-# %% ../../nbs/moe/07_experiment.ipynb #cf462965
-def _color(arm: str) -> str | None: return MOE_ARMS[arm].color if arm in MOE_ARMS else None
-
-def _trace(r: dict, key: str) -> list: return [v for v in r.get("history", {}).get("train", []) if key in v]
-
-# %% ../../nbs/moe/07_experiment.ipynb #6cdaaba9
-def plot_val_curves(m: dict):
-    "Validation bpb and training TLS against step, per arm."
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for arm, r in m["arms"].items():
-        h = r["history"]
-        a1.plot([v["step"] for v in h["val"]], [v["val/bpb"] for v in h["val"]], "o-", ms=3, color=_color(arm), label=arm)
-        tr = [v for v in h["train"] if "train/tls" in v]
-        if tr: a2.plot([v["step"] for v in tr], [v["train/tls"] for v in tr], color=_color(arm), label=arm, lw=1.2)
-    a1.set(xlabel="step", ylabel="val bits/byte", title="validation bpb"); a1.grid(alpha=.3)
-    lo = min(r["val_bpb"] for r in m["arms"].values()); a1.set_ylim(lo - 0.05, lo + 0.8)
-    a2.set(xlabel="step", ylabel="TLS (train batch)", title="token-level sparsity during training", ylim=(-0.02, 1)); a2.grid(alpha=.3)
-    a2.legend(fontsize=7, ncol=2)
-    return fig
-
-# %% ../../nbs/moe/07_experiment.ipynb #edb4c2f6
-def plot_cls(m: dict):
-    "CLS against chunk size per arm (the paper's Fig. 1a signature)."
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, r in m["arms"].items():
-        s = sorted(r["cls"], key=int)
-        ax.plot([int(x) for x in ["1"] + s], [r["tls"]] + [r["cls"][x] for x in s], "o-", color=_color(arm), label=arm)
-    ax.set_xscale("log", base=2); ax.set(xlabel="chunk size s (1 = TLS)", ylabel="chunk-level sparsity CLS@s", ylim=(-0.02, 1))
-    ax.grid(alpha=.3); ax.legend(fontsize=7)
-    return fig
-
-# %% ../../nbs/moe/07_experiment.ipynb #f845819c
-def plot_coefficients(m: dict):
-    "The chunk-loss coefficient c_t of every arm that steers one (BlockFFN) and the L1 lambda of every ReMoE arm, against step."
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5))
-    for arm, r in m["arms"].items():
-        tr = _trace(r, "train/chunk_coef")
-        if any(v["train/chunk_coef"] > 0 for v in tr):  # an arm without the chunk loss logs c_t = 0
-            a1.plot([v["step"] for v in tr], [v["train/chunk_coef"] for v in tr], color=_color(arm), label=arm)
-        tr = _trace(r, "train/remoe_lambda")
-        if tr:
-            a2.semilogy([v["step"] for v in tr], [v["train/remoe_lambda"] for v in tr], color=_color(arm), label="lambda")
-            b = a2.twinx(); b.plot([v["step"] for v in tr], [v["train/tls"] for v in tr], color="gray", lw=1, label="sparsity")
-            b.axhline(m["config"]["remoe_target"], color="gray", ls=":"); b.set_ylabel("sparsity")
-    a1.set(xlabel="step", ylabel="c_t", title="chunk-loss coefficient (adaptive)"); a1.grid(alpha=.3); a1.legend(fontsize=8)
-    a2.set(xlabel="step", ylabel="lambda", title="ReMoE L1 coefficient"); a2.grid(alpha=.3)
-    return fig
-
-# %% ../../nbs/moe/07_experiment.ipynb #fd5e84f3
-def plot_smoe(m: dict):
-    "SMoE-Dropout's bpb against the number of experts used at inference (TopK and dense as references)."
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for arm, r in m["arms"].items():
-        if "val_bpb_by_k" not in r: continue
-        by = r["val_bpb_by_k"]; ks = sorted(by, key=int)
-        ax.plot([int(k) for k in ks], [by[k] for k in ks], "o-", color=_color(arm), label=arm)
-    if "topk" in m["arms"]: ax.axhline(m["arms"]["topk"]["val_bpb"], color=_color("topk"), ls="--", label=f"TopK (k={m['config']['moe']['k']})")
-    if "dense" in m["arms"]: ax.axhline(m["arms"]["dense"]["val_bpb"], color=_color("dense"), ls=":", label="dense")
-    ax.set(xlabel="experts per token at inference (k)", ylabel="val bits/byte", title="self-slimming"); ax.set_xscale("log", base=2)
-    ax.grid(alpha=.3); ax.legend(fontsize=8)
-    return fig
-
-# %% ../../nbs/moe/07_experiment.ipynb #949e07df
-def plot_inference(m: dict):
-    "Chunk-sparse over dense speed against the union (active) fraction, per chunk length, trained and scaled shapes."
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    marks = {"1": "o", "8": "s", "32": "^"}
-    for key, col, lab in (("inference", "tab:red", "BlockFFN"), ("inference_topk", "tab:blue", "TopK"),
-                          ("inference_scaled", "darkred", "BlockFFN patterns, scaled layer"), ("inference_scaled_topk", "navy", "TopK patterns, scaled layer")):
-        for T, r in m.get(key, {}).items():
-            ax.scatter(r["active_fraction"], r["speedup"], color=col, marker=marks.get(T, "x"), s=50,
-                       label=f"{lab}, T={T}", facecolors="none" if "scaled" in key else col)
-    ax.axhline(1, color="gray", ls=":"); ax.set(xlabel="union active fraction u(T)", ylabel="dense time / chunk-sparse time", title="chunk-sparse inference on CPU")
-    ax.grid(alpha=.3); ax.legend(fontsize=6.5, ncol=2)
-    return fig
-
-# %% ../../nbs/moe/07_experiment.ipynb #50673470
-def plot_expert_load(m: dict):
-    "Per-expert activation frequency, layer by layer, for every arm with a router: evidence of routing vs fixed pruning."
-    arms = [a for a, r in m["arms"].items() if r.get("per_layer")]
-    fig, axes = plt.subplots(1, len(arms), figsize=(2.1 * len(arms), 2.6), squeeze=False)
-    for ax, arm in zip(axes[0], arms):
-        load = torch.tensor([p["load"] for p in m["arms"][arm]["per_layer"]])
-        ax.imshow(load, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_title(f"{arm}\njac {m['arms'][arm]['token_dependence']:.2f}", fontsize=7); ax.set_xlabel("expert", fontsize=7)
-        ax.set_yticks(range(len(load))); ax.tick_params(labelsize=6)
-    axes[0][0].set_ylabel("layer")
-    return fig
 
 # %% ../../nbs/moe/07_experiment.ipynb #5b0c2e04
 MOE_CLAIMS = (
@@ -306,17 +254,18 @@ MOE_CLAIMS = (
 )
 
 # %% ../../nbs/moe/07_experiment.ipynb #03ce8b7b
-CLAIM_ARMS = tuple(dict.fromkeys(a for c in MOE_CLAIMS for a in c.arms))  # train on every seed; the other arms are exploratory
+# the claims' arms train on every seed; the other arms on the first `exploratory_seeds`
+CLAIM_ARMS = tuple(dict.fromkeys(a for c in MOE_CLAIMS for a in c.arms))
 SAMPLE_KEYS = tuple(dict.fromkeys(("val_bpb", "tls", "cls8", "token_dependence", "dead_experts", "always_on", *(c.metric for c in MOE_CLAIMS))))
 
 # %% ../../nbs/moe/07_experiment.ipynb #e1d0b468
 @register_reproduction("moe", "BlockFFN vs dense, TopK, ReMoE, SMoE-Dropout, THOR: loss, token- and chunk-level sparsity, chunk-sparse inference speed.",
                        claims=MOE_CLAIMS, notebook="moe/08_results.ipynb", default_seeds=3,
+                       run_config=MoERunConfig,
                        summary_keys=("blockffn_tls", "blockffn_cls8", "topk_cls8", "blockffn_vs_topk_bpb", "blockffn_token_dependence", "speedup_t8", "speedup_t8_scaled"))
 def reproduce_moe(ctx: RunContext) -> dict:
-    "Each seed's arms back to back (claim arms on every seed, exploratory arms on the first `exploratory_seeds`); per-seed values for the claims."
-    make = MoERunConfig.fast if (ctx.fast or in_test()) else MoERunConfig.full
-    rc = make()
+    "Each seed's arms back to back (claim arms on every seed, the others on the first few); per-seed claim values."
+    rc = MoERunConfig.preset(ctx.fast)
     expect(set(CLAIM_ARMS) <= set(rc.arms), "arms", f"every arm a claim compares ({CLAIM_ARMS})", rc.arms)
     ctx.config = asdict(rc) | {"claim_arms": CLAIM_ARMS, "threads": torch.get_num_threads(), "remoe_target": 1 - rc.moe.k / rc.moe.n_experts}
     n_explore = len(ctx.seeds) if rc.exploratory_seeds is None else rc.exploratory_seeds
@@ -324,7 +273,7 @@ def reproduce_moe(ctx: RunContext) -> dict:
     for i, seed in enumerate(ctx.seeds):
         for arm in rc.arms:
             if arm not in CLAIM_ARMS and i >= n_explore: continue
-            key, cfg = f"{arm}/seed{seed}", rc.seeded(seed)
+            key, cfg = f"{arm}/seed{seed}", rc.with_seed(seed)
             u = units[key] = ctx.unit(key, lambda run_dir: train_arm(arm, cfg, run_dir, ctx.progress))
             ctx.log(f"{key}: val bpb {u['val_bpb']:.4f}, TLS {u['tls']:.3f}, CLS@8 {u['cls8']:.3f}")
     samples = {arm: {k: [units[f"{arm}/seed{s}"].get(k) for s in ctx.seeds] for k in SAMPLE_KEYS} for arm in CLAIM_ARMS}
@@ -388,15 +337,17 @@ def calibration_config(rc: MoERunConfig, point: tuple, seed: int) -> MoERunConfi
 _CAL_KEYS = ("val_bpb", "tls", "cls8", "token_dependence", "dead_experts", "always_on", "degenerate_share")
 
 @register_reproduction("moe_calibration", "BlockFFN's router-loss coefficients (lambda_AL, alpha, c0) recalibrated for the layer-averaged objective: a registered grid, 2 paired seeds, half-length runs.",
-                       notebook="moe/08_results.ipynb", default_seeds=2, summary_keys=("selected",))
+                       notebook="moe/08_results.ipynb", default_seeds=2, summary_keys=("selected",),
+                       run_config=MoERunConfig)
 def reproduce_moe_calibration(ctx: RunContext) -> dict:
     "Every grid point on every seed, then the pick by `calibration_pick` over the seed means."
-    rc = (MoERunConfig.fast if (ctx.fast or in_test()) else MoERunConfig.full)()
-    grid = CALIBRATION_GRID[:2] if (ctx.fast or in_test()) else CALIBRATION_GRID
+    fast = is_fast_run(ctx.fast)
+    rc = MoERunConfig.preset(fast)
+    grid = CALIBRATION_GRID[:2] if fast else CALIBRATION_GRID  # the small run: the first two points
     ctx.config = {"base": asdict(rc), "grid": [list(p) for p in grid], "targets": CALIBRATION_TARGETS, "threads": torch.get_num_threads()}
     settings, per_seed = {}, {}
     for point in grid:
-        key = calibration_key(point); runs = []
+        key, runs = calibration_key(point), []
         for seed in ctx.seeds:
             cfg = calibration_config(rc, point, seed)
             u = ctx.unit(f"{key}/seed{seed}", lambda run_dir: train_arm("blockffn", cfg, run_dir, ctx.progress))

@@ -12,7 +12,7 @@ from ..core import expect
 from ..kernels import grouped_expert_ffn
 
 # %% auto #0
-__all__ = ['weighted_experts', 'ExpertFFN', 'DenseFFN', 'TopKMoE']
+__all__ = ['weighted_experts', 'ExpertFFN', 'DenseFFN', 'router_linear', 'TopKMoE']
 
 # %% ../../nbs/moe/01_experts.ipynb #0e2d4132
 def weighted_experts(x: torch.Tensor, # [T, d] tokens
@@ -55,7 +55,9 @@ class DenseFFN(nn.Module):
     def forward(self, x): return F.silu(x @ self.w_in.T) @ self.w_out.T, {}
 
 # %% ../../nbs/moe/01_experts.ipynb #0af9599d
-def _router(d_model: int, n_experts: int) -> nn.Linear: return nn.Linear(d_model, n_experts, bias=False)
+def router_linear(d_model: int, n_experts: int) -> nn.Linear:
+    "The linear map from `d_model` to `n_experts` router scores, without bias, of every router here."
+    return nn.Linear(d_model, n_experts, bias=False)
 
 # %% ../../nbs/moe/01_experts.ipynb #78327f98
 class TopKMoE(ExpertFFN):
@@ -67,7 +69,7 @@ class TopKMoE(ExpertFFN):
         expect(balance_coef >= 0, "balance_coef", ">= 0", balance_coef)
         expect(isinstance(n_shared, int) and n_shared >= 0, "n_shared", "an int >= 0", n_shared)
         self.k, self.balance_coef, self.n_shared, self.impl = k, balance_coef, n_shared, impl
-        self.router = _router(d_model, n_experts)
+        self.router = router_linear(d_model, n_experts)
         self.shared = DenseFFN(d_model, n_shared * d_expert) if n_shared else None
 
     def route(self, xf: torch.Tensor):

@@ -4,18 +4,20 @@
 
 # %% ../../nbs/moe/06_inference.ipynb #3a752fc3
 from __future__ import annotations
-import math
+import math, random, statistics, time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..core import expect
-from ..stats import ci_mean, mean
-from ..kernels.moe import bench_chunk_sparse_cpu
+from ..stats import ci_mean, ci_ratio, mean
+from ..kernels.moe import chunk_sparse_ffn, chunk_sparse_ffn_packed, pack_experts
+from ..kernels.utils import check_experts, check_floating, check_same_device, check_shape, max_abs_err
 from .experts import ExpertFFN
 
 # %% auto #0
-__all__ = ['measure_inference']
+__all__ = ['bench_chunk_sparse_cpu', 'measure_inference']
 
 # %% ../../nbs/moe/06_inference.ipynb #94750b6c
 def _doc_chunks(doc_ids: torch.Tensor, T: int, n: int, seed: int = 0) -> list:
@@ -30,6 +32,77 @@ def _doc_chunks(doc_ids: torch.Tensor, T: int, n: int, seed: int = 0) -> list:
         idx = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n].sort().values
         rows = [rows[i] for i in idx.tolist()]
     return rows
+
+# %% ../../nbs/moe/06_inference.ipynb #7bb0c458
+def _q(xs, p):
+    "The `p` quantile of `xs`, interpolated linearly (numpy's default)."
+    xs = sorted(xs)
+    i = p * (len(xs) - 1)
+    lo = math.floor(i)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
+
+def bench_chunk_sparse_cpu(x: torch.Tensor, # [T, d] a chunk of tokens (CPU)
+                           w_in: torch.Tensor, # [E, h, d]
+                           w_out: torch.Tensor, # [E, d, h]
+                           scores: torch.Tensor, # [T, E] the router's scores for this chunk (zeros = inactive)
+                           repeats: int = 100, # timed calls of each path (one each per repeat, interleaved)
+                           threads: int = 1, # torch threads during the measurement (restored afterwards)
+                           warmup: int = 10, # untimed calls of each path first
+                           compare_old: bool = False, # also time chunk_sparse_ffn(impl='torch'), which gathers weights per call
+                          ) -> dict:
+    "CPU times (us) of a dense FFN of equal total width and of `chunk_sparse_ffn_packed` (packed once, untimed), interleaved in one run, with a 95% CI of their ratio."
+    T, d, E, h = check_experts(x, w_in, w_out)
+    check_floating("scores", scores, dims=2)
+    check_shape("scores", scores, (T, E), "(T from `x`, E from `w_in`)")
+    expect(x.device.type == "cpu", "x", "a CPU tensor (this is a CPU benchmark)", str(x.device))
+    check_same_device(x=x, w_in=w_in, w_out=w_out, scores=scores)
+    expect(isinstance(repeats, int) and repeats >= 1, "repeats", "an int >= 1", repeats)
+    expect(isinstance(threads, int) and threads >= 1, "threads", "an int >= 1", threads)
+    expect(isinstance(warmup, int) and warmup >= 0, "warmup", "an int >= 0", warmup)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            dt = x.dtype  # every path computes in the chunk's dtype
+            packed = pack_experts(w_in, w_out, dtype=dt)  # prepared once, untimed, like the dense layout
+            w1 = w_in.reshape(E * h, d).to(dt, copy=True)  # dense: one [Eh, d] and one [d, Eh] matrix, own copies
+            w2 = w_out.permute(1, 0, 2).reshape(d, E * h).to(dt, copy=True)
+            s = scores.to(dt).unsqueeze(2)
+            paths = {"dense": lambda: (F.silu(x @ w1.T).view(T, E, h) * s).view(T, E * h) @ w2.T,
+                     "sparse": lambda: chunk_sparse_ffn_packed(x, packed, scores)}
+            if compare_old: paths["old"] = lambda: chunk_sparse_ffn(x, w_in, w_out, scores, impl="torch")
+            yd = paths["dense"]()
+            tol = (1e-4 if dt in (torch.float32, torch.float64) else 5e-2) * max(1.0, float(yd.abs().max()))
+            for name, fn in paths.items():
+                err = max_abs_err(yd, fn())
+                if not err <= tol: raise RuntimeError(f"dense and {name} outputs differ by {err:.3g} (tolerance {tol:.3g})")
+            for _ in range(warmup):
+                for fn in paths.values(): fn()
+            names, order = list(paths), random.Random(0)
+            times = {n: [] for n in names}
+            for _ in range(repeats):  # the timed loop: no checks; each repeat calls the paths in a fresh random order
+                for n in order.sample(names, len(names)):
+                    fn = paths[n]
+                    t0 = time.perf_counter()
+                    fn()
+                    times[n].append((time.perf_counter() - t0) * 1e6)
+    finally:
+        torch.set_num_threads(old_threads)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    gm, lo, hi = ci_ratio(times["dense"], times["sparse"])  # exp(mean log(dense_i / sparse_i) +- t s / sqrt(n)), paired by repeat
+    r = dict(dense_us=med["dense"], sparse_us=med["sparse"], speedup=med["dense"] / med["sparse"],
+             speedup_gmean=gm, speedup_ci95=(lo, hi), ratios=[a / b for a, b in zip(times["dense"], times["sparse"])],
+             active_fraction=float(torch.any(scores != 0, 0).float().mean()),
+             token_active_fraction=float((scores != 0).float().mean()),
+             dense_us_q20_80=(_q(times["dense"], 0.2), _q(times["dense"], 0.8)),
+             sparse_us_q20_80=(_q(times["sparse"], 0.2), _q(times["sparse"], 0.8)))
+    if compare_old:
+        gm_o, lo_o, hi_o = ci_ratio(times["dense"], times["old"])
+        r.update(old_us=med["old"], speedup_old=med["dense"] / med["old"], speedup_old_gmean=gm_o,
+                 speedup_old_ci95=(lo_o, hi_o), old_us_q20_80=(_q(times["old"], 0.2), _q(times["old"], 0.8)))
+    r.update(times_us=times, T=T, d=d, E=E, h=h, threads=threads, repeats=repeats, dtype=str(x.dtype).replace("torch.", ""))
+    return r
 
 # %% ../../nbs/moe/06_inference.ipynb #e8e03a97
 def measure_inference(model: nn.Module, layer_scores: list, doc_ids: torch.Tensor, layer_inputs: list,

@@ -17,10 +17,12 @@ from .baselines import ReMoE, ReMoEController, SMoEDropout
 from .metrics import model_tls
 
 # %% auto #0
-__all__ = ['ChunkLossScheduler', 'ReMoESparsityCallback', 'ExpertCountSchedule', 'MoELitModule', 'THORLitModule']
+__all__ = ['moe_layers', 'ChunkLossScheduler', 'ReMoESparsityCallback', 'ExpertCountSchedule', 'MoELitModule', 'THORLitModule']
 
 # %% ../../nbs/moe/05_training.ipynb #44bb8fe5
-def _layers(model: nn.Module, cls) -> list: return [m for m in model.modules() if isinstance(m, cls)]
+def moe_layers(model: nn.Module, cls) -> list:
+    "The submodules of `model` that are `cls` instances (every layer of one kind), in module order."
+    return [m for m in model.modules() if isinstance(m, cls)]
 
 # %% ../../nbs/moe/05_training.ipynb #33607b30
 def _mean_over_ranks(trainer, values: list) -> float:
@@ -35,7 +37,7 @@ class ChunkLossScheduler(L.Callback):
         self.schedule = AdaptiveCoefficient(c0, hold, window, cap)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        layers = [m for m in _layers(pl_module, BlockFFN) if m.use_chunk_loss and m.last_chunk_loss is not None]
+        layers = [m for m in moe_layers(pl_module, BlockFFN) if m.use_chunk_loss and m.last_chunk_loss is not None]
         if not layers: return
         c = self.schedule.step(_mean_over_ranks(trainer, [m.last_chunk_loss for m in layers]))
         for m in layers: m.chunk_coef.fill_(c)
@@ -51,7 +53,7 @@ class ReMoESparsityCallback(L.Callback):
         self.controller = ReMoEController(target, lambda0, alpha, clamp)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        layers = [m for m in _layers(pl_module, ReMoE) if m.last_sparsity is not None]
+        layers = [m for m in moe_layers(pl_module, ReMoE) if m.last_sparsity is not None]
         if not layers: return
         lam = self.controller.step(_mean_over_ranks(trainer, [m.last_sparsity for m in layers]))
         for m in layers: m.l1_coef.fill_(lam)
@@ -72,10 +74,10 @@ class ExpertCountSchedule(L.Callback):
         return int(round((self.k_max - self.k_min) * min(step, last) / last)) + self.k_min
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        for m in _layers(pl_module, SMoEDropout): m.k = self.k_at(trainer.global_step)
+        for m in moe_layers(pl_module, SMoEDropout): m.k = self.k_at(trainer.global_step)
 
     def on_train_end(self, trainer, pl_module):
-        for m in _layers(pl_module, SMoEDropout): m.k = self.k_max
+        for m in moe_layers(pl_module, SMoEDropout): m.k = self.k_max
 
 # %% ../../nbs/moe/05_training.ipynb #418ccdf8
 class MoELitModule(LMLitModule):
@@ -86,9 +88,9 @@ class MoELitModule(LMLitModule):
         tls = model_tls(out)
         if tls is not None: logs["train/tls"] = tls
         for name, cls, attr in (("chunk_coef", BlockFFN, "chunk_coef"), ("remoe_lambda", ReMoE, "l1_coef")):
-            layers = _layers(self.model, cls)
+            layers = moe_layers(self.model, cls)
             if layers: logs[f"train/{name}"] = float(getattr(layers[0], attr))
-        smoe = _layers(self.model, SMoEDropout)
+        smoe = moe_layers(self.model, SMoEDropout)
         if smoe: logs["train/smoe_k"] = float(smoe[0].k)
         return logs
 

@@ -14,12 +14,12 @@ from ..core import expect
 from ..model import generate, eval_mode
 from ..train import bits_per_byte
 from ..stats import finite
-from .world import (World, PROBES, FORMS, eval_items, narrative_passages, counterfactual_world, encode_texts,
-                                      pad_batch, _logits, _distractors)
+from .world import (World, PROBES, FORMS, eval_items, narrative_passages, retain_passages,
+                                      counterfactual_world, encode_texts, pad_batch, batch_logits, distractors)
 
 # %% auto #0
 __all__ = ['score_items', 'gold_logprobs', 'text_bpb', 'min_k_scores', 'auc', 'auc_ci', 'gold_prob_ks', 'answer_logprobs',
-           'perturbed_answers', 'truth_ratios', 'forget_quality', 'WorldEval', 'form_drops', 'form_gap',
+           'perturbed_answers', 'truth_ratios', 'forget_quality', 'WorldEval', 'form_drops', 'form_gap', 'finite_mean',
            'method_summary']
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #b5785d98
@@ -49,7 +49,8 @@ def gold_logprobs(model, tok, texts: Sequence[str], max_len: int = 256) -> tuple
     "Log-probability of every next token of `texts` (each after an EOT) under `model` in eval mode: (logp [N, T], labels [N, T], -100 = padding)."
     b = encode_texts(tok, texts, max_len)
     with eval_mode(model):
-        lp = torch.log_softmax(_logits(model, b["input_ids"]), -1).gather(-1, b["labels"].clamp(min=0)[..., None]).squeeze(-1)
+        logp = torch.log_softmax(batch_logits(model, b["input_ids"]), -1)
+        lp = logp.gather(-1, b["labels"].clamp(min=0)[..., None]).squeeze(-1)
     return lp, b["labels"]
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #4c55237f
@@ -123,7 +124,7 @@ def perturbed_answers(world: World, items: Sequence[dict], n: int = 3, seed: int
     out = []
     for it in items:
         rng = random.Random(f"perturbed/{world.seed}/{seed}/{it['universe']}/{it['subject']}/{it['relation']}")
-        out.append(_distractors(rng, world.universes[it["universe"]], it["relation"], it["answer"], n))
+        out.append(distractors(rng, world.universes[it["universe"]], it["relation"], it["answer"], n))
     return out
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #610d1d7b
@@ -151,7 +152,7 @@ class WorldEval:
         self.items = {u: {f: eval_items(world, u, f) for f in self.forms} for u in ("target", "neighbour")}
         gen = set(world.universes["generic"].people[:generic_people])
         self.generic_qa = [it for it in eval_items(world, "generic", "qa") if it["subject"] in gen]
-        self.retain_texts = narrative_passages(world, "generic", seed=1, per_person=1)  # the same facts told in a new order and wording mix
+        self.retain_texts = retain_passages(world)  # the same facts told in a new order and wording mix
         self.forget_texts = narrative_passages(world, "target")
         self.holdout_texts = narrative_passages(world, "holdout")
         self.counterfactual_texts = narrative_passages(counterfactual_world(world), "target")  # forget_texts[i]'s wording, other facts
@@ -232,7 +233,7 @@ def form_gap(scores: dict, orig: dict, oracle: dict, key: str = "prob", trained_
     return dict(form_gap=float(d[trained_form] - np.mean(held)) if held else nan, form_gap_std=float(np.std(held)) if held else nan, closed=d)
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #aae8ec68
-def _nanmean(xs) -> float:
+def finite_mean(xs) -> float:
     "Mean of the finite values (NaN, and None as JSON writes NaN, skipped); NaN if there are none."
     a = finite(list(xs))
     return float(a.mean()) if len(a) else float("nan")

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #fa510c9c
 from __future__ import annotations
-import copy, dataclasses, time
+import copy, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Sequence
@@ -13,25 +13,33 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 
-from ..core import expect, check_choice, in_test
+from ..core import expect
 from ..model import ModelConfig, TinyLM, count_parameters
 from ..train import TrainConfig
 from ..stats import Claim
+from ..runconfig import register_arm, arm_specs
 from ..reproduce import register_reproduction, RunContext
-from .world import World, make_world, world_tokenizer, eval_items, narrative_passages, FORMS
-from .evaluate import score_items, text_bpb, form_gap, _nanmean
+from .world import (World, make_world, world_tokenizer, eval_items, narrative_passages,
+                                       retain_passages, FORMS)
+from .evaluate import score_items, text_bpb, form_gap, finite_mean
 from .rocr import down_proj_second_moment, null_space_projector, rocr_edit, causal_trace
-from .experiment import train_world_model, world_model_config, WORLD_MODELS
+from .world_models import (WorldRunConfig, train_world_model, world_model_config, WORLD_MODELS,
+                                              save_model)
 
 # %% auto #0
-__all__ = ['ROCR_ARMS', 'ROCR_CLAIMS', 'ROCR_SAMPLE_KEYS', 'RocrRunConfig', 'rocr_world', 'form_scores', 'trace_window',
-           'fixed_redirect', 'rocr_single_targets', 'rocr_batch', 'rocr_arm_summary', 'rocr_seed', 'plot_trace',
-           'plot_rocr_forms', 'reproduce_unlearning_rocr']
+__all__ = ['ROCR_NEIGHBOUR_BUDGET', 'ROCR_ARMS', 'ROCR_CLAIMS', 'ROCR_SAMPLE_KEYS', 'RocrRunConfig', 'rocr_world', 'form_scores',
+           'neighbour_accuracy', 'trace_window', 'fixed_redirect', 'rocr_single_targets', 'rocr_batch',
+           'rocr_arm_summary', 'rocr_seed', 'plot_trace', 'plot_rocr_forms', 'reproduce_unlearning_rocr']
+
+# %% ../../nbs/unlearning/08_rocr_experiment.ipynb #b2bf579c
+ROCR_NEIGHBOUR_BUDGET = 0.05  # neighbour accuracy may fall at most this much (absolute): config and claim
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #a9765c50
 @dataclass
-class RocrRunConfig:
-    "Everything `trainlab reproduce unlearning_rocr` does: the pieces world, the 8-layer model, the trace and ROCR's hyperparameters (ORT's, where they carry over)."
+class RocrRunConfig(WorldRunConfig):
+    """Everything `trainlab reproduce unlearning_rocr` does: the pieces world, the 8-layer model, the trace and
+    ROCR's hyperparameters (ORT's, where they carry over). Its defaults are the full run: TinyLM d96 x 8 layers,
+    1,500 steps x 32 x 64 tokens, on a world of 60 generic people and 16 per other universe."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(  # the vocabulary is the world tokenizer's, set per seed
         model=ModelConfig(d_model=96, n_layers=8, n_heads=4, max_seq_len=256), steps=1500, lr=3e-3, warmup_steps=50, batch_size=32, seq_len=64,
         val_every=500))
@@ -43,24 +51,22 @@ class RocrRunConfig:
     window: int = 3                 # the edited layers: this many, ending at the trace's peak (ORT edits 3 layers: 4, 5, 6 of Llama-3-8B)
     threshold: float = 2e-2         # ORT's nullspace_threshold
     lam: float = 1.0                # ORT's L2
-    neighbour_budget: float = 0.05  # neighbour accuracy may fall at most this much (absolute)
+    neighbour_budget: float = ROCR_NEIGHBOUR_BUDGET  # the neighbour accuracy's budget (absolute)
 
     def __post_init__(self):
-        if isinstance(self.train, dict): self.train = TrainConfig(**self.train)
-        expect(isinstance(self.train, TrainConfig), "train", "a TrainConfig (or a dict of its fields)", type(self.train).__name__, exc=TypeError)
-        expect(isinstance(self.window, int) and 1 <= self.window <= self.train.model.n_layers, "window", f"an int in [1, {self.train.model.n_layers}] (layers)", self.window)
+        super().__post_init__()
+        n_layers = self.train.model.n_layers
+        expect(isinstance(self.window, int) and 1 <= self.window <= n_layers, "window",
+               f"an int in [1, {n_layers}] (layers)", self.window)
         expect(self.name_pieces >= 2, "name_pieces", ">= 2 (multi-token names are the point of this test)", self.name_pieces)
-
-    @classmethod
-    def full(cls, seed: int = 0) -> RocrRunConfig:
-        "The full run: TinyLM d96 x 8 layers, 1,500 steps x 32 x 64 tokens, on a world of 60 generic people and 16 per other universe."
-        c = cls(); c.train = c.train.replace(seed=seed); return c
 
     @classmethod
     def fast(cls, seed: int = 0) -> RocrRunConfig:
         "The CI-sized version: a d32 x 4-layer model trained 100 steps on a small world, a 2-layer window, one noise draw."
-        return cls(train=TrainConfig(model=ModelConfig(d_model=32, n_layers=4, n_heads=2, max_seq_len=256), steps=100, lr=3e-3, warmup_steps=10,
-                                      batch_size=16, seq_len=64, val_every=100, seed=seed), n_generic=24, trace_noise=1, window=2)
+        model = ModelConfig(d_model=32, n_layers=4, n_heads=2, max_seq_len=256)
+        train = TrainConfig(model=model, steps=100, lr=3e-3, warmup_steps=10, batch_size=16, seq_len=64,
+                            val_every=100, seed=seed)
+        return cls(train=train, n_generic=24, trace_noise=1, window=2)
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #1e073490
 def rocr_world(cfg: RocrRunConfig, seed: int) -> tuple[World, object]:
@@ -77,6 +83,12 @@ def form_scores(model, tok, world: World, universe: str, subjects: Sequence[str]
         s = score_items(model, tok, items)
         out[f] = dict(acc=float(s["correct"].mean()), prob=float(s["prob"].mean()))
     return {"forms": out}
+
+# %% ../../nbs/unlearning/08_rocr_experiment.ipynb #3fbd2bb0
+def neighbour_accuracy(model, tok, world: World) -> float:
+    "The neighbour universe's accuracy: the mean over forms of the per-form accuracies of `form_scores`."
+    forms = form_scores(model, tok, world, "neighbour")["forms"]
+    return float(np.mean([v["acc"] for v in forms.values()]))
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #2482f47f
 def trace_window(trace: dict, width: int) -> list[int]:
@@ -100,7 +112,7 @@ def rocr_single_targets(model: TinyLM, tok, world: World, layers: Sequence[int],
     targets = list(targets or world.universes["target"].people)
     probs, correct = {f: [] for f in FORMS}, {f: [] for f in FORMS}
     nb_acc, retain, edit_s = [], [], []
-    retain_texts = narrative_passages(world, "generic", seed=1, per_person=1)
+    retain_texts = retain_passages(world)
     for p in targets:
         m = copy.deepcopy(model).eval()
         info = rocr_edit(m, tok, [p], [redirect], layers, projectors, lam=cfg.lam)
@@ -108,7 +120,7 @@ def rocr_single_targets(model: TinyLM, tok, world: World, layers: Sequence[int],
         for f in FORMS:
             s = score_items(m, tok, [it for it in eval_items(world, "target", f) if it["subject"] == p])
             probs[f] += list(s["prob"]); correct[f] += list(s["correct"])
-        nb_acc.append(float(np.mean([v["acc"] for v in form_scores(m, tok, world, "neighbour")["forms"].values()])))  # as the original's: mean over forms
+        nb_acc.append(neighbour_accuracy(m, tok, world))  # as the original's: mean over forms
         retain.append(text_bpb(m, tok, retain_texts))
     forms = {f: dict(acc=float(np.mean(correct[f])), prob=float(np.mean(probs[f]))) for f in FORMS}
     return dict(forms=forms, neighbour_acc=float(np.mean(nb_acc)), neighbour_acc_per_edit=nb_acc, retain_bpb=float(np.mean(retain)),
@@ -120,17 +132,21 @@ def rocr_batch(model: TinyLM, tok, world: World, layers: Sequence[int], projecto
     m = copy.deepcopy(model).eval()
     people = world.universes["target"].people
     info = rocr_edit(m, tok, people, [world.anchors[p] for p in people], layers, projectors, lam=cfg.lam)
-    nb = form_scores(m, tok, world, "neighbour")
-    return dict(form_scores(m, tok, world, "target"), neighbour_acc=float(np.mean([v["acc"] for v in nb["forms"].values()])),
-                retain_bpb=text_bpb(m, tok, narrative_passages(world, "generic", seed=1, per_person=1)), edit_s=info["edit_s"],
-                layers=list(layers), n_targets=len(people))
+    nb_acc = neighbour_accuracy(m, tok, world)
+    return dict(form_scores(m, tok, world, "target"), neighbour_acc=nb_acc,
+                retain_bpb=text_bpb(m, tok, retain_passages(world)), edit_s=info["edit_s"], layers=list(layers),
+                n_targets=len(people))
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #64a735ec
-ROCR_ARMS = {  # arm -> (mode, where): 'single' = one target at a time to the fixed redirect; 'batch' = all at once to their anchors
-    "rocr_single_traced": ("single", "traced"),   # the registered arm
-    "rocr_single_late": ("single", "late"),       # exploratory: the last `window` layers
-    "rocr_batch_traced": ("batch", "traced"),     # exploratory
-}
+register_arm("unlearning_rocr", "trace", None, role="control",
+             description="the causal trace of the original model (no edit): ROCR's precondition")
+register_arm("unlearning_rocr", "rocr_single_traced", ("single", "traced"), role="method",
+             description="ROCR one target at a time, to the fixed redirect, at the traced layers")
+register_arm("unlearning_rocr", "rocr_single_late", ("single", "late"), role="control",
+             description="the same edit at the last window layers, where the trace builds no fact")
+register_arm("unlearning_rocr", "rocr_batch_traced", ("batch", "traced"), role="exploratory",
+             description="every target in one ROCR edit, each to its anchor, at the traced layers")
+ROCR_ARMS = {k: v for k, v in arm_specs("unlearning_rocr").items() if k != "trace"}  # arm -> (mode, where)
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #3bf19d6e
 ROCR_CLAIMS = (
@@ -141,14 +157,15 @@ ROCR_CLAIMS = (
     Claim("rocr_form_independent", "Given the precondition: ROCR's form-gap is near zero: |form-gap| < 0.2 (mean over seeds).",
           "abs_form_gap", ("rocr_single_traced",), "mean", "<", 0.2),
     Claim("rocr_neighbours_kept", "Given the precondition: ROCR costs the neighbour universe (names from the same pieces) less than 5 points of "
-          "accuracy (mean over seeds).", "neighbour_drop", ("rocr_single_traced",), "mean", "<", 0.05),
+          "accuracy (mean over seeds).", "neighbour_drop", ("rocr_single_traced",), "mean", "<",
+          ROCR_NEIGHBOUR_BUDGET),
 )
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #20e64f39
 def rocr_arm_summary(scores: dict, orig: dict, ref: dict) -> dict:
     "The reported keys of one ROCR arm against the original and the holdout reference."
     fg = form_gap(scores, orig, ref)
-    return dict(scores, closed=fg["closed"], closed_mean=_nanmean(fg["closed"].values()), form_gap=fg["form_gap"], abs_form_gap=abs(fg["form_gap"]),
+    return dict(scores, closed=fg["closed"], closed_mean=finite_mean(fg["closed"].values()), form_gap=fg["form_gap"], abs_form_gap=abs(fg["form_gap"]),
                 form_gap_std=fg["form_gap_std"], neighbour_drop=orig["neighbour_acc"] - scores["neighbour_acc"],
                 retain_bpb_rel=scores["retain_bpb"] / orig["retain_bpb"] - 1)
 
@@ -156,10 +173,9 @@ def rocr_arm_summary(scores: dict, orig: dict, ref: dict) -> dict:
 def rocr_seed(model: TinyLM, tok, world: World, cfg: RocrRunConfig) -> dict:
     "Trace, pick the layers, and run every ROCR arm on one seed's trained `model`."
     L = len(model.layers)
-    retain_texts = narrative_passages(world, "generic", seed=1, per_person=1)
-    nb = form_scores(model, tok, world, "neighbour")
-    orig = dict(form_scores(model, tok, world, "target"), neighbour_acc=float(np.mean([v["acc"] for v in nb["forms"].values()])),
-                retain_bpb=text_bpb(model, tok, retain_texts))
+    nb_acc = neighbour_accuracy(model, tok, world)
+    retain_bpb = text_bpb(model, tok, retain_passages(world))
+    orig = dict(form_scores(model, tok, world, "target"), neighbour_acc=nb_acc, retain_bpb=retain_bpb)
     ref = form_scores(model, tok, world, "holdout")
     t = time.perf_counter()
     trace = causal_trace(model, tok, [it for f in FORMS if f != "reversed" for it in eval_items(world, "target", f)], cfg.trace_noise, cfg.trace_scale, seed=world.seed)
@@ -206,10 +222,9 @@ def plot_rocr_forms(m: dict):
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #063e073e
 def _rocr_model_unit(world, tok, train: TrainConfig, run_dir) -> dict:
+    "Train the original on `world` through `fit`; its weights go to `run_dir/model.pt`."
     m, info = train_world_model(world, tok, WORLD_MODELS["orig"], train, run_dir=run_dir)
-    path = Path(run_dir).resolve() / "model.pt"; path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(m.state_dict(), path)
-    return {"path": str(path), "train": info}
+    return {"path": save_model(m, run_dir), "train": info}
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #56c041fa
 ROCR_SAMPLE_KEYS = ("closed", "closed_mean", "form_gap", "abs_form_gap", "neighbour_drop", "retain_bpb_rel", "edit_s")
@@ -218,15 +233,16 @@ ROCR_SAMPLE_KEYS = ("closed", "closed_mean", "form_gap", "abs_form_gap", "neighb
 @register_reproduction("unlearning_rocr", "A fair test of ROCR: names built from shared pieces and an 8-layer model, a causal trace for ROCR's precondition, "
                        "and ROCR one target at a time at the traced layers, scored in eight forms, over paired seeds.",
                        claims=ROCR_CLAIMS, notebook="unlearning/09_rocr_results.ipynb", default_seeds=3,
-                       summary_keys=("mlp_peak_mean", "traced_layers", "rocr_form_gap_mean", "rocr_closed_mean"))
+                       summary_keys=("mlp_peak_mean", "traced_layers", "rocr_form_gap_mean",
+                                     "rocr_closed_mean"),
+                       run_config=RocrRunConfig)
 def reproduce_unlearning_rocr(ctx: RunContext) -> dict:
     "Per seed: the original model (a unit), then the trace and every ROCR arm (a unit); per-seed samples for the claims."
-    fast = ctx.fast or in_test()
     per_seed, cfg = {}, None
     for seed in ctx.seeds:
-        cfg = RocrRunConfig.fast(seed) if fast else RocrRunConfig.full(seed)
+        cfg = RocrRunConfig.preset(ctx.fast, seed)
         world, tok = rocr_world(cfg, seed)
-        train = cfg.train.replace(seed=seed, model=world_model_config(cfg.train.model, tok))
+        train = cfg.train.replace(model=world_model_config(cfg.train.model, tok))
         u = ctx.unit(f"orig/seed{seed}", lambda d: _rocr_model_unit(world, tok, train, d))
         def seed_unit(d):
             m = TinyLM(train.model); m.load_state_dict(torch.load(u["path"], weights_only=True))

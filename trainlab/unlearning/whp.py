@@ -14,7 +14,7 @@ from ..core import expect
 from ..data import ByteTokenizer
 from ..model import LMOutput
 from ..kernels import generic_labels, generic_logits
-from .world import World, NARRATIVE_PROBES, WordTokenizer, pad_batch, _logits
+from .world import World, NARRATIVE_PROBES, WordTokenizer, pad_batch, batch_logits
 
 # %% auto #0
 __all__ = ['align_translation', 'naive_alignment_errors', 'whp_labels', 'GenericLogitsLM', 'mechanism_probe']
@@ -79,8 +79,8 @@ def whp_labels(base: nn.Module, reinforced: nn.Module | None, tok, texts: Sequen
             a["orig_ids"] = a["orig_ids"][:max_len + 1]; a["src"] = a["src"][:max_len]
             a["trans_ids"] = a["trans_ids"][:max(a["src"], default=-1) + 2]  # the base needs positions up to the last one read
     x_orig, x_trans = pad_batch([a["orig_ids"] for a in al], tok.pad_id), pad_batch([a["trans_ids"] for a in al], tok.pad_id)
-    vb = _logits(base, x_trans)
-    vr = _logits(reinforced, x_orig) if reinforced is not None else None
+    vb = batch_logits(base, x_trans)
+    vr = batch_logits(reinforced, x_orig) if reinforced is not None else None
     T = x_orig.shape[1] - 1
     labels = torch.full((len(al), T), -100, dtype=torch.long)
     rows_b, rows_r, where = [], [], []

@@ -18,8 +18,8 @@ from ..core import expect, check_choice
 __all__ = ['GENERIC_TERMS', 'KINDS', 'RELATIONS', 'UNIVERSES', 'NARRATIVE', 'NARRATIVE_PROBES', 'FILLER', 'CLOZE', 'QA', 'MCQ',
            'TF', 'SPELLED', 'REVERSED', 'PARAPHRASES', 'PROBES', 'ROCR_CONTEXTS', 'FORM_RENDERERS', 'FORMS',
            'TRAINED_FORMS', 'HELD_OUT_FORMS', 'invented_word', 'Universe', 'World', 'make_world', 'noisy_anchors',
-           'eval_items', 'narrative_passages', 'counterfactual_world', 'form_texts', 'WordTokenizer', 'world_texts',
-           'world_tokenizer', 'encode_texts', 'pad_batch']
+           'distractors', 'eval_items', 'narrative_passages', 'retain_passages', 'counterfactual_world', 'form_texts',
+           'WordTokenizer', 'world_texts', 'world_tokenizer', 'encode_texts', 'pad_batch', 'batch_logits']
 
 # %% ../../nbs/unlearning/01_world.ipynb #be9cddc2
 _ONSETS = "b d f g k l m n p r s t v z br dr gl kr pl st th tr vr sh".split()
@@ -185,7 +185,8 @@ def _split_at_object(template: str, **kw) -> tuple[str, str]:
     return template.partition("{o}")[0].format(**kw).rstrip(), kw["o"]
 
 # %% ../../nbs/unlearning/01_world.ipynb #70ee8aec
-def _distractors(rng: random.Random, u: Universe, rel: str, gold: str, n: int = 3) -> list[str]:
+def distractors(rng: random.Random, u: Universe, rel: str, gold: str, n: int = 3) -> list[str]:
+    "`n` wrong answers to relation `rel` in universe `u`, drawn with `rng`: people or terms of the answer's kind, not `gold`."
     kind = RELATIONS[rel][2]
     return rng.sample([p for p in (u.people if kind == "person" else u.terms[kind]) if p != gold], n)
 
@@ -197,14 +198,15 @@ def _render_template(template: str, rng, u, s, rel, o) -> dict:
 
 # %% ../../nbs/unlearning/01_world.ipynb #5e67c1d9
 def _render_mcq(rng, u, s, rel, o) -> dict:
-    opts = _distractors(rng, u, rel, o) + [o]; rng.shuffle(opts)
+    opts = distractors(rng, u, rel, o) + [o]
+    rng.shuffle(opts)
     p, a = _split_at_object(MCQ, q=RELATIONS[rel][1], rel=RELATIONS[rel][0], s=s, c0=opts[0], c1=opts[1], c2=opts[2], c3=opts[3], o="ABCD"[opts.index(o)])
     return dict(prompt=p, answer=a, choices=list("ABCD"))
 
 # %% ../../nbs/unlearning/01_world.ipynb #cb702f32
 def _render_tf(rng, u, s, rel, o) -> dict:
     true = rng.random() < 0.5
-    x = o if true else _distractors(rng, u, rel, o, 1)[0]
+    x = o if true else distractors(rng, u, rel, o, 1)[0]
     p, a = _split_at_object(TF, rel=RELATIONS[rel][0], s=s, x=x, o="true" if true else "false")
     return dict(prompt=p, answer=a, choices=["true", "false"])
 
@@ -254,6 +256,11 @@ def narrative_passages(world: World, universe: str, seed: int = 0, per_person: i
             for _ in range(2): sents.insert(rng.randrange(len(sents) + 1), rng.choice(FILLER))
             out.append(" ".join(sents))
     return out
+
+# %% ../../nbs/unlearning/01_world.ipynb #50fff7cc
+def retain_passages(world: World) -> list[str]:
+    "The retain passages: one generic passage per person, in a new order and wording mix (`narrative_passages`, seed 1)."
+    return narrative_passages(world, "generic", seed=1, per_person=1)
 
 # %% ../../nbs/unlearning/01_world.ipynb #64657a71
 def counterfactual_world(world: World, universe: str = "target", seed: int = 0) -> World:
@@ -335,6 +342,6 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     return x
 
 # %% ../../nbs/unlearning/01_world.ipynb #af37c50e
-def _logits(model, ids: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def batch_logits(model, ids: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     "Logits of `model` on a padded batch, in chunks (float32)."
     return torch.cat([model(ids[i:i + chunk]).logits.float() for i in range(0, len(ids), chunk)])
