@@ -97,7 +97,7 @@ def test_signature_comments_carry_no_markdown():
 
 def test_readme_is_the_index_notebook_with_the_generated_results_table():
     "README.md is readme_text(nbs): index.ipynb's markdown and the results table from the committed runs, never typed (nbdev_readme writes the same text)."
-    from trainlab.reproduce import readme_text, results_table
+    from trainlab.readme import readme_text, results_table
     readme = (ROOT / "README.md").read_text()
     assert readme == readme_text(ROOT / "nbs"), "README.md is stale: regenerate it with trainlab.reproduce.readme_text('nbs')"
     assert "| `baseline` |" in results_table(ROOT / "nbs" / "results")
@@ -106,7 +106,7 @@ def test_readme_is_the_index_notebook_with_the_generated_results_table():
 def test_readme_links_work_on_the_repository_page_and_on_the_site():
     "Relative links differ between README.md (repository root) and the site (.html pages without number prefixes): every page link is absolute."
     import configparser
-    from trainlab.reproduce import SITE_URL
+    from trainlab.readme import SITE_URL
     cfg = configparser.ConfigParser(); cfg.read(ROOT / "settings.ini")
     assert SITE_URL == cfg["DEFAULT"]["doc_host"] + cfg["DEFAULT"]["doc_baseurl"]
     links = re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text())

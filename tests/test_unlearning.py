@@ -486,7 +486,7 @@ def test_run_config_embeds_train_config():
     assert (u.steps, u.lr, u.batch_size, u.seed, u.schedule) == (7, fast.unlearn_lr, fast.unlearn_batch_size, 1, "constant")
     bf = UnlearnRunConfig(train=fast.train.replace(precision="bf16-mixed", impl="torch"))
     assert bf.unlearn_train(2).precision == "bf16-mixed" and bf.unlearn_train(2).impl == "torch"
-    assert UnlearnRunConfig(train=dict(steps=3)).train.steps == 3
+    assert UnlearnRunConfig(train=dict(steps=60)).train.steps == 60
     with pytest.raises(ValueError, match="ga_steps"): UnlearnRunConfig(ga_steps=())
     with pytest.raises(ValueError, match="n_generic"): UnlearnRunConfig(n_generic=4)
     with pytest.raises(TypeError, match="train"): UnlearnRunConfig(train=3)

@@ -26,7 +26,7 @@ def test_run_configs_follow_the_contract(cls):
     check_run_config(cls)
     assert cls.preset(True, 7) == cls.fast(7) == cls.fast().with_seed(7)
     assert cls.full(3).train.seed == 3 and cls.full(3) == cls().with_seed(3)
-    assert cls(train=dict(steps=3)).train.steps == 3
+    assert cls(train=dict(steps=60)).train.steps == 60
     with pytest.raises(TypeError, match="`train`"): cls(train=3)
     with pytest.raises(ValueError, match="`n_generic`"): cls(n_generic=4)
     with pytest.raises(ValueError, match="`seed`"): cls.fast().with_seed(-1)

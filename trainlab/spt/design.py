@@ -13,7 +13,7 @@ from ..core import expect, check_choice
 from ..model import ModelConfig
 from ..train import TrainConfig
 from ..stats import Claim
-from ..runconfig import RunConfig, ARMS, ARM_ROLES, Arm, arm_specs
+from ..runconfig import RunConfig, arm_specs, register_arm
 from .domains import DomainData
 from .training import SPTConfig, FinetuneConfig
 
@@ -43,27 +43,18 @@ class SPTArm:
         "A point of the delta sweep (over the whole run): in the figures, summary and law."
         return self.domain_start == 0
 
-# %% ../../nbs/spt/04a_design.ipynb #5e1d0a0c
-def _register(name: str, spec: SPTArm, *, role: str, description: str) -> Arm:
-    "Register arm `name` of `spt` as `register_arm` does (which takes identifiers only)."
-    check_choice("role", role, ARM_ROLES)
-    expect(description.strip(), "description", "a non-empty string", description)
-    arm = Arm("spt", name, role, description.strip(), spec)
-    ARMS.setdefault("spt", {})[name] = arm
-    return arm
-
 # %% ../../nbs/spt/04a_design.ipynb #8ce7f31d
 SPT_MAIN, SPT_REF = delta_key(0.02), delta_key(0.0)  # the pre-registered pair: SPT at 2% vs NPT
-_register(SPT_REF, SPTArm(0.0), role="baseline",
+register_arm("spt", SPT_REF, SPTArm(0.0), role="baseline",
           description="pretrain-then-finetune (NPT->FT): no domain data in pretraining")
-_register("0.001", SPTArm(0.001), role="exploratory", description="SPT at delta = 0.1%: the sweep")
-_register("0.01", SPTArm(0.01), role="exploratory", description="SPT at delta = 1%: the sweep")
-_register(SPT_MAIN, SPTArm(0.02), role="method",
+register_arm("spt", "0.001", SPTArm(0.001), role="exploratory", description="SPT at delta = 0.1%: the sweep")
+register_arm("spt", "0.01", SPTArm(0.01), role="exploratory", description="SPT at delta = 1%: the sweep")
+register_arm("spt", SPT_MAIN, SPTArm(0.02), role="method",
           description="SPT at delta = 2%: the domain mixed into all of pretraining, then finetuned")
-_register("0.05", SPTArm(0.05), role="exploratory", description="SPT at delta = 5%: the sweep")
-_register("0.1", SPTArm(0.1), role="exploratory",
+register_arm("spt", "0.05", SPTArm(0.05), role="exploratory", description="SPT at delta = 5%: the sweep")
+register_arm("spt", "0.1", SPTArm(0.1), role="exploratory",
           description="SPT at delta = 10%: the sweep's largest delta, whose turn the law forecasts")
-_register("late_upsampling", SPTArm(0.02, domain_start=0.9), role="exploratory",
+register_arm("spt", "late_upsampling", SPTArm(0.02, domain_start=0.9), role="exploratory",
           description="the domain tokens of delta = 2%, all in the last tenth of pretraining")
 SPT_ARMS = arm_specs("spt")  # arm name -> how it mixes the domain in
 
