@@ -23,6 +23,7 @@ if cfg.get('pip_requirements'): requirements += cfg.get('pip_requirements', '').
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
+hf_requirements = (cfg.get('hf_requirements') or '').split()  # Hugging Face models: pip install -e ".[hf]"
 
 setuptools.setup(
     name = cfg['lib_name'],
@@ -36,7 +37,7 @@ setuptools.setup(
     packages = setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data = True,
     install_requires = requirements,
-    extras_require={ 'dev': dev_requirements },
+    extras_require={ 'dev': dev_requirements, 'hf': hf_requirements },
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),

@@ -206,9 +206,10 @@ def test_lce_chunk_rule():
 def test_lce_never_materialises_full_logits(chunk, dev, monkeypatch):
     "Spy on the CE launchers: each sees at most `chunk` rows of logits, one call per chunk."
     seen = {"fwd": [], "bwd": []}
-    fwd, bwd = xent_mod.ce_fwd, xent_mod.ce_bwd
-    monkeypatch.setattr(xent_mod, "ce_fwd", lambda z, *a, **k: (seen["fwd"].append(tuple(z.shape)), fwd(z, *a, **k))[1])
-    monkeypatch.setattr(xent_mod, "ce_bwd", lambda z, *a, **k: (seen["bwd"].append(tuple(z.shape)), bwd(z, *a, **k))[1])
+    import trainlab.kernels.linear_xent as lxent_mod  # the chunked loss calls the launchers it imported
+    fwd, bwd = lxent_mod.ce_fwd, lxent_mod.ce_bwd
+    monkeypatch.setattr(lxent_mod, "ce_fwd", lambda z, *a, **k: (seen["fwd"].append(tuple(z.shape)), fwd(z, *a, **k))[1])
+    monkeypatch.setattr(lxent_mod, "ce_bwd", lambda z, *a, **k: (seen["bwd"].append(tuple(z.shape)), bwd(z, *a, **k))[1])
     h, w, t = make_lce((3, 5), 100, 16, torch.float64, dev)
     check_lce(h, w, t, "mean", chunk=chunk)
     c = chunk or linear_ce_chunk_size(15, 100, 16)

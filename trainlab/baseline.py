@@ -46,26 +46,35 @@ class BaselineConfig(RunConfig):
         return cls(train, max_eval_tokens=8_192)
 
 # %% ../nbs/05_baseline.ipynb #01475776
-register_arm("baseline", "fp32", "32-true", role="baseline", description="float32 training: the reference")
-register_arm("baseline", "bf16", "bf16-mixed", role="method", description="bf16 autocast on the CPU")
+register_arm("baseline", "fp32", "32-true", role="baseline",
+             description="float32 training: the reference")
+register_arm("baseline", "bf16", "bf16-mixed", role="method",
+             description="bf16 autocast on the CPU")
 BASELINE_ARMS = arm_specs("baseline")  # arm -> TrainConfig.precision
 
 # %% ../nbs/05_baseline.ipynb #ba41bc20
 BASELINE_CLAIMS = (
-    Claim("stack_trains", "The stack trains end to end: fp32 val bpb falls below 2.5 (uniform bytes: 8).", "val_bpb", ("fp32",), "mean", "<", 2.5),
-    Claim("bf16_matches_fp32", "bf16 autocast trains as well as fp32: val bpb within +0.02 of fp32's.", "val_bpb", ("bf16", "fp32"), "diff", "<", 0.02),
-    Claim("bf16_faster", "bf16 autocast trains faster than fp32 on this CPU: tokens/s ratio above 1.2x.", "tokens_per_s", ("bf16", "fp32"), "ratio", ">", 1.2),
+    Claim("stack_trains", "The stack trains end to end: fp32 val bpb falls below 2.5 (uniform "
+                          "bytes: 8).", "val_bpb", ("fp32",), "mean", "<", 2.5),
+    Claim("bf16_matches_fp32", "bf16 autocast trains as well as fp32: val bpb within +0.02 "
+                               "of fp32's.", "val_bpb", ("bf16", "fp32"), "diff", "<", 0.02),
+    Claim("bf16_faster", "bf16 autocast trains faster than fp32 on this CPU: tokens/s ratio "
+                         "above 1.2x.", "tokens_per_s", ("bf16", "fp32"), "ratio", ">", 1.2),
 )
 
 # %% ../nbs/05_baseline.ipynb #1bd74c68
 def train_baseline(cfg: BaselineConfig, run_dir=None, progress: bool = False) -> dict:
     "Train one baseline unit through `fit`; returns its metrics and curves (JSON-able)."
     t = cfg.train
-    dm = LMDataModule(corpus=cfg.corpus, seq_len=t.seq_len, batch_size=t.batch_size, max_eval_tokens=cfg.max_eval_tokens, seed=t.seed)
-    lit, hist, _ = fit(t, lambda: LMLitModule(t.model, **t.lit_kwargs()), dm, run_dir=run_dir, progress=progress)
+    dm = LMDataModule(corpus=cfg.corpus, seq_len=t.seq_len, batch_size=t.batch_size,
+                      max_eval_tokens=cfg.max_eval_tokens, seed=t.seed)
+    lit, hist, _ = fit(t, lambda: LMLitModule(t.model, **t.lit_kwargs()), dm, run_dir=run_dir,
+                       progress=progress)
     train_s = hist.train_seconds()
-    return {"val_bpb": hist.val[-1]["val/bpb"], "val_loss": hist.val[-1]["val/loss"], "tokens": hist.train[-1]["tokens"],
-            "train_s": train_s, "tokens_per_s": hist.train[-1]["tokens"] / train_s, "params": count_parameters(lit.model),
+    return {"val_bpb": hist.val[-1]["val/bpb"], "val_loss": hist.val[-1]["val/loss"],
+            "tokens": hist.train[-1]["tokens"],
+            "train_s": train_s, "tokens_per_s": hist.train[-1]["tokens"] / train_s,
+            "params": count_parameters(lit.model),
             "history": {"train": hist.train, "val": hist.val}}
 
 # %% ../nbs/05_baseline.ipynb #fe954850
@@ -75,9 +84,14 @@ def plot_loss_curves(units: dict, title: str = ""):
     colors = {arm: f"C{i}" for i, arm in enumerate(BASELINE_ARMS)}
     for key, u in sorted(units.items()):
         arm, va = key.split("/")[0], u["history"]["val"]
-        ax.plot([r["tokens"] for r in va], [r["val/bpb"] for r in va], "o-", ms=3, color=colors[arm], alpha=0.8, label=arm)
-    ax.set_xlabel("training tokens"); ax.set_ylabel("val bits per byte"); ax.set_title(title); ax.grid(alpha=0.3)
-    h, l = ax.get_legend_handles_labels(); ax.legend(dict(zip(l, h)).values(), dict(zip(l, h)).keys())
+        ax.plot([r["tokens"] for r in va], [r["val/bpb"] for r in va], "o-", ms=3,
+                color=colors[arm], alpha=0.8, label=arm)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("val bits per byte")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    h, l = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(l, h)).values(), dict(zip(l, h)).keys())
     return fig
 
 # %% ../nbs/05_baseline.ipynb #07f9c074
@@ -85,7 +99,8 @@ def plot_loss_curves(units: dict, title: str = ""):
     "baseline",
     "Train the tiny LM on the embedded stdlib corpus in fp32 and bf16 over paired seeds: "
     "val bpb, tokens/s, loss curves.",
-    claims=BASELINE_CLAIMS, notebook="05_baseline.ipynb", default_seeds=3, run_config=BaselineConfig)
+    claims=BASELINE_CLAIMS, notebook="05_baseline.ipynb", default_seeds=3,
+                       run_config=BaselineConfig)
 def reproduce_baseline(ctx: RunContext) -> dict:
     "Both arms on every seed (each seed's arms back to back); per-seed values for the claims."
     base = BaselineConfig.preset(ctx.fast)
@@ -104,5 +119,6 @@ def reproduce_baseline(ctx: RunContext) -> dict:
     title = f"baseline on {base.corpus}: fp32 vs bf16, seeds {ctx.seeds}"
     ctx.save_figure(plot_loss_curves(units, title), "loss_curve")
     first = units[f"fp32/seed{ctx.seeds[0]}"]
-    return {"samples": samples, "seeds": ctx.seeds, "params": first["params"], "tokens": first["tokens"],
+    return {"samples": samples, "seeds": ctx.seeds, "params": first["params"],
+            "tokens": first["tokens"],
             "units": {k: {m: v for m, v in u.items() if m != "params"} for k, u in units.items()}}

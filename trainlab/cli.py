@@ -18,25 +18,33 @@ __all__ = ['Terminated', 'Interrupted', 'main']
 
 # %% ../nbs/90_cli.ipynb #801900fb
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trainlab", description="Read, run and reuse training techniques from recent LM papers.")
+    p = argparse.ArgumentParser(prog="trainlab", description="Read, run and reuse training "
+                                                             "techniques from recent LM papers.")
     sub = p.add_subparsers(dest="command", metavar="{reproduce,list}")
     sub.required = True
     r = sub.add_parser("reproduce", help="run a reproduction and write its results",
-                       description="Run a reproduction over paired seeds, judge its pre-registered claims, and write "
+                       description="Run a reproduction over paired seeds, judge its pre-registered "
+                                   "claims, and write "
                                    "DIR/<name>/metrics.json, run.json, figures and logs.")
     r.add_argument("name", help="a reproduction name (see `trainlab list`) or 'all'")
-    r.add_argument("--fast", action="store_true", help="the CI-sized version with one seed (claims are not judged)")
-    r.add_argument("--out", default="results", metavar="DIR", help="results folder (default: ./results)")
-    r.add_argument("--seed", type=_seed, default=0, metavar="N", help="first seed (default: 0); seeds are N, N+1, ...")
+    r.add_argument("--fast", action="store_true",
+                   help="the CI-sized version with one seed (claims are not judged)")
+    r.add_argument("--out", default="results", metavar="DIR",
+                   help="results folder (default: ./results)")
+    r.add_argument("--seed", type=_seed, default=0, metavar="N",
+                   help="first seed (default: 0); seeds are N, N+1, ...")
     r.add_argument("--seeds", type=_seed_count, default=None, metavar="K",
                    help=f"number of paired seeds, at most {MAX_SEEDS} (default: the reproduction's own, 1 with --fast); "
                         "every arm runs every seed")
     r.add_argument("--resume", action="store_true",
-                   help="continue the unfinished run of the same command in DIR/.<name>.staging: finished arm x seed units "
+                   help="continue the unfinished run of the same command in DIR/.<name>.staging: "
+                        "finished arm x seed units "
                         "are reused, the unfinished one continues from its last checkpoint")
     r.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="torch CPU threads (default: all cores, at most 8; never more than the cores available)")
-    r.add_argument("--progress", dest="progress", action="store_true", default=None, help="a progress bar per arm with an ETA (default: when stderr is a terminal)")
+                   help="torch CPU threads (default: all cores, at most 8; never more than the "
+                        "cores available)")
+    r.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="a progress bar per arm with an ETA (default: when stderr is a terminal)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     sub.add_parser("list", help="list the reproductions")
     return p
@@ -44,12 +52,14 @@ def _parser() -> argparse.ArgumentParser:
 def _seed(s: str) -> int:
     try: v = int(s)
     except ValueError: raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}")
-    if not 0 <= v < 2**32: raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {v}")
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {v}")
     return v
 
 def _seed_count(s: str) -> int:
     v = _positive_int(s)
-    if v > MAX_SEEDS: raise argparse.ArgumentTypeError(f"expected at most {MAX_SEEDS} seeds, got {v}")
+    if v > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SEEDS} seeds, got {v}")
     return v
 
 def _positive_int(s: str) -> int:
@@ -92,15 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e: parser.error(str(e))
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = lambda msg, *a, **k: print(f"trainlab: warning: {msg}", file=sys.stderr)
+        warnings.showwarning = lambda msg, *a, **k: print(f"trainlab: warning: {msg}",
+                                                          file=sys.stderr)
         set_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     command = "trainlab " + shlex.join(sys.argv[1:] if argv is None else argv)
-    old = {s: signal.signal(s, _raise(e)) for s, e in ((signal.SIGTERM, Terminated), (signal.SIGINT, Interrupted))}
+    old = {s: signal.signal(s, _raise(e)) for s, e in ((signal.SIGTERM, Terminated),
+                                                       (signal.SIGINT, Interrupted))}
     current = names[0]
     try:
         for current in names:
-            result = reproduce(current, out=args.out, fast=args.fast, seed=args.seed, seeds=args.seeds, progress=progress,
+            result = reproduce(current, out=args.out, fast=args.fast, seed=args.seed,
+                               seeds=args.seeds, progress=progress,
                                command=command, resume=args.resume)
             print(summarize(current, result), flush=True)
     except (Terminated, Interrupted) as e:
@@ -108,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainlab: {what} during {current!r}; its unfinished run is kept in {staging_dir(args.out, current)}: "
               "rerun the same command with --resume to continue it", file=sys.stderr, flush=True)
         return 143 if isinstance(e, Terminated) else 130
-    except UsageError as e:  # found once a run started: another run holds the folder, a --resume of another run
+    # found once a run started: another run holds the folder, a --resume of another run
+    except UsageError as e:
         return _fail(e, 2)
     except (DivergenceError, OSError) as e:  # the run failed: it diverged, or the disk is full
         status = staging_dir(args.out, current) / "status.json"

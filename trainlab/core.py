@@ -21,7 +21,8 @@ __all__ = ['in_test', 'expect', 'UsageError', 'check_choice', 'repo_root', 'cach
 # %% ../nbs/00_core.ipynb #5e54fa18
 def in_test() -> bool:
     "True when running under `nbdev_test` (which sets `IN_TEST`) or when `TRAINLAB_SMOKE` is set."
-    return any(os.environ.get(k, "").strip().lower() not in ("", "0", "false", "no") for k in ("IN_TEST", "TRAINLAB_SMOKE"))
+    return any(os.environ.get(k, "").strip().lower() not in ("", "0", "false", "no")
+               for k in ("IN_TEST", "TRAINLAB_SMOKE"))
 
 # %% ../nbs/00_core.ipynb #654b8069
 def expect(cond: bool, arg: str, expected: str, got: Any = None, exc: type = ValueError):
@@ -44,7 +45,8 @@ def check_choice(arg: str, value: Any, choices: Iterable) -> Any:
 def repo_root(start: str | Path | None = None) -> Path | None:
     "The trainlab checkout containing `start` (default: this package, then the working directory), or None."
     here = globals().get("__file__")  # undefined when this runs as a notebook cell
-    starts = [Path(start)] if start is not None else [Path(p) for p in (here and Path(here).resolve().parent, Path.cwd()) if p]
+    starts = [Path(start)] if start is not None else [
+        Path(p) for p in (here and Path(here).resolve().parent, Path.cwd()) if p]
     for s in starts:
         for d in [s, *s.parents]:
             ini = d / "settings.ini"
@@ -63,13 +65,16 @@ def cache_dir() -> Path:
 def seed_everything(seed: int) -> int:
     "Seed `random`, NumPy and torch (CPU and, lazily, CUDA) with `seed`; returns it."
     expect(isinstance(seed, int) and 0 <= seed < 2**32, "seed", "an int in [0, 2**32)", seed)
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)  # torch.manual_seed also seeds CUDA lazily
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # torch.manual_seed also seeds CUDA lazily
     os.environ["PL_GLOBAL_SEED"] = str(seed)
     return seed
 
 def available_cores() -> int:
     "CPU cores this process may run on (its affinity mask where the OS has one)."
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1))
 
 def set_threads(n: int | None = None) -> int:
     "Pin torch's intra-op threads to `n` (default: all cores, at most 8; at most the cores, with a warning); returns the count."
@@ -92,25 +97,32 @@ def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> t
     if rank is None or world_size is None:
         on = dist_initialized()
         rank = rank if rank is not None else (torch.distributed.get_rank() if on else 0)
-        world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if on else 1)
+        world_size = (world_size if world_size is not None
+                      else (torch.distributed.get_world_size() if on else 1))
     expect(isinstance(world_size, int) and world_size >= 1, "world_size", "an int >= 1", world_size)
-    expect(isinstance(rank, int) and 0 <= rank < world_size, "rank", f"an int in [0, {world_size})", rank)
+    expect(isinstance(rank, int) and 0 <= rank < world_size, "rank",
+           f"an int in [0, {world_size})", rank)
     return rank, world_size
 
 # %% ../nbs/00_core.ipynb #c8830a0e
 def _umask() -> int:
-    m = os.umask(0); os.umask(m)
+    m = os.umask(0)
+    os.umask(m)
     return m
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     "Yield a temporary path next to `path`; on success rename it to `path`, on error delete it."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent); os.close(fd)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as f: os.fsync(f.fileno())  # a full disk fails here, before the old version is replaced
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give results the usual permissions
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # a full disk fails here, before the old version is replaced
+        # mkstemp makes 0600 files; give results the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.unlink(tmp)
@@ -145,7 +157,8 @@ def read_json(path: str | Path) -> Any:
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     "Save a matplotlib figure to `path` atomically (format from the suffix)."
     path = Path(path)
-    with atomic_path(path) as tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     return path
 
 # %% ../nbs/00_core.ipynb #2b0c46f7
@@ -171,7 +184,8 @@ def _open_locked(path: Path, busy: str) -> int:
         except BlockingIOError:
             pid = _lock_pid(fd)
             os.close(fd)
-            raise UsageError(busy.format(pid=pid if pid is not None else "unknown", path=path)) from None
+            raise UsageError(busy.format(pid=pid if pid is not None else "unknown",
+                                         path=path)) from None
         try: same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError: same = False
         if same: return fd
@@ -197,7 +211,8 @@ def file_lock(path: str | Path, busy: str = "{path} is locked by another process
         os.write(fd, f"{os.getpid()}\n".encode())
         yield path
     finally:
-        with contextlib.suppress(OSError): path.unlink()  # while still locked: the next run creates a fresh file
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still locked: the next run creates a fresh file
         os.close(fd)
 
 # %% ../nbs/00_core.ipynb #e1ee39a4
@@ -206,9 +221,11 @@ def git_sha(root: str | Path | None = None) -> str | None:
     root = Path(root) if root is not None else repo_root()
     if root is None: return None
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
         if sha.returncode != 0: return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError): return None
 
@@ -229,11 +246,14 @@ def environment_info() -> dict:
     "Versions and hardware, for run records."
     gpu = None
     if torch.cuda.is_available():  # a call-time query, never at import
-        gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
+        gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+               "cuda": torch.version.cuda}
     return {
         "python": platform.python_version(), "platform": platform.platform(),
-        "versions": {m: _version(m) for m in ("trainlab", "torch", "lightning", "triton", "numpy", "einops", "matplotlib")},
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+        "versions": {m: _version(m) for m in ("trainlab", "torch", "lightning", "triton", "numpy",
+                                              "einops", "matplotlib")},
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": gpu,
     }
 
 # %% ../nbs/00_core.ipynb #ee59ffd2

@@ -34,16 +34,18 @@ class CorpusSpec:
     seeded: bool = True   # False: `fn` ignores the seed and one cache serves every seed
     version: str = "1"    # bump when `fn` changes its output; part of the cache key
     @property
-    def builder(self) -> str: return f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', repr(self.fn))}"
+    def builder(self) -> str:
+        return f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', repr(self.fn))}"
 
 CORPORA: dict[str, CorpusSpec] = {}
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
-def register_corpus(name: str, fn: Callable[[int], list] | None = None, description: str = "", license: str = "",
-                    seeded: bool = True, version: str = "1"):
+def register_corpus(name: str, fn: Callable[[int], list] | None = None, description: str = "",
+                    license: str = "", seeded: bool = True, version: str = "1"):
     "Register `fn(seed) -> list[Document]` as corpus `name` (replacing any earlier one); without `fn`, return a decorator."
-    expect(isinstance(name, str) and bool(_NAME_RE.match(name)), "name", "letters, digits, '_', '.', '-' (no path separators)", name)
+    expect(isinstance(name, str) and bool(_NAME_RE.match(name)), "name",
+           "letters, digits, '_', '.', '-' (no path separators)", name)
     if fn is None: return lambda f: register_corpus(name, f, description, license, seeded, version)
     expect(callable(fn), "fn", "a callable fn(seed) -> list[Document]", fn, TypeError)
     CORPORA[name] = CorpusSpec(name, fn, description, license, seeded, str(version))
@@ -56,7 +58,8 @@ def list_corpora() -> list[str]:
 # %% ../nbs/01a_corpora.ipynb #8eca7d4a
 PSF_LICENSE = "PSF License Agreement (CPython sources and documentation)"
 _TEST_DIRS = {"test", "tests", "idle_test"}
-_EXCLUDED_FILES = {"pydoc_data/topics.py"}  # generated from the reference manual; its text is in stdlib_prose
+# generated from the reference manual; its text is in stdlib_prose
+_EXCLUDED_FILES = {"pydoc_data/topics.py"}
 
 def stdlib_dir() -> Path:
     "The standard library folder of the running interpreter."
@@ -64,7 +67,8 @@ def stdlib_dir() -> Path:
 
 def _excluded(rel: Path) -> bool:
     dirs = rel.parts[:-1]
-    return (any(d in _TEST_DIRS or d in ("site-packages", "dist-packages", "__pycache__") or d.startswith("config-") for d in dirs)
+    return (any(d in _TEST_DIRS or d in ("site-packages", "dist-packages", "__pycache__")
+                or d.startswith("config-") for d in dirs)
             or rel.name.startswith("_sysconfigdata_") or rel.as_posix() in _EXCLUDED_FILES)
 
 def stdlib_code_files() -> list[Path]:
@@ -82,10 +86,12 @@ def read_source(path: str | Path) -> str | None:
     except (SyntaxError, UnicodeDecodeError, LookupError): return None
     return text[1:] if text.startswith("\ufeff") else text
 
-@register_corpus("stdlib_code", description="Python standard library sources (.py), test folders excluded", license=PSF_LICENSE, seeded=False)
+@register_corpus("stdlib_code", description="Python standard library sources (.py), test folders "
+                                            "excluded", license=PSF_LICENSE, seeded=False)
 def stdlib_code(seed: int = 0) -> list[Document]:
     "The standard library's `.py` sources (no test folders), one document per non-empty file."
-    root = stdlib_dir(); docs = []
+    root = stdlib_dir()
+    docs = []
     for p in stdlib_code_files():
         text = read_source(p)
         if text and text.strip(): docs.append(Document(p.relative_to(root).as_posix(), text))
@@ -110,7 +116,8 @@ def pydoc_topics() -> list[Document]:
     from pydoc_data.topics import topics
     return [Document(f"pydoc_data/{k}", topics[k]) for k in sorted(topics) if topics[k].strip()]
 
-@register_corpus("stdlib_prose", description="Docstrings of the stdlib modules (one doc per module) + pydoc reference topics",
+@register_corpus("stdlib_prose", description="Docstrings of the stdlib modules (one doc per "
+                                             "module) + pydoc reference topics",
                  license=PSF_LICENSE, seeded=False)
 def stdlib_prose(seed: int = 0, min_chars: int = MIN_PROSE_CHARS) -> list[Document]:
     "Docstrings of each stdlib module (one document per module with at least `min_chars` of them) plus the pydoc topics."
@@ -122,15 +129,20 @@ def stdlib_prose(seed: int = 0, min_chars: int = MIN_PROSE_CHARS) -> list[Docume
     return docs + pydoc_topics()
 
 # %% ../nbs/01a_corpora.ipynb #de81d47c
-@register_corpus("stdlib_tests", description="CPython regression tests Lib/test/**/*.py (near domain of stdlib_code)",
+@register_corpus("stdlib_tests", description="CPython regression tests Lib/test/**/*.py (near "
+                                             "domain of stdlib_code)",
                  license=PSF_LICENSE, seeded=False)
 def stdlib_tests(seed: int = 0) -> list[Document]:
     "The CPython regression test sources `Lib/test/**/*.py`, one document per decodable, non-empty file."
-    root = stdlib_dir(); test_dir = root / "test"
+    root = stdlib_dir()
+    test_dir = root / "test"
     files = sorted(test_dir.rglob("test_*.py")) if test_dir.is_dir() else []
     if len(files) < 20:
-        raise FileNotFoundError(f"`stdlib_tests` needs the CPython test suite in {test_dir}, which this Python install lacks "
-                                "(Debian/Ubuntu strip it; install the `libpython3.X-testsuite` package or use a python.org/pyenv/conda build)")
+        raise FileNotFoundError(
+            f"`stdlib_tests` needs the CPython test suite in {test_dir}, which this Python install lacks "
+            "(Debian/Ubuntu strip it; install the `libpython3.X-testsuite` "
+            "package or use a python.org/pyenv/conda build)"
+        )
     docs = []
     for p in sorted(test_dir.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
         if "__pycache__" in p.parts or not p.is_file(): continue
@@ -147,15 +159,18 @@ def top_level_defs(source: str) -> list[tuple[str, str]]:
     for n in ast.parse(source).body:
         if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): continue
         first = min([d.lineno for d in n.decorator_list] + [n.lineno])
-        last = lines[n.end_lineno - 1].encode("utf-8")[:n.end_col_offset].decode("utf-8")  # end_col_offset counts UTF-8 bytes
+        # end_col_offset counts UTF-8 bytes
+        last = lines[n.end_lineno - 1].encode("utf-8")[:n.end_col_offset].decode("utf-8")
         seen[n.name] = k = seen.get(n.name, 0) + 1
-        out.append((n.name if k == 1 else f"{n.name}#{k}", "".join(lines[first - 1:n.end_lineno - 1]) + last))
+        out.append((n.name if k == 1 else f"{n.name}#{k}",
+                    "".join(lines[first - 1:n.end_lineno - 1]) + last))
     return out
 
 # %% ../nbs/01a_corpora.ipynb #890d722d
 MIN_DEF_BYTES = 64  # shorter definitions (one-line stubs, empty exception classes) are skipped
 
-@register_corpus("stdlib_defs", description="Top-level functions and classes of the stdlib_code files, one doc per definition (short docs)",
+@register_corpus("stdlib_defs", description="Top-level functions and classes of the stdlib_code "
+                                            "files, one doc per definition (short docs)",
                  license=PSF_LICENSE, seeded=False)
 def stdlib_defs(seed: int = 0, min_bytes: int = MIN_DEF_BYTES) -> list[Document]:
     "Each top-level function and class of the `stdlib_code` files with at least `min_bytes` UTF-8 bytes, one document each (id `<file>::<name>`)."
@@ -163,21 +178,25 @@ def stdlib_defs(seed: int = 0, min_bytes: int = MIN_DEF_BYTES) -> list[Document]
     for d in stdlib_code(seed):
         try: defs = top_level_defs(d.text)
         except (SyntaxError, ValueError, RecursionError): continue
-        docs += [Document(f"{d.id}::{name}", text + "\n") for name, text in defs if len(text.encode("utf-8")) + 1 >= min_bytes]
+        docs += [Document(f"{d.id}::{name}", text + "\n") for name, text in defs
+                 if len(text.encode("utf-8")) + 1 >= min_bytes]
     return docs
 
 # %% ../nbs/01a_corpora.ipynb #07f98997
-NUMBERED_NAME_FAMILIES = ("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH", "TANGUT IDEOGRAPH", "TANGUT IDEOGRAPH SUPPLEMENT",
-                          "TANGUT COMPONENT", "KHITAN SMALL SCRIPT CHARACTER", "NUSHU CHARACTER", "EGYPTIAN HIEROGLYPH",
+NUMBERED_NAME_FAMILIES = ("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH",
+                          "TANGUT IDEOGRAPH", "TANGUT IDEOGRAPH SUPPLEMENT", "TANGUT COMPONENT",
+                          "KHITAN SMALL SCRIPT CHARACTER", "NUSHU CHARACTER", "EGYPTIAN HIEROGLYPH",
                           "BRAILLE PATTERN DOTS", "VARIATION SELECTOR")
-_NUMBERED_RE = re.compile(r"(?:^|\s)(?:" + "|".join(map(re.escape, NUMBERED_NAME_FAMILIES)) + r")-[0-9A-F]+$")
+_NUMBERED_RE = re.compile(r"(?:^|\s)(?:" + "|".join(map(re.escape,
+                                                        NUMBERED_NAME_FAMILIES)) + r")-[0-9A-F]+$")
 
 def is_generated_name(name: str) -> bool:
     "True for Unicode names made by rule (Hangul syllables, numbered families such as `CJK UNIFIED IDEOGRAPH-4E00`)."
     return name.startswith("HANGUL SYLLABLE ") or bool(_NUMBERED_RE.search(name))
 
-@register_corpus("unicode_names", description=f"Unicode character names (UCD {unicodedata.unidata_version}), one doc per 256-code-point page",
-                 license="Unicode License Agreement (Unicode Character Database data files)", seeded=False)
+@register_corpus(
+    "unicode_names", description=f"Unicode character names (UCD {unicodedata.unidata_version}), one doc per 256-code-point page",
+    license="Unicode License Agreement (Unicode Character Database data files)", seeded=False)
 def unicode_names(seed: int = 0) -> list[Document]:
     "Unicode character-name lines `XXXX NAME`, one document per 256-code-point page, generated names filtered out."
     pages: dict[int, list[str]] = {}
@@ -185,4 +204,5 @@ def unicode_names(seed: int = 0) -> list[Document]:
         name = unicodedata.name(chr(cp), None)
         if name is None or is_generated_name(name): continue
         pages.setdefault(cp >> 8, []).append(f"{cp:04X} {name}")
-    return [Document(f"U+{page << 8:04X}", "\n".join(lines) + "\n") for page, lines in sorted(pages.items())]
+    return [Document(f"U+{page << 8:04X}", "\n".join(lines) + "\n")
+            for page, lines in sorted(pages.items())]

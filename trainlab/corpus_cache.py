@@ -33,7 +33,8 @@ def _cache_files(key: str) -> tuple[Path, Path]:
 def _split_stats(corpus: TokenizedCorpus, val_frac: float, salt: str = "") -> dict:
     fallback = int((corpus.lengths > 0).sum()) >= 2  # bookkeeping: never raises or warns
     m = val_mask(corpus.ids, val_frac, salt, fallback=fallback, warn=False, lengths=corpus.lengths)
-    return dict(val_frac=val_frac, salt=salt, train=corpus.subset(~m).stats(), val=corpus.subset(m).stats())
+    return dict(val_frac=val_frac, salt=salt, train=corpus.subset(~m).stats(),
+                val=corpus.subset(m).stats())
 
 def _read_cache(key: str) -> TokenizedCorpus | None:
     npz, js = _cache_files(key)
@@ -42,9 +43,12 @@ def _read_cache(key: str) -> TokenizedCorpus | None:
         meta = read_json(js)
         expect(meta.get("key") == key, "cache", f"a sidecar for {key}", meta.get("key"))
         with np.load(npz, allow_pickle=False) as z:
-            tokens, offsets, ids, doc_bytes = z["tokens"], z["offsets"], z["ids"].tolist(), z["doc_bytes"]
-        expect(len(tokens) == meta["n_tokens"] and len(ids) == meta["n_docs"], "cache", "arrays matching the sidecar counts")
-        expect(sha256_bytes(tokens.tobytes()) == meta["tokens_sha256"], "cache", "arrays matching the sidecar checksum")
+            tokens, offsets, ids, doc_bytes = (z["tokens"], z["offsets"], z["ids"].tolist(),
+                                               z["doc_bytes"])
+        expect(len(tokens) == meta["n_tokens"] and len(ids) == meta["n_docs"], "cache",
+               "arrays matching the sidecar counts")
+        expect(sha256_bytes(tokens.tobytes()) == meta["tokens_sha256"], "cache",
+               "arrays matching the sidecar checksum")
         return TokenizedCorpus(tokens, offsets, ids, doc_bytes, name=meta["source"], meta=meta)
     except Exception as e:  # partial, truncated or foreign files: rebuild
         warnings.warn(f"rebuilding the cached corpus {key}: {type(e).__name__}: {e}")
@@ -54,7 +58,8 @@ def _write_cache(key: str, corpus: TokenizedCorpus, meta: dict):
     npz, js = _cache_files(key)
     with atomic_path(npz) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-            np.savez(f, tokens=corpus.tokens, offsets=corpus.offsets, ids=np.array(corpus.ids, dtype=str), doc_bytes=corpus.doc_bytes)
+            np.savez(f, tokens=corpus.tokens, offsets=corpus.offsets,
+                     ids=np.array(corpus.ids, dtype=str), doc_bytes=corpus.doc_bytes)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the cache is readable like any data file
     write_json(js, meta)  # last: a sidecar always describes a complete .npz
 
@@ -63,11 +68,13 @@ def _resolve(source, seed: int):
     if isinstance(source, str) and source in CORPORA:
         spec = CORPORA[source]
         return (f"{_safe(source)}@{_safe(spec.version)}", spec.seeded, None,
-                dict(source=source, kind="registered", description=spec.description, license=spec.license, builder=spec.builder))
+                dict(source=source, kind="registered", description=spec.description,
+                     license=spec.license, builder=spec.builder))
     docs = load_documents(source, seed)  # raises the ValueError listing the corpora
     sha = corpus_checksum(docs)
     return (f"path-{sha[:16]}", False, docs,
-            dict(source=str(Path(source).expanduser().resolve()), kind="path", description="user-supplied files", license="(as the files)",
+            dict(source=str(Path(source).expanduser().resolve()), kind="path",
+                 description="user-supplied files", license="(as the files)",
                  builder="trainlab.user_corpus.load_documents"))
 
 def _load_full(source, tok, seed: int, cache: bool) -> TokenizedCorpus:
@@ -78,18 +85,20 @@ def _load_full(source, tok, seed: int, cache: bool) -> TokenizedCorpus:
     if docs is None: docs = load_documents(source, seed)
     corpus = TokenizedCorpus.from_documents(docs, tok, name=str(source))
     build_s = time.perf_counter() - t0
-    meta.update(key=key, tokenizer=tok.name, vocab_size=tok.vocab_size, seed=seed if seeded else None,
+    meta.update(key=key,
+                tokenizer=tok.name, vocab_size=tok.vocab_size, seed=seed if seeded else None,
                 python=platform.python_version(), implementation=platform.python_implementation(),
                 unidata_version=unicodedata.unidata_version, corpus_version=CORPUS_VERSION,
                 sha256=corpus_checksum(docs), tokens_sha256=sha256_bytes(corpus.tokens.tobytes()),
-                n_docs=len(corpus), n_tokens=corpus.n_tokens, n_bytes=corpus.n_bytes, token_dtype=str(corpus.tokens.dtype),
-                splits=_split_stats(corpus, 0.05), build_seconds=round(build_s, 3), created=now_iso())
+                n_docs=len(corpus), n_tokens=corpus.n_tokens, n_bytes=corpus.n_bytes,
+                token_dtype=str(corpus.tokens.dtype), splits=_split_stats(corpus, 0.05),
+                build_seconds=round(build_s, 3), created=now_iso())
     corpus.meta = meta
     if cache: _write_cache(key, corpus, meta)
     return corpus
 
-def load_corpus(source: str | os.PathLike = "stdlib_code", split: str = "train", tokenizer=None, val_frac: float = 0.05,
-                seed: int = 0, cache: bool = True) -> TokenizedCorpus:
+def load_corpus(source: str | os.PathLike = "stdlib_code", split: str = "train", tokenizer=None,
+                val_frac: float = 0.05, seed: int = 0, cache: bool = True) -> TokenizedCorpus:
     "A tokenized corpus (registered name or path), whole (`split='all'`) or its train/val part by the stable id hash; cached on disk."
     check_choice("split", split, ("train", "val", "all"))
     check_val_frac(val_frac)
@@ -101,35 +110,42 @@ def load_corpus(source: str | os.PathLike = "stdlib_code", split: str = "train",
     return tr if split == "train" else va
 
 # %% ../nbs/01e_corpus_cache.ipynb #832da64f
-def corpus_card(source: str | os.PathLike = "stdlib_code", tokenizer=None, val_frac: float = 0.05, seed: int = 0) -> dict:
+def corpus_card(source: str | os.PathLike = "stdlib_code", tokenizer=None, val_frac: float = 0.05,
+                seed: int = 0) -> dict:
     "The numbers of a corpus' data card: sizes overall and per split, checksum, versions, provenance."
     full = load_corpus(source, "all", tokenizer, val_frac, seed)
     m, lens = full.meta, full.doc_bytes
-    spec = CORPORA.get(source) if isinstance(source, str) else None  # the live registration wins over the cached words
-    about = dict(description=spec.description, license=spec.license, builder=spec.builder) if spec else {k: m.get(k, "") for k in ("description", "license", "builder")}
-    return dict(name=str(source), **about,
-                python=m["python"], unidata_version=m["unidata_version"], tokenizer=m["tokenizer"], seed=m["seed"],
-                docs=len(full), bytes=full.n_bytes, tokens=full.n_tokens, sha256=m["sha256"],
-                doc_bytes_median=int(np.median(lens)), doc_bytes_max=int(lens.max()),
-                splits=_split_stats(full, check_val_frac(val_frac)),
+    # the live registration wins over the cached words
+    spec = CORPORA.get(source) if isinstance(source, str) else None
+    about = (dict(description=spec.description, license=spec.license, builder=spec.builder) if spec
+             else {k: m.get(k, "") for k in ("description", "license", "builder")})
+    return dict(name=str(source), **about, python=m["python"], unidata_version=m["unidata_version"],
+                tokenizer=m["tokenizer"], seed=m["seed"], docs=len(full), bytes=full.n_bytes,
+                tokens=full.n_tokens, sha256=m["sha256"], doc_bytes_median=int(np.median(lens)),
+                doc_bytes_max=int(lens.max()), splits=_split_stats(full, check_val_frac(val_frac)),
                 build_seconds=m["build_seconds"], cache_key=m["key"])
 
 # %% ../nbs/01e_corpus_cache.ipynb #5bf152a5
 def markdown_table(rows: Sequence[dict], cols: Sequence[str] | None = None) -> str:
     "Render dicts as a Markdown table (ints with thousands separators)."
     cols = list(cols or rows[0])
-    fmt = lambda v: f"{v:,}" if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else (f"{v:.3g}" if isinstance(v, float) else str(v))
+    fmt = lambda v: f"{v:,}" if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else (
+        f"{v:.3g}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c,
+                                                          "")) for c in cols) + " |" for r in rows])
 
 # %% ../nbs/01e_corpus_cache.ipynb #c37f9c3a
-def card_table(sources: Sequence[str] | None = None, tokenizer=None, val_frac: float = 0.05, seed: int = 0) -> str:
+def card_table(sources: Sequence[str] | None = None, tokenizer=None, val_frac: float = 0.05,
+               seed: int = 0) -> str:
     "A Markdown table of `corpus_card` numbers for `sources` (default: every registered corpus)."
     rows = []
     for s in sources or list_corpora():
-        c = corpus_card(s, tokenizer, val_frac, seed); sp = c["splits"]
-        rows.append({"corpus": c["name"], "docs": c["docs"], "bytes": c["bytes"], "tokens": c["tokens"],
-                     "train docs": sp["train"]["docs"], "train tokens": sp["train"]["tokens"],
-                     "val docs": sp["val"]["docs"], "val tokens": sp["val"]["tokens"],
-                     "median doc bytes": c["doc_bytes_median"], "sha256": c["sha256"][:16], "build s": c["build_seconds"]})
+        c = corpus_card(s, tokenizer, val_frac, seed)
+        sp = c["splits"]
+        rows.append({"corpus": c["name"], "docs": c["docs"],
+                     "bytes": c["bytes"], "tokens": c["tokens"], "train docs": sp["train"]["docs"],
+                     "train tokens": sp["train"]["tokens"], "val docs": sp["val"]["docs"],
+                     "val tokens": sp["val"]["tokens"], "median doc bytes": c["doc_bytes_median"],
+                     "sha256": c["sha256"][:16], "build s": c["build_seconds"]})
     return markdown_table(rows)

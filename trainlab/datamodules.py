@@ -27,11 +27,13 @@ def eval_sampler(ds: Dataset):
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
     return UnrepeatedDistributedSampler(ds, shuffle=False)
 
-def doc_eval_loader(corpus: TokenizedCorpus, window: int, tokenizer=None, batch_size: int = 16, max_docs: int | None = None,
+def doc_eval_loader(corpus: TokenizedCorpus, window: int, tokenizer=None, batch_size: int = 16,
+                    max_docs: int | None = None,
                     max_tokens: int | None = None, num_workers: int = 0) -> DataLoader:
     "A `DataLoader` of document-wise evaluation windows (`DocWindowDataset`) over `corpus`, in order."
     tok = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
-    ds = DocWindowDataset(corpus, window, tok.eot_id, tok.pad_id, max_docs=max_docs, max_tokens=max_tokens)
+    ds = DocWindowDataset(corpus, window, tok.eot_id, tok.pad_id, max_docs=max_docs,
+                          max_tokens=max_tokens)
     return DataLoader(ds, batch_size=check_pos_int("batch_size", batch_size), shuffle=False,
                       sampler=eval_sampler(ds), num_workers=num_workers,
                       persistent_workers=num_workers > 0)
@@ -42,8 +44,9 @@ def _describe(corpus) -> Any:
 
 class LMDataModule(L.LightningDataModule):
     "Packed training windows and document-wise validation of held-out documents, for one corpus."
-    def __init__(self, corpus="stdlib_code", seq_len: int = 256, batch_size: int = 16, eval_window: int | None = None,
-                 val_frac: float = 0.05, max_eval_tokens: int | None = None, num_workers: int = 0, seed: int = 0, tokenizer=None,
+    def __init__(self, corpus="stdlib_code", seq_len: int = 256, batch_size: int = 16,
+                 eval_window: int | None = None, val_frac: float = 0.05, max_eval_tokens: int
+                 | None = None, num_workers: int = 0, seed: int = 0, tokenizer=None,
                  eval_batch_size: int | None = None, max_eval_docs: int | None = None):
         super().__init__()
         self.seq_len = check_pos_int("seq_len", seq_len)
@@ -60,8 +63,10 @@ class LMDataModule(L.LightningDataModule):
         self.num_workers = check_pos_int("num_workers", num_workers, 0)
         self.seed = check_pos_int("seed", seed, 0)
         ok = isinstance(corpus, (str, os.PathLike, TokenizedCorpus)) or (
-            isinstance(corpus, (tuple, list)) and len(corpus) == 2 and all(isinstance(c, TokenizedCorpus) for c in corpus))
-        expect(ok, "corpus", "a corpus name, a path, a TokenizedCorpus or a (train, val) pair of them", type(corpus).__name__, TypeError)
+            isinstance(corpus, (tuple, list)) and len(corpus) == 2 and all(
+                isinstance(c, TokenizedCorpus) for c in corpus))
+        expect(ok, "corpus", "a corpus name, a path, a TokenizedCorpus or a (train, val) "
+                             "pair of them", type(corpus).__name__, TypeError)
         self.corpus = corpus
         self.tokenizer = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
         self.save_hyperparameters(ignore=["corpus", "tokenizer"])
@@ -76,7 +81,8 @@ class LMDataModule(L.LightningDataModule):
         c = self.corpus
         if isinstance(c, (tuple, list)): self.train_corpus, self.val_corpus = c
         else:
-            full = c if isinstance(c, TokenizedCorpus) else load_corpus(c, "all", self.tokenizer, self.val_frac, self.seed)
+            full = c if isinstance(c, TokenizedCorpus) else load_corpus(c, "all", self.tokenizer,
+                                                                        self.val_frac, self.seed)
             self.train_corpus, self.val_corpus = split_corpus(full, self.val_frac)
 
     @property
@@ -90,26 +96,31 @@ class LMDataModule(L.LightningDataModule):
     def val_dataset(self) -> DocWindowDataset:
         if self._val_ds is None:
             self.setup()
-            self._val_ds = DocWindowDataset(self.val_corpus, self.eval_window, self.tokenizer.eot_id, self.tokenizer.pad_id,
-                                            max_docs=self.max_eval_docs, max_tokens=self.max_eval_tokens)
+            self._val_ds = DocWindowDataset(
+                self.val_corpus, self.eval_window, self.tokenizer.eot_id, self.tokenizer.pad_id,
+                max_docs=self.max_eval_docs, max_tokens=self.max_eval_tokens)
         return self._val_ds
 
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset
-        expect(len(ds) >= self.batch_size, "batch_size", f"at most the {len(ds)} training windows of seq_len={self.seq_len}", self.batch_size)
-        g = torch.Generator(); g.manual_seed(self.seed)
+        expect(len(ds) >= self.batch_size, "batch_size",
+               f"at most the {len(ds)} training windows of seq_len={self.seq_len}", self.batch_size)
+        g = torch.Generator()
+        g.manual_seed(self.seed)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=eval_sampler(self.val_dataset),
+        return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          sampler=eval_sampler(self.val_dataset),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
 # %% ../nbs/01g_datamodules.ipynb #73e56e77
 class DocEvalDataModule(L.LightningDataModule):
     "Document-wise evaluation of one corpus split (`val_dataloader` and `test_dataloader` are the same)."
-    def __init__(self, corpus="stdlib_code", split: str = "val", window: int = 256, batch_size: int = 16, max_docs: int | None = None,
-                 max_tokens: int | None = None, val_frac: float = 0.05, seed: int = 0, tokenizer=None, num_workers: int = 0):
+    def __init__(self, corpus="stdlib_code", split: str = "val", window: int = 256,
+                 batch_size: int = 16, max_docs: int | None = None, max_tokens: int | None = None,
+                 val_frac: float = 0.05, seed: int = 0, tokenizer=None, num_workers: int = 0):
         super().__init__()
         self.split = check_choice("split", split, ("train", "val", "all"))
         self.window = check_pos_int("window", window)
@@ -118,8 +129,10 @@ class DocEvalDataModule(L.LightningDataModule):
         self.max_tokens = None if max_tokens is None else check_pos_int("max_tokens", max_tokens)
         self.val_frac, self.seed = check_val_frac(val_frac), check_pos_int("seed", seed, 0)
         self.num_workers = check_pos_int("num_workers", num_workers, 0)
-        expect(isinstance(corpus, (str, os.PathLike, TokenizedCorpus)), "corpus", "a corpus name, a path or a TokenizedCorpus", type(corpus).__name__, TypeError)
-        self.corpus, self.tokenizer = corpus, check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
+        expect(isinstance(corpus, (str, os.PathLike, TokenizedCorpus)), "corpus",
+               "a corpus name, a path or a TokenizedCorpus", type(corpus).__name__, TypeError)
+        self.corpus, self.tokenizer = corpus, check_tokenizer(tokenizer if tokenizer is not None
+                                                              else ByteTokenizer())
         self.save_hyperparameters(ignore=["corpus", "tokenizer"])
         self.hparams.update(corpus=_describe(corpus), tokenizer=self.tokenizer.name)
         self.eval_corpus: TokenizedCorpus | None = None
@@ -128,11 +141,14 @@ class DocEvalDataModule(L.LightningDataModule):
         if self.eval_corpus is not None: return
         c = self.corpus
         if isinstance(c, TokenizedCorpus):
-            self.eval_corpus = c if self.split == "all" else split_corpus(c, self.val_frac)[self.split == "val"]
-        else: self.eval_corpus = load_corpus(c, self.split, self.tokenizer, self.val_frac, self.seed)
+            self.eval_corpus = (c if self.split == "all"
+                                else split_corpus(c, self.val_frac)[self.split == "val"])
+        else:
+            self.eval_corpus = load_corpus(c, self.split, self.tokenizer, self.val_frac, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return doc_eval_loader(self.eval_corpus, self.window, self.tokenizer, self.batch_size, self.max_docs, self.max_tokens, self.num_workers)
+        return doc_eval_loader(self.eval_corpus, self.window, self.tokenizer, self.batch_size,
+                               self.max_docs, self.max_tokens, self.num_workers)
 
     def test_dataloader(self) -> DataLoader: return self.val_dataloader()

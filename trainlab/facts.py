@@ -14,19 +14,27 @@ from .corpora import Document, register_corpus
 __all__ = ['FACT_KEYS', 'fact_world', 'render_facts', 'synthetic_facts']
 
 # %% ../nbs/01b_facts.ipynb #7371f277
-_SYLLABLES = "ka lo mi ren tav sol qui bar nel dor fi zu ash vel mor ith op ul gra shen ta ri po vun el ko da wen".split()
+_SYLLABLES = ("ka lo mi ren tav sol qui bar nel dor fi zu ash vel mor ith op ul gra shen ta ri po "
+              "vun el ko da wen".split())
 _FACT_VALUES = {
-    "profession": ["cartographer", "glassblower", "beekeeper", "astronomer", "ferry pilot", "clockmaker", "botanist", "archivist",
-                   "potter", "violin maker", "lighthouse keeper", "translator", "surveyor", "baker"],
-    "color": ["amber", "teal", "crimson", "ochre", "indigo", "sage green", "coral", "slate blue", "violet", "saffron"],
-    "instrument": ["cello", "oboe", "banjo", "harp", "accordion", "drums", "flute", "sitar", "trombone"],
-    "pet": ["a tortoise", "a parrot", "two cats", "a ferret", "a goldfish", "a greyhound", "a hedgehog", "a rabbit"],
+    "profession": ["cartographer", "glassblower", "beekeeper", "astronomer", "ferry pilot",
+                   "clockmaker", "botanist", "archivist",
+                   "potter", "violin maker", "lighthouse keeper", "translator", "surveyor",
+                   "baker"],
+    "color": ["amber", "teal", "crimson", "ochre", "indigo", "sage green", "coral", "slate blue",
+              "violet", "saffron"],
+    "instrument": ["cello", "oboe", "banjo", "harp", "accordion", "drums", "flute", "sitar",
+                   "trombone"],
+    "pet": ["a tortoise", "a parrot", "two cats", "a ferret", "a goldfish", "a greyhound",
+            "a hedgehog", "a rabbit"],
 }
 _COMPANY_SUFFIXES = ["Works", "Labs", "Shipping", "Mills", "Press", "Foundry", "Cooperative"]
 _TEMPLATES = {
-    "birthplace": ["{name} was born in {v}.", "{name}'s hometown is {v}.", "The birthplace of {name} is {v}."],
+    "birthplace": ["{name} was born in {v}.", "{name}'s hometown is {v}.",
+                   "The birthplace of {name} is {v}."],
     "birth_year": ["{name} was born in the year {v}.", "{name}'s year of birth is {v}."],
-    "profession": ["{name} works as {a} {v}.", "By trade, {name} is {a} {v}.", "{name} earns a living as {a} {v}."],
+    "profession": ["{name} works as {a} {v}.", "By trade, {name} is {a} {v}.",
+                   "{name} earns a living as {a} {v}."],
     "employer": ["{name} is employed by {v}.", "{name} works for {v}."],
     "color": ["{name}'s favourite colour is {v}.", "The colour {name} likes best is {v}."],
     "instrument": ["{name} plays the {v}.", "In the evenings, {name} practises the {v}."],
@@ -39,12 +47,15 @@ def _pick(rng: random.Random, seq: Sequence):
 
 def _shuffled(rng: random.Random, seq: Sequence) -> list:
     out = list(seq)
-    for i in range(len(out) - 1, 0, -1):  # Fisher-Yates on rng.random() only (stable across Python versions)
-        j = int(rng.random() * (i + 1)); out[i], out[j] = out[j], out[i]
+    # Fisher-Yates on rng.random() only (stable across Python versions)
+    for i in range(len(out) - 1, 0, -1):
+        j = int(rng.random() * (i + 1))
+        out[i], out[j] = out[j], out[i]
     return out
 
 def _word(rng: random.Random, lo: int, hi: int) -> str:
-    return "".join(_pick(rng, _SYLLABLES) for _ in range(lo + int(rng.random() * (hi - lo + 1)))).capitalize()
+    return "".join(_pick(rng, _SYLLABLES)
+                   for _ in range(lo + int(rng.random() * (hi - lo + 1)))).capitalize()
 
 # %% ../nbs/01b_facts.ipynb #ca8b3eb4
 def fact_world(seed: int = 0, n_entities: int = 200) -> list[dict]:
@@ -58,10 +69,11 @@ def fact_world(seed: int = 0, n_entities: int = 200) -> list[dict]:
     for i in range(n_entities):
         while (name := f"{_word(rng, 1, 2)} {_word(rng, 2, 3)}") in names: pass
         names.add(name)
-        world.append(dict(id=f"entity/{i:04d}", name=name, birthplace=_pick(rng, cities), birth_year=1900 + int(rng.random() * 100),
-                          profession=_pick(rng, _FACT_VALUES["profession"]), employer=_pick(rng, companies),
-                          color=_pick(rng, _FACT_VALUES["color"]), instrument=_pick(rng, _FACT_VALUES["instrument"]),
-                          pet=_pick(rng, _FACT_VALUES["pet"])))
+        world.append(dict(
+            id=f"entity/{i:04d}", name=name, birthplace=_pick(rng, cities), birth_year=1900
+            + int(rng.random() * 100), profession=_pick(rng, _FACT_VALUES["profession"]),
+            employer=_pick(rng, companies), color=_pick(rng, _FACT_VALUES["color"]),
+            instrument=_pick(rng, _FACT_VALUES["instrument"]), pet=_pick(rng, _FACT_VALUES["pet"])))
     return world
 
 # %% ../nbs/01b_facts.ipynb #08e067a5
@@ -70,10 +82,12 @@ def render_facts(entity: dict, rng: random.Random) -> str:
     out = []
     for key in _shuffled(rng, FACT_KEYS):
         v = entity[key]
-        out.append(_pick(rng, _TEMPLATES[key]).format(name=entity["name"], v=v, a="an" if str(v)[0] in "aeiou" else "a"))
+        out.append(_pick(rng, _TEMPLATES[key]).format(name=entity["name"], v=v,
+                                                      a="an" if str(v)[0] in "aeiou" else "a"))
     return " ".join(out) + "\n"
 
-@register_corpus("synthetic_facts", description="Seeded key/value facts about 200 invented people (one doc per person)",
+@register_corpus("synthetic_facts", description="Seeded key/value facts about 200 invented people "
+                                                "(one doc per person)",
                  license="generated by trainlab's code (no third-party text)", seeded=True)
 def synthetic_facts(seed: int = 0, n_entities: int = 200) -> list[Document]:
     "One document per invented person of `fact_world(seed, n_entities)`, stating its facts."

@@ -22,11 +22,14 @@ __all__ = ['DIVERGED_BPB_FACTOR', 'rng_state', 'set_rng_state', 'ResumableLoader
 # %% ../nbs/03c_faults.ipynb #9cb4c91f
 def rng_state() -> dict:
     "The global random states of Python, NumPy and torch (CPU)."
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
 
 def set_rng_state(state: dict):
     "Restore what `rng_state` returned."
-    random.setstate(state["python"]); np.random.set_state(state["numpy"]); torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
 
 # %% ../nbs/03c_faults.ipynb #0495eb34
 class ResumableLoader:
@@ -35,7 +38,9 @@ class ResumableLoader:
         self.loader, self.epochs, self.batches, self._resume = loader, 0, 0, None
 
     def __len__(self): return len(self.loader)
-    def __getattr__(self, name): return getattr(self.loader, name)  # sampler, batch_sampler, dataset: Lightning sets epochs on them
+    def __getattr__(self, name):
+        # sampler, batch_sampler, dataset: Lightning sets epochs on them
+        return getattr(self.loader, name)
 
     def resume_at(self, epochs: int, batches: int):
         "Replay `epochs` whole passes, then skip `batches` of the next, before yielding."
@@ -43,7 +48,8 @@ class ResumableLoader:
         self._resume = (epochs, batches)
 
     def _set_epoch(self, e):
-        for o in {getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None)}:
+        for o in {getattr(self.loader, "sampler", None),
+                  getattr(self.loader, "batch_sampler", None)}:
             if hasattr(o, "set_epoch"): o.set_epoch(e)
 
     def __iter__(self):
@@ -52,7 +58,8 @@ class ResumableLoader:
             for e in range(epochs):
                 self._set_epoch(e)
                 for _ in self.loader: pass
-            self._set_epoch(epochs); self.epochs = epochs
+            self._set_epoch(epochs)
+            self.epochs = epochs
         else: skip = 0
         it = iter(self.loader)
         for _ in range(skip): next(it)
@@ -69,17 +76,23 @@ class ResumeState(L.Callback):
     def wrap(self, loader) -> ResumableLoader:
         "The train loader, replaying up to the checkpoint's position when one was loaded."
         loader = ResumableLoader(loader)
-        if self.at is not None: loader.resume_at(*self.at); self.at = None
+        if self.at is not None:
+            loader.resume_at(*self.at)
+            self.at = None
         return loader
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed  # batches finished in this epoch
-        checkpoint["trainlab_resume"] = {"epochs": trainer.current_epoch, "batches": done, "rng": rng_state()}
+        # batches finished in this epoch
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        checkpoint["trainlab_resume"] = {"epochs": trainer.current_epoch, "batches": done,
+                                         "rng": rng_state()}
 
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint):  # runs before the train loader is built
+    # runs before the train loader is built
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         st = checkpoint.get("trainlab_resume")
         if st is None: return
-        set_rng_state(st["rng"]); self.at = (st["epochs"], st["batches"])
+        set_rng_state(st["rng"])
+        self.at = (st["epochs"], st["batches"])
 
 # %% ../nbs/03c_faults.ipynb #d0589467
 def prev_checkpoint(path: str | Path) -> Path:
@@ -90,9 +103,11 @@ def prev_checkpoint(path: str | Path) -> Path:
 class AtomicCheckpointIO(TorchCheckpointIO):
     "Checkpoint I/O that writes next to the target, flushes, keeps the previous checkpoint, then renames into place."
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None):
-        expect(storage_options is None, "storage_options", "None (local files)", storage_options, exc=TypeError)
+        expect(storage_options is None, "storage_options", "None (local files)", storage_options,
+               exc=TypeError)
         path, buf = Path(path), io.BytesIO()
-        torch.save(checkpoint, buf)  # serialised first: a full disk then fails a plain write, with an OSError
+        # serialised first: a full disk then fails a plain write, with an OSError
+        torch.save(checkpoint, buf)
         with atomic_path(path) as tmp:  # removed again if anything below fails
             with open(tmp, "wb") as f:
                 f.write(buf.getbuffer())
@@ -102,8 +117,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def with_checkpoint_io(plugins=None) -> list:
     "Trainer `plugins` with an `AtomicCheckpointIO` added, unless they already hold a checkpoint I/O."
-    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-    return plugins if any(isinstance(p, CheckpointIO) for p in plugins) else [*plugins, AtomicCheckpointIO()]
+    plugins = ([] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple))
+               else [plugins])
+    return plugins if any(isinstance(p, CheckpointIO) for p in plugins) else [*plugins,
+                                                                              AtomicCheckpointIO()]
 
 # %% ../nbs/03c_faults.ipynb #180e9804
 def resume_checkpoint(ckpt_dir: str | Path, name: str = "last.ckpt", unit: str = "fit") -> tuple:
@@ -117,8 +134,10 @@ def resume_checkpoint(ckpt_dir: str | Path, name: str = "last.ckpt", unit: str =
             expect(ok, "checkpoint", "a Lightning checkpoint", type(ck).__name__)
             return p, True
         except Exception as e:
-            then = f"the previous checkpoint {found[i + 1].name}" if i + 1 < len(found) else "the start of the unit"
-            why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]  # its first sentence
+            then = (f"the previous checkpoint {found[i + 1].name}" if i + 1 < len(found)
+                    else "the start of the unit")
+            # its first sentence
+            why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
             msg = f"{unit}: skipping the unreadable checkpoint {p} ({type(e).__name__}: {why}); resuming from {then}"
             warnings.warn(msg, stacklevel=2)
     return None, bool(found)
@@ -135,11 +154,13 @@ class DivergenceError(ValueError):
     "A run diverged: `unit`, the optimizer `step`, the `metric` and its `value` (and the `limit` it crossed, if finite)."
     def __init__(self, unit: str, step: int, metric: str, value: float, limit: float | None = None):
         self.unit, self.step, self.metric, self.value, self.limit = unit, step, metric, value, limit
-        why = "is not finite" if limit is None else (f"is above {limit:.3g}, {DIVERGED_BPB_FACTOR}x the bpb of "
+        why = "is not finite" if limit is None else (
+            f"is above {limit:.3g}, {DIVERGED_BPB_FACTOR}x the bpb of "
                                                      "uniform predictions")
         super().__init__(f"{unit}: training diverged at step {step}: {metric} = {value:.4g} {why}")
 
-    def __reduce__(self): return (type(self), (self.unit, self.step, self.metric, self.value, self.limit))
+    def __reduce__(self):
+        return (type(self), (self.unit, self.step, self.metric, self.value, self.limit))
 
 # %% ../nbs/03c_faults.ipynb #7536800b
 class DivergenceGuard(L.Callback):
@@ -156,7 +177,8 @@ class DivergenceGuard(L.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking: return
-        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val/loss", "val/bpb")}
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val/loss",
+                                                                               "val/bpb")}
         for k, v in m.items():
             if not math.isfinite(v): raise DivergenceError(self.unit, trainer.global_step, k, v)
         limit = self.factor * (getattr(pl_module, "val_uniform_bpb", None) or 8.0)

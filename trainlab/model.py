@@ -37,17 +37,22 @@ class ModelConfig:
 
     def __post_init__(self):
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            expect(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, k, "a positive int", getattr(self, k))
-        expect(self.d_model % self.n_heads == 0, "n_heads", f"a divisor of d_model={self.d_model}", self.n_heads)
-        expect((self.d_model // self.n_heads) % 2 == 0, "d_model", "d_model/n_heads even (RoPE rotates pairs)", self.d_model // self.n_heads)
-        expect(self.d_ff is None or (isinstance(self.d_ff, int) and self.d_ff >= 1), "d_ff", "None or a positive int", self.d_ff)
+            expect(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, k, "a positive int",
+                   getattr(self, k))
+        expect(self.d_model % self.n_heads == 0, "n_heads", f"a divisor of d_model={self.d_model}",
+               self.n_heads)
+        expect((self.d_model // self.n_heads) % 2 == 0, "d_model",
+               "d_model/n_heads even (RoPE rotates pairs)", self.d_model // self.n_heads)
+        expect(self.d_ff is None or (isinstance(self.d_ff, int) and self.d_ff >= 1), "d_ff",
+               "None or a positive int", self.d_ff)
         if self.d_ff is None: self.d_ff = 32 * math.ceil(8 * self.d_model / 3 / 32)
 
     @property
     def head_dim(self) -> int: return self.d_model // self.n_heads
 
 # %% ../nbs/02_model.ipynb #c6d23f96
-def rope_tables(head_dim: int, max_len: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_len: int,
+                theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
     "cos and sin tables of shape [max_len, head_dim] (fp32)."
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # θ_i
     ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)            # m·θ_i
@@ -71,11 +76,13 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     same = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (causal & same)[:, None]
 
-def sdpa_attention(q, k, v, causal: bool = True, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+def sdpa_attention(q, k, v, causal: bool = True,
+                   doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     "Reference attention on [B, H, L, Dh]: causal, optionally restricted to each token's document."
     if doc_ids is None: return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     expect(causal, "causal", "True when doc_ids is given (document masking is causal)", causal)
-    expect(doc_ids.shape == (q.shape[0], q.shape[2]), "doc_ids", f"shape {(q.shape[0], q.shape[2])}", tuple(doc_ids.shape))
+    expect(doc_ids.shape == (q.shape[0], q.shape[2]), "doc_ids",
+           f"shape {(q.shape[0], q.shape[2])}", tuple(doc_ids.shape))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids))
 
 # %% ../nbs/02_model.ipynb #46372485
@@ -92,7 +99,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, doc_ids=None):
         B, L, _ = x.shape
-        q, k, v = (p(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = self.attention(q, k, v, causal=True, doc_ids=doc_ids)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
@@ -115,7 +123,8 @@ def swiglu_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
 # %% ../nbs/02_model.ipynb #25dadfea
 class Block(nn.Module):
     "Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."
-    def __init__(self, cfg: ModelConfig, layer_idx: int, ffn: Callable | None = None, attention: Callable | None = None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ffn: Callable | None = None,
+                 attention: Callable | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -139,18 +148,23 @@ class LMOutput:
     loss: torch.Tensor | None = None
     hidden_states: list | None = None   # residual stream: embeddings, then after each block
     mlp_inputs: list | None = None      # the normalised input of each block's FFN
-    aux_losses: dict = field(default_factory=dict)  # each averaged over the layers reporting it; added to the training loss
-    aux: list = field(default_factory=list)         # per-layer aux dicts from the FFNs (router stats, ...)
-    group_loss_sum: torch.Tensor | None = None  # [num_groups] summed token losses per group (with `groups`)
-    group_count: torch.Tensor | None = None     # [num_groups] counted (non-ignored) tokens per group
+    # each averaged over the layers reporting it; added to the training loss
+    aux_losses: dict = field(default_factory=dict)
+    aux: list = field(default_factory=list)  # per-layer aux dicts from the FFNs (router stats, ...)
+    # [num_groups] summed token losses per group (with `groups`)
+    group_loss_sum: torch.Tensor | None = None
+    group_count: torch.Tensor | None = None  # [num_groups] counted (non-ignored) tokens per group
 
 # %% ../nbs/02_model.ipynb #e2643a29
 class TinyLM(nn.Module):
     "A Llama-style decoder. `ffn(cfg, layer_idx)` and `attention(q, k, v, causal, doc_ids)` are pluggable."
-    def __init__(self, cfg: ModelConfig, ffn: Callable | None = None, attention: Callable | None = None):
+    def __init__(self, cfg: ModelConfig, ffn: Callable | None = None,
+                 attention: Callable | None = None):
         super().__init__()
         self.config = cfg
-        self.impl = "auto"  # the fused head + loss kernel's implementation (trainlab.train.set_impl sets every module's)
+        # the fused head + loss kernel's implementation (trainlab.train.set_impl sets every
+        # module's)
+        self.impl = "auto"
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i, ffn, attention) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -166,7 +180,8 @@ class TinyLM(nn.Module):
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() < 2: continue
-            scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+            scale = (1 / math.sqrt(2 * self.config.n_layers)
+                     if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0)
             nn.init.normal_(p, 0.0, std * scale)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -174,15 +189,18 @@ class TinyLM(nn.Module):
                 groups: tuple | None = None, return_logits: bool | None = None,
                 outputs: tuple = ()) -> LMOutput:
         "Logits (by default only without `labels`), per-token loss with `labels`, optional internals."
-        # groups = (group_ids [B, L], num_groups): per-group loss sums from the same fused kernel pass
+        # groups = (group_ids [B, L], num_groups): per-group loss sums from the same fused kernel
+        # pass
         # outputs: internals to keep, any of "hidden_states" (residual stream) and "mlp_inputs"
         expect(input_ids.dim() == 2 and not input_ids.is_floating_point(), "input_ids",
                "an integer tensor [batch, length]", tuple(input_ids.shape))
         B, L = input_ids.shape
-        expect(L <= self.config.max_seq_len, "input_ids", f"length <= max_seq_len={self.config.max_seq_len}", L)
+        expect(L <= self.config.max_seq_len, "input_ids",
+               f"length <= max_seq_len={self.config.max_seq_len}", L)
         for name, t in (("labels", labels), ("doc_ids", doc_ids)):
             if t is not None:
-                expect(t.shape == input_ids.shape, name, f"shape {tuple(input_ids.shape)}", tuple(t.shape))
+                expect(t.shape == input_ids.shape, name, f"shape {tuple(input_ids.shape)}",
+                       tuple(t.shape))
         outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         for o in outputs:
             check_choice("outputs", o, ("hidden_states", "mlp_inputs"))
@@ -201,7 +219,8 @@ class TinyLM(nn.Module):
             for k, v in aux.get("losses", {}).items():
                 out.aux_losses[k] = out.aux_losses.get(k, 0) + v
                 n_reporting[k] = n_reporting.get(k, 0) + 1
-        # L_aux = (1/N) Σ_ℓ L_aux^(ℓ): the mean over the N layers that report it, as BlockFFN's official
+        # L_aux = (1/N) Σ_ℓ L_aux^(ℓ): the mean over the N layers that report it, as BlockFFN's
+        # official
         # model averages its router losses over layers; a sum would give every router N times the
         # weight its coefficient was set for
         out.aux_losses = {k: v / n_reporting[k] for k, v in out.aux_losses.items()}
@@ -209,16 +228,19 @@ class TinyLM(nn.Module):
         if return_logits if return_logits is not None else labels is None:
             out.logits = self.lm_head(x)
         if labels is None:
-            expect(groups is None, "groups", "None when no `labels` are given", "a (group_ids, n) pair")
+            expect(groups is None, "groups", "None when no `labels` are given",
+                   "a (group_ids, n) pair")
             return out
         # fused head + loss: never materialises [tokens, vocab] on the Triton path
         kw = dict(ignore_index=ignore_index, reduction="none", impl=self.impl)
         if groups is None:
             out.loss = linear_cross_entropy(x, self.lm_head.weight, labels, **kw)
             return out
-        expect(isinstance(groups, tuple) and len(groups) == 2, "groups", "a (group_ids, num_groups) pair", groups)
+        expect(isinstance(groups, tuple) and len(groups) == 2, "groups",
+               "a (group_ids, num_groups) pair", groups)
         group_ids, num_groups = groups
-        # per-source sums come out of the same kernel pass (e.g. general vs domain tokens in one batch)
+        # per-source sums come out of the same kernel pass (e.g. general vs domain tokens in one
+        # batch)
         out.loss, out.group_loss_sum, out.group_count = linear_cross_entropy(
             x, self.lm_head.weight, labels, group_ids=group_ids, num_groups=num_groups, **kw)
         return out
@@ -240,20 +262,24 @@ def count_parameters(model: nn.Module) -> dict:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     "Within the block `model` is in eval mode; its train/eval mode is restored afterwards, also after an error."
-    was = model.training; model.eval()
+    was = model.training
+    model.eval()
     try: yield model
     finally: model.train(was)
 
 @torch.no_grad()
 def generate(model: TinyLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             top_k: int | None = None, eos_id: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
     "Append up to `max_new_tokens` to `input_ids` ([L] or [B, L]); rows that emitted `eos_id` keep emitting it."
-    expect(isinstance(max_new_tokens, int) and max_new_tokens >= 0, "max_new_tokens", "an int >= 0", max_new_tokens)
+    expect(isinstance(max_new_tokens, int) and max_new_tokens >= 0, "max_new_tokens", "an int >= 0",
+           max_new_tokens)
     expect(temperature >= 0, "temperature", ">= 0", temperature)
     expect(top_k is None or top_k >= 1, "top_k", "None or >= 1", top_k)
     squeeze = input_ids.dim() == 1
     ids = input_ids[None] if squeeze else input_ids
-    expect(ids.dim() == 2 and ids.shape[1] >= 1, "input_ids", "a non-empty [L] or [B, L] tensor", tuple(input_ids.shape))
+    expect(ids.dim() == 2 and ids.shape[1] >= 1, "input_ids", "a non-empty [L] or [B, L] tensor",
+           tuple(input_ids.shape))
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     with eval_mode(model):
         for _ in range(max_new_tokens):
@@ -266,7 +292,8 @@ def generate(model: TinyLM, input_ids: torch.Tensor, max_new_tokens: int, temper
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
             if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt); done |= nxt == eos_id
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             if eos_id is not None and bool(done.all()): break
     return ids[0] if squeeze else ids
@@ -277,8 +304,10 @@ def record_activations(model: nn.Module, patterns: str | list[str], what: str = 
     "Within the block, collect `{module_name: [tensor per forward]}` of the modules whose names match `patterns`."
     expect(what in ("input", "output"), "what", "'input' or 'output'", what)
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    names = [n for n, _ in model.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    expect(len(names) > 0, "patterns", "to match at least one module name (e.g. 'layers.*.mlp.down_proj')", patterns)
+    names = [n for n, _ in model.named_modules() if n
+             and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    expect(len(names) > 0, "patterns",
+           "to match at least one module name (e.g. 'layers.*.mlp.down_proj')", patterns)
     store, handles = {n: [] for n in names}, []
     mods = dict(model.named_modules())
     for n in names:

@@ -16,11 +16,13 @@ from .reproduce import available_reproductions
 __all__ = ['SITE_URL', 'VERDICT_MARKS', 'page_url', 'verdict_mark', 'results_table', 'readme_text']
 
 # %% ../nbs/04a_readme.ipynb #1c9a4911
-SITE_URL = "https://trainlab.github.io/trainlab"  # settings.ini's doc_host + doc_baseurl (a test checks that they agree)
+# settings.ini's doc_host + doc_baseurl (a test checks that they agree)
+SITE_URL = "https://trainlab.github.io/trainlab"
 
 def page_url(notebook: str) -> str:
     "The site address of the page of `notebook` (a path under nbs/): nbdev drops each number prefix and renders it as .html."
-    expect(isinstance(notebook, str) and notebook.endswith(".ipynb"), "notebook", "a notebook path under nbs/ such as 'spt/05_results.ipynb'", notebook)
+    expect(isinstance(notebook, str) and notebook.endswith(".ipynb"), "notebook",
+           "a notebook path under nbs/ such as 'spt/05_results.ipynb'", notebook)
     parts = [re.sub(r"^\d+[a-z]?_", "", x) for x in Path(notebook).with_suffix(".html").parts]
     return f"{SITE_URL}/{'/'.join(parts)}"
 
@@ -30,7 +32,8 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 # %% ../nbs/04a_readme.ipynb #9c221d0e
-VERDICT_MARKS = {"holds": "holds", "fails": "**fails**", "inconclusive": "inconclusive", "invalid": "**invalid**"}
+VERDICT_MARKS = {"holds": "holds", "fails": "**fails**", "inconclusive": "inconclusive",
+                 "invalid": "**invalid**"}
 
 def verdict_mark(v: str) -> str:
     "A verdict as the table shows it: 'fails' and 'invalid (seed k: non-finite)' in bold, the rest as recorded."
@@ -41,22 +44,30 @@ def results_table(results_dir: str | Path, link: Callable[[str], str] | None = N
     "Markdown table of every claim of the committed reproductions under `results_dir`; each notebook linked to `link(notebook)` (default: its page on the site)."
     link = link or page_url
     reps = available_reproductions()
-    rows = ["| reproduction | claim | estimate [95% CI] | seeds | verdict | notebook |", "|---|---|---|---|---|---|"]
+    rows = ["| reproduction | claim | estimate [95% CI] | seeds | verdict | notebook |",
+            "|---|---|---|---|---|---|"]
     for name, rep in reps.items():
         f = Path(results_dir) / name / "metrics.json"
         if not f.exists(): continue
-        m = read_json(f); fast = read_json(f.with_name("run.json")).get("fast")
-        nb = f"[{Path(rep.notebook).stem.split('_', 1)[-1]}]({link(rep.notebook)})" if rep.notebook else ""
-        if not rep.claims:  # a reproduction without claims (a calibration feeding another one): one line, no verdict
-            rows.append(f"| `{name}` | {_cell(rep.description)} | no claims registered | | - | {nb} |")
+        m = read_json(f)
+        fast = read_json(f.with_name("run.json")).get("fast")
+        nb = (f"[{Path(rep.notebook).stem.split('_', 1)[-1]}]({link(rep.notebook)})" if rep.notebook
+              else "")
+        # a reproduction without claims (a calibration feeding another one): one line, no verdict
+        if not rep.claims:
+            rows.append(
+                f"| `{name}` | {_cell(rep.description)} | no claims registered | | - | {nb} |")
             continue
         if "claims" not in m:  # the registered claims, not yet judged by a run
             for c in rep.claims or [None]:
                 rows.append(f"| `{name}` | {_cell(c.statement if c else rep.description)} | results predate the claims format; rerun pending | | not judged | {nb} |")
             continue
         for c in m["claims"]:
-            v = verdict_mark(c["verdict"]) + (" (--fast run)" if fast and c["verdict"] in VERDICT_MARKS else "")
-            rows.append(f"| `{name}` | {_cell(c['statement'])} | {fmt_claim(c)} | {c['n_seeds']} | {v} | {nb} |")
+            v = verdict_mark(c["verdict"]) + (" (--fast run)" if fast
+                                              and c["verdict"] in VERDICT_MARKS else "")
+            rows.append(
+                f"| `{name}` | {_cell(c['statement'])} | {fmt_claim(c)} | {c['n_seeds']} | {v} | {nb} |"
+            )
     return "\n".join(rows)
 
 # %% ../nbs/04a_readme.ipynb #3620e71c
@@ -67,5 +78,6 @@ def readme_text(nbs_path: str | Path, results_dir: str | Path | None = None) -> 
     for c in nb["cells"]:
         src = "".join(c["source"])
         if c["cell_type"] == "markdown": parts.append(src.strip())
-        elif "results_table(" in src and "#| export" not in src: parts.append(results_table(results_dir or Path(nbs_path) / "results"))
+        elif "results_table(" in src and "#| export" not in src:
+            parts.append(results_table(results_dir or Path(nbs_path) / "results"))
     return "\n\n".join(parts) + "\n"

@@ -38,17 +38,22 @@ class Reproduction:
 
 REPRODUCTIONS: dict[str, Reproduction] = {}
 
-def register_reproduction(name: str, description: str = "", claims: tuple | list = (), notebook: str = "", default_seeds: int = 1,
+def register_reproduction(name: str, description: str = "", claims: tuple | list = (),
+                          notebook: str = "", default_seeds: int = 1,
                           summary_keys: tuple = (), run_config: type | None = None):
     "Decorator registering `fn(ctx) -> dict` as the reproduction `name`, with its claims fixed here, before any run."
-    expect(isinstance(name, str) and name.isidentifier() and name != "all", "name", "an identifier other than 'all'", name)
-    expect(all(isinstance(c, Claim) for c in claims), "claims", "Claim objects", [type(c).__name__ for c in claims])
-    expect(len({c.name for c in claims}) == len(claims), "claims", "unique claim names", [c.name for c in claims])
-    expect(isinstance(default_seeds, int) and default_seeds >= 1, "default_seeds", "an int >= 1", default_seeds)
+    expect(isinstance(name, str) and name.isidentifier() and name != "all", "name",
+           "an identifier other than 'all'", name)
+    expect(all(isinstance(c, Claim) for c in claims), "claims", "Claim objects",
+           [type(c).__name__ for c in claims])
+    expect(len({c.name for c in claims}) == len(claims), "claims", "unique claim names",
+           [c.name for c in claims])
+    expect(isinstance(default_seeds, int) and default_seeds >= 1, "default_seeds", "an int >= 1",
+           default_seeds)
     if run_config is not None: check_run_config(run_config)
     def deco(fn):
-        REPRODUCTIONS[name] = Reproduction(name, fn, description, tuple(claims), notebook, default_seeds, tuple(summary_keys),
-                                           run_config)
+        REPRODUCTIONS[name] = Reproduction(name, fn, description, tuple(claims), notebook,
+                                           default_seeds, tuple(summary_keys), run_config)
         return fn
     return deco
 
@@ -71,10 +76,12 @@ def reproduction_modules(package_dir: str | Path | None = None, package: str = "
 def available_reproductions() -> dict[str, Reproduction]:
     "All registered reproductions by name, importing the modules whose source registers one."
     for mod in reproduction_modules(): importlib.import_module(mod)
-    return dict(sorted(REPRODUCTIONS.items()))  # by name: registration order depends on what was imported first
+    # by name: registration order depends on what was imported first
+    return dict(sorted(REPRODUCTIONS.items()))
 
 # %% ../nbs/04_reproduce.ipynb #1407c6eb
-_README_NAMES = ("SITE_URL", "page_url", "VERDICT_MARKS", "verdict_mark", "results_table", "readme_text")
+_README_NAMES = ("SITE_URL", "page_url", "VERDICT_MARKS", "verdict_mark", "results_table",
+                 "readme_text")
 
 def __getattr__(name: str):
     "`REPRODUCTION_MODULES`, computed when asked for; the README names, from `trainlab.readme` (which imports this one)."
@@ -82,7 +89,8 @@ def __getattr__(name: str):
     if name in _README_NAMES: return getattr(importlib.import_module("trainlab.readme"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-_all_ = ["REPRODUCTION_MODULES", "SITE_URL", "page_url", "VERDICT_MARKS", "verdict_mark", "results_table", "readme_text"]
+_all_ = ["REPRODUCTION_MODULES", "SITE_URL", "page_url", "VERDICT_MARKS", "verdict_mark",
+         "results_table", "readme_text"]
 
 # %% ../nbs/04_reproduce.ipynb #02af3110
 @dataclass
@@ -100,7 +108,8 @@ class RunContext:
 
     def save_figure(self, fig, filename: str) -> Path:
         "Save a figure into the result folder (PNG unless the name says otherwise) and close it."
-        path = save_figure(fig, self.out_dir / (filename if Path(filename).suffix else filename + ".png"))
+        path = save_figure(fig, self.out_dir / (filename if Path(filename).suffix
+                                                else filename + ".png"))
         plt.close(fig)
         return path
 
@@ -110,7 +119,8 @@ class RunContext:
 
     def unit_dir(self, key: str) -> Path:
         "Where unit `key` keeps its logs and checkpoint (`logs/<key>` in the result folder)."
-        expect(isinstance(key, str) and key and ".." not in key and not key.startswith("/"), "key", "a relative name such as 'arm/seed0'", key)
+        expect(isinstance(key, str) and key and ".." not in key and not key.startswith("/"), "key",
+               "a relative name such as 'arm/seed0'", key)
         return self.out_dir / "logs" / key
 
     def unit(self, key: str, fn: Callable[[Path], dict]) -> dict:
@@ -122,17 +132,21 @@ class RunContext:
         run_dir = self.unit_dir(key)
         t0 = time.perf_counter()
         result = fn(run_dir)
-        expect(isinstance(result, dict), "unit result", "a dict (JSON-able)", type(result).__name__, exc=TypeError)
+        expect(isinstance(result, dict), "unit result", "a dict (JSON-able)", type(result).__name__,
+               exc=TypeError)
         write_json(cached, result)
         self.log(f"{key}: done in {time.perf_counter() - t0:.1f}s")
-        return read_json(cached)  # the same (JSON round-tripped) value whether or not the run was resumed
+        # the same (JSON round-tripped) value whether or not the run was resumed
+        return read_json(cached)
 
 # %% ../nbs/04_reproduce.ipynb #f53cb904
-PATH_MARGIN = 200  # bytes kept free below out/.<name>.staging for the deepest file a run writes there
+# bytes kept free below out/.<name>.staging for the deepest file a run writes there
+PATH_MARGIN = 200
 
 def _fs_limit(path: Path, key: str, default: int) -> int:
     "The filesystem's `os.pathconf` limit `key` at the nearest existing folder of `path` (else `default`)."
-    while not os.path.isdir(path) and path != path.parent:  # isdir: False on any OSError (a name too long)
+    # isdir: False on any OSError (a name too long)
+    while not os.path.isdir(path) and path != path.parent:
         path = path.parent
     try: return os.pathconf(path, key)
     except (OSError, ValueError, AttributeError): return default
@@ -145,23 +159,31 @@ def check_out(out: str | Path, names: list[str]) -> Path:
     full = out.absolute()
     name_max, path_max = _fs_limit(full, "PC_NAME_MAX", 255), _fs_limit(full, "PC_PATH_MAX", 4096)
     for part in (*full.parts, *(f".{n}.staging" for n in names)):
-        expect(len(os.fsencode(part)) <= name_max, "out", f"names of at most {name_max} bytes (this filesystem's limit)",
+        expect(len(os.fsencode(part)) <= name_max, "out",
+               f"names of at most {name_max} bytes (this filesystem's limit)",
                part[:40] + "...", exc=UsageError)
     extra = max((len(os.fsencode(f"/.{n}.staging")) for n in names), default=0) + PATH_MARGIN
     size = len(os.fsencode(str(full)))
-    expect(size + extra <= path_max, "out", f"a path of at most {path_max - extra} bytes (the filesystem allows "
+    expect(size + extra <= path_max, "out",
+           f"a path of at most {path_max - extra} bytes (the filesystem allows "
            f"{path_max}, and a run writes up to {extra} more below it)", size, exc=UsageError)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"`out`: expected a folder (or a path to create one at), got the file {str(out)!r}")
+        raise UsageError(
+            f"`out`: expected a folder (or a path to create one at), got the file {str(out)!r}")
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"`out`: expected a folder that can be created, got {str(out)!r} ({e.strerror})") from None
+        raise UsageError(
+            f"`out`: expected a folder that can be created, got {str(out)!r} ({e.strerror})"
+        ) from None
     try:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"): pass
-    except OSError as e: raise UsageError(f"`out`: expected a writable folder, got {str(out)!r} ({e.strerror})") from None
+    except OSError as e:
+        raise UsageError(
+            f"`out`: expected a writable folder, got {str(out)!r} ({e.strerror})") from None
     for n in names:
         expect(not (out / n).exists() or (out / n).is_dir(), "out",
-               f"no non-folder at {out / n} (it is never replaced silently)", str(out / n), exc=UsageError)
+               f"no non-folder at {out / n} (it is never replaced silently)", str(out / n),
+               exc=UsageError)
     return out
 
 # %% ../nbs/04_reproduce.ipynb #765ec879
@@ -181,16 +203,21 @@ def lock_path(out: str | Path, name: str) -> Path:
     return Path(out) / f".{name}.lock"
 
 def _prepare_staging(staging: Path, key: dict, resume: bool, log: Callable) -> None:
-    for old in staging.parent.glob(f".{key['name']}.staging-*"): shutil.rmtree(old, ignore_errors=True)  # older per-pid folders
+    for old in staging.parent.glob(f".{key['name']}.staging-*"):
+        shutil.rmtree(old, ignore_errors=True)  # older per-pid folders
     if staging.exists():
         prev = read_json(staging / "key.json") if (staging / "key.json").is_file() else None
         if resume and prev == key:
             n = len(list((staging / ".units").rglob("*.json")))
             log(f"resuming the unfinished run in {staging} ({n} unit(s) already finished)")
             return
-        if resume: raise UsageError(f"`resume`: expected the unfinished run in {staging} to be the same run ({prev}), "
-                                    f"got {key}; rerun without --resume to start over")
-        log(f"removing an unfinished earlier run in {staging} (use --resume to continue it instead)")
+        if resume:
+            raise UsageError(
+                f"`resume`: expected the unfinished run in {staging} to be the same run ({prev}), "
+                             f"got {key}; rerun without --resume to start over")
+        log(
+            f"removing an unfinished earlier run in {staging} (use --resume to continue it instead)"
+        )
         shutil.rmtree(staging)
     elif resume: log("nothing to resume: starting from the beginning")
     staging.mkdir(parents=True)
@@ -198,7 +225,8 @@ def _prepare_staging(staging: Path, key: dict, resume: bool, log: Callable) -> N
 
 # %% ../nbs/04_reproduce.ipynb #5268a2c3
 def _iso(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.datetime.fromtimestamp(t,
+                                           datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 def _start_sitting(staging: Path) -> list[dict]:
     "Append this sitting to `staging/sittings.json`; one before it that never recorded its end (killed) gets an estimate."
@@ -224,7 +252,8 @@ def _end_sitting(staging: Path, sits: list[dict], outcome: str) -> list[dict]:
 def _mark_failed(staging: Path, e: BaseException, sits: list[dict], started: str, sha: str | None):
     "Mark the unfinished run failed (status.json, the sitting's end); a write that fails too never hides `e`."
     if not staging.exists(): return
-    status = {"state": "failed", "error": f"{type(e).__name__}: {e}", "started_at": started, "failed_at": now_iso(),
+    status = {"state": "failed", "error": f"{type(e).__name__}: {e}", "started_at": started,
+              "failed_at": now_iso(),
               "git_sha": sha, "resume": "rerun the same command with --resume",
               "traceback": "".join(traceback.format_exception(e))[-4000:]}
     for write in (lambda: _end_sitting(staging, sits, f"failed: {type(e).__name__}"),
@@ -237,18 +266,21 @@ def _mark_failed(staging: Path, e: BaseException, sits: list[dict], started: str
 # %% ../nbs/04_reproduce.ipynb #231a7622
 MAX_SEEDS = 1000  # more seeds than this are refused before any list of them is built
 
-def plan_seeds(rep: Reproduction, seed: int = 0, seeds: int | None = None, fast: bool = False) -> list[int]:
+def plan_seeds(rep: Reproduction, seed: int = 0, seeds: int | None = None,
+               fast: bool = False) -> list[int]:
     "The seeds a run of `rep` trains: `seeds` of them (default: one when `fast`, else its own count) from `seed`."
     ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32
     expect(ok, "seed", "an int in [0, 2**32)", seed, exc=UsageError)
-    ok = seeds is None or (isinstance(seeds, int) and not isinstance(seeds, bool) and 1 <= seeds <= MAX_SEEDS)
+    ok = seeds is None or (isinstance(seeds, int) and not isinstance(seeds, bool)
+                           and 1 <= seeds <= MAX_SEEDS)
     expect(ok, "seeds", f"None or an int in [1, {MAX_SEEDS}]", seeds, exc=UsageError)
     n = seeds or (1 if fast else rep.default_seeds)
     last = f"a first seed whose last one, seed + {n} - 1, is below 2**32"
     expect(seed + n - 1 < 2**32, "seed", last, seed, exc=UsageError)
     return list(range(seed, seed + n))
 
-def reproduce(name: str, out: str | Path = "results", fast: bool = False, seed: int = 0, seeds: int | None = None,
+def reproduce(name: str, out: str | Path = "results", fast: bool = False, seed: int = 0,
+              seeds: int | None = None,
               progress: bool = False, command: str | None = None, resume: bool = False) -> dict:
     "Run reproduction `name` over its seeds, judge its claims, write `out/name/` atomically; returns {'metrics', 'run', 'dir'}."
     reps = available_reproductions()
@@ -258,10 +290,13 @@ def reproduce(name: str, out: str | Path = "results", fast: bool = False, seed: 
     out = check_out(out, [name])
     ctx = RunContext(name, staging_dir(out, name), fast=fast, seeds=seed_list, progress=progress)
     n = len(seed_list)
-    command = command or f"trainlab reproduce {name}" + (" --fast" if fast else "") + f" --seed {seed} --seeds {n}"
+    command = (command or f"trainlab reproduce {name}" + (" --fast" if fast else "")
+               + f" --seed {seed} --seeds {n}")
     busy = f"another run (pid {{pid}}) is writing {name!r} into {out}: wait for it to end, or pass another --out"
-    with file_lock(lock_path(out, name), busy=busy, log=ctx.log):  # before the staging folder is touched
-        _prepare_staging(ctx.out_dir, {"name": name, "fast": fast, "seeds": seed_list}, resume, ctx.log)
+    # before the staging folder is touched
+    with file_lock(lock_path(out, name), busy=busy, log=ctx.log):
+        _prepare_staging(ctx.out_dir, {"name": name, "fast": fast, "seeds": seed_list}, resume,
+                         ctx.log)
         return _run(rep, ctx, out / name, command, resume)
 
 def _run(rep: Reproduction, ctx: RunContext, final: Path, command: str, resume: bool) -> dict:
@@ -269,30 +304,35 @@ def _run(rep: Reproduction, ctx: RunContext, final: Path, command: str, resume: 
     staging, sha = ctx.out_dir, git_sha()  # the code that runs is the code at the start
     sits = _start_sitting(staging)
     started = sits[-1]["started_at"]
-    write_json(staging / "status.json", {"state": "running", "pid": os.getpid(), "started_at": started, "git_sha": sha})
+    write_json(staging / "status.json",
+               {"state": "running", "pid": os.getpid(), "started_at": started, "git_sha": sha})
     try:
         with matplotlib.rc_context({"figure.dpi": 100}):
             backend = matplotlib.get_backend()
             plt.switch_backend("agg")
             try: metrics = rep.fn(ctx)
             finally: plt.switch_backend(backend)
-        expect(isinstance(metrics, dict), "reproduction result", "a dict of metrics", type(metrics).__name__, exc=TypeError)
+        expect(isinstance(metrics, dict), "reproduction result", "a dict of metrics",
+               type(metrics).__name__, exc=TypeError)
         if rep.claims:
-            expect("samples" in metrics, "reproduction result", "per-seed values under 'samples' to judge its claims",
-                   sorted(metrics))
+            expect("samples" in metrics, "reproduction result",
+                   "per-seed values under 'samples' to judge its claims", sorted(metrics))
             samples, tested = metrics["samples"], not ctx.fast
-            metrics["claims"] = [c.judge(samples, tested=tested, seeds=ctx.seeds) for c in rep.claims]
+            metrics["claims"] = [c.judge(samples, tested=tested, seeds=ctx.seeds)
+                                 for c in rep.claims]
         sits = _end_sitting(staging, sits, "finished")
-        run = {"name": rep.name, "command": command, "git_sha": sha, "started_at": sits[0]["started_at"],
-               "finished_at": sits[-1]["ended_at"], "wall_s": round(sum(s["wall_s"] for s in sits), 3),
-               "sittings": sits, "fast": ctx.fast, "seeds": ctx.seeds, "resumed": resume, "config": ctx.config,
+        run = {"name": rep.name, "command": command, "git_sha": sha,
+               "started_at": sits[0]["started_at"], "finished_at": sits[-1]["ended_at"],
+               "wall_s": round(sum(s["wall_s"] for s in sits), 3), "sittings": sits,
+               "fast": ctx.fast, "seeds": ctx.seeds, "resumed": resume, "config": ctx.config,
                "environment": environment_info()}
         write_json(staging / "metrics.json", metrics)
         write_json(staging / "run.json", run)
         shutil.rmtree(staging / ".units", ignore_errors=True)
         for f in ("key.json", "status.json", "sittings.json"): (staging / f).unlink(missing_ok=True)
         _swap_into_place(staging, final)
-    except BaseException as e:  # an error, a full disk, Ctrl-C or SIGTERM: the units stay for --resume, marked failed
+    # an error, a full disk, Ctrl-C or SIGTERM: the units stay for --resume, marked failed
+    except BaseException as e:
         _mark_failed(staging, e, sits, started, sha)
         raise
     return {"metrics": read_json(final / "metrics.json"), "run": run, "dir": final}
@@ -307,6 +347,7 @@ def summarize(name: str, result: dict) -> str:
     for c in m.get("claims", []):
         thr = f"threshold {c['direction']} {fmt_num(c['threshold'])}"
         lines.append(f"  {c['name']}: {fmt_claim(c)} (n={c['n_seeds']}, {thr}): {c['verdict']}")
-    keys = rep.summary_keys or tuple(k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool))[:4]
+    keys = rep.summary_keys or tuple(k for k, v in m.items() if isinstance(v, (int, float))
+                                     and not isinstance(v, bool))[:4]
     if keys: lines.append("  " + " ".join(f"{k}={fmt_num(m[k])}" for k in keys if k in m))
     return "\n".join(lines)

@@ -70,13 +70,15 @@ class RunConfig:
 # %% ../nbs/03b_runconfig.ipynb #6b49744a
 def check_run_config(cls: type, seeds: tuple = (0, 1, 12345)) -> type:
     "Check that `cls` follows the run-config contract (a `RunConfig` dataclass whose presets agree with `with_seed`)."
-    expect(isinstance(cls, type) and issubclass(cls, RunConfig), "cls", "a RunConfig subclass", cls, exc=TypeError)
+    expect(isinstance(cls, type) and issubclass(cls, RunConfig), "cls", "a RunConfig subclass", cls,
+           exc=TypeError)
     expect(dataclasses.is_dataclass(cls), "cls", "a dataclass", cls.__name__, exc=TypeError)
     for make in (cls.fast, cls.full):
         base = make(0)
         for s in seeds:
             cfg = make(s)
-            expect(cfg.run_seed == s, f"{cls.__name__}.{make.__name__}", f"a config with seed {s}", cfg.run_seed)
+            expect(cfg.run_seed == s, f"{cls.__name__}.{make.__name__}", f"a config with seed {s}",
+                   cfg.run_seed)
             expect(cfg == base.with_seed(s), f"{cls.__name__}.{make.__name__}",
                    f"the same config as .with_seed({s}) (the seed must change nothing else)", s)
     return cls
@@ -93,16 +95,19 @@ class Arm:
     description: str
     spec: Any = None
 
-# %% ../nbs/03b_runconfig.ipynb #30162020
+# %% ../nbs/03b_runconfig.ipynb #a488d067
 ARMS: dict[str, dict[str, Arm]] = {}
 
-def register_arm(technique: str, name: str, spec: Any = None, *, role: str, description: str) -> Arm:
+def register_arm(technique: str, name: str, spec: Any = None, *, role: str,
+                 description: str) -> Arm:
     "Register arm `name` of `technique` (registering it again replaces it); returns the `Arm`."
-    expect(isinstance(technique, str) and technique.isidentifier(), "technique", "an identifier", technique)
-    ok = isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.]*", name) is not None
-    expect(ok, "name", "letters, digits, '_' and '.' (e.g. 'topk', '0.02')", name)
+    expect(isinstance(technique, str) and technique.isidentifier(), "technique", "an identifier",
+           technique)
+    ok = isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None
+    expect(ok, "name", "letters, digits, '_', '.' and '-' (e.g. 'topk', '0.02', 'ga_lr1e-4')", name)
     check_choice("role", role, ARM_ROLES)
-    expect(isinstance(description, str) and description.strip(), "description", "a non-empty string", description)
+    expect(isinstance(description, str) and description.strip(), "description",
+           "a non-empty string", description)
     arm = Arm(technique, name, role, description.strip(), spec)
     ARMS.setdefault(technique, {})[name] = arm
     return arm
@@ -110,7 +115,8 @@ def register_arm(technique: str, name: str, spec: Any = None, *, role: str, desc
 # %% ../nbs/03b_runconfig.ipynb #2c5ea1f5
 def arms_of(technique: str, roles: tuple | None = None) -> dict[str, Arm]:
     "The arms registered for `technique` (in registration order), optionally only those whose role is in `roles`."
-    expect(technique in ARMS, "technique", "one with registered arms: " + ", ".join(sorted(ARMS)), technique)
+    expect(technique in ARMS, "technique", "one with registered arms: " + ", ".join(sorted(ARMS)),
+           technique)
     for r in roles or ():
         check_choice("roles", r, ARM_ROLES)
     return {n: a for n, a in ARMS[technique].items() if roles is None or a.role in roles}
@@ -122,11 +128,13 @@ def arm_specs(technique: str, roles: tuple | None = None) -> dict[str, Any]:
 # %% ../nbs/03b_runconfig.ipynb #3d956591
 def check_claim_arms(technique: str, claims: tuple) -> tuple:
     "Check that every arm a claim compares is registered for `technique` and is not exploratory; returns `claims`."
-    # a claim may qualify an arm by a group, 'group/arm' (SPT's 'far/0.02'): the arm is the last part
+    # a claim may qualify an arm by a group, 'group/arm' (SPT's 'far/0.02'): the arm is the last
+    # part
     arms = arms_of(technique)
     for c in claims:
         for qualified in c.arms:
             a = qualified.split("/")[-1]  # 'far/0.02': arm 0.02, qualified by a group (a domain)
-            expect(a in arms, f"claim {c.name}", f"arms registered for {technique}: " + ", ".join(arms), a)
+            expect(a in arms, f"claim {c.name}",
+                   f"arms registered for {technique}: " + ", ".join(arms), a)
             expect(arms[a].role != "exploratory", f"claim {c.name}", "a non-exploratory arm", a)
     return claims

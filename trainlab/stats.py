@@ -43,7 +43,8 @@ def std(xs: Sequence) -> float:
 def ci_mean(xs: Sequence, level: float = 0.95) -> tuple[float, float]:
     "Two-sided t interval x̄ ± t_{n-1} s/√n at `level`; (nan, nan) with fewer than 2 finite values."
     expect(0 < level < 1, "level", "in (0, 1)", level)
-    a = finite(xs); n = len(a)
+    a = finite(xs)
+    n = len(a)
     if n < 2: return (math.nan, math.nan)
     h = _st.t.ppf(0.5 + level / 2, n - 1) * a.std(ddof=1) / math.sqrt(n)
     return (float(a.mean() - h), float(a.mean() + h))
@@ -64,7 +65,8 @@ def ci_paired_diff(a: Sequence, b: Sequence, level: float = 0.95) -> tuple[float
     return (mean(d), *ci_mean(d, level))
 
 # %% ../nbs/03a_stats.ipynb #8c8d1e07
-def ci_ratio(a: Sequence, b: Sequence, level: float = 0.95, paired_seeds: bool = True) -> tuple[float, float, float]:
+def ci_ratio(a: Sequence, b: Sequence, level: float = 0.95,
+             paired_seeds: bool = True) -> tuple[float, float, float]:
     "(geometric-mean ratio a/b, lo, hi), a t interval on the log scale; values must be > 0."
     if paired_seeds: a, b = paired(a, b)
     else: a, b = finite(a), finite(b)
@@ -77,7 +79,8 @@ def ci_ratio(a: Sequence, b: Sequence, level: float = 0.95, paired_seeds: bool =
     if len(la) < 2 or len(lb) < 2: return (est, math.nan, math.nan)
     va, vb = la.var(ddof=1) / len(la), lb.var(ddof=1) / len(lb)
     se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(la) - 1) + vb ** 2 / (len(lb) - 1)) if se > 0 else len(la) + len(lb) - 2
+    df = ((va + vb) ** 2 / (va ** 2 / (len(la) - 1) + vb ** 2 / (len(lb) - 1)) if se > 0
+          else len(la) + len(lb) - 2)
     h = _st.t.ppf(0.5 + level / 2, df) * se
     return (est, math.exp(math.log(est) - h), math.exp(math.log(est) + h))
 
@@ -88,8 +91,10 @@ def verdict(ci: tuple[float, float], direction: str, threshold: float) -> str:
     "'holds', 'fails' or 'inconclusive' for the claim 'the quantity is `direction` `threshold`', from its CI."
     check_choice("direction", direction, tuple(DIRECTIONS))
     lo, hi = ci
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)): return "inconclusive"
-    if direction == ">": return "holds" if lo > threshold else "fails" if hi < threshold else "inconclusive"
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive"
+    if direction == ">":
+        return "holds" if lo > threshold else "fails" if hi < threshold else "inconclusive"
     return "holds" if hi < threshold else "fails" if lo > threshold else "inconclusive"
 
 # %% ../nbs/03a_stats.ipynb #bbbe3fd3
@@ -106,29 +111,34 @@ class Claim:
     comparison: str = "diff"
     direction: str = ">"
     threshold: float = 0.0
-    nonfinite: str = "invalid"  # a seed whose value is None, NaN or inf: "invalid", or "worst" (see below)
+    # a seed whose value is None, NaN or inf: "invalid", or "worst" (see below)
+    nonfinite: str = "invalid"
 
     def __post_init__(self):
-        expect(isinstance(self.name, str) and self.name.isidentifier(), "name", "an identifier", self.name)
+        expect(isinstance(self.name, str) and self.name.isidentifier(), "name", "an identifier",
+               self.name)
         check_choice("comparison", self.comparison, tuple(COMPARISONS))
         check_choice("direction", self.direction, tuple(DIRECTIONS))
         check_choice("nonfinite", self.nonfinite, NONFINITE_RULES)
         object.__setattr__(self, "arms", tuple(self.arms))
         n_arms = COMPARISONS[self.comparison]
-        expect(len(self.arms) == n_arms, "arms", f"{n_arms} arm name(s) for {self.comparison!r}", self.arms)
+        expect(len(self.arms) == n_arms, "arms", f"{n_arms} arm name(s) for {self.comparison!r}",
+               self.arms)
         expect(math.isfinite(self.threshold), "threshold", "a finite number", self.threshold)
 
     def values(self, samples: dict) -> list[list]:
         "The per-seed values of each compared arm (a clear error when the run did not produce them)."
         out = []
         for arm in self.arms:
-            expect(arm in samples, "samples", f"per-seed values of arm {arm!r} for claim {self.name!r}", sorted(samples))
+            expect(arm in samples, "samples",
+                   f"per-seed values of arm {arm!r} for claim {self.name!r}", sorted(samples))
             expect(self.metric in samples[arm], "samples",
-                   f"metric {self.metric!r} of arm {arm!r} for claim {self.name!r}", sorted(samples[arm]))
+                   f"metric {self.metric!r} of arm {arm!r} for claim {self.name!r}",
+                   sorted(samples[arm]))
             out.append(list(samples[arm][self.metric]))
         if len(out) == 2:
-            expect(len(out[0]) == len(out[1]), "samples", f"one value per seed in both arms of {self.name!r}",
-                   [len(x) for x in out])
+            expect(len(out[0]) == len(out[1]), "samples",
+                   f"one value per seed in both arms of {self.name!r}", [len(x) for x in out])
         return out
 
     def nonfinite_seeds(self, samples: dict) -> list[int]:
@@ -141,7 +151,8 @@ class Claim:
         vs = [as_floats(v) for v in self.values(samples)]
         seen = finite(np.concatenate(vs))
         out = []
-        for i, v in enumerate(vs):  # the first arm raises the compared quantity, the second lowers it
+        # the first arm raises the compared quantity, the second lowers it
+        for i, v in enumerate(vs):
             low = (self.direction == ">") == (i == 0)
             worst = (seen.min() if low else seen.max()) if len(seen) else np.nan
             out.append(np.where(np.isfinite(v), v, worst))
@@ -161,16 +172,19 @@ class Claim:
         "The record kept in metrics.json (no verdict when not `tested`: a --fast run); `seeds` name the positions."
         bad = self.nonfinite_seeds(samples)
         worst = bool(bad) and self.nonfinite == "worst"
-        est, lo, hi, n = self._estimate(self.worst_case(samples), 0.95) if worst else self.estimate(samples)
+        est, lo, hi, n = (self._estimate(self.worst_case(samples), 0.95) if worst
+                          else self.estimate(samples))
         label = [seeds[i] if seeds is not None and i < len(seeds) else i for i in bad]
         if not tested: v = "not tested (--fast)"
         elif bad and not worst:
             v = f"invalid (seed{'s' if len(bad) > 1 else ''} {', '.join(map(str, label))}: non-finite)"
-        elif worst and n == 0: v = "fails"  # every value non-finite: nothing is left on the claim's side
+        elif worst and n == 0:
+            v = "fails"  # every value non-finite: nothing is left on the claim's side
         else: v = verdict((lo, hi), self.direction, self.threshold)
-        rec = {"name": self.name, "statement": self.statement, "metric": self.metric, "arms": list(self.arms),
-               "comparison": self.comparison, "direction": self.direction, "estimate": est, "ci95": [lo, hi],
-               "n_seeds": n, "threshold": self.threshold, "verdict": v}
+        rec = {"name": self.name, "statement": self.statement, "metric": self.metric,
+               "arms": list(self.arms), "comparison": self.comparison, "direction": self.direction,
+               "estimate": est, "ci95": [lo, hi], "n_seeds": n, "threshold": self.threshold,
+               "verdict": v}
         if bad: rec["nonfinite"] = {"rule": self.nonfinite, "seeds": label}
         return rec
 
@@ -187,5 +201,6 @@ def fmt_claim(rec: dict) -> str:
     "'estimate [lo, hi]' of a claim record (×-suffixed for ratios)."
     x = "x" if rec.get("comparison") == "ratio" else ""
     lo, hi = rec["ci95"]
-    ci = "" if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)) else f" [{fmt_num(lo)}{x}, {fmt_num(hi)}{x}]"
+    ci = ("" if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi))
+          else f" [{fmt_num(lo)}{x}, {fmt_num(hi)}{x}]")
     return f"{fmt_num(rec['estimate'])}{x}{ci}"

@@ -34,18 +34,24 @@ class Tokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         "Token ids of `text` as a NumPy array (override for speed)."
         return np.asarray(self.encode(text), dtype=np.int64)
-    def __repr__(self): return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
 
 def check_tokenizer(tok) -> Any:
     "Return `tok` if it has the attributes of the `Tokenizer` interface, else raise a `TypeError`/`ValueError` saying what is missing."
-    missing = [a for a in ("name", "vocab_size", "eot_id", "pad_id", "byte_lengths", "encode", "decode") if not hasattr(tok, a)]
-    expect(not missing, "tokenizer", "an object with the Tokenizer interface (missing " + ", ".join(missing) + ")", type(tok).__name__, TypeError)
+    missing = [a for a in ("name", "vocab_size", "eot_id", "pad_id", "byte_lengths", "encode",
+                           "decode") if not hasattr(tok, a)]
+    expect(not missing, "tokenizer", "an object with the Tokenizer interface (missing "
+           + ", ".join(missing) + ")", type(tok).__name__, TypeError)
     V = tok.vocab_size
     expect(isinstance(V, int) and V >= 2, "tokenizer.vocab_size", "an int >= 2", V)
-    for a in ("eot_id", "pad_id"): expect(isinstance(getattr(tok, a), int) and 0 <= getattr(tok, a) < V, f"tokenizer.{a}", f"an id in [0, {V})", getattr(tok, a))
+    for a in ("eot_id", "pad_id"):
+        expect(isinstance(getattr(tok, a), int) and 0 <= getattr(tok, a) < V, f"tokenizer.{a}",
+               f"an id in [0, {V})", getattr(tok, a))
     expect(tok.eot_id != tok.pad_id, "tokenizer.pad_id", "different from eot_id", tok.pad_id)
     bl = tok.byte_lengths
-    expect(isinstance(bl, torch.Tensor) and tuple(bl.shape) == (V,), "tokenizer.byte_lengths", f"a tensor of shape ({V},)", getattr(bl, "shape", bl))
+    expect(isinstance(bl, torch.Tensor) and tuple(bl.shape) == (V,), "tokenizer.byte_lengths",
+           f"a tensor of shape ({V},)", getattr(bl, "shape", bl))
     return tok
 
 def encode_array(tok, text: str) -> np.ndarray:
@@ -59,7 +65,8 @@ class ByteTokenizer(Tokenizer):
     name, vocab_size, eot_id, pad_id = "byte", 258, 256, 257
     def __init__(self, eot_marker: str = "<|eot|>"):  # how decode renders EOT
         self.eot_marker = eot_marker
-        bl = torch.ones(self.vocab_size, dtype=torch.long); bl[self.pad_id] = 0  # EOT: 1 byte (a separator), PAD: 0
+        bl = torch.ones(self.vocab_size, dtype=torch.long)
+        bl[self.pad_id] = 0  # EOT: 1 byte (a separator), PAD: 0
         self.byte_lengths = bl
     def encode_array(self, text: str) -> np.ndarray:
         "Token ids of `text` as a `uint16` array (no copy through Python ints)."
@@ -67,9 +74,11 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]: return list(text.encode("utf-8"))
     def decode(self, ids) -> str:
         "Text of `ids` (list, array or tensor): PAD dropped, EOT shown as `eot_marker`, invalid UTF-8 replaced."
-        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids,
+                         dtype=np.int64).reshape(-1)
         bad = ids[(ids < 0) | (ids >= self.vocab_size)]
-        expect(bad.size == 0, "ids", f"token ids in [0, {self.vocab_size})", bad[:5].tolist() if bad.size else None)
+        expect(bad.size == 0, "ids", f"token ids in [0, {self.vocab_size})",
+               bad[:5].tolist() if bad.size else None)
         ids = ids[ids != self.pad_id]
         pieces = np.split(ids, np.flatnonzero(ids == self.eot_id))
         text = lambda a: a.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
@@ -112,7 +121,8 @@ def val_mask(ids: Sequence[str], val_frac: float = 0.05, salt: str = "", fallbac
                    f"only documents without text ({int(m.sum())} of the {len(ids)})")
             one = "the one" if full.all() else "the non-empty document"
             verb, prep = ("using", "as") if not m.any() else ("adding", "to")
-            warnings.warn(f"val_frac={val_frac} put {got} in the validation split; {verb} {one} with "
+            warnings.warn(
+                f"val_frac={val_frac} put {got} in the validation split; {verb} {one} with "
                           f"the smallest id hash, {ids[k]!r}, {prep} the validation split "
                           "(small-corpus fallback)")
         m = m | (full & (h == h[k]))
@@ -129,37 +139,53 @@ def split_documents(docs: Sequence[Document], val_frac: float = 0.05,
 def corpus_checksum(docs: Iterable[Document]) -> str:
     "SHA-256 over `id NUL text NUL` of each document, in order (UTF-8)."
     h = hashlib.sha256()
-    for d in docs: h.update(d.id.encode("utf-8")); h.update(b"\0"); h.update(d.text.encode("utf-8")); h.update(b"\0")
+    for d in docs:
+        h.update(d.id.encode("utf-8"))
+        h.update(b"\0")
+        h.update(d.text.encode("utf-8"))
+        h.update(b"\0")
     return h.hexdigest()
 
 # %% ../nbs/01d_tokens.ipynb #af0a3e6f
 class TokenizedCorpus:
     "Documents as one flat token array plus offsets; `corpus.doc(i)` is document `i`'s tokens."
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, ids: Sequence[str], doc_bytes: np.ndarray | None = None,
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, ids: Sequence[str],
+                 doc_bytes: np.ndarray | None = None,
                  name: str = "", split: str = "all", meta: dict | None = None):
-        self.tokens, self.offsets, self.ids = np.asarray(tokens), np.asarray(offsets, dtype=np.int64), list(ids)
+        self.tokens, self.offsets, self.ids = (np.asarray(tokens),
+                                               np.asarray(offsets, dtype=np.int64), list(ids))
         expect(self.tokens.ndim == 1, "tokens", "a 1-D array", self.tokens.shape)
         o = self.offsets
-        expect(o.ndim == 1 and len(o) == len(self.ids) + 1 and o[0] == 0 and o[-1] == len(self.tokens) and bool((np.diff(o) >= 0).all()),
-               "offsets", f"n_docs+1 = {len(self.ids) + 1} non-decreasing offsets from 0 to {len(self.tokens)}", o.shape)
-        self.doc_bytes = np.diff(o) if doc_bytes is None else np.asarray(doc_bytes, dtype=np.int64)  # default: byte-level tokens
-        expect(self.doc_bytes.shape == (len(self.ids),), "doc_bytes", f"shape ({len(self.ids)},)", self.doc_bytes.shape)
+        expect(
+            o.ndim == 1 and len(o) == len(self.ids) + 1 and o[0] == 0
+            and o[-1] == len(self.tokens) and bool((np.diff(o) >= 0).all()), "offsets",
+            f"n_docs+1 = {len(self.ids) + 1} non-decreasing offsets from 0 to {len(self.tokens)}",
+            o.shape)
+        # default: byte-level tokens
+        self.doc_bytes = np.diff(o) if doc_bytes is None else np.asarray(doc_bytes, dtype=np.int64)
+        expect(self.doc_bytes.shape == (len(self.ids),), "doc_bytes", f"shape ({len(self.ids)},)",
+               self.doc_bytes.shape)
         self.name, self.split, self.meta = name, split, dict(meta or {})
 
     @classmethod
-    def from_documents(cls, docs: Sequence[Document], tokenizer=None, name: str = "", meta: dict | None = None) -> TokenizedCorpus:
+    def from_documents(cls, docs: Sequence[Document], tokenizer=None, name: str = "",
+                       meta: dict | None = None) -> TokenizedCorpus:
         "Tokenize `docs` (default tokenizer: `ByteTokenizer`). Document text must not produce the EOT or PAD id."
         tok = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
         dt = token_dtype(tok.vocab_size)
         arrays = [encode_array(tok, d.text) for d in docs]
         lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-        offsets = np.zeros(len(arrays) + 1, dtype=np.int64); np.cumsum(lengths, out=offsets[1:])
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
         tokens = np.concatenate(arrays) if arrays else np.zeros(0, dt)
         if tokens.size:
-            expect(int(tokens.min()) >= 0 and int(tokens.max()) < tok.vocab_size, "tokenizer", f"ids in [0, {tok.vocab_size})", (int(tokens.min()), int(tokens.max())))
-            expect(not np.isin(tokens, [tok.eot_id, tok.pad_id]).any(), "tokenizer", "document text never encoded to the EOT or PAD id")
+            expect(int(tokens.min()) >= 0 and int(tokens.max()) < tok.vocab_size, "tokenizer",
+                   f"ids in [0, {tok.vocab_size})", (int(tokens.min()), int(tokens.max())))
+            expect(not np.isin(tokens, [tok.eot_id, tok.pad_id]).any(), "tokenizer",
+                   "document text never encoded to the EOT or PAD id")
         doc_bytes = np.array([len(d.text.encode("utf-8")) for d in docs], dtype=np.int64)
-        return cls(tokens.astype(dt, copy=False), offsets, [d.id for d in docs], doc_bytes, name=name, meta=meta)
+        return cls(tokens.astype(dt, copy=False), offsets, [d.id for d in docs], doc_bytes,
+                   name=name, meta=meta)
 
     def __len__(self) -> int: return len(self.ids)
     def doc(self, i: int) -> np.ndarray:
@@ -178,9 +204,12 @@ class TokenizedCorpus:
         idx = np.asarray(indices)
         idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64).reshape(-1)
         lens = self.lengths[idx]
-        offsets = np.zeros(len(idx) + 1, dtype=np.int64); np.cumsum(lens, out=offsets[1:])
-        tokens = np.concatenate([self.doc(int(i)) for i in idx]) if len(idx) else self.tokens[:0].copy()
-        return TokenizedCorpus(tokens, offsets, [self.ids[int(i)] for i in idx], self.doc_bytes[idx], self.name, self.split, self.meta)
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        tokens = np.concatenate([self.doc(int(i))
+                                 for i in idx]) if len(idx) else self.tokens[:0].copy()
+        return TokenizedCorpus(tokens, offsets, [self.ids[int(i)] for i in idx],
+                               self.doc_bytes[idx], self.name, self.split, self.meta)
 
     def stats(self) -> dict:
         "Documents, tokens and bytes."

@@ -17,172 +17,57 @@ import lightning as L
 from .core import expect, check_choice, seed_everything, in_test, dist_initialized
 from .model import ModelConfig, TinyLM, LMOutput, count_parameters
 from .faults import rng_state, set_rng_state, ResumableLoader, DivergenceError  # noqa: F401 (re-exported)
-from .faults import ResumeState, with_checkpoint_io, resume_checkpoint, uniform_bpb, DivergenceGuard
+from .faults import (ResumeState, with_checkpoint_io, resume_checkpoint, uniform_bpb,
+                             DivergenceGuard)
+from .sharding import check_strategy, shard_model, strategy_kwargs
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'lr_factor', 'bits_per_byte', 'LMLitModule', 'History', 'quiet_lightning', 'release_process_group',
-           'ReleaseProcessGroup', 'make_trainer', 'TrainConfig', 'set_impl', 'run_loggers', 'StepProgress', 'fit',
+__all__ = ['PRECISIONS', 'History', 'quiet_lightning', 'release_process_group', 'ReleaseProcessGroup', 'make_trainer',
+           'TrainConfig', 'set_impl', 'run_loggers', 'StepProgress', 'fit', 'lr_factor', 'bits_per_byte', 'LMLitModule',
            'rng_state', 'set_rng_state', 'ResumableLoader', 'DivergenceError']
 
+# %% ../nbs/03_train.ipynb #ff3a239d
+from .lit_module import (  # noqa: F401 (re-exported, see `_all_`)
+    lr_factor, bits_per_byte, LMLitModule)
+_all_ = ["lr_factor", "bits_per_byte", "LMLitModule"]
+
 # %% ../nbs/03_train.ipynb #9fb7246d
-_all_ = ["rng_state", "set_rng_state", "ResumableLoader", "DivergenceError"]  # defined in trainlab.faults
-
-# %% ../nbs/03_train.ipynb #909f7b4b
-def lr_factor(step: int, warmup_steps: int, max_steps: int | None, schedule: str = "cosine", min_lr_ratio: float = 0.1) -> float:
-    "Multiplier of the peak learning rate at optimizer step `step` (0-based)."
-    if warmup_steps > 0 and step < warmup_steps: return (step + 1) / warmup_steps
-    if schedule == "constant" or max_steps is None: return 1.0
-    t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-# %% ../nbs/03_train.ipynb #937cb74d
-def bits_per_byte(nats: float | torch.Tensor, n_bytes: float | torch.Tensor) -> float:
-    "Summed loss in nats over the number of target bytes, in bits per byte."
-    return float(nats) / (math.log(2) * max(float(n_bytes), 1e-12))
-
-# %% ../nbs/03_train.ipynb #6951dacd
-class LMLitModule(L.LightningModule):
-    "Language-model training: AdamW, warmup + cosine/constant schedule, clipping, bpb evaluation, aux-loss and sample-weight hooks."
-    def __init__(self, model: nn.Module | ModelConfig | dict | None = None, lr: float = 3e-3, weight_decay: float = 0.1,
-                 betas: tuple = (0.9, 0.95), warmup_steps: int = 50, schedule: str = "cosine", min_lr_ratio: float = 0.1,
-                 max_steps: int | None = None, grad_clip: float | None = 1.0, byte_lengths: torch.Tensor | None = None,
-                 sample_weighter: Callable | None = None, ignore_index: int = -100):
-        super().__init__()
-        expect(lr > 0, "lr", "> 0", lr); expect(weight_decay >= 0, "weight_decay", ">= 0", weight_decay)
-        expect(isinstance(warmup_steps, int) and warmup_steps >= 0, "warmup_steps", "an int >= 0", warmup_steps)
-        check_choice("schedule", schedule, ("cosine", "constant"))
-        expect(0 <= min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]", min_lr_ratio)
-        expect(grad_clip is None or grad_clip > 0, "grad_clip", "None or > 0", grad_clip)
-        if model is None: model = ModelConfig()
-        if isinstance(model, dict): model = ModelConfig(**model)
-        if isinstance(model, ModelConfig): model = TinyLM(model)
-        expect(isinstance(model, nn.Module), "model", "an nn.Module, a ModelConfig or a dict of ModelConfig fields", type(model).__name__)
-        self.model = model
-        self.save_hyperparameters(ignore=["model", "byte_lengths", "sample_weighter"])
-        self.sample_weighter = sample_weighter
-        self.register_buffer("byte_lengths", None if byte_lengths is None else torch.as_tensor(byte_lengths, dtype=torch.float32), persistent=False)
-        self._tokens_seen = 0
-        self._t_last, self._tok_last = None, 0
-        self.val_uniform_bpb = None  # after a validation: the bpb of uniform predictions there (see DivergenceGuard)
-
-    # ---- setup
-    def setup(self, stage: str):
-        "Take the tokenizer's byte lengths from the datamodule when none were given."
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.byte_lengths is None and dm is not None and getattr(dm, "tokenizer", None) is not None:
-            self.byte_lengths = torch.as_tensor(dm.tokenizer.byte_lengths, dtype=torch.float32, device=self.device)
-
-    def forward(self, input_ids, **kw) -> LMOutput: return self.model(input_ids, **kw)
-
-    def on_save_checkpoint(self, checkpoint): checkpoint["tokens_seen"] = self._tokens_seen
-    def on_load_checkpoint(self, checkpoint): self._tokens_seen = checkpoint.get("tokens_seen", 0)
-
-    # ---- losses
-    def compute_sample_weights(self, batch: dict, per_seq_loss: torch.Tensor) -> torch.Tensor | None:
-        "Per-sequence weights [B] (detached) or None for the plain token mean."
-        if "weight" in batch: return batch["weight"].to(per_seq_loss.dtype)
-        if self.sample_weighter is not None: return self.sample_weighter(per_seq_loss.detach(), self.global_step).detach()
-        return None
-
-    def lm_loss(self, out: LMOutput, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        "The (possibly weighted) LM loss and the per-sequence mean losses."
-        mask = (batch["labels"] != self.hparams.ignore_index)
-        n = mask.sum(1)
-        per_seq = out.loss.sum(1) / n.clamp(min=1)
-        w = self.compute_sample_weights(batch, per_seq)
-        if w is None: return out.loss.sum() / n.sum().clamp(min=1), per_seq
-        expect(w.shape == per_seq.shape, "weights", f"shape {tuple(per_seq.shape)}", tuple(w.shape))
-        if "weight" not in batch and getattr(self.sample_weighter, "global_mean_one", False):
-            return (w * per_seq).mean(), per_seq  # weights normalised over the global batch: DDP's gradient mean makes it exact
-        return (w * per_seq).sum() / w.sum().clamp(min=1e-12), per_seq
-
-    def extra_metrics(self, out: LMOutput, batch: dict, stage: str) -> dict:
-        "Override to log more per step (e.g. router sparsity)."
-        return {}
-
-    def _run(self, batch):
-        return self.model(batch["input_ids"], labels=batch["labels"], doc_ids=batch.get("doc_ids"), ignore_index=self.hparams.ignore_index)
-
-    # ---- training
-    def training_step(self, batch, batch_idx):
-        out = self._run(batch)
-        lm, _ = self.lm_loss(out, batch)
-        loss = lm + sum(out.aux_losses.values()) if out.aux_losses else lm
-        n_tok = int((batch["labels"] != self.hparams.ignore_index).sum()) * self.trainer.world_size
-        self._tokens_seen += n_tok
-        logs = {"train/loss": loss.detach(), "train/lm_loss": lm.detach(), "train/tokens": float(self._tokens_seen),
-                "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}
-        logs.update({f"train/aux/{k}": v.detach() for k, v in out.aux_losses.items()})
-        logs.update(self.extra_metrics(out, batch, "train"))
-        now = time.perf_counter()
-        if self._t_last is not None and now > self._t_last: logs["train/tokens_per_s"] = (self._tokens_seen - self._tok_last) / (now - self._t_last)
-        self._t_last, self._tok_last = now, self._tokens_seen
-        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
-        self.log("loss", lm.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
-        return loss
-
-    # ---- validation (document-wise windows; sums reduced over ranks, then divided)
-    def on_validation_epoch_start(self):
-        self._val = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, bytes, tokens
-        self._t_last = None  # do not count validation time in tokens/s
-
-    def validation_step(self, batch, batch_idx):
-        out = self._run(batch)
-        mask = batch["labels"] != self.hparams.ignore_index
-        nats = out.loss[mask].double().sum()
-        bl = self.byte_lengths
-        nbytes = mask.sum().double() if bl is None else bl[batch["labels"][mask]].double().sum()
-        self._val += torch.stack([nats, nbytes, mask.sum().double()])
-        for k, v in self.extra_metrics(out, batch, "val").items(): self.log(k, v, on_step=False, on_epoch=True, sync_dist=True)
-
-    def on_validation_epoch_end(self):
-        tot = self.trainer.strategy.reduce(self._val, reduce_op="sum") if self.trainer.world_size > 1 else self._val
-        nats, nbytes, ntok = tot.tolist()
-        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
-        known = isinstance(vocab, int) and ntok > 0
-        self.val_uniform_bpb = uniform_bpb(vocab, ntok, nbytes) if known else None
-        self.log_dict({"val/loss": nats / max(ntok, 1), "val/bpb": bits_per_byte(nats, nbytes)}, prog_bar=True, rank_zero_only=False)
-
-    # ---- optimisation
-    def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        hp = self.hparams
-        max_steps = hp.max_steps or (self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None)
-        if hp.schedule == "cosine": expect(max_steps is not None, "max_steps", "set (here or Trainer(max_steps=...)) for the cosine schedule", max_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, hp.warmup_steps, max_steps, hp.schedule, hp.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
-        if clip: self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+# defined in trainlab.faults
+_all_ = ["rng_state", "set_rng_state", "ResumableLoader", "DivergenceError"]
 
 # %% ../nbs/03_train.ipynb #1790864b
 class History(L.Callback):
     "Records train metrics every `every_n_steps` and every validation, with step, tokens and training seconds (validation excluded)."
     def __init__(self, every_n_steps: int = 10):
-        expect(isinstance(every_n_steps, int) and every_n_steps >= 1, "every_n_steps", "an int >= 1", every_n_steps)
+        expect(isinstance(every_n_steps, int) and every_n_steps >= 1, "every_n_steps",
+               "an int >= 1", every_n_steps)
         self.every_n_steps, self.train, self.val = every_n_steps, [], []
-        self._t0 = self._val_t0 = None; self._val_time = 0.0; self._before = 0.0  # seconds trained before a resume
+        self._t0 = self._val_t0 = None
+        self._val_time = 0.0
+        self._before = 0.0  # seconds trained before a resume
 
     def train_seconds(self) -> float:
-        return self._before + (0.0 if self._t0 is None else time.perf_counter() - self._t0 - self._val_time)
+        return self._before + (0.0 if self._t0 is None
+                               else time.perf_counter() - self._t0 - self._val_time)
 
-    def state_dict(self) -> dict: return {"train": self.train, "val": self.val, "train_s": self.train_seconds()}
+    def state_dict(self) -> dict:
+        return {"train": self.train, "val": self.val, "train_s": self.train_seconds()}
     def load_state_dict(self, state: dict):
-        self.train, self.val, self._before = list(state["train"]), list(state["val"]), float(state["train_s"])
+        self.train, self.val, self._before = (list(state["train"]), list(state["val"]),
+                                              float(state["train_s"]))
 
     def _row(self, trainer, pl_module, prefix):
-        m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
-        return {"step": trainer.global_step, "tokens": int(getattr(pl_module, "_tokens_seen", 0)), "train_s": self.train_seconds(), **m}
+        m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in trainer.callback_metrics.items()
+             if k.startswith(prefix)}
+        return {"step": trainer.global_step, "tokens": int(getattr(pl_module, "_tokens_seen", 0)),
+                "train_s": self.train_seconds(), **m}
 
     def on_train_start(self, trainer, pl_module):
         self._t0, self._val_time = time.perf_counter(), 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.every_n_steps == 0 or trainer.global_step == trainer.max_steps:
+        if (trainer.global_step % self.every_n_steps == 0
+            or trainer.global_step == trainer.max_steps):
             self.train.append(self._row(trainer, pl_module, "train/"))
 
     def on_validation_start(self, trainer, pl_module): self._val_t0 = time.perf_counter()
@@ -194,7 +79,8 @@ class History(L.Callback):
 # %% ../nbs/03_train.ipynb #f01530df
 def quiet_lightning():
     "Silence Lightning's per-fit banners (accelerator info, tips) and a known deprecation warning from its pytree helper."
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.rank_zero"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
@@ -207,24 +93,29 @@ class ReleaseProcessGroup(L.Callback):
     registered = False  # per process: a spawned rank starts from a fresh interpreter
     def setup(self, trainer, pl_module, stage):
         if ReleaseProcessGroup.registered or not dist_initialized(): return
-        if torch.distributed.get_backend() != "gloo": return  # Lightning registers its own clean-up for NCCL
+        if torch.distributed.get_backend() != "gloo":
+            return  # Lightning registers its own clean-up for NCCL
         atexit.register(release_process_group)
         ReleaseProcessGroup.registered = True
 
 def _with_release(callbacks):
     cbs = list(callbacks or [])
-    return cbs if any(isinstance(c, ReleaseProcessGroup) for c in cbs) else [*cbs, ReleaseProcessGroup()]
+    return cbs if any(isinstance(c, ReleaseProcessGroup) for c in cbs) else [*cbs,
+                                                                             ReleaseProcessGroup()]
 
-def make_trainer(max_steps: int, val_every: int | None = None, callbacks: list | None = None, progress: bool = False,
-                 accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", precision: str = "32-true",
-                 quiet: bool = True, **kwargs) -> L.Trainer:
+def make_trainer(max_steps: int, val_every: int | None = None, callbacks: list | None = None,
+                 progress: bool = False, accelerator: str = "auto", devices: int | str = 1,
+                 strategy: str = "auto", precision: str = "32-true", quiet: bool = True,
+                 **kwargs) -> L.Trainer:
     "A `lightning.Trainer` for step-budgeted runs: no logger or checkpoints, validation every `val_every` steps (and at the end); gloo ranks exit cleanly."
     if quiet: quiet_lightning()
     expect(isinstance(max_steps, int) and max_steps >= 1, "max_steps", "an int >= 1", max_steps)
-    expect(val_every is None or (isinstance(val_every, int) and val_every >= 1), "val_every", "None or an int >= 1", val_every)
-    kw = dict(max_steps=max_steps, accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-              logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-              num_sanity_val_steps=0, deterministic=True, callbacks=_with_release(callbacks), log_every_n_steps=1,
+    expect(val_every is None or (isinstance(val_every, int) and val_every >= 1), "val_every",
+           "None or an int >= 1", val_every)
+    kw = dict(max_steps=max_steps, accelerator=accelerator, devices=devices,
+              strategy=strategy, precision=precision, logger=False, enable_checkpointing=False,
+              enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
+              deterministic=True, callbacks=_with_release(callbacks), log_every_n_steps=1,
               val_check_interval=val_every or max_steps, check_val_every_n_epoch=None)
     kw.update(kwargs)
     return L.Trainer(**kw)
@@ -248,26 +139,31 @@ class TrainConfig:
     seq_len: int = 256            # tokens per sequence
     seed: int = 0                 # initialisation and data order; arms sharing a seed are paired
     precision: str = "32-true"    # or "bf16-mixed" (autocast; CPUs with AVX512-BF16 run it faster)
-    impl: str = "auto"            # kernel implementation for every module that has one: "auto", "triton", "torch"
+    # kernel implementation for every module that has one: "auto", "triton", "torch"
+    impl: str = "auto"
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0
     val_every: int | None = None  # validate every n steps (and at the end)
+    strategy: str = "auto"        # or "ddp", "ddp_spawn", "fsdp2" (trainlab.sharding)
+    devices: int = 1  # processes (one per device); the global batch is batch_size * devices
 
     def __post_init__(self):
         if isinstance(self.model, dict): self.model = ModelConfig(**self.model)
-        expect(isinstance(self.model, ModelConfig), "model", "a ModelConfig or a dict of its fields", type(self.model).__name__)
+        expect(isinstance(self.model, ModelConfig), "model",
+               "a ModelConfig or a dict of its fields", type(self.model).__name__)
         for k in ("steps", "batch_size", "seq_len"):
             v = getattr(self, k)
             expect(_is_int(v) and v >= 1, k, "a positive int (not a bool)", v)
-        expect(self.seq_len <= self.model.max_seq_len, "seq_len", f"at most model.max_seq_len ({self.model.max_seq_len})",
-               self.seq_len)
+        expect(self.seq_len <= self.model.max_seq_len, "seq_len",
+               f"at most model.max_seq_len ({self.model.max_seq_len})", self.seq_len)
         expect(_is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.steps, "warmup_steps",
                f"an int in [0, steps] = [0, {self.steps}]", self.warmup_steps)
         ok = _is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0
         expect(ok, "lr", "a finite number > 0", self.lr)
-        expect(_is_real(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]",
-               self.min_lr_ratio)
-        ok = _is_real(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0
+        expect(_is_real(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+               "a number in [0, 1]", self.min_lr_ratio)
+        ok = (_is_real(self.weight_decay) and math.isfinite(self.weight_decay)
+              and self.weight_decay >= 0)
         expect(ok, "weight_decay", "a finite number >= 0", self.weight_decay)
         clip = self.grad_clip
         ok = clip is None or (_is_real(clip) and math.isfinite(clip) and clip > 0)
@@ -275,9 +171,11 @@ class TrainConfig:
         check_choice("schedule", self.schedule, ("cosine", "constant"))
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("impl", self.impl, ("auto", "triton", "torch"))
-        expect(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)", self.seed)
+        expect(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)",
+               self.seed)
         ok = self.val_every is None or (_is_int(self.val_every) and self.val_every >= 1)
         expect(ok, "val_every", "None or an int >= 1", self.val_every)
+        check_strategy(self.strategy, self.devices)
 
     @property
     def tokens(self) -> int: return self.steps * self.batch_size * self.seq_len
@@ -288,7 +186,8 @@ class TrainConfig:
 
     def lit_kwargs(self) -> dict:
         "The optimisation arguments of `LMLitModule` (and its subclasses)."
-        return dict(lr=self.lr, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, schedule=self.schedule,
+        return dict(lr=self.lr, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
+                    schedule=self.schedule,
                     min_lr_ratio=self.min_lr_ratio, grad_clip=self.grad_clip, max_steps=self.steps)
 
 # %% ../nbs/03_train.ipynb #10ca43d5
@@ -304,9 +203,11 @@ def run_loggers(run_dir: str | Path, resumed: bool = False) -> list:
     "CSVLogger into `run_dir` (a resumed fit into `run_dir/resumed-<n>`), plus TensorBoard (`run_dir/tb`) when it is installed."
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     run_dir = Path(run_dir)
-    version = f"resumed-{len(list(run_dir.glob('resumed-*'))) + 1}" if resumed else ""  # never overwrite the rows logged before the fault
+    # never overwrite the rows logged before the fault
+    version = f"resumed-{len(list(run_dir.glob('resumed-*'))) + 1}" if resumed else ""
     out = [CSVLogger(run_dir, name="", version=version)]
-    if importlib.util.find_spec("tensorboard") is not None: out.append(TensorBoardLogger(run_dir, name="tb", version=version, default_hp_metric=False))
+    if importlib.util.find_spec("tensorboard") is not None:
+        out.append(TensorBoardLogger(run_dir, name="tb", version=version, default_hp_metric=False))
     return out
 
 # %% ../nbs/03_train.ipynb #a600393d
@@ -316,7 +217,8 @@ class StepProgress(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         from tqdm.auto import tqdm
-        self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc=self.label, unit="step", dynamic_ncols=True, leave=True)
+        self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc=self.label,
+                        unit="step", dynamic_ncols=True, leave=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.bar is None: return
@@ -325,41 +227,60 @@ class StepProgress(L.Callback):
         if loss is not None: self.bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
 
     def on_train_end(self, trainer, pl_module):
-        if self.bar is not None: self.bar.close(); self.bar = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 # %% ../nbs/03_train.ipynb #aab2d585
-def fit(cfg: TrainConfig, lit: L.LightningModule | Callable[[], L.LightningModule], datamodule: L.LightningDataModule,
-        callbacks: list | None = None, run_dir: str | Path | None = None, progress: bool | str = False, history_every: int | None = None,
-        keep_checkpoint: bool = False, name: str | None = None, **trainer_kwargs) -> tuple[L.LightningModule, History, L.Trainer]:
+def fit(cfg: TrainConfig, lit: L.LightningModule | Callable[[], L.LightningModule],
+        datamodule: L.LightningDataModule, callbacks: list | None = None,
+        run_dir: str | Path | None = None, progress: bool | str = False,
+        history_every: int | None = None, keep_checkpoint: bool = False, name: str | None = None,
+        **trainer_kwargs) -> tuple[L.LightningModule, History, L.Trainer]:
     "Seed, build the trainer, fit `lit` (or `lit()`) on `datamodule` per `cfg`; resumable from `run_dir`; stops if it diverges."
     expect(isinstance(cfg, TrainConfig), "cfg", "a TrainConfig", type(cfg).__name__, exc=TypeError)
     seed_everything(cfg.seed)
-    if not isinstance(lit, L.LightningModule): lit = lit()  # built after seeding: the initialisation follows cfg.seed
-    expect(isinstance(lit, L.LightningModule), "lit", "a LightningModule or a function returning one", type(lit).__name__, exc=TypeError)
+    if not isinstance(lit, L.LightningModule):
+        lit = lit()  # built after seeding: the initialisation follows cfg.seed
+    expect(isinstance(lit, L.LightningModule), "lit",
+           "a LightningModule or a function returning one", type(lit).__name__, exc=TypeError)
     set_impl(lit, cfg.impl)
-    label = name or (progress if isinstance(progress, str) else None)  # the unit ('fp32/seed0'): bars, errors
+    # the unit ('fp32/seed0'): bars, errors
+    label = name or (progress if isinstance(progress, str) else None)
     label = label or ("/".join(Path(run_dir).parts[-2:]) if run_dir else "train")
     hist = History(every_n_steps=history_every or max(1, cfg.steps // 100))
     cbs, ckpt, ckpt_dir = [hist, DivergenceGuard(label), *(callbacks or [])], None, None
-    if progress: cbs.append(StepProgress(label))  # one bar over all steps instead of Lightning's per-epoch bar
+    if progress:
+        # one bar over all steps instead of Lightning's per-epoch bar
+        cbs.append(StepProgress(label))
     if run_dir is not None:
         from lightning.pytorch.callbacks import ModelCheckpoint
         ckpt_dir = Path(run_dir) / "checkpoints"
-        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False))
-        ckpt, found = resume_checkpoint(ckpt_dir, unit=label)  # the newest one that loads (damaged: warned, skipped)
-        plugins = with_checkpoint_io(trainer_kwargs.pop("plugins", None))  # written atomically, the previous one kept
-        trainer_kwargs = {"logger": run_loggers(run_dir, resumed=found), "enable_checkpointing": True, "plugins": plugins,
-                          **trainer_kwargs}
-    trainer = make_trainer(cfg.steps, val_every=cfg.val_every, callbacks=cbs, progress=False, precision=cfg.precision, **trainer_kwargs)
-    patched = run_dir is not None and trainer.world_size == 1  # multi-process runs keep Lightning's own sampler handling
+        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
+                                   enable_version_counter=False))
+        # the newest one that loads (damaged: warned, skipped)
+        ckpt, found = resume_checkpoint(ckpt_dir, unit=label)
+        # written atomically, the previous one kept
+        plugins = with_checkpoint_io(trainer_kwargs.pop("plugins", None))
+        trainer_kwargs = {"logger": run_loggers(run_dir, resumed=found),
+                          "enable_checkpointing": True, "plugins": plugins, **trainer_kwargs}
+    # explicit arguments win
+    trainer_kwargs = {**strategy_kwargs(cfg.strategy, cfg.devices), **trainer_kwargs}
+    trainer = make_trainer(cfg.steps, val_every=cfg.val_every, callbacks=cbs, progress=False,
+                           precision=cfg.precision, **trainer_kwargs)
+    # multi-process runs keep Lightning's own sampler handling
+    patched = run_dir is not None and trainer.world_size == 1
     if patched:
         resume, make = ResumeState(), datamodule.train_dataloader
         trainer.callbacks.append(resume)
         datamodule.train_dataloader = lambda: resume.wrap(make())
     try:
-        with warnings.catch_warnings():  # Lightning warns that the loader is not resumable: ResumableLoader replays it instead
-            warnings.filterwarnings("ignore", message=r".*(dataloader is not resumable|exists and is not empty).*")
-            trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt and str(ckpt), weights_only=False)  # our own checkpoint (it holds RNG states)
+        # Lightning warns that the loader is not resumable: ResumableLoader replays it instead
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r".*(dataloader is not resumable|exists and is not empty).*")
+            trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt and str(ckpt),
+                        weights_only=False)  # our own checkpoint (it holds RNG states)
     finally:
         if patched: del datamodule.train_dataloader
     if ckpt_dir is not None and not keep_checkpoint: shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -57,7 +57,9 @@ def _read_folder(root: Path) -> list[Document]:
     docs, binary, n_files = [], [], 0
     for p in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
         rel = p.relative_to(root)
-        if not p.is_file() or any(part.startswith(".") or part == "__pycache__" for part in rel.parts): continue
+        if not p.is_file() or any(part.startswith(".") or part == "__pycache__"
+                                  for part in rel.parts):
+            continue
         n_files += 1
         text = _read_text_file(p)
         if text is None: binary.append(rel.as_posix())
@@ -67,16 +69,21 @@ def _read_folder(root: Path) -> list[Document]:
         warnings.warn(f"{root}: skipped {len(links)} symbolic link(s) that loop, repeat a folder "
                       f"or are broken: {', '.join(links[:5])}{more}")
     if not docs:
-        found = "no files" if not n_files else f"{n_files} file(s): {n_files - len(binary)} empty, {len(binary)} not UTF-8 text"
-        raise ValueError(f"`source`: the folder {str(root)!r} is empty: expected at least one non-empty UTF-8 text file "
-                         f"(hidden files and __pycache__ are ignored), found {found}")
+        found = (
+            "no files" if not n_files
+            else f"{n_files} file(s): {n_files - len(binary)} empty, {len(binary)} not UTF-8 text")
+        raise ValueError(
+            f"`source`: the folder {str(root)!r} is empty: expected at least one non-empty UTF-8 text file "
+            f"(hidden files and __pycache__ are ignored), found {found}"
+        )
     if binary:
         more = f", ... ({len(binary) - 5} more)" if len(binary) > 5 else ""
         warnings.warn(f"{root}: skipped {len(binary)} of {n_files} files that are not UTF-8 text: {', '.join(binary[:5])}{more}")
     return docs
 
 # %% ../nbs/01c_user_corpus.ipynb #d5bd0dba
-_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "a boolean", type(None): "null"}
 
 def _read_jsonl(p: Path) -> list[Document]:
     "One document per line of the `.jsonl` file `p` with some text; errors name the file and line."
@@ -86,14 +93,22 @@ def _read_jsonl(p: Path) -> list[Document]:
         where = f"`source`: {p}:{i}: expected {want}"
         try: line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{where} in UTF-8, got the byte {raw[e.start]:#04x} at column {e.start + 1}, which is not UTF-8") from None
+            raise ValueError(
+                f"{where} in UTF-8, got the byte {raw[e.start]:#04x} at column {e.start + 1}, which is not UTF-8"
+            ) from None
         if not line.strip(): continue
         try: obj = json.loads(line)
-        except json.JSONDecodeError as e: raise ValueError(f"{where}, got invalid JSON ({e.msg} at column {e.colno}): {line[:60]!r}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{where}, got invalid JSON ({e.msg} at column {e.colno}): {line[:60]!r}") from None
         kind = lambda v: _JSON_KINDS.get(type(v), type(v).__name__)
         if not isinstance(obj, dict): raise ValueError(f"{where}, got {kind(obj)}: {line[:60]!r}")
-        if "text" not in obj: raise ValueError(f"{where}, got an object without \"text\" (its keys: {', '.join(map(repr, list(obj)[:8]))})")
-        if not isinstance(obj["text"], str): raise ValueError(f"{where}, got \"text\": {kind(obj['text'])}")
+        if "text" not in obj:
+            raise ValueError(
+                f"{where}, got an object without \"text\" (its keys: {', '.join(map(repr, list(obj)[:8]))})"
+            )
+        if not isinstance(obj["text"], str):
+            raise ValueError(f"{where}, got \"text\": {kind(obj['text'])}")
         if not obj["text"].strip():  # nothing to learn from: skipped, and counted below
             empty.append(i)
             continue
@@ -113,13 +128,16 @@ def _read_jsonl(p: Path) -> list[Document]:
 # %% ../nbs/01c_user_corpus.ipynb #2dbb8094
 def _check_documents(docs, source) -> list[Document]:
     "`docs` if it is a non-empty list of `Document`s with unique ids, else a `TypeError`/`ValueError` naming `source`."
-    expect(isinstance(docs, list) and all(isinstance(d, Document) for d in docs), "source", "a corpus whose builder returns list[Document]", source, TypeError)
+    expect(isinstance(docs, list) and all(isinstance(d, Document) for d in docs), "source",
+           "a corpus whose builder returns list[Document]", source, TypeError)
     expect(len(docs) > 0, "source", "a corpus with at least one document", source)
     ids = [d.id for d in docs]
     if len(set(ids)) != len(ids):
         seen, dup = set(), None
         for i in ids:
-            if i in seen: dup = i; break
+            if i in seen:
+                dup = i
+                break
             seen.add(i)
         raise ValueError(f"`source` {source!r}: document ids must be unique, {dup!r} repeats")
     return docs
@@ -127,7 +145,8 @@ def _check_documents(docs, source) -> list[Document]:
 # %% ../nbs/01c_user_corpus.ipynb #c42ead6e
 def load_documents(source: str | os.PathLike, seed: int = 0) -> list[Document]:
     "Documents of a registered corpus (built with `seed`), a folder of text files, a `.jsonl` file or a text file."
-    if isinstance(source, str) and source in CORPORA: return _check_documents(CORPORA[source].fn(seed), source)
+    if isinstance(source, str) and source in CORPORA:
+        return _check_documents(CORPORA[source].fn(seed), source)
     p = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
     if p is None or not p.exists():
         raise ValueError(f"`source`: expected a registered corpus ({', '.join(list_corpora())}) or an existing file or folder, got {source!r}")
@@ -136,26 +155,37 @@ def load_documents(source: str | os.PathLike, seed: int = 0) -> list[Document]:
     else:
         text = _read_text_file(p)
         expect(text is not None, "source", "a UTF-8 text file (without NUL bytes)", str(p))
-        if not text: raise ValueError(f"`source`: the file {str(p)!r} is empty: expected a UTF-8 text file with some text, found 0 bytes")
+        if not text:
+            raise ValueError(f"`source`: the file {str(p)!r} is empty: expected a UTF-8 text file with some text, found 0 bytes")
         docs = [Document(p.name, text)]
     return _check_documents(docs, str(source))
 
 # %% ../nbs/01c_user_corpus.ipynb #22b26d2d
 def write_tiny_fixtures(dest: str | Path) -> list[Path]:
     "Generate the `data/tiny` fixtures into `dest` (deterministic; see GENERATED.md there)."
-    dest = Path(dest); out = []
+    dest = Path(dest)
+    out = []
     def put(rel, data):
-        p = dest / rel; p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8")); out.append(p)
+        p = dest / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+        out.append(p)
     docs = synthetic_facts(seed=0, n_entities=60)
-    put("facts.jsonl", "".join(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n" for d in docs))
-    put("folder/notes.txt", "Notes on an invented world.\n\n" + "".join(d.text for d in synthetic_facts(seed=1, n_entities=8)))
-    put("folder/more/people.md", "# People\n\n" + "".join(f"- {d.text}" for d in synthetic_facts(seed=2, n_entities=5)))
+    put("facts.jsonl",
+        "".join(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n" for d in docs))
+    put("folder/notes.txt", "Notes on an invented world.\n\n"
+        + "".join(d.text for d in synthetic_facts(seed=1, n_entities=8)))
+    put("folder/more/people.md",
+        "# People\n\n" + "".join(f"- {d.text}" for d in synthetic_facts(seed=2, n_entities=5)))
     code = ['"""Generated by trainlab.data.write_tiny_fixtures: small arithmetic functions."""', ""]
-    for k in range(1, 9): code += ["", f"def times_{k}(x):", f'    "Return x times {k}."', f"    return x * {k}", ""]
+    for k in range(1, 9):
+        code += ["", f"def times_{k}(x):", f'    "Return x times {k}."', f"    return x * {k}", ""]
     put("folder/code/times.py", "\n".join(code))
     put("folder/blob.bin", bytes(range(128, 256)))  # not UTF-8: skipped by the folder loader
-    put("GENERATED.md", "# data/tiny\n\nGenerated by `python -c \"from trainlab.data import write_tiny_fixtures; write_tiny_fixtures('data/tiny')\"` "
-        "(run at the repository root). Do not edit by hand: `tests/test_data.py` checks that the files match the generator. "
-        "All text comes from trainlab's seeded synthetic-facts generator; nothing is copied from elsewhere.\n")
+    put("GENERATED.md", "# data/tiny\n\nGenerated by `python -c \"from trainlab.data import "
+                        "write_tiny_fixtures; write_tiny_fixtures('data/tiny')\"` "
+        "(run at the repository root). Do not edit by hand: `tests/test_data.py` checks that the "
+        "files match the generator. "
+        "All text comes from trainlab's seeded synthetic-facts generator; nothing is copied from "
+        "elsewhere.\n")
     return out

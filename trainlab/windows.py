@@ -35,38 +35,47 @@ class PackedDataset(Dataset):
         expect(len(corpus) > 0, "corpus", "at least one document", len(corpus))
         n = len(corpus)
         self.starts = corpus.offsets[:-1] + np.arange(n)  # stream position of each document's EOT
-        stream = np.empty(corpus.n_tokens + n, dtype=np.result_type(corpus.tokens.dtype, np.min_scalar_type(self.eot_id)))
-        is_text = np.ones(len(stream), dtype=bool); is_text[self.starts] = False
-        stream[self.starts] = self.eot_id; stream[is_text] = corpus.tokens
+        stream = np.empty(corpus.n_tokens + n, dtype=np.result_type(
+            corpus.tokens.dtype, np.min_scalar_type(self.eot_id)))
+        is_text = np.ones(len(stream), dtype=bool)
+        is_text[self.starts] = False
+        stream[self.starts] = self.eot_id
+        stream[is_text] = corpus.tokens
         self.stream = stream
         self.n_windows = (len(stream) - 1) // self.seq_len
-        expect(self.n_windows >= 1, "seq_len", f"at most {len(stream) - 1} for this corpus of {len(stream)} packed tokens", seq_len)
+        expect(self.n_windows >= 1, "seq_len",
+               f"at most {len(stream) - 1} for this corpus of {len(stream)} packed tokens", seq_len)
 
     def __len__(self) -> int: return self.n_windows
 
     def __getitem__(self, i: int) -> dict:
         if i < 0: i += self.n_windows
-        if not 0 <= i < self.n_windows: raise IndexError(f"window {i} out of range [0, {self.n_windows})")
+        if not 0 <= i < self.n_windows:
+            raise IndexError(f"window {i} out of range [0, {self.n_windows})")
         s = i * self.seq_len
         w = self.stream[s:s + self.seq_len + 1].astype(np.int64)
         doc = np.searchsorted(self.starts, np.arange(s, s + self.seq_len), side="right") - 1
-        return dict(input_ids=torch.from_numpy(w[:-1].copy()), labels=torch.from_numpy(w[1:].copy()),
-                    doc_ids=torch.from_numpy(doc - doc[0]))
+        return dict(input_ids=torch.from_numpy(w[:-1].copy()),
+                    labels=torch.from_numpy(w[1:].copy()), doc_ids=torch.from_numpy(doc - doc[0]))
 
 # %% ../nbs/01f_windows.ipynb #b9a933fe
 def boundary_share(corpus, window: int, tokenizer=None) -> float:
     "Share of the windows of `PackedDataset(corpus, window)` whose `doc_ids` change, i.e. that hold a document boundary."
     if isinstance(corpus, (str, os.PathLike)): corpus = load_corpus(corpus, "all", tokenizer)
     elif not isinstance(corpus, TokenizedCorpus):
-        expect(isinstance(corpus, Sequence) and all(isinstance(d, Document) for d in corpus), "corpus",
-               "a TokenizedCorpus, a list of Documents, or a corpus name or path", type(corpus).__name__, TypeError)
+        expect(isinstance(corpus, Sequence) and all(isinstance(d, Document) for d in corpus),
+               "corpus", "a TokenizedCorpus, a list of Documents, or a corpus name or path",
+               type(corpus).__name__, TypeError)
         corpus = TokenizedCorpus.from_documents(corpus, tokenizer)
     w, n = check_pos_int("window", window), len(corpus)
     expect(n > 0, "corpus", "at least one document", n)
     n_windows = (corpus.n_tokens + n - 1) // w
-    expect(n_windows >= 1, "window", f"at most {corpus.n_tokens + n - 1} for this corpus of {corpus.n_tokens + n} packed tokens", window)
-    starts = corpus.offsets[:-1] + np.arange(n)               # stream position of each document's EOT
-    inside = starts[starts % w != 0] // w                     # windows with an EOT after their first position
+    expect(
+        n_windows >= 1, "window",
+        f"at most {corpus.n_tokens + n - 1} for this corpus of {corpus.n_tokens + n} packed tokens",
+        window)
+    starts = corpus.offsets[:-1] + np.arange(n)  # stream position of each document's EOT
+    inside = starts[starts % w != 0] // w  # windows with an EOT after their first position
     return len(np.unique(inside[inside < n_windows])) / n_windows
 
 # %% ../nbs/01f_windows.ipynb #47ebfccc
@@ -93,13 +102,16 @@ def select_eval_docs(corpus: TokenizedCorpus, max_docs: int | None = None,
 # %% ../nbs/01f_windows.ipynb #1bfcc438
 class DocWindowDataset(Dataset):
     "Each document on its own: `[EOT] + tokens`, predicted tokens cut into padded windows of `window`."
-    def __init__(self, corpus: TokenizedCorpus, window: int, eot_id: int, pad_id: int, max_docs: int | None = None, max_tokens: int | None = None):
+    def __init__(self, corpus: TokenizedCorpus, window: int, eot_id: int, pad_id: int,
+                 max_docs: int | None = None, max_tokens: int | None = None):
         self.corpus, self.window = corpus, check_pos_int("window", window)
         self.eot_id, self.pad_id = int(eot_id), int(pad_id)
         self.doc_indices = select_eval_docs(corpus, max_docs, max_tokens)
-        n_win = -(-corpus.lengths[self.doc_indices] // self.window)  # ceil; empty documents have no windows
+        # ceil; empty documents have no windows
+        n_win = -(-corpus.lengths[self.doc_indices] // self.window)
         self.win_doc = np.repeat(self.doc_indices, n_win)
-        self.win_k = np.concatenate([np.arange(k) for k in n_win]) if len(n_win) else np.zeros(0, np.int64)
+        self.win_k = np.concatenate([np.arange(k)
+                                     for k in n_win]) if len(n_win) else np.zeros(0, np.int64)
 
     def __len__(self) -> int: return len(self.win_doc)
     @property
@@ -116,41 +128,57 @@ class DocWindowDataset(Dataset):
         if not 0 <= i < len(self): raise IndexError(f"window {i} out of range [0, {len(self)})")
         d, k, W = int(self.win_doc[i]), int(self.win_k[i]), self.window
         toks = self.corpus.doc(d)
-        start = k * W; m = min(W, len(toks) - start)
-        x = np.full(W, self.pad_id, np.int64); y = np.full(W, -100, np.int64); pos = np.full(W, -1, np.int64)
-        y[:m] = toks[start:start + m]; pos[:m] = np.arange(start, start + m)
-        x[0] = self.eot_id if start == 0 else toks[start - 1]  # each label is predicted from the token before it
+        start = k * W
+        m = min(W, len(toks) - start)
+        x = np.full(W, self.pad_id, np.int64)
+        y = np.full(W, -100, np.int64)
+        pos = np.full(W, -1, np.int64)
+        y[:m] = toks[start:start + m]
+        pos[:m] = np.arange(start, start + m)
+        # each label is predicted from the token before it
+        x[0] = self.eot_id if start == 0 else toks[start - 1]
         x[1:m] = y[:m - 1]
-        return dict(input_ids=torch.from_numpy(x), labels=torch.from_numpy(y), positions=torch.from_numpy(pos), doc_index=d)
+        return dict(input_ids=torch.from_numpy(x), labels=torch.from_numpy(y),
+                    positions=torch.from_numpy(pos), doc_index=d)
 
 # %% ../nbs/01f_windows.ipynb #e1cbc3a6
-def balanced_val_mask(ids: Sequence[str], lengths, min_tokens: int = 200_000, max_share: float = 0.2, salt: str = "") -> np.ndarray:
+def balanced_val_mask(ids: Sequence[str], lengths, min_tokens: int = 200_000,
+                      max_share: float = 0.2, salt: str = "") -> np.ndarray:
     "Boolean array: documents taken in `stable_unit_hash(id, salt)` order until `min_tokens`, none above `max_share` of the validation tokens."
     check_pos_int("min_tokens", min_tokens)
-    expect(isinstance(max_share, (int, float, np.floating)) and not isinstance(max_share, bool) and 0 < max_share <= 1, "max_share", "a number in (0, 1]", max_share)
+    expect(isinstance(max_share, (int, float, np.floating)) and not isinstance(max_share, bool)
+           and 0 < max_share <= 1, "max_share", "a number in (0, 1]", max_share)
     expect(isinstance(salt, str), "salt", "a str", salt, TypeError)
     lens = np.asarray(lengths, dtype=np.int64)
-    expect(lens.shape == (len(ids),) and bool((lens >= 0).all()), "lengths", f"{len(ids)} token counts >= 0, one per id", lens.shape)
+    expect(lens.shape == (len(ids),) and bool((lens >= 0).all()), "lengths",
+           f"{len(ids)} token counts >= 0, one per id", lens.shape)
     m, taken, skipped = np.zeros(len(ids), dtype=bool), 0, 0
     for i in sorted(range(len(ids)), key=lambda i: stable_unit_hash(ids[i], salt)):
         if taken >= min_tokens: break
-        if lens[i] > max_share * max(min_tokens, taken + lens[i]): skipped += 1; continue  # would exceed max_share of the final total
+        if lens[i] > max_share * max(min_tokens, taken + lens[i]):
+            skipped += 1
+            continue  # would exceed max_share of the final total
         m[i], taken = True, taken + int(lens[i])
-    expect(taken >= min_tokens, "min_tokens", f"at most the {taken:,} tokens this corpus can give ({int(m.sum())} documents taken, "
+    expect(taken >= min_tokens, "min_tokens",
+           f"at most the {taken:,} tokens this corpus can give ({int(m.sum())} documents taken, "
            f"{skipped} skipped as longer than max_share={max_share} of the total)", min_tokens)
-    expect(not m.all(), "min_tokens", f"a size that leaves training documents (it takes all {len(ids)} documents)", min_tokens)
+    expect(not m.all(), "min_tokens",
+           f"a size that leaves training documents (it takes all {len(ids)} documents)", min_tokens)
     return m
 
 # %% ../nbs/01f_windows.ipynb #8ce63d8e
 def _token_lengths(corpus, tokenizer=None) -> tuple[list[str], np.ndarray]:
     "Ids and token counts of a `TokenizedCorpus` or a list of `Document`s (tokenized with `tokenizer`)."
     if isinstance(corpus, TokenizedCorpus): return corpus.ids, corpus.lengths
-    expect(isinstance(corpus, Sequence) and not isinstance(corpus, str) and all(isinstance(d, Document) for d in corpus), "corpus",
+    expect(isinstance(corpus, Sequence) and not isinstance(corpus, str)
+           and all(isinstance(d, Document) for d in corpus), "corpus",
            "a TokenizedCorpus or a list of Documents", type(corpus).__name__, TypeError)
     tok = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
-    return [d.id for d in corpus], np.array([len(encode_array(tok, d.text)) for d in corpus], dtype=np.int64)
+    return [d.id for d in corpus], np.array([len(encode_array(tok, d.text)) for d in corpus],
+                                            dtype=np.int64)
 
-def balanced_val_split(corpus, min_tokens: int = 200_000, max_share: float = 0.2, salt: str = "", tokenizer=None) -> tuple:
+def balanced_val_split(corpus, min_tokens: int = 200_000, max_share: float = 0.2, salt: str = "",
+                       tokenizer=None) -> tuple:
     "(train, val) of a `TokenizedCorpus`, a list of `Document`s or a corpus name or path (loaded whole), by `balanced_val_mask`."
     if isinstance(corpus, (str, os.PathLike)): corpus = load_corpus(corpus, "all", tokenizer)
     m = balanced_val_mask(*_token_lengths(corpus, tokenizer), min_tokens, max_share, salt)
@@ -163,7 +191,9 @@ def balanced_val_split(corpus, min_tokens: int = 200_000, max_share: float = 0.2
 # %% ../nbs/01f_windows.ipynb #d8865cd6
 def val_split_stats(train, val, tokenizer=None) -> dict:
     "Documents and tokens of a (train, val) split, and the validation document with the largest share of the validation tokens."
-    (tr_ids, tr_l), (va_ids, va_l) = _token_lengths(train, tokenizer), _token_lengths(val, tokenizer)
+    (tr_ids, tr_l), (va_ids,
+                     va_l) = _token_lengths(train, tokenizer), _token_lengths(val, tokenizer)
     k = int(np.argmax(va_l)) if len(va_l) else None
-    return dict(train_docs=len(tr_ids), train_tokens=int(tr_l.sum()), val_docs=len(va_ids), val_tokens=int(va_l.sum()),
-                largest_val_doc=None if k is None else va_ids[k], largest_share=float(va_l[k] / max(1, va_l.sum())) if k is not None else 0.0)
+    return dict(train_docs=len(tr_ids), train_tokens=int(tr_l.sum()), val_docs=len(va_ids),
+                val_tokens=int(va_l.sum()), largest_val_doc=None if k is None else va_ids[k],
+                largest_share=float(va_l[k] / max(1, va_l.sum())) if k is not None else 0.0)

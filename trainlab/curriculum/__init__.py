@@ -15,25 +15,37 @@ __all__ = ['CURRICULA', 'REWEIGHT_STRATEGIES', 'POSITION_BUCKETS', 'ARM_MODES', 
            'plot_by_position', 'plot_reweighting', 'paired_effects', 'reproduce_curriculum']
 
 # %% ../../nbs/curriculum/00_curriculum.ipynb #55d8fa81
-from .decompose import Buckets, check_bucket_range, decompose, plot_document_pieces, DDDataset
-from .sampling import (CURRICULA, curriculum_odds, steps_per_bucket, dd_schedule, plot_schedules, DDBatchSampler,
-                                          ChunkBatchSampler, VarChunkDataset, CurriculumDataModule, curriculum_fit)
-from .reweighting import REWEIGHT_STRATEGIES, minmax_scale, reweight, LossReweighter, toy_regression, plot_toy_regression
-from .evaluation import (POSITION_BUCKETS, position_key, evaluate_by_position, packed_eval_loader, time_to_target,
+from .decompose import (Buckets, check_bucket_range, decompose,
+                                           plot_document_pieces, DDDataset)
+from .sampling import (CURRICULA, curriculum_odds, steps_per_bucket, dd_schedule,
+                                          plot_schedules, DDBatchSampler, ChunkBatchSampler,
+                                          VarChunkDataset, CurriculumDataModule, curriculum_fit)
+from .reweighting import (REWEIGHT_STRATEGIES, minmax_scale, reweight,
+                                             LossReweighter, toy_regression, plot_toy_regression)
+from .evaluation import (POSITION_BUCKETS, position_key, evaluate_by_position,
+                                            packed_eval_loader, time_to_target,
                                             censored_time_to_target, StepLog)
-from .config import (ARM_MODES, CurriculumArm, Arm, CURRICULUM_ARMS, HEADLINE_ARM, BASELINE_ARM,
-                                        GROW_UNIFORM_MARGIN, CURRICULUM_CLAIMS, CurriculumRunConfig, curriculum_run_config)
-from .experiment import (STEP_S, STEP_S_TOKENS, EVAL_S_PER_TOKEN, step_seconds, estimate_run_seconds,
-                                            arm_datamodule, train_arm, plot_schedule_runs, step_time_by_length, plot_step_time,
-                                            plot_val_curves, plot_by_position, plot_reweighting, SEED_KEYS, SAMPLE_KEYS,
+from .config import (
+    ARM_MODES, CurriculumArm, Arm, CURRICULUM_ARMS, HEADLINE_ARM, BASELINE_ARM, GROW_UNIFORM_MARGIN,
+    CURRICULUM_CLAIMS, CurriculumRunConfig, curriculum_run_config)
+from .experiment import (STEP_S, STEP_S_TOKENS, EVAL_S_PER_TOKEN, step_seconds,
+                                            estimate_run_seconds,
+                                            arm_datamodule, train_arm, plot_schedule_runs,
+                                            step_time_by_length, plot_step_time,
+                                            plot_val_curves, plot_by_position, plot_reweighting,
+                                            SEED_KEYS, SAMPLE_KEYS,
                                             paired_effects, reproduce_curriculum)
 
 # %% ../../nbs/curriculum/00_curriculum.ipynb #9adfc3dc
-_all_ = ["CURRICULA", "REWEIGHT_STRATEGIES", "POSITION_BUCKETS", "ARM_MODES", "CURRICULUM_ARMS", "HEADLINE_ARM", "BASELINE_ARM",
-         "GROW_UNIFORM_MARGIN", "CURRICULUM_CLAIMS", "STEP_S", "STEP_S_TOKENS", "EVAL_S_PER_TOKEN", "SEED_KEYS", "SAMPLE_KEYS",
-         "Buckets", "check_bucket_range", "decompose", "plot_document_pieces", "DDDataset", "curriculum_odds", "steps_per_bucket", "dd_schedule",
-         "plot_schedules", "DDBatchSampler", "ChunkBatchSampler", "VarChunkDataset", "CurriculumDataModule", "curriculum_fit", "minmax_scale",
-         "reweight", "LossReweighter", "toy_regression", "plot_toy_regression", "position_key", "evaluate_by_position", "packed_eval_loader",
-         "time_to_target", "censored_time_to_target", "StepLog", "CurriculumArm", "Arm", "CurriculumRunConfig", "curriculum_run_config", "step_seconds",
-         "estimate_run_seconds", "arm_datamodule", "train_arm", "plot_schedule_runs", "step_time_by_length", "plot_step_time",
-         "plot_val_curves", "plot_by_position", "plot_reweighting", "paired_effects", "reproduce_curriculum"]
+_all_ = ["CURRICULA", "REWEIGHT_STRATEGIES", "POSITION_BUCKETS", "ARM_MODES", "CURRICULUM_ARMS",
+         "HEADLINE_ARM", "BASELINE_ARM", "GROW_UNIFORM_MARGIN", "CURRICULUM_CLAIMS",
+         "STEP_S", "STEP_S_TOKENS", "EVAL_S_PER_TOKEN", "SEED_KEYS", "SAMPLE_KEYS", "Buckets",
+         "check_bucket_range", "decompose", "plot_document_pieces", "DDDataset", "curriculum_odds",
+         "steps_per_bucket", "dd_schedule", "plot_schedules", "DDBatchSampler", "ChunkBatchSampler",
+         "VarChunkDataset", "CurriculumDataModule", "curriculum_fit", "minmax_scale",
+         "reweight", "LossReweighter", "toy_regression", "plot_toy_regression", "position_key",
+         "evaluate_by_position", "packed_eval_loader", "time_to_target", "censored_time_to_target",
+         "StepLog", "CurriculumArm", "Arm", "CurriculumRunConfig", "curriculum_run_config",
+         "step_seconds", "estimate_run_seconds", "arm_datamodule", "train_arm",
+         "plot_schedule_runs", "step_time_by_length", "plot_step_time", "plot_val_curves",
+         "plot_by_position", "plot_reweighting", "paired_effects", "reproduce_curriculum"]

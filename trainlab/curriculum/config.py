@@ -30,23 +30,28 @@ class CurriculumArm:
     mode: str                    # one of ARM_MODES
     short: bool = False          # cc: windows of `short_len` instead of the longest length
     doc_mask: bool = False       # cc: attention masked at document boundaries
-    zero_doc_ids: bool = False   # cc: all-zero doc_ids: the code path of doc_mask, with nothing masked
+    # cc: all-zero doc_ids: the code path of doc_mask, with nothing masked
+    zero_doc_ids: bool = False
     curriculum: str = "uniform"  # dd, cc_var: a name in CURRICULA
     cycles: int = 1              # dd, cc_var: the cycles of Algorithm 1
     corpus: str | None = None    # None: the run's corpus
-    vs: str | None = None        # the arm it is compared with: its per-seed differences from it are reported
+    # the arm it is compared with: its per-seed differences from it are reported
+    vs: str | None = None
     exploratory: bool = False    # in no claim: trained on the first `exploratory_seeds` seeds only
     color: str | None = None     # in the figures
 
     def __post_init__(self):
         check_choice("mode", self.mode, ARM_MODES)
         check_choice("curriculum", self.curriculum, tuple(CURRICULA))
-        expect(isinstance(self.cycles, int) and self.cycles >= 1, "cycles", "an int >= 1", self.cycles)
+        expect(isinstance(self.cycles, int) and self.cycles >= 1, "cycles", "an int >= 1",
+               self.cycles)
         cc_only = (self.short, self.doc_mask, self.zero_doc_ids)
-        expect(self.mode == "cc" or not any(cc_only), "short, doc_mask, zero_doc_ids", f"False with mode={self.mode!r}", cc_only)
-        expect(self.mode != "cc" or (self.curriculum == "uniform" and self.cycles == 1), "curriculum, cycles", "defaults with mode='cc'",
-               (self.curriculum, self.cycles))
-        expect(not (self.doc_mask and self.zero_doc_ids), "zero_doc_ids", "False with doc_mask=True (it keeps the code path, not the mask)", True)
+        expect(self.mode == "cc" or not any(cc_only), "short, doc_mask, zero_doc_ids",
+               f"False with mode={self.mode!r}", cc_only)
+        expect(self.mode != "cc" or (self.curriculum == "uniform" and self.cycles == 1),
+               "curriculum, cycles", "defaults with mode='cc'", (self.curriculum, self.cycles))
+        expect(not (self.doc_mask and self.zero_doc_ids), "zero_doc_ids",
+               "False with doc_mask=True (it keeps the code path, not the mask)", True)
 
     @property
     def attention(self) -> str:
@@ -55,8 +60,11 @@ class CurriculumArm:
 
     def data_kwargs(self, rc) -> dict:
         "The `CurriculumDataModule` arguments of this arm under the run config `rc`."
-        if self.mode != "cc": return dict(mode=self.mode, min_log2=rc.min_log2, max_log2=rc.max_log2, curriculum=self.curriculum, cycles=self.cycles)
-        kw = dict(mode="cc", seq_len=rc.short_len if self.short else rc.long_len, doc_mask=self.doc_mask)
+        if self.mode != "cc":
+            return dict(mode=self.mode, min_log2=rc.min_log2, max_log2=rc.max_log2,
+                        curriculum=self.curriculum, cycles=self.cycles)
+        kw = dict(mode="cc", seq_len=rc.short_len if self.short else rc.long_len,
+                  doc_mask=self.doc_mask)
         return kw | (dict(zero_doc_ids=True) if self.zero_doc_ids else {})
 
 Arm = CurriculumArm  # the same class under its earlier name
@@ -121,21 +129,31 @@ register_arm(
 CURRICULUM_ARMS = arm_specs("curriculum")  # arm -> CurriculumArm, in registration order
 
 # %% ../../nbs/curriculum/04a_config.ipynb #2eb86849
-HEADLINE_ARM, BASELINE_ARM = "dd_grow_p2_c8", "cc_long"  # fixed before the run: the paper's setting, and C&C at the longest length
+# fixed before the run: the paper's setting, and C&C at the longest length
+HEADLINE_ARM, BASELINE_ARM = "dd_grow_p2_c8", "cc_long"
 
 # %% ../../nbs/curriculum/04a_config.ipynb #4ea9bb89
-GROW_UNIFORM_MARGIN = 0.01  # bpb: the non-inferiority margin of `grow_matches_uniform`, fixed before the run (see above)
+# bpb: the non-inferiority margin of `grow_matches_uniform`, fixed before the run (see above)
+GROW_UNIFORM_MARGIN = 0.01
 
 CURRICULUM_CLAIMS = (
-    Claim("dd_time_to_target", "DD Grow-P2 (8 cycles) reaches C&C-1024's final val bpb (same seed) sooner in training wall-clock: "
-          "C&C-1024's time over DD's, paired geometric mean, above 1.3x. A seed where DD never reaches the target counts with DD's time "
-          "censored at its total training time (a lower bound on DD's time), not dropped; the metrics give the number of such seeds "
-          "(target_missed_n).", "time_to_target_censored_s", (BASELINE_ARM, HEADLINE_ARM), "ratio", ">", 1.3),
-    Claim("dd_long_positions", "DD Grow-P2 (8 cycles) is no worse than C&C-128 at long positions (512+ of the 1024-token window): "
-          "paired bpb difference below 0.", "val_bpb_long", (HEADLINE_ARM, "cc_short"), "diff", "<", 0.0),
+    Claim("dd_time_to_target", "DD Grow-P2 (8 cycles) reaches C&C-1024's final val bpb (same seed) "
+                               "sooner in training wall-clock: "
+          "C&C-1024's time over DD's, paired geometric mean, above 1.3x. A seed where DD never "
+          "reaches the target counts with DD's time "
+          "censored at its total training time (a lower bound on DD's time), not dropped; the "
+          "metrics give the number of such seeds "
+          "(target_missed_n).", "time_to_target_censored_s", (BASELINE_ARM, HEADLINE_ARM), "ratio",
+          ">", 1.3),
+    Claim("dd_long_positions", "DD Grow-P2 (8 cycles) is no worse than C&C-128 at long positions "
+                               "(512+ of the 1024-token window): "
+          "paired bpb difference below 0.", "val_bpb_long", (HEADLINE_ARM, "cc_short"), "diff",
+          "<", 0.0),
     Claim("grow_matches_uniform", f"DD Grow-P2 (8 cycles) is at least as good as DD Uniform (1 cycle) overall: paired val bpb difference "
-          f"(Grow - Uniform) below the margin {GROW_UNIFORM_MARGIN} bpb.", "val_bpb", (HEADLINE_ARM, "dd_uniform_c1"), "diff", "<", GROW_UNIFORM_MARGIN),
-    Claim("grow_beats_uniform_long", "DD Grow-P2 (8 cycles) is better than DD Uniform (1 cycle) at long positions (512+): paired bpb "
+          f"(Grow - Uniform) below the margin {GROW_UNIFORM_MARGIN} bpb.", "val_bpb",
+          (HEADLINE_ARM, "dd_uniform_c1"), "diff", "<", GROW_UNIFORM_MARGIN),
+    Claim("grow_beats_uniform_long", "DD Grow-P2 (8 cycles) is better than DD Uniform (1 cycle) at "
+                                     "long positions (512+): paired bpb "
           "difference below 0.", "val_bpb_long", (HEADLINE_ARM, "dd_uniform_c1"), "diff", "<", 0.0),
 )
 
@@ -145,51 +163,69 @@ class CurriculumRunConfig(RunConfig):
     """The `curriculum` run: a shared `TrainConfig` (`seq_len`: the longest length; `batch_size x seq_len`:
     tokens per step), the data, evaluation and reweighting settings. The field defaults are the full run."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        model=ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=1024), steps=200, lr=3e-3, warmup_steps=20,
-        batch_size=8, seq_len=1024, val_every=40))
+        model=ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=1024), steps=200, lr=3e-3,
+        warmup_steps=20, batch_size=8, seq_len=1024, val_every=40))
     corpus: str = "stdlib_code"
     min_log2: int = 5              # shortest DD bucket: 2**min_log2 tokens
-    short_len: int = 128           # C&C-short's windows; the reweighting runs are scored on windows of this length
+    # C&C-short's windows; the reweighting runs are scored on windows of this length
+    short_len: int = 128
     eval_window: int = 1024
     val_min_tokens: int = 200_000  # balanced_val_split: at least this many validation tokens ...
     val_max_share: float = 0.2     # ... and no document above this share of them
     max_eval_tokens: int | None = None  # None: score the whole validation split
-    long_from: int = 512           # positions >= long_from of the evaluation window are "long" (`val_bpb_long`)
+    # positions >= long_from of the evaluation window are "long" (`val_bpb_long`)
+    long_from: int = 512
     arms: tuple = tuple(CURRICULUM_ARMS)
     exploratory_seeds: int = 1     # exploratory arms train on this many of the seeds
     reweight_base: str = "cc_short"
     reweight_strategies: tuple = ("quadratic",)
-    reweight_temperature: float = 1.0  # r (`kl_reg`): the authors' Quadratic config for their smallest model
-    burn_in_frac: float = 0.05     # uniform weights first: the authors' burnout_steps, 1000 of 20,000
-    reweight_seeds: int = 3        # the reweighting strategies train on this many of the seeds (paired with reweight_base)
+    # r (`kl_reg`): the authors' Quadratic config for their smallest model
+    reweight_temperature: float = 1.0
+    burn_in_frac: float = 0.05  # uniform weights first: the authors' burnout_steps, 1000 of 20,000
+    # the reweighting strategies train on this many of the seeds (paired with reweight_base)
+    reweight_seeds: int = 3
     toy_steps: int = 300
-    seed_field: ClassVar[str] = "train.seed"  # the one seed: initialisation, decomposition, data order
+    # the one seed: initialisation, decomposition, data order
+    seed_field: ClassVar[str] = "train.seed"
 
     def __post_init__(self):
         if isinstance(self.train, dict): self.train = TrainConfig(**self.train)
-        expect(isinstance(self.train, TrainConfig), "train", "a TrainConfig", type(self.train).__name__, TypeError)
+        expect(isinstance(self.train, TrainConfig), "train", "a TrainConfig",
+               type(self.train).__name__, TypeError)
         L_ = self.train.seq_len
         expect(L_ & (L_ - 1) == 0, "train.seq_len", "a power of two (the longest DD bucket)", L_)
-        expect(isinstance(self.min_log2, int) and 0 <= self.min_log2 <= self.max_log2, "min_log2", f"an int in [0, {self.max_log2}]", self.min_log2)
-        expect(isinstance(self.short_len, int) and 1 <= self.short_len <= L_ and self.tokens_per_step % self.short_len == 0, "short_len",
-               f"a divisor of the tokens per step ({self.tokens_per_step}) up to train.seq_len", self.short_len)
-        expect(self.train.model.max_seq_len >= max(L_, self.eval_window), "train.model.max_seq_len", f">= {max(L_, self.eval_window)}",
-               self.train.model.max_seq_len)
-        expect(isinstance(self.long_from, int) and 0 < self.long_from < self.eval_window, "long_from", f"an int in (0, {self.eval_window})", self.long_from)
-        expect(isinstance(self.val_min_tokens, int) and self.val_min_tokens >= 1, "val_min_tokens", "an int >= 1", self.val_min_tokens)
-        expect(0 < self.val_max_share <= 1, "val_max_share", "a number in (0, 1]", self.val_max_share)
-        expect(self.max_eval_tokens is None or (isinstance(self.max_eval_tokens, int) and self.max_eval_tokens >= 1), "max_eval_tokens",
+        expect(isinstance(self.min_log2, int) and 0 <= self.min_log2 <= self.max_log2, "min_log2",
+               f"an int in [0, {self.max_log2}]", self.min_log2)
+        expect(isinstance(self.short_len, int) and 1 <= self.short_len <= L_
+               and self.tokens_per_step % self.short_len == 0, "short_len",
+               f"a divisor of the tokens per step ({self.tokens_per_step}) up to train.seq_len",
+               self.short_len)
+        expect(self.train.model.max_seq_len >= max(L_, self.eval_window), "train.model.max_seq_len",
+               f">= {max(L_, self.eval_window)}", self.train.model.max_seq_len)
+        expect(isinstance(self.long_from, int) and 0 < self.long_from < self.eval_window,
+               "long_from", f"an int in (0, {self.eval_window})", self.long_from)
+        expect(isinstance(self.val_min_tokens, int) and self.val_min_tokens >= 1, "val_min_tokens",
+               "an int >= 1", self.val_min_tokens)
+        expect(0 < self.val_max_share <= 1, "val_max_share", "a number in (0, 1]",
+               self.val_max_share)
+        expect(self.max_eval_tokens is None or (isinstance(self.max_eval_tokens, int)
+                                                and self.max_eval_tokens >= 1), "max_eval_tokens",
                "None (the whole validation split) or an int >= 1", self.max_eval_tokens)
         self.arms = tuple(check_choice("arms", a, tuple(CURRICULUM_ARMS)) for a in self.arms)
         missing = sorted({a for c in CURRICULUM_CLAIMS for a in c.arms} - set(self.arms))
         expect(not missing, "arms", "every arm of the claims", f"missing {missing}")
-        expect(isinstance(self.exploratory_seeds, int) and self.exploratory_seeds >= 1, "exploratory_seeds", "an int >= 1", self.exploratory_seeds)
+        expect(isinstance(self.exploratory_seeds, int) and self.exploratory_seeds >= 1,
+               "exploratory_seeds", "an int >= 1", self.exploratory_seeds)
         check_choice("reweight_base", self.reweight_base, self.arms)
-        for s in self.reweight_strategies: check_choice("reweight_strategies", s, tuple(REWEIGHT_STRATEGIES))
-        expect(isinstance(self.reweight_seeds, int) and self.reweight_seeds >= 0, "reweight_seeds", "an int >= 0", self.reweight_seeds)
-        expect(self.reweight_seeds <= self.exploratory_seeds or not CURRICULUM_ARMS[self.reweight_base].exploratory, "reweight_seeds",
-               f"at most exploratory_seeds={self.exploratory_seeds} with an exploratory reweight_base (it pairs with the base's runs)", self.reweight_seeds)
-        expect(self.reweight_temperature > 0, "reweight_temperature", "> 0", self.reweight_temperature)
+        for s in self.reweight_strategies:
+            check_choice("reweight_strategies", s, tuple(REWEIGHT_STRATEGIES))
+        expect(isinstance(self.reweight_seeds, int) and self.reweight_seeds >= 0, "reweight_seeds",
+               "an int >= 0", self.reweight_seeds)
+        expect(self.reweight_seeds <= self.exploratory_seeds
+               or not CURRICULUM_ARMS[self.reweight_base].exploratory, "reweight_seeds", f"at most exploratory_seeds={self.exploratory_seeds} with an exploratory reweight_base (it pairs with the base's runs)",
+               self.reweight_seeds)
+        expect(self.reweight_temperature > 0, "reweight_temperature", "> 0",
+               self.reweight_temperature)
         expect(0 <= self.burn_in_frac < 1, "burn_in_frac", "in [0, 1)", self.burn_in_frac)
 
     @property
@@ -201,7 +237,8 @@ class CurriculumRunConfig(RunConfig):
     @property
     def corpora(self) -> tuple:
         "The corpora the arms train on, the run's first."
-        return tuple(dict.fromkeys([self.corpus] + [CURRICULUM_ARMS[a].corpus or self.corpus for a in self.arms]))
+        return tuple(dict.fromkeys([self.corpus] + [CURRICULUM_ARMS[a].corpus or self.corpus
+                                                    for a in self.arms]))
 
     @classmethod
     def full(cls, seed: int = 0) -> CurriculumRunConfig:
@@ -212,14 +249,16 @@ class CurriculumRunConfig(RunConfig):
     def fast(cls, seed: int = 0) -> CurriculumRunConfig:
         "A tiny run that trains every arm and strategy in seconds (checks the machinery, not the claims)."
         model = ModelConfig(d_model=32, n_layers=1, n_heads=1, max_seq_len=256)
-        train = TrainConfig(model=model, steps=6, warmup_steps=2, batch_size=4, seq_len=256, val_every=3,
-                            seed=seed)
-        return cls(train, min_log2=5, short_len=64, eval_window=256, val_min_tokens=8192, long_from=128,
+        train = TrainConfig(model=model, steps=6, warmup_steps=2, batch_size=4, seq_len=256,
+                            val_every=3, seed=seed)
+        return cls(train, min_log2=5, short_len=64, eval_window=256, val_min_tokens=8192,
+                   long_from=128,
                    reweight_strategies=("quadratic", "linupper"), reweight_seeds=1, toy_steps=30)
 
     def arms_on(self, i: int) -> list[str]:
         "The arms trained on the `i`-th seed of the run: every arm on the first `exploratory_seeds`, then the non-exploratory ones."
-        return [a for a in self.arms if i < self.exploratory_seeds or not CURRICULUM_ARMS[a].exploratory]
+        return [a for a in self.arms if i < self.exploratory_seeds
+                or not CURRICULUM_ARMS[a].exploratory]
 
     def reweight_on(self, i: int) -> list[str]:
         "The reweighting strategies trained on the `i`-th seed (on the first `reweight_seeds`)."
@@ -227,16 +266,19 @@ class CurriculumRunConfig(RunConfig):
 
     def val_split(self, corpus: str | None = None) -> tuple:
         "(train, val) of `corpus` (default: the run's), the balanced split every arm on it trains and is scored with."
-        return balanced_val_split(load_corpus(corpus or self.corpus, "all"), self.val_min_tokens, self.val_max_share)
+        return balanced_val_split(load_corpus(corpus or self.corpus, "all"), self.val_min_tokens,
+                                  self.val_max_share)
 
     def reweighter(self, strategy: str) -> LossReweighter:
         "The `LossReweighter` of `strategy` (burn-in `burn_in_frac` of the steps; `annealed` fades out over half of them)."
-        return LossReweighter(strategy, self.reweight_temperature, burn_in_steps=int(self.burn_in_frac * self.train.steps),
+        return LossReweighter(strategy, self.reweight_temperature,
+                              burn_in_steps=int(self.burn_in_frac * self.train.steps),
                               anneal_steps=max(1, self.train.steps // 2))
 
     def record(self) -> dict:
         "What the run records as its config (JSON-able)."
-        return asdict(self) | {"long_len": self.long_len, "max_log2": self.max_log2, "tokens_per_step": self.tokens_per_step,
+        return asdict(self) | {"long_len": self.long_len, "max_log2": self.max_log2,
+                               "tokens_per_step": self.tokens_per_step,
                                "corpora": list(self.corpora)}
 
 # %% ../../nbs/curriculum/04a_config.ipynb #caaf7cf0

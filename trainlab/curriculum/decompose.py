@@ -25,7 +25,9 @@ class Buckets:
     min_log2: int
     max_log2: int
     doc: list                 # per bucket: int64 [n_b] document index of each piece
-    start: list               # per bucket: int64 [n_b] start in the document's stream [EOT] + tokens (= index of its first target)
+    # per bucket: int64 [n_b] start in the document's stream [EOT] + tokens (= index of its first
+    # target)
+    start: list
     doc_lengths: np.ndarray   # tokens of every document of the decomposed corpus
 
     @property
@@ -42,7 +44,8 @@ class Buckets:
 
     def pieces(self, d: int) -> list[tuple[int, int]]:
         "The `(start, length)` pieces of document `d`, in document order."
-        out = [(int(s), l) for b, l in enumerate(self.lengths) for s in self.start[b][self.doc[b] == d]]
+        out = [(int(s), l) for b, l in enumerate(self.lengths)
+               for s in self.start[b][self.doc[b] == d]]
         return sorted(out)
 
     def stats(self, fixed_len: int | None = None) -> dict:
@@ -51,20 +54,24 @@ class Buckets:
         expect(isinstance(L, int) and L >= 1, "fixed_len", "a positive int", fixed_len)
         n, l = self.counts.astype(np.float64), np.array(self.lengths, dtype=np.float64)
         kept, total = float((n * l).sum()), float(self.doc_lengths.sum())
-        rows = [dict(length=int(li), sequences=int(ni), tokens=int(ni * li), token_share=float(ni * li / kept) if kept else 0.0)
-                for li, ni in zip(l, n)]
-        return dict(buckets=rows, docs=len(self.doc_lengths), total_tokens=int(total), kept_tokens=int(kept),
-                    dropped_tokens=int(total - kept), dropped_frac=float((total - kept) / total) if total else 0.0,
-                    attention_cost=float((n * l * l).sum() / (kept * L)) if kept else 0.0, attention_ref_len=L,
+        rows = [dict(length=int(li), sequences=int(ni), tokens=int(ni * li),
+                     token_share=float(ni * li / kept) if kept else 0.0) for li, ni in zip(l, n)]
+        return dict(buckets=rows, docs=len(self.doc_lengths), total_tokens=int(total),
+                    kept_tokens=int(kept), dropped_tokens=int(total - kept),
+                    dropped_frac=float((total - kept) / total) if total else 0.0,
+                    attention_cost=float((n * l * l).sum() / (kept * L)) if kept else 0.0,
+                    attention_ref_len=L,
                     avg_context=float((n * l * (l - 1) / 2).sum() / kept) if kept else 0.0)
 
 # %% ../../nbs/curriculum/01_decompose.ipynb #e72f2ea2
 def _doc_lengths(docs) -> np.ndarray:
     if isinstance(docs, TokenizedCorpus): return docs.lengths.astype(np.int64)
-    expect(isinstance(docs, Sequence) or isinstance(docs, np.ndarray), "docs", "a TokenizedCorpus or a sequence of token sequences", type(docs).__name__, TypeError)
+    expect(isinstance(docs, Sequence) or isinstance(docs, np.ndarray), "docs",
+           "a TokenizedCorpus or a sequence of token sequences", type(docs).__name__, TypeError)
     out = []
     for i, d in enumerate(docs):
-        expect(hasattr(d, "__len__") and not isinstance(d, (str, bytes)), "docs", f"token sequences (item {i} has no length)", type(d).__name__, TypeError)
+        expect(hasattr(d, "__len__") and not isinstance(d, (str, bytes)), "docs",
+               f"token sequences (item {i} has no length)", type(d).__name__, TypeError)
         out.append(len(d))
     return np.array(out, dtype=np.int64)
 
@@ -81,9 +88,12 @@ def check_bucket_range(min_log2: int, # shortest bucket: 2**min_log2 tokens
 
 # %% ../../nbs/curriculum/01_decompose.ipynb #c0aca34d
 def decompose(docs, # a TokenizedCorpus or a sequence of token sequences (only their lengths matter)
-              min_log2: int = 5, # shortest bucket: 2**min_log2 tokens; shorter remainders are dropped
+              # shortest bucket: 2**min_log2 tokens; shorter remainders are dropped
+              min_log2: int = 5,
               max_log2: int = 10, # longest bucket
-              randomize: bool = True, # split over-long remainders at random lengths (P(k) ~ 2**(max-k)); else at the longest
+              # split over-long remainders at random lengths (P(k) ~ 2**(max-k)); else at the
+              # longest
+              randomize: bool = True,
               seed: int = 0,
              ) -> Buckets:
     "Dataset Decomposition: every document cut into single-document pieces of power-of-two lengths by its binary expansion."
@@ -92,7 +102,8 @@ def decompose(docs, # a TokenizedCorpus or a sequence of token sequences (only t
     lengths = _doc_lengths(docs)
     rng = np.random.default_rng(int(seed))
     ks = np.arange(min_log2, max_log2 + 1)
-    p = 2.0 ** (max_log2 - ks); p /= p.sum()
+    p = 2.0 ** (max_log2 - ks)
+    p /= p.sum()
     nb = max_log2 - min_log2 + 1
     docs_out, starts_out = [[] for _ in range(nb)], [[] for _ in range(nb)]
     for d, m in enumerate(lengths.tolist()):
@@ -100,7 +111,8 @@ def decompose(docs, # a TokenizedCorpus or a sequence of token sequences (only t
         while m - s >= 2 ** min_log2:
             k = (m - s).bit_length() - 1  # floor(log2(remaining))
             if k > max_log2: k = int(rng.choice(ks, p=p)) if randomize else max_log2
-            docs_out[k - min_log2].append(d); starts_out[k - min_log2].append(s)
+            docs_out[k - min_log2].append(d)
+            starts_out[k - min_log2].append(s)
             s += 2 ** k
     return Buckets(int(min_log2), int(max_log2), [np.array(x, dtype=np.int64) for x in docs_out],
                    [np.array(x, dtype=np.int64) for x in starts_out], lengths)
@@ -112,12 +124,18 @@ def plot_document_pieces(buckets: Buckets, docs: Sequence[int], names: Sequence[
     fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(docs)))
     for row, d in enumerate(docs):
         for s, l in buckets.pieces(d):
-            ax.barh(row, l, left=s, color=cmap(buckets.lengths.index(l)), edgecolor="white", linewidth=0.5)
-        m = int(buckets.doc_lengths[d]); end = sum(l for _, l in buckets.pieces(d))
+            ax.barh(row, l, left=s, color=cmap(buckets.lengths.index(l)), edgecolor="white",
+                    linewidth=0.5)
+        m = int(buckets.doc_lengths[d])
+        end = sum(l for _, l in buckets.pieces(d))
         if m > end: ax.barh(row, m - end, left=end, color="lightgray")
-    ax.set_yticks(range(len(docs)), names or [str(d) for d in docs]); ax.invert_yaxis()
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(len(buckets.lengths))] + [plt.Rectangle((0, 0), 1, 1, color="lightgray")]
-    ax.legend(handles, [str(l) for l in buckets.lengths] + ["dropped"], ncol=len(handles), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(docs) < 3 else -0.12))
+    ax.set_yticks(range(len(docs)), names or [str(d) for d in docs])
+    ax.invert_yaxis()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(len(buckets.lengths))] + [
+        plt.Rectangle((0, 0), 1, 1, color="lightgray")]
+    ax.legend(handles, [str(l) for l in buckets.lengths] + ["dropped"],
+              ncol=len(handles), fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.35 if len(docs) < 3 else -0.12))
     ax.set_xlabel("token position in the document")
     return fig
 
@@ -125,9 +143,12 @@ def plot_document_pieces(buckets: Buckets, docs: Sequence[int], names: Sequence[
 class DDDataset(Dataset):
     "The pieces of a `Buckets` decomposition of `corpus`, indexed bucket after bucket."
     def __init__(self, corpus: TokenizedCorpus, buckets: Buckets, eot_id: int):
-        expect(isinstance(corpus, TokenizedCorpus), "corpus", "a TokenizedCorpus", type(corpus).__name__, TypeError)
-        expect(isinstance(buckets, Buckets), "buckets", "a Buckets decomposition (see decompose)", type(buckets).__name__, TypeError)
-        expect(np.array_equal(buckets.doc_lengths, corpus.lengths), "buckets", "a decomposition of this corpus (document lengths differ)")
+        expect(isinstance(corpus, TokenizedCorpus), "corpus", "a TokenizedCorpus",
+               type(corpus).__name__, TypeError)
+        expect(isinstance(buckets, Buckets), "buckets", "a Buckets decomposition (see decompose)",
+               type(buckets).__name__, TypeError)
+        expect(np.array_equal(buckets.doc_lengths, corpus.lengths), "buckets",
+               "a decomposition of this corpus (document lengths differ)")
         self.corpus, self.buckets, self.eot_id = corpus, buckets, int(eot_id)
         self.offsets = buckets.offsets
 
@@ -142,9 +163,12 @@ class DDDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         b, j = self.locate(i)
-        d, s, n = int(self.buckets.doc[b][j]), int(self.buckets.start[b][j]), self.buckets.lengths[b]
+        d, s, n = (int(self.buckets.doc[b][j]), int(self.buckets.start[b][j]),
+                   self.buckets.lengths[b])
         toks = self.corpus.doc(d)
         y = toks[s:s + n].astype(np.int64)
-        x = np.empty(n, np.int64); x[1:] = y[:-1]
+        x = np.empty(n, np.int64)
+        x[1:] = y[:-1]
         x[0] = self.eot_id if s == 0 else toks[s - 1]  # the stream [EOT] + tokens, shifted by one
-        return dict(input_ids=torch.from_numpy(x), labels=torch.from_numpy(y), index=int(i) if i >= 0 else int(i + len(self)))
+        return dict(input_ids=torch.from_numpy(x), labels=torch.from_numpy(y),
+                    index=int(i) if i >= 0 else int(i + len(self)))

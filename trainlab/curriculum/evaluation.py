@@ -31,30 +31,38 @@ def position_key(lo: int, hi: int | None) -> str:
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #479d2190
 @torch.no_grad()
-def evaluate_by_position(model: nn.Module, loader, byte_lengths: torch.Tensor, buckets=POSITION_BUCKETS, use_doc_ids: bool = False,
+def evaluate_by_position(model: nn.Module, loader, byte_lengths: torch.Tensor,
+                         buckets=POSITION_BUCKETS, use_doc_ids: bool = False,
                          ignore_ids: Sequence[int] = (), ignore_index: int = -100) -> dict:
     "bpb overall and per position range within the window (`{'all': .., '0-31': .., ...}`; None for an empty range)."
     bl = torch.as_tensor(byte_lengths, dtype=torch.float64)
-    nats, nbytes, tot = torch.zeros(len(buckets), dtype=torch.float64), torch.zeros(len(buckets), dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    nats, nbytes, tot = (torch.zeros(len(buckets), dtype=torch.float64),
+                         torch.zeros(len(buckets), dtype=torch.float64),
+                         torch.zeros(2, dtype=torch.float64))
     with eval_mode(model):
         for batch in loader:
             labels = batch["labels"].clone()
             for t in ignore_ids: labels[labels == t] = ignore_index
-            out = model(batch["input_ids"], labels=labels, doc_ids=batch.get("doc_ids") if use_doc_ids else None, ignore_index=ignore_index)
+            out = model(batch["input_ids"], labels=labels, doc_ids=batch.get("doc_ids")
+                        if use_doc_ids else None, ignore_index=ignore_index)
             mask = labels != ignore_index
             tok_nats = out.loss.double() * mask
-            tok_bytes = torch.where(mask, bl[labels.clamp(min=0)], torch.zeros((), dtype=torch.float64))
+            tok_bytes = torch.where(mask, bl[labels.clamp(min=0)],
+                                    torch.zeros((), dtype=torch.float64))
             pos = torch.arange(labels.shape[1])
             for i, (lo, hi) in enumerate(buckets):
                 sel = (pos >= lo) & (pos < (hi if hi is not None else labels.shape[1]))
-                nats[i] += tok_nats[:, sel].sum(); nbytes[i] += tok_bytes[:, sel].sum()
+                nats[i] += tok_nats[:, sel].sum()
+                nbytes[i] += tok_bytes[:, sel].sum()
             tot += torch.stack([tok_nats.sum(), tok_bytes.sum()])
     res = {"all": bits_per_byte(tot[0], tot[1])}
-    for i, (lo, hi) in enumerate(buckets): res[position_key(lo, hi)] = bits_per_byte(nats[i], nbytes[i]) if nbytes[i] > 0 else None
+    for i, (lo, hi) in enumerate(buckets):
+        res[position_key(lo, hi)] = bits_per_byte(nats[i], nbytes[i]) if nbytes[i] > 0 else None
     return res
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #cc1725da
-def packed_eval_loader(corpus: TokenizedCorpus, window: int, eot_id: int, max_tokens: int | None = None, batch_size: int = 16) -> DataLoader:
+def packed_eval_loader(corpus: TokenizedCorpus, window: int, eot_id: int,
+                       max_tokens: int | None = None, batch_size: int = 16) -> DataLoader:
     "Packed windows (no document masks) over the documents `select_eval_docs` picks: the same documents as the document-wise evaluation."
     sub = corpus.subset(select_eval_docs(corpus, max_tokens=max_tokens))
     return DataLoader(PackedDataset(sub, window, eot_id), batch_size=batch_size, shuffle=False)
@@ -72,7 +80,8 @@ def time_to_target(points: Sequence[tuple[float, float]], target: float) -> floa
     return None
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #9d7bdbe2
-def censored_time_to_target(points: Sequence[tuple[float, float]], target: float) -> tuple[float, bool]:
+def censored_time_to_target(points: Sequence[tuple[float, float]],
+                            target: float) -> tuple[float, bool]:
     "(time, reached): `time_to_target`, or the curve's last time (censored: a lower bound on the time needed) if it never reaches `target`."
     expect(len(points) >= 1, "points", "at least one (seconds, bpb) point", len(points))
     t = time_to_target(points, target)
@@ -82,10 +91,14 @@ def censored_time_to_target(points: Sequence[tuple[float, float]], target: float
 class StepLog(L.Callback):
     "Per training step: sequence length, batch size and seconds from batch start to batch end (logged as `train/seq_len`)."
     def __init__(self): self.rows, self._t = [], None
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx): self._t = time.perf_counter()
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         B, Lq = batch["input_ids"].shape
-        self.rows.append(dict(step=trainer.global_step, seq_len=int(Lq), batch=int(B), seconds=time.perf_counter() - self._t))
+        self.rows.append(dict(step=trainer.global_step, seq_len=int(Lq), batch=int(B),
+                              seconds=time.perf_counter() - self._t))
         pl_module.log("train/seq_len", float(Lq), on_step=True, on_epoch=False)
-    def state_dict(self) -> dict: return {"rows": self.rows}  # saved in `fit`'s checkpoint: a resumed unit keeps its early steps
+    def state_dict(self) -> dict:
+        # saved in fit's checkpoint: a resumed unit keeps its early steps
+        return {"rows": self.rows}
     def load_state_dict(self, state: dict): self.rows = list(state["rows"])

@@ -11,7 +11,8 @@ import torch
 import matplotlib.pyplot as plt
 
 from ..core import check_choice
-from ..data import ByteTokenizer, DocWindowDataset, val_split_stats, boundary_share, doc_eval_loader
+from ..data import (ByteTokenizer, DocWindowDataset, val_split_stats, boundary_share,
+                           doc_eval_loader)
 from ..model import TinyLM, count_parameters
 from ..train import LMLitModule
 from ..kernels import flash_attention
@@ -20,10 +21,12 @@ from ..reproduce import register_reproduction, RunContext
 from .decompose import decompose
 from .sampling import CurriculumDataModule, curriculum_fit, steps_per_bucket
 from .reweighting import LossReweighter, toy_regression, plot_toy_regression
-from .evaluation import (POSITION_BUCKETS, position_key, evaluate_by_position, packed_eval_loader,
-                                            censored_time_to_target, StepLog)
-from .config import (ARM_MODES, CurriculumArm, Arm, CURRICULUM_ARMS, HEADLINE_ARM,  # noqa
-                                        BASELINE_ARM, GROW_UNIFORM_MARGIN, CURRICULUM_CLAIMS, CurriculumRunConfig,
+from .evaluation import (POSITION_BUCKETS, position_key, evaluate_by_position,
+                                            packed_eval_loader, censored_time_to_target, StepLog)
+from .config import (ARM_MODES, CurriculumArm, Arm, CURRICULUM_ARMS,
+                                        HEADLINE_ARM,  # noqa
+                                        BASELINE_ARM, GROW_UNIFORM_MARGIN, CURRICULUM_CLAIMS,
+                                        CurriculumRunConfig,
                                         curriculum_run_config)
 
 # %% auto #0
@@ -34,95 +37,134 @@ __all__ = ['STEP_S', 'STEP_S_TOKENS', 'EVAL_S_PER_TOKEN', 'SEED_KEYS', 'SAMPLE_K
            'GROW_UNIFORM_MARGIN', 'CURRICULUM_CLAIMS', 'CurriculumRunConfig', 'curriculum_run_config']
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #c0a1f007
-_all_ = ["ARM_MODES", "CurriculumArm", "Arm", "CURRICULUM_ARMS", "HEADLINE_ARM", "BASELINE_ARM", "GROW_UNIFORM_MARGIN",
-         "CURRICULUM_CLAIMS", "CurriculumRunConfig", "curriculum_run_config"]
+_all_ = ["ARM_MODES", "CurriculumArm", "Arm", "CURRICULUM_ARMS", "HEADLINE_ARM", "BASELINE_ARM",
+         "GROW_UNIFORM_MARGIN", "CURRICULUM_CLAIMS", "CurriculumRunConfig", "curriculum_run_config"]
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #8471b58d
-STEP_S = {"plain": {32: 0.295, 64: 0.282, 128: 0.302, 256: 0.306, 512: 0.329, 1024: 0.449}, "docmask": {1024: 0.675}, "masked_path": {1024: 0.810}}
-STEP_S_TOKENS = 8192  # the tokens per step of STEP_S: seconds per step through `curriculum_fit`, full model, 2 threads (16-step fits)
-EVAL_S_PER_TOKEN = {128: 10.2e-6, 1024: 14.8e-6}  # forward-only seconds per (padded) evaluation token, by window, 2 threads
+STEP_S = {"plain": {32: 0.295, 64: 0.282, 128: 0.302, 256: 0.306, 512: 0.329, 1024: 0.449},
+          "docmask": {1024: 0.675}, "masked_path": {1024: 0.810}}
+# the tokens per step of STEP_S: seconds per step through `curriculum_fit`, full model, 2 threads
+# (16-step fits)
+STEP_S_TOKENS = 8192
+# forward-only seconds per (padded) evaluation token, by window, 2 threads
+EVAL_S_PER_TOKEN = {128: 10.2e-6, 1024: 14.8e-6}
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #3caf7bc4
-def _interp_log2(table: dict, x: int) -> float: return float(np.interp(math.log2(x), np.log2(list(table)), list(table.values())))
+def _interp_log2(table: dict, x: int) -> float:
+    return float(np.interp(math.log2(x), np.log2(list(table)), list(table.values())))
 
-def step_seconds(length: int, tokens: int, attention: str = "plain", overhead: float = 1.05) -> float:
+def step_seconds(length: int, tokens: int, attention: str = "plain",
+                 overhead: float = 1.05) -> float:
     "Predicted seconds of one training step of `tokens` tokens in sequences of `length` on attention path `attention` (2 threads), linear in tokens."
     s = _interp_log2(STEP_S["plain"], length)
-    if attention != "plain": s *= STEP_S[attention][1024] / STEP_S["plain"][1024]  # the masked path, by its measured ratio at 1024
+    if attention != "plain":
+        # the masked path, by its measured ratio at 1024
+        s *= STEP_S[attention][1024] / STEP_S["plain"][1024]
     return s * tokens / STEP_S_TOKENS * overhead
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #0bfc7288
-def estimate_run_seconds(rc: CurriculumRunConfig, n_seeds: int = 3, corpora: dict | None = None, setup_s: float = 3.0, fixed_s: float = 30.0) -> dict:
+def estimate_run_seconds(rc: CurriculumRunConfig, n_seeds: int = 3, corpora: dict | None = None,
+                         setup_s: float = 3.0, fixed_s: float = 30.0) -> dict:
     "Predicted wall-clock seconds of the run on 2 CPU threads: per unit (arm or strategy, seed), steps x step cost + evaluations + setup."
     corpora = corpora if corpora is not None else {c: rc.val_split(c) for c in rc.corpora}
-    tok, b, S, n_val = ByteTokenizer(), rc.tokens_per_step, rc.train.steps, math.ceil(rc.train.steps / rc.train.val_every)
+    tok, b, S, n_val = (ByteTokenizer(), rc.tokens_per_step, rc.train.steps,
+                        math.ceil(rc.train.steps / rc.train.val_every))
     schedule = {}  # corpus -> steps per bucket length of a DD schedule on its decomposition
-    def eval_pass(c, w):  # one document-wise pass over corpus c's validation split in (padded) windows of w
-        return len(DocWindowDataset(corpora[c][1], w, tok.eot_id, tok.pad_id, max_tokens=rc.max_eval_tokens)) * w * _interp_log2(EVAL_S_PER_TOKEN, w) * 1.05
+    # one document-wise pass over corpus c's validation split in (padded) windows of w
+    def eval_pass(c, w):
+        return (len(DocWindowDataset(corpora[c][1],
+                                     w, tok.eot_id, tok.pad_id, max_tokens=rc.max_eval_tokens)) * w
+                * _interp_log2(EVAL_S_PER_TOKEN, w) * 1.05)
     def mean_step(name):
         a, c = CURRICULUM_ARMS[name], CURRICULUM_ARMS[name].corpus or rc.corpus
-        if a.mode == "cc": return step_seconds(rc.short_len if a.short else rc.long_len, b, a.attention)
+        if a.mode == "cc":
+            return step_seconds(rc.short_len if a.short else rc.long_len, b, a.attention)
         if c not in schedule:
             bk = decompose(corpora[c][0], rc.min_log2, rc.max_log2, seed=rc.train.seed)
             schedule[c] = dict(zip(bk.lengths, steps_per_bucket(bk, b, S).tolist()))
         return sum(n * step_seconds(L_, b) for L_, n in schedule[c].items()) / S
     def unit(name, w):
         c = CURRICULUM_ARMS[name].corpus or rc.corpus
-        short = w != rc.short_len and name == rc.reweight_base  # the base's extra pass in short windows
-        final = 2 * eval_pass(c, w) + (eval_pass(c, rc.short_len) if short else 0)  # document-wise, packed (about as many tokens)
+        # the base's extra pass in short windows
+        short = w != rc.short_len and name == rc.reweight_base
+        # document-wise, packed (about as many tokens)
+        final = 2 * eval_pass(c, w) + (eval_pass(c, rc.short_len) if short else 0)
         return S * mean_step(name) + n_val * eval_pass(c, w) + final + setup_s
     units = {}
     for i in range(n_seeds):
         for a in rc.arms_on(i): units[f"{a}/seed{i}"] = unit(a, rc.eval_window)
-        for s in rc.reweight_on(i): units[f"reweight_{s}/seed{i}"] = unit(rc.reweight_base, rc.short_len)
+        for s in rc.reweight_on(i):
+            units[f"reweight_{s}/seed{i}"] = unit(rc.reweight_base, rc.short_len)
     return dict(units=units, fixed_s=fixed_s, total_s=sum(units.values()) + fixed_s)
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #b09d0fc5
-def arm_datamodule(name: str, rc: CurriculumRunConfig, corpus=None, eval_window: int | None = None) -> CurriculumDataModule:
+def arm_datamodule(name: str, rc: CurriculumRunConfig, corpus=None,
+                   eval_window: int | None = None) -> CurriculumDataModule:
     "The DataModule of arm `name` under `rc` (seed `rc.train.seed`); `corpus`: a (train, val) pair, or a dict of them by corpus name, to skip loading."
     arm = CURRICULUM_ARMS[check_choice("arm", name, tuple(CURRICULUM_ARMS))]
     c = arm.corpus or rc.corpus
     if isinstance(corpus, dict): corpus = corpus.get(c)
-    return CurriculumDataModule(corpus=corpus if corpus is not None else rc.val_split(c), tokens_per_step=rc.tokens_per_step,
-                                num_steps=rc.train.steps, eval_window=eval_window or rc.eval_window, max_eval_tokens=rc.max_eval_tokens,
+    return CurriculumDataModule(corpus=corpus if corpus is not None else rc.val_split(c),
+                                tokens_per_step=rc.tokens_per_step,
+                                num_steps=rc.train.steps, eval_window=eval_window or rc.eval_window,
+                                max_eval_tokens=rc.max_eval_tokens,
                                 seed=rc.train.seed, **arm.data_kwargs(rc))
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #fd04ecdb
-def train_arm(name: str, rc: CurriculumRunConfig, corpus=None, reweighter: LossReweighter | None = None, eval_window: int | None = None,
-              short_window: bool = False, run_dir=None, progress: bool = False, accelerator: str = "cpu", **fit_kwargs) -> dict:
+def train_arm(name: str, rc: CurriculumRunConfig, corpus=None, reweighter: LossReweighter
+              | None = None, eval_window: int | None = None, short_window: bool = False,
+              run_dir=None, progress: bool = False, accelerator: str = "cpu", **fit_kwargs) -> dict:
     "Train arm `name` per `rc.train` through `fit` (resuming from `run_dir`), then evaluate it in windows of `eval_window` (default `rc.eval_window`; `short_window`: also of `rc.short_len`)."
     w = eval_window or rc.eval_window
     t, dm, steps = rc.train, arm_datamodule(name, rc, corpus, eval_window=w), StepLog()
     t0 = time.perf_counter()
-    lit, hist, _ = curriculum_fit(t, lambda: LMLitModule(TinyLM(t.model, attention=flash_attention), **t.lit_kwargs(), sample_weighter=reweighter),
-                                  dm, callbacks=[steps], run_dir=run_dir, progress=progress, accelerator=accelerator, **fit_kwargs)
+    lit, hist, _ = curriculum_fit(
+        t, lambda: LMLitModule(TinyLM(t.model, attention=flash_attention), **t.lit_kwargs(),
+                               sample_weighter=reweighter), dm, callbacks=[steps], run_dir=run_dir,
+        progress=progress, accelerator=accelerator, **fit_kwargs)
     fit_s, train_s = time.perf_counter() - t0, hist.train_seconds()
-    tok, bl, keys = dm.tokenizer, dm.tokenizer.byte_lengths, [position_key(*b) for b in POSITION_BUCKETS]
-    by_pos = evaluate_by_position(lit.model, dm.val_dataloader(), bl, buckets=(*POSITION_BUCKETS, (rc.long_from, None)))
-    packed = evaluate_by_position(lit.model, packed_eval_loader(dm.val_corpus, w, tok.eot_id, rc.max_eval_tokens), bl, ignore_ids=(tok.eot_id,))
-    short = by_pos["all"] if w == rc.short_len else None if not short_window else evaluate_by_position(
-        lit.model, doc_eval_loader(dm.val_corpus, rc.short_len, tok, max_tokens=rc.max_eval_tokens), bl, buckets=())["all"]
-    return dict(val_bpb=hist.val[-1]["val/bpb"], val_bpb_long=by_pos[position_key(rc.long_from, None)], val_bpb_short_window=short,
-                wall_s=train_s, fit_s=fit_s, tokens=int(lit._tokens_seen), seed=t.seed, corpus=CURRICULUM_ARMS[name].corpus or rc.corpus,
-                eval_window=w, tokens_per_s=lit._tokens_seen / train_s, val_bpb_by_position={k: by_pos[k] for k in keys},
-                val_bpb_docwise_check=by_pos["all"], val_bpb_packed=packed["all"],
-                val_bpb_packed_by_position={k: v for k, v in packed.items() if k != "all"},
-                val_curve=[dict(step=v["step"], tokens=v["tokens"], train_s=v["train_s"], bpb=v["val/bpb"]) for v in hist.val],
-                steps=[(r["seq_len"], round(r["seconds"], 5)) for r in steps.rows],
-                buckets=dm.buckets.stats(rc.long_len) if CURRICULUM_ARMS[name].mode == "dd" else None, params=count_parameters(lit.model))
+    tok, bl, keys = (dm.tokenizer, dm.tokenizer.byte_lengths,
+                     [position_key(*b) for b in POSITION_BUCKETS])
+    by_pos = evaluate_by_position(lit.model, dm.val_dataloader(), bl,
+                                  buckets=(*POSITION_BUCKETS, (rc.long_from, None)))
+    packed = evaluate_by_position(lit.model, packed_eval_loader(dm.val_corpus, w,
+                                                                tok.eot_id, rc.max_eval_tokens), bl,
+                                  ignore_ids=(tok.eot_id,))
+    short = (by_pos["all"] if w == rc.short_len else None if not short_window
+             else evaluate_by_position(lit.model, doc_eval_loader(dm.val_corpus, rc.short_len, tok,
+                                                                  max_tokens=rc.max_eval_tokens),
+                                       bl, buckets=())["all"])
+    return dict(
+        val_bpb=hist.val[-1]["val/bpb"], val_bpb_long=by_pos[position_key(rc.long_from, None)],
+        val_bpb_short_window=short, wall_s=train_s, fit_s=fit_s, tokens=int(lit._tokens_seen),
+        seed=t.seed, corpus=CURRICULUM_ARMS[name].corpus or rc.corpus, eval_window=w,
+        tokens_per_s=lit._tokens_seen / train_s, val_bpb_by_position={k: by_pos[k] for k in keys},
+        val_bpb_docwise_check=by_pos["all"], val_bpb_packed=packed["all"],
+        val_bpb_packed_by_position={k: v for k, v in packed.items() if k != "all"},
+        val_curve=[dict(step=v["step"], tokens=v["tokens"],
+                        train_s=v["train_s"], bpb=v["val/bpb"]) for v in hist.val],
+        steps=[(r["seq_len"], round(r["seconds"], 5)) for r in steps.rows],
+        buckets=dm.buckets.stats(rc.long_len) if CURRICULUM_ARMS[name].mode == "dd" else None,
+        params=count_parameters(lit.model))
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #9e432a4b
-def _color(arm: str) -> str | None: return CURRICULUM_ARMS[arm].color if arm in CURRICULUM_ARMS else None
+def _color(arm: str) -> str | None:
+    return CURRICULUM_ARMS[arm].color if arm in CURRICULUM_ARMS else None
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #37048c20
 def plot_schedule_runs(m: dict):
     "The sequence length of every step, as trained, per arm of variable length (DD and C&C on a DD schedule)."
-    runs = {a: [s[0] for s in r["steps"]] for a, r in m["arms"].items() if a in CURRICULUM_ARMS and CURRICULUM_ARMS[a].mode != "cc"}
-    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.2 * len(runs) + 0.6), sharex=True, squeeze=False)
+    runs = {a: [s[0] for s in r["steps"]] for a, r in m["arms"].items() if a in CURRICULUM_ARMS
+            and CURRICULUM_ARMS[a].mode != "cc"}
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.2 * len(runs) + 0.6), sharex=True,
+                             squeeze=False)
     for ax, (a, s) in zip(axes[:, 0], runs.items()):
-        ax.plot(s, drawstyle="steps-post", lw=0.8, color=_color(a)); ax.set_yscale("log", base=2)
-        ax.set_title(a, fontsize=9, loc="left"); ax.set_ylabel("length")
-    axes[-1, 0].set_xlabel("step"); fig.tight_layout()
+        ax.plot(s, drawstyle="steps-post", lw=0.8, color=_color(a))
+        ax.set_yscale("log", base=2)
+        ax.set_title(a, fontsize=9, loc="left")
+        ax.set_ylabel("length")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
     return fig
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #fb7d1f7d
@@ -132,10 +174,12 @@ def step_time_by_length(m: dict) -> dict:
     for a, r in m["arms"].items():
         key = CURRICULUM_ARMS[a].attention if a in CURRICULUM_ARMS else "plain"
         for L_, s in r["steps"][2:]: by.setdefault(key, {}).setdefault(str(L_), []).append(s)
-    return {k: {L_: float(np.median(v)) for L_, v in sorted(d.items(), key=lambda kv: int(kv[0]))} for k, d in by.items()}
+    return {k: {L_: float(np.median(v)) for L_, v in sorted(d.items(), key=lambda kv: int(kv[0]))}
+            for k, d in by.items()}
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #2ccc4150
-_PATHS = {"plain": ("o-", "causal (C&C and DD)"), "docmask": ("s", "document mask"), "masked_path": ("^", "masked path, all-zero doc_ids")}
+_PATHS = {"plain": ("o-", "causal (C&C and DD)"), "docmask": ("s", "document mask"),
+          "masked_path": ("^", "masked path, all-zero doc_ids")}
 
 def plot_step_time(m: dict):
     "Step time against sequence length at fixed tokens per step, per attention path."
@@ -143,11 +187,14 @@ def plot_step_time(m: dict):
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for path, d in st.items():
         fmt, label = _PATHS.get(path, ("x", path))
-        color = next((a.color for a in CURRICULUM_ARMS.values() if a.attention == path), None) if path != "plain" else None
+        color = next((a.color for a in CURRICULUM_ARMS.values()
+                      if a.attention == path), None) if path != "plain" else None
         ax.plot([int(k) for k in d], list(d.values()), fmt, color=color, label=label)
-    ax.set_xscale("log", base=2); ax.set(xlabel="sequence length", ylabel="seconds per step (median)",
-                                       title=f"{m['config']['tokens_per_step']:,} tokens per step", ylim=(0, None))
-    ax.grid(alpha=.3); ax.legend()
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="sequence length", ylabel="seconds per step (median)",
+         title=f"{m['config']['tokens_per_step']:,} tokens per step", ylim=(0, None))
+    ax.grid(alpha=.3)
+    ax.legend()
     return fig
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #e0da5b0e
@@ -163,47 +210,64 @@ def plot_val_curves(m: dict, corpus: str | None = None):
     for a, r in arms.items():
         c = r["val_curve"]
         for ax, key in ((a1, "tokens"), (a2, "train_s")):
-            ax.plot([v[key] for v in c], [v["bpb"] for v in c], "o-", ms=2.5, lw=1.2, color=_color(a), label=a)
+            ax.plot([v[key] for v in c], [v["bpb"] for v in c], "o-", ms=2.5, lw=1.2,
+                    color=_color(a), label=a)
     lo = min(r["val_bpb"] for r in arms.values())
     for ax, xl in ((a1, "training tokens"), (a2, "training seconds (validation excluded)")):
         if main: ax.axhline(m["target_bpb"], color="k", ls=":", lw=1)
-        ax.set(xlabel=xl, ylabel="val bits/byte", ylim=(lo - 0.05, lo + 1.0)); ax.grid(alpha=.3)
+        ax.set(xlabel=xl, ylabel="val bits/byte", ylim=(lo - 0.05, lo + 1.0))
+        ax.grid(alpha=.3)
     a1.set_title("per token" if main else f"per token ({corpus})")
-    a2.set_title("per second: the target is C&C-1024's final bpb (dotted)" if main else f"per second ({corpus})"); a2.legend(fontsize=7)
+    a2.set_title("per second: the target is C&C-1024's final bpb (dotted)" if main
+                 else f"per second ({corpus})")
+    a2.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #225a602a
 def plot_by_position(m: dict, key: str = "val_bpb_by_position", corpus: str | None = None):
     "bpb per position range within the evaluation window, per arm on `corpus` (default: the run's), as grouped bars."
-    arms = _on(m, corpus); first = next(iter(arms.values()))
+    arms = _on(m, corpus)
+    first = next(iter(arms.values()))
     ranges = [k for k in first[key] if first[key][k] is not None]
-    fig, ax = plt.subplots(figsize=(11, 3.8)); w = 0.8 / len(arms)
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    w = 0.8 / len(arms)
     for j, (a, r) in enumerate(arms.items()):
-        ax.bar(np.arange(len(ranges)) + j * w, [r[key][k] for k in ranges], w, color=_color(a), label=a)
-    ax.set_xticks(np.arange(len(ranges)) + 0.4 - w / 2, ranges); ax.set(xlabel="position in the window", ylabel="val bits/byte")
-    allv = [r[key][k] for r in arms.values() for k in ranges]; ax.set_ylim(min(allv) - 0.1, max(allv) + 0.05)
-    ax.legend(fontsize=7, ncol=4); ax.grid(alpha=.3, axis="y"); ax.set_title("document-wise evaluation" if key == "val_bpb_by_position" else "packed evaluation")
+        ax.bar(np.arange(len(ranges)) + j * w, [r[key][k] for k in ranges], w, color=_color(a),
+               label=a)
+    ax.set_xticks(np.arange(len(ranges)) + 0.4 - w / 2, ranges)
+    ax.set(xlabel="position in the window", ylabel="val bits/byte")
+    allv = [r[key][k] for r in arms.values() for k in ranges]
+    ax.set_ylim(min(allv) - 0.1, max(allv) + 0.05)
+    ax.legend(fontsize=7, ncol=4)
+    ax.grid(alpha=.3, axis="y")
+    ax.set_title("document-wise evaluation" if key == "val_bpb_by_position"
+                 else "packed evaluation")
     return fig
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #a0ae1f9a
 def plot_reweighting(m: dict):
     "Validation bpb (windows of the training length) against step per reweighting strategy, and the uniform base's final bpb on the same windows."
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    rb = m["config"]["reweight_base"]; base = m["arms"][rb]["val_bpb_short_window"]
+    rb = m["config"]["reweight_base"]
+    base = m["arms"][rb]["val_bpb_short_window"]
     ax.axhline(base, color="k", ls="--", lw=1.5, label=f"uniform ({rb}), final")
     for j, (s, r) in enumerate(m["reweighting"].items()):
-        ax.plot([v["step"] for v in r["val_curve"]], [v["bpb"] for v in r["val_curve"]], "o-", ms=2.5, lw=1.2, color=plt.cm.tab10(j), label=s)
+        ax.plot([v["step"] for v in r["val_curve"]], [v["bpb"] for v in r["val_curve"]], "o-",
+                ms=2.5, lw=1.2, color=plt.cm.tab10(j), label=s)
     lo = min([base] + [r["val_bpb"] for r in m["reweighting"].values()])
-    ax.set(xlabel="step", ylabel=f"val bits/byte ({m['config']['short_len']}-token windows)", title="loss-based reweighting", ylim=(lo - 0.05, lo + 0.8))
-    ax.grid(alpha=.3); ax.legend(fontsize=8)
+    ax.set(xlabel="step", ylabel=f"val bits/byte ({m['config']['short_len']}-token windows)",
+           title="loss-based reweighting", ylim=(lo - 0.05, lo + 0.8))
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=8)
     return fig
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #82f7af68
-SEED_KEYS = ("seed", "corpus", "val_bpb", "val_bpb_long", "val_bpb_packed", "val_bpb_short_window", "val_bpb_by_position", "wall_s",
-             "tokens_per_s", "time_to_target_s", "time_to_target_censored_s", "target_reached", "target_bpb")
-SAMPLE_KEYS = ("val_bpb", "val_bpb_long", "val_bpb_packed", "val_bpb_short_window", "time_to_target_s", "time_to_target_censored_s",
-               "wall_s", "tokens_per_s")
+SEED_KEYS = ("seed", "corpus", "val_bpb", "val_bpb_long", "val_bpb_packed", "val_bpb_short_window",
+             "val_bpb_by_position", "wall_s", "tokens_per_s", "time_to_target_s",
+             "time_to_target_censored_s", "target_reached", "target_bpb")
+SAMPLE_KEYS = ("val_bpb", "val_bpb_long", "val_bpb_packed", "val_bpb_short_window",
+               "time_to_target_s", "time_to_target_censored_s", "wall_s", "tokens_per_s")
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #af22eae6
 def paired_effects(seeds: dict) -> dict:
@@ -214,72 +278,99 @@ def paired_effects(seeds: dict) -> dict:
         if ref not in seeds: continue
         by_seed = {r["seed"]: r for r in seeds[ref]}
         pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
-        diff = {k: [None if x[k] is None or y[k] is None else x[k] - y[k] for x, y in pairs] for k in ("val_bpb", "val_bpb_long", "val_bpb_packed")}
-        est, lo, hi = ci_paired_diff([x["val_bpb"] for x, _ in pairs], [y["val_bpb"] for _, y in pairs])
-        out[a] = dict(vs=ref, seeds=[x["seed"] for x, _ in pairs], diff=diff, val_bpb_diff=est, val_bpb_diff_ci95=[lo, hi],
+        diff = {k: [None if x[k] is None or y[k] is None else x[k] - y[k] for x, y in pairs]
+                for k in ("val_bpb", "val_bpb_long", "val_bpb_packed")}
+        est, lo, hi = ci_paired_diff([x["val_bpb"] for x, _ in pairs],
+                                     [y["val_bpb"] for _, y in pairs])
+        out[a] = dict(vs=ref, seeds=[x["seed"] for x, _ in pairs], diff=diff, val_bpb_diff=est,
+                      val_bpb_diff_ci95=[lo, hi],
                       tokens_per_s_ratio=[x["tokens_per_s"] / y["tokens_per_s"] for x, y in pairs])
     return out
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #4947fa59
-@register_reproduction("curriculum", "Dataset Decomposition (variable sequence-length curricula) vs concat-and-chunk at equal tokens per step, with ablations; loss-based reweighting.",
-                       claims=CURRICULUM_CLAIMS, notebook="curriculum/06_results.ipynb", default_seeds=3,
-                       summary_keys=("headline_arm", "speedup", "target_missed_n", "target_bpb", "estimated_wall_s"),
-                       run_config=CurriculumRunConfig)
+@register_reproduction(
+    "curriculum", "Dataset Decomposition (variable sequence-length curricula) vs concat-and-chunk "
+                  "at equal tokens per step, with ablations; loss-based reweighting.",
+    claims=CURRICULUM_CLAIMS, notebook="curriculum/06_results.ipynb", default_seeds=3,
+    summary_keys=("headline_arm", "speedup", "target_missed_n", "target_bpb", "estimated_wall_s"),
+    run_config=CurriculumRunConfig)
 def reproduce_curriculum(ctx: RunContext) -> dict:
     "Each seed's arms back to back (every-seed arms on every seed, exploratory ones on the first), then reweighting; per-seed values for the claims."
     rc = CurriculumRunConfig.preset(ctx.fast, ctx.seeds[0])
     corpora = {c: rc.val_split(c) for c in rc.corpora}  # loaded and split once, shared by every arm
     est = estimate_run_seconds(rc, len(ctx.seeds), corpora)
-    ctx.config = rc.record() | {"threads": torch.get_num_threads(), "estimated_wall_s": est["total_s"]}
-    ctx.log(f"estimated wall time: {est['total_s'] / 60:.1f} min ({len(est['units'])} units, 2 threads)")
+    ctx.config = rc.record() | {"threads": torch.get_num_threads(),
+                                "estimated_wall_s": est["total_s"]}
+    ctx.log(
+        f"estimated wall time: {est['total_s'] / 60:.1f} min ({len(est['units'])} units, 2 threads)"
+    )
     units, rw = {}, {}
     for i, seed in enumerate(ctx.seeds):
         rs = rc.with_seed(seed)
         for name in rc.arms_on(i):
             r = units[name, seed] = ctx.unit(f"{name}/seed{seed}", lambda run_dir: train_arm(
-                name, rs, corpora, short_window=name == rc.reweight_base, run_dir=run_dir, progress=ctx.progress))
+                name, rs, corpora, short_window=name == rc.reweight_base, run_dir=run_dir,
+                progress=ctx.progress))
             ctx.log(f"{name} seed {seed}: val bpb {r['val_bpb']:.4f} (packed {r['val_bpb_packed']:.4f}), {r['wall_s']:.0f} s, {r['tokens_per_s']:,.0f} tok/s")
-        target = units[BASELINE_ARM, seed]["val_bpb"]  # this seed's target: C&C-1024's final val bpb
+        # this seed's target: C&C-1024's final val bpb
+        target = units[BASELINE_ARM, seed]["val_bpb"]
         for name in rc.arms_on(i):
             r, on_run_corpus = units[name, seed], units[name, seed]["corpus"] == rc.corpus
-            t, reached = censored_time_to_target([(v["train_s"], v["bpb"]) for v in r["val_curve"]], target) if on_run_corpus else (None, None)
-            r.update(target_bpb=target if on_run_corpus else None, target_reached=reached, time_to_target_censored_s=t,
-                     time_to_target_s=t if reached else None)
+            t, reached = censored_time_to_target([(v["train_s"], v["bpb"]) for v in r["val_curve"]],
+                                                 target) if on_run_corpus else (None, None)
+            r.update(target_bpb=target if on_run_corpus else None, target_reached=reached,
+                     time_to_target_censored_s=t, time_to_target_s=t if reached else None)
         for s in rc.reweight_on(i):
             r = rw[s, seed] = ctx.unit(f"reweight_{s}/seed{seed}", lambda run_dir: train_arm(
-                rc.reweight_base, rs, corpora, reweighter=rs.reweighter(s), eval_window=rc.short_len, run_dir=run_dir, progress=ctx.progress))
+                rc.reweight_base, rs, corpora, reweighter=rs.reweighter(s),
+                eval_window=rc.short_len, run_dir=run_dir, progress=ctx.progress))
             ctx.log(f"reweighting {s} on {rc.reweight_base} seed {seed}: val bpb {r['val_bpb']:.4f} ({rc.short_len}-token windows)")
     seeds = {}
-    for (name, _), r in units.items(): seeds.setdefault(name, []).append({k: r[k] for k in SEED_KEYS})
+    for (name, _), r in units.items():
+        seeds.setdefault(name, []).append({k: r[k] for k in SEED_KEYS})
     every_seed = [a for a in rc.arms if len(seeds[a]) == len(ctx.seeds)]
     samples = {a: {k: [r[k] for r in seeds[a]] for k in SAMPLE_KEYS} for a in every_seed}
     arms = {a: units[a, ctx.seeds[0]] for a in rc.arms}  # first seed: the figures and tables
-    missed = {a: [r["seed"] for r in seeds[a] if r["target_reached"] is False] for a in rc.arms if a != BASELINE_ARM and arms[a]["corpus"] == rc.corpus}
+    missed = {a: [r["seed"] for r in seeds[a] if r["target_reached"] is False] for a in rc.arms
+              if a != BASELINE_ARM and arms[a]["corpus"] == rc.corpus}
     base_short = {r["seed"]: r["val_bpb_short_window"] for r in seeds[rc.reweight_base]}
     rw_seeds, rw_vs = {}, {}
-    for (s, seed), r in rw.items(): rw_seeds.setdefault(s, []).append({k: r[k] for k in ("seed", "val_bpb", "val_bpb_short_window", "val_bpb_packed", "val_bpb_by_position", "wall_s")})
+    for (s, seed), r in rw.items():
+        rw_seeds.setdefault(s, []).append(
+            {k: r[k] for k in ("seed", "val_bpb", "val_bpb_short_window", "val_bpb_packed",
+                               "val_bpb_by_position", "wall_s")})
     for s, runs in rw_seeds.items():
         x, y = [r["val_bpb_short_window"] for r in runs], [base_short[r["seed"]] for r in runs]
         est_d, lo, hi = ci_paired_diff(x, y)
-        rw_vs[s] = dict(seeds=[r["seed"] for r in runs], diff=[a - b for a, b in zip(x, y)], estimate=est_d, ci95=[lo, hi])
+        rw_vs[s] = dict(seeds=[r["seed"] for r in runs], diff=[a - b for a, b in zip(x, y)],
+                        estimate=est_d, ci95=[lo, hi])
     t_base = arms[BASELINE_ARM]["time_to_target_s"]
-    m = {"samples": samples, "seeds": seeds, "seed_list": ctx.seeds, "headline_arm": HEADLINE_ARM, "baseline_arm": BASELINE_ARM, "config": ctx.config,
-         "speedup": ci_ratio(samples[BASELINE_ARM]["time_to_target_censored_s"], samples[HEADLINE_ARM]["time_to_target_censored_s"])[0],
-         "target_missed": missed, "target_missed_n": len(missed[HEADLINE_ARM]),
-         "target_bpb": arms[BASELINE_ARM]["val_bpb"], "targets": [units[BASELINE_ARM, s]["val_bpb"] for s in ctx.seeds], "arms": arms,
-         "speedup_by_arm": {a: (t_base / r["time_to_target_s"] if r["time_to_target_s"] else None) for a, r in arms.items() if r["corpus"] == rc.corpus},
+    m = {"samples": samples, "seeds": seeds, "seed_list": ctx.seeds,
+         "headline_arm": HEADLINE_ARM, "baseline_arm": BASELINE_ARM, "config": ctx.config,
+         "speedup": ci_ratio(samples[BASELINE_ARM]["time_to_target_censored_s"],
+                             samples[HEADLINE_ARM]["time_to_target_censored_s"])[0],
+         "target_missed": missed,
+         "target_missed_n": len(missed[HEADLINE_ARM]), "target_bpb": arms[BASELINE_ARM]["val_bpb"],
+         "targets": [units[BASELINE_ARM, s]["val_bpb"] for s in ctx.seeds], "arms": arms,
+         "speedup_by_arm": {a: (t_base / r["time_to_target_s"] if r["time_to_target_s"] else None)
+                            for a, r in arms.items() if r["corpus"] == rc.corpus},
          "effects": paired_effects(seeds),
          "val_split": {c: val_split_stats(*corpora[c]) for c in rc.corpora},
-         "boundary_share": {c: {str(w): boundary_share(corpora[c][0], w) for w in (rc.short_len, rc.long_len)} for c in rc.corpora},
-         "reweighting": {s: {k: rw[s, ctx.seeds[0]][k] for k in ("val_bpb", "val_bpb_short_window", "val_bpb_packed", "val_bpb_by_position", "wall_s", "val_curve")}
-                         for s in rc.reweight_on(0)},
-         "reweighting_seeds": rw_seeds, "reweighting_vs_uniform": rw_vs, "estimated_wall_s": est["total_s"]}
+         "boundary_share": {c: {str(w): boundary_share(corpora[c][0], w)
+                                for w in (rc.short_len, rc.long_len)} for c in rc.corpora},
+         "reweighting": {s: {k: rw[s, ctx.seeds[0]][k]
+                             for k in ("val_bpb", "val_bpb_short_window", "val_bpb_packed",
+                                       "val_bpb_by_position", "wall_s", "val_curve")}
+                         for s in rc.reweight_on(0)}, "reweighting_seeds": rw_seeds,
+         "reweighting_vs_uniform": rw_vs, "estimated_wall_s": est["total_s"]}
     m["step_time_by_length"] = step_time_by_length(m)
     m["toy_regression"] = toy_regression(steps=rc.toy_steps, temperature=rc.reweight_temperature)
-    for fname, fn in (("schedules", plot_schedule_runs), ("step_time", plot_step_time), ("val_curves", plot_val_curves),
+    for fname, fn in (("schedules", plot_schedule_runs), ("step_time", plot_step_time),
+                      ("val_curves", plot_val_curves),
                       ("loss_by_position", plot_by_position), ("reweighting", plot_reweighting)):
         ctx.save_figure(fn(m), fname)
     ctx.save_figure(plot_by_position(m, "val_bpb_packed_by_position"), "loss_by_position_packed")
     for c in rc.corpora[1:]: ctx.save_figure(plot_val_curves(m, c), f"val_curves_{c}")
-    ctx.save_figure(plot_toy_regression(m["toy_regression"], rc.reweight_temperature), "toy_regression")
+    ctx.save_figure(plot_toy_regression(m["toy_regression"], rc.reweight_temperature),
+                    "toy_regression")
     return m

@@ -19,7 +19,8 @@ __all__ = ['REWEIGHT_STRATEGIES', 'minmax_scale', 'reweight', 'LossReweighter', 
 def minmax_scale(x: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
     "Scale `x` linearly to [-delta, delta] (all zeros when it is constant)."
     lo, hi = x.min(), x.max()
-    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-12) * 2 * delta - delta, torch.zeros_like(x))
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-12) * 2 * delta - delta,
+                       torch.zeros_like(x))
 
 # %% ../../nbs/curriculum/03_reweighting.ipynb #1bf32e8b
 REWEIGHT_STRATEGIES = {
@@ -32,11 +33,14 @@ REWEIGHT_STRATEGIES = {
 }
 
 # %% ../../nbs/curriculum/03_reweighting.ipynb #626246a2
-def reweight(losses: torch.Tensor, strategy: str = "linupper", temperature: float = 1.0, delta: float = 1.0, strength: float = 1.0) -> torch.Tensor:
+def reweight(losses: torch.Tensor, strategy: str = "linupper", temperature: float = 1.0,
+             delta: float = 1.0, strength: float = 1.0) -> torch.Tensor:
     "Sample weights (summing to 1) for per-sample `losses` [N]: softmax(strength * (f(h) - max f) / temperature), h the min-max scaled losses."
     check_choice("strategy", strategy, tuple(REWEIGHT_STRATEGIES))
-    expect(temperature > 0, "temperature", "> 0", temperature); expect(delta > 0, "delta", "> 0", delta)
-    expect(losses.dim() == 1 and losses.numel() >= 1, "losses", "a non-empty 1-D tensor", tuple(losses.shape))
+    expect(temperature > 0, "temperature", "> 0", temperature)
+    expect(delta > 0, "delta", "> 0", delta)
+    expect(losses.dim() == 1 and losses.numel() >= 1, "losses", "a non-empty 1-D tensor",
+           tuple(losses.shape))
     f = REWEIGHT_STRATEGIES[strategy](minmax_scale(losses.detach().double(), delta), delta)
     return torch.softmax(strength * (f - f.max()) / temperature, 0).to(losses.dtype)
 
@@ -44,15 +48,19 @@ def reweight(losses: torch.Tensor, strategy: str = "linupper", temperature: floa
 class LossReweighter:
     "`sample_weighter` for `LMLitModule`: loss-based weights over the global batch, uniform during `burn_in_steps`."
     global_mean_one = True
-    def __init__(self, strategy: str = "linupper", temperature: float = 1.0, burn_in_steps: int = 0, delta: float = 1.0,
-                 anneal_steps: int | None = None):
+    def __init__(self, strategy: str = "linupper", temperature: float = 1.0, burn_in_steps: int = 0,
+                 delta: float = 1.0, anneal_steps: int | None = None):
         self.strategy = check_choice("strategy", strategy, tuple(REWEIGHT_STRATEGIES))
-        expect(temperature > 0, "temperature", "> 0", temperature); expect(delta > 0, "delta", "> 0", delta)
-        expect(isinstance(burn_in_steps, int) and burn_in_steps >= 0, "burn_in_steps", "an int >= 0", burn_in_steps)
-        expect(strategy != "annealed" or (isinstance(anneal_steps, int) and anneal_steps >= 1), "anneal_steps",
-               "a positive int with strategy='annealed'", anneal_steps)
-        self.temperature, self.burn_in_steps, self.delta, self.anneal_steps = temperature, burn_in_steps, delta, anneal_steps
-        self.last_global: torch.Tensor | None = None  # the last global weights (mean one), for logging and tests
+        expect(temperature > 0, "temperature", "> 0", temperature)
+        expect(delta > 0, "delta", "> 0", delta)
+        expect(isinstance(burn_in_steps, int) and burn_in_steps >= 0, "burn_in_steps",
+               "an int >= 0", burn_in_steps)
+        expect(strategy != "annealed" or (isinstance(anneal_steps, int) and anneal_steps >= 1),
+               "anneal_steps", "a positive int with strategy='annealed'", anneal_steps)
+        self.temperature, self.burn_in_steps, self.delta, self.anneal_steps = (
+            temperature, burn_in_steps, delta, anneal_steps)
+        # the last global weights (mean one), for logging and tests
+        self.last_global: torch.Tensor | None = None
 
     def strength(self, step: int) -> float:
         "1, except for `annealed`: 1 - step/anneal_steps, clipped at 0."
@@ -61,21 +69,26 @@ class LossReweighter:
     def __call__(self, per_seq_loss: torch.Tensor, step: int) -> torch.Tensor:
         losses = per_seq_loss.detach()
         rank, world = dist_rank_world()
-        if world > 1:  # equal local batch sizes on every rank (the curriculum samplers guarantee it)
+        # equal local batch sizes on every rank (the curriculum samplers guarantee it)
+        if world > 1:
             parts = [torch.empty_like(losses) for _ in range(world)]
             torch.distributed.all_gather(parts, losses)
             glob = torch.cat(parts)
         else: glob = losses
         if step < self.burn_in_steps or self.strength(step) == 0: w = torch.ones_like(glob)
-        else: w = reweight(glob, self.strategy, self.temperature, self.delta, self.strength(step)) * glob.numel()
+        else:
+            w = reweight(glob, self.strategy, self.temperature, self.delta,
+                         self.strength(step)) * glob.numel()
         self.last_global = w
         n = losses.numel()
         return w[rank * n:(rank + 1) * n]
 
 # %% ../../nbs/curriculum/03_reweighting.ipynb #6140d6e7
-def toy_regression(strategies: Sequence[str] = ("uniform", "linupper", "quadratic", "extremes"), temperature: float = 0.4,
-                   n: int = 2000, d: int = 32, redundant_frac: float = 0.9, n_prototypes: int = 8, noise: float = 0.1,
-                   steps: int = 400, batch: int = 64, lr: float = 0.05, seeds: Sequence[int] = (0, 1, 2, 3, 4)) -> dict:
+def toy_regression(strategies: Sequence[str] = ("uniform", "linupper", "quadratic", "extremes"),
+                   temperature: float = 0.4,
+                   n: int = 2000, d: int = 32, redundant_frac: float = 0.9, n_prototypes: int = 8,
+                   noise: float = 0.1, steps: int = 400, batch: int = 64, lr: float = 0.05,
+                   seeds: Sequence[int] = (0, 1, 2, 3, 4)) -> dict:
     "Test MSE per step of mini-batch SGD with each reweighting strategy (mean over `seeds`), on a regression with redundant samples."
     out = {}
     for strategy in strategies:
@@ -85,7 +98,8 @@ def toy_regression(strategies: Sequence[str] = ("uniform", "linupper", "quadrati
             w_star = torch.randn(d, generator=g, dtype=torch.float64)
             n_red = int(n * redundant_frac)
             protos = torch.randn(n_prototypes, d, generator=g, dtype=torch.float64)
-            X = torch.cat([protos[torch.randint(0, n_prototypes, (n_red,), generator=g)] + 0.05 * torch.randn(n_red, d, generator=g, dtype=torch.float64),
+            X = torch.cat([protos[torch.randint(0, n_prototypes, (n_red,), generator=g)]
+                           + 0.05 * torch.randn(n_red, d, generator=g, dtype=torch.float64),
                            torch.randn(n - n_red, d, generator=g, dtype=torch.float64)])
             y = X @ w_star + noise * torch.randn(n, generator=g, dtype=torch.float64)
             Xt = torch.randn(2000, d, generator=g, dtype=torch.float64)
@@ -93,7 +107,8 @@ def toy_regression(strategies: Sequence[str] = ("uniform", "linupper", "quadrati
             for t in range(steps):
                 idx = torch.randint(0, n, (batch,), generator=g)
                 r = X[idx] @ w - y[idx]
-                p = reweight(0.5 * r ** 2, strategy, temperature) if strategy != "uniform" else torch.full((batch,), 1 / batch, dtype=torch.float64)
+                p = (reweight(0.5 * r ** 2, strategy, temperature) if strategy != "uniform"
+                     else torch.full((batch,), 1 / batch, dtype=torch.float64))
                 w = w - lr * (X[idx] * (p * r)[:, None]).sum(0)
                 curve.append(float(((Xt @ (w - w_star)) ** 2).mean()))
             curves.append(curve)
@@ -104,7 +119,11 @@ def toy_regression(strategies: Sequence[str] = ("uniform", "linupper", "quadrati
 def plot_toy_regression(curves: dict, temperature: float | None = None):
     "Test MSE against SGD step per strategy (log scale)."
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for s, c in curves.items(): ax.semilogy(c, label=s, lw=1.4 if s != "uniform" else 2, color="k" if s == "uniform" else None)
-    ax.set(xlabel="SGD step", ylabel="test MSE", title="toy regression, 90% redundant samples" + (f" (r = {temperature})" if temperature else ""))
-    ax.grid(alpha=.3); ax.legend()
+    for s, c in curves.items():
+        ax.semilogy(c, label=s, lw=1.4 if s != "uniform" else 2,
+                    color="k" if s == "uniform" else None)
+    ax.set(xlabel="SGD step", ylabel="test MSE", title="toy regression, 90% redundant samples"
+           + (f" (r = {temperature})" if temperature else ""))
+    ax.grid(alpha=.3)
+    ax.legend()
     return fig

@@ -23,18 +23,21 @@ __all__ = ['CURRICULA', 'curriculum_odds', 'steps_per_bucket', 'dd_schedule', 'p
            'ChunkBatchSampler', 'VarChunkDataset', 'CurriculumDataModule', 'curriculum_fit']
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #143dd2f4
-CURRICULA = {"uniform": lambda n: np.ones(n), "grow_linear": lambda n: np.arange(n, 0, -1, dtype=np.float64),
+CURRICULA = {"uniform": lambda n: np.ones(n),
+             "grow_linear": lambda n: np.arange(n, 0, -1, dtype=np.float64),
              "grow_p2": lambda n: 2.0 ** np.arange(n - 1, -1, -1)}
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #11c376fa
 def curriculum_odds(curriculum, n_buckets: int) -> np.ndarray:
     "The odds of each bucket (shortest first): a name in `CURRICULA` or a sequence of `n_buckets` positive numbers."
-    expect(isinstance(n_buckets, (int, np.integer)) and n_buckets >= 1, "n_buckets", "a positive int", n_buckets)
+    expect(isinstance(n_buckets, (int, np.integer)) and n_buckets >= 1, "n_buckets",
+           "a positive int", n_buckets)
     if isinstance(curriculum, str):
         check_choice("curriculum", curriculum, tuple(CURRICULA))
         return CURRICULA[curriculum](int(n_buckets)).astype(np.float64)
     o = np.asarray(curriculum, dtype=np.float64)
-    expect(o.shape == (n_buckets,) and bool(np.isfinite(o).all()) and bool((o > 0).all()), "curriculum",
+    expect(o.shape == (n_buckets,) and bool(np.isfinite(o).all()) and bool((o > 0).all()),
+           "curriculum",
            f"a curriculum name ({', '.join(CURRICULA)}) or {n_buckets} positive odds", curriculum)
     return o
 
@@ -43,8 +46,11 @@ def steps_per_bucket(buckets: Buckets, tokens_per_step: int, num_steps: int) -> 
     "Steps each bucket gets in `num_steps`: proportional to its tokens (largest remainder), only buckets that can fill a batch."
     tokens = buckets.counts * np.array(buckets.lengths, dtype=np.int64)
     fits = tokens >= tokens_per_step  # enough pieces for one global batch
-    expect(bool(fits.any()), "tokens_per_step", f"at most the tokens of the largest bucket ({int(tokens.max()) if len(tokens) else 0})", tokens_per_step)
-    share = np.where(fits, tokens, 0).astype(np.float64); share /= share.sum()
+    expect(bool(fits.any()), "tokens_per_step",
+           f"at most the tokens of the largest bucket ({int(tokens.max()) if len(tokens) else 0})",
+           tokens_per_step)
+    share = np.where(fits, tokens, 0).astype(np.float64)
+    share /= share.sum()
     raw = share * num_steps
     out = np.floor(raw).astype(np.int64)
     rest = num_steps - int(out.sum())
@@ -52,11 +58,14 @@ def steps_per_bucket(buckets: Buckets, tokens_per_step: int, num_steps: int) -> 
     return out
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #d088c355
-def dd_schedule(counts: Sequence[int], odds: Sequence[float], cycles: int = 1, seed: int = 0, weighting: str = "odds") -> np.ndarray:
+def dd_schedule(counts: Sequence[int], odds: Sequence[float], cycles: int = 1, seed: int = 0,
+                weighting: str = "odds") -> np.ndarray:
     "Algorithm 1: the bucket of every step, given steps per bucket `counts`, curriculum `odds` and `cycles` (seeded)."
     counts, odds = np.asarray(counts, dtype=np.int64), np.asarray(odds, dtype=np.float64)
-    expect(counts.ndim == 1 and bool((counts >= 0).all()), "counts", "non-negative step counts, one per bucket", counts)
-    expect(odds.shape == counts.shape and bool((odds > 0).all()), "odds", f"{len(counts)} positive numbers", odds)
+    expect(counts.ndim == 1 and bool((counts >= 0).all()), "counts",
+           "non-negative step counts, one per bucket", counts)
+    expect(odds.shape == counts.shape and bool((odds > 0).all()), "odds",
+           f"{len(counts)} positive numbers", odds)
     expect(isinstance(cycles, (int, np.integer)) and cycles >= 1, "cycles", "an int >= 1", cycles)
     check_choice("weighting", weighting, ("odds", "size"))
     rng = np.random.default_rng(seed)
@@ -67,16 +76,20 @@ def dd_schedule(counts: Sequence[int], odds: Sequence[float], cycles: int = 1, s
         while left.sum() > 0:
             w = np.where(left > 0, base, 0.0)
             i = int(rng.choice(len(w), p=w / w.sum()))
-            out.append(i); left[i] -= 1
+            out.append(i)
+            left[i] -= 1
     return np.array(out, dtype=np.int64)
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #d086c361
 def plot_schedules(schedules: dict, lengths: Sequence[int]):
     "Sequence length against step for each named schedule (arrays of bucket indices)."
-    fig, axes = plt.subplots(len(schedules), 1, figsize=(10, 1.3 * len(schedules) + 0.6), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(schedules), 1, figsize=(10, 1.3 * len(schedules) + 0.6),
+                             sharex=True, squeeze=False)
     for ax, (name, s) in zip(axes[:, 0], schedules.items()):
         ax.plot(np.asarray(lengths)[np.asarray(s)], drawstyle="steps-post", lw=0.8)
-        ax.set_yscale("log", base=2); ax.set_ylabel("length"); ax.set_title(name, fontsize=9, loc="left")
+        ax.set_yscale("log", base=2)
+        ax.set_ylabel("length")
+        ax.set_title(name, fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     return fig
@@ -90,38 +103,47 @@ class _PermutationStream:
     def take(self, m: int) -> np.ndarray:
         expect(m <= self.n, "batch", f"at most the {self.n} items to draw from", m)
         if len(self.buf) < m:
-            self.buf = np.random.default_rng([*self.seed, self.k]).permutation(self.n); self.k += 1
+            self.buf = np.random.default_rng([*self.seed, self.k]).permutation(self.n)
+            self.k += 1
         out, self.buf = self.buf[:m], self.buf[m:]
         return out
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #9f56c8a9
 class DDBatchSampler(Sampler):
     "Algorithm 1 as a batch sampler over a `DDDataset`: fixed tokens per step, one bucket per step, seeded, DDP-correct."
-    def __init__(self, buckets: Buckets, tokens_per_step: int, num_steps: int, curriculum="uniform", cycles: int = 1,
-                 seed: int = 0, weighting: str = "odds", rank: int | None = None, world_size: int | None = None,
-                 pool: Sequence[int] | None = None, # items to draw from per bucket (default: its pieces); see VarChunkDataset
+    def __init__(self, buckets: Buckets, tokens_per_step: int, num_steps: int, curriculum="uniform",
+                 cycles: int = 1,
+                 seed: int = 0, weighting: str = "odds", rank: int | None = None,
+                 world_size: int | None = None,
+                 # items to draw from per bucket (default: its pieces); see VarChunkDataset
+                 pool: Sequence[int] | None = None,
                 ):
-        expect(isinstance(buckets, Buckets), "buckets", "a Buckets decomposition", type(buckets).__name__, TypeError)
+        expect(isinstance(buckets, Buckets), "buckets", "a Buckets decomposition",
+               type(buckets).__name__, TypeError)
         longest = 2 ** buckets.max_log2
-        expect(isinstance(tokens_per_step, int) and tokens_per_step >= longest and tokens_per_step % longest == 0, "tokens_per_step",
+        expect(isinstance(tokens_per_step, int) and tokens_per_step >= longest
+               and tokens_per_step % longest == 0, "tokens_per_step",
                f"a positive multiple of the longest bucket length {longest}", tokens_per_step)
         expect(isinstance(num_steps, int) and num_steps >= 1, "num_steps", "an int >= 1", num_steps)
         expect(isinstance(seed, int) and seed >= 0, "seed", "an int >= 0", seed)
-        self.buckets, self.tokens_per_step, self.num_steps, self.cycles, self.seed = buckets, tokens_per_step, num_steps, cycles, seed
+        self.buckets, self.tokens_per_step, self.num_steps, self.cycles, self.seed = (
+            buckets, tokens_per_step, num_steps, cycles, seed)
         self.odds = curriculum_odds(curriculum, len(buckets.lengths))
         self.weighting = check_choice("weighting", weighting, ("odds", "size"))
         expect(isinstance(cycles, int) and cycles >= 1, "cycles", "an int >= 1", cycles)
         self.counts = steps_per_bucket(buckets, tokens_per_step, num_steps)
         self.rank, self.world_size, self.epoch = rank, world_size, 0
         self.pool = buckets.counts if pool is None else np.asarray(pool, dtype=np.int64)
-        expect(self.pool.shape == buckets.counts.shape and bool((self.pool >= 0).all()), "pool", f"{len(buckets.counts)} item counts, one per bucket", pool)
+        expect(self.pool.shape == buckets.counts.shape and bool((self.pool >= 0).all()), "pool",
+               f"{len(buckets.counts)} item counts, one per bucket", pool)
         self.offsets = np.concatenate([[0], np.cumsum(self.pool)]).astype(np.int64)
 
     def set_epoch(self, epoch: int): self.epoch = int(epoch)
     def __len__(self) -> int: return self.num_steps
     def schedule(self) -> np.ndarray:
         "The bucket index of every step of the current epoch."
-        return dd_schedule(self.counts, self.odds, self.cycles, seed=[self.seed, self.epoch], weighting=self.weighting)
+        return dd_schedule(self.counts, self.odds, self.cycles, seed=[self.seed, self.epoch],
+                           weighting=self.weighting)
 
     def batch_size(self, bucket: int) -> int:
         "Global number of pieces in a step from `bucket`."
@@ -129,9 +151,12 @@ class DDBatchSampler(Sampler):
 
     def __iter__(self):
         rank, world = dist_rank_world(self.rank, self.world_size)
-        expect((self.tokens_per_step // 2 ** self.buckets.max_log2) % world == 0, "tokens_per_step",
-               f"a multiple of longest length x world size ({2 ** self.buckets.max_log2} x {world})", self.tokens_per_step)
-        streams = [_PermutationStream(int(n), (self.seed, self.epoch, b)) for b, n in enumerate(self.pool)]
+        expect(
+            (self.tokens_per_step // 2 ** self.buckets.max_log2) % world == 0, "tokens_per_step",
+            f"a multiple of longest length x world size ({2 ** self.buckets.max_log2} x {world})",
+            self.tokens_per_step)
+        streams = [_PermutationStream(int(n), (self.seed, self.epoch,
+                                               b)) for b, n in enumerate(self.pool)]
         for b in self.schedule().tolist():
             idx = streams[b].take(self.batch_size(b))
             yield (self.offsets[b] + idx[rank::world]).tolist()
@@ -139,11 +164,14 @@ class DDBatchSampler(Sampler):
 # %% ../../nbs/curriculum/02_sampling.ipynb #aacb2815
 class ChunkBatchSampler(Sampler):
     "Concat-and-chunk batches: `batch_size` random windows per step (global), seeded, split over DDP ranks."
-    def __init__(self, n_windows: int, batch_size: int, num_steps: int, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+    def __init__(self, n_windows: int, batch_size: int, num_steps: int, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None):
         for k, v in dict(n_windows=n_windows, batch_size=batch_size, num_steps=num_steps).items():
             expect(isinstance(v, int) and v >= 1, k, "a positive int", v)
-        expect(batch_size <= n_windows, "batch_size", f"at most the {n_windows} windows", batch_size)
-        self.n_windows, self.global_batch, self.num_steps, self.seed = n_windows, batch_size, num_steps, seed
+        expect(batch_size <= n_windows, "batch_size", f"at most the {n_windows} windows",
+               batch_size)
+        self.n_windows, self.global_batch, self.num_steps, self.seed = (n_windows, batch_size,
+                                                                        num_steps, seed)
         self.rank, self.world_size, self.epoch = rank, world_size, 0
 
     def set_epoch(self, epoch: int): self.epoch = int(epoch)
@@ -151,7 +179,8 @@ class ChunkBatchSampler(Sampler):
 
     def __iter__(self):
         rank, world = dist_rank_world(self.rank, self.world_size)
-        expect(self.global_batch % world == 0, "batch_size", f"a multiple of the world size {world}", self.global_batch)
+        expect(self.global_batch % world == 0, "batch_size",
+               f"a multiple of the world size {world}", self.global_batch)
         stream = _PermutationStream(self.n_windows, (self.seed, self.epoch))
         for _ in range(self.num_steps): yield stream.take(self.global_batch)[rank::world].tolist()
 
@@ -159,7 +188,9 @@ class ChunkBatchSampler(Sampler):
 def _collate(items: list, keep_doc_ids: bool = True, zero_doc_ids: bool = False) -> dict:
     batch = default_collate(items)
     if not keep_doc_ids: batch.pop("doc_ids", None)
-    elif zero_doc_ids: batch["doc_ids"] = torch.zeros_like(batch["doc_ids"])  # the masked-attention path, masking nothing
+    elif zero_doc_ids:
+        # the masked-attention path, masking nothing
+        batch["doc_ids"] = torch.zeros_like(batch["doc_ids"])
     return batch
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #714fcfb3
@@ -174,8 +205,10 @@ class VarChunkDataset(Dataset):
     "The packed stream (EOT before each document) cut into windows of each of `lengths`, indexed length after length; `counts[b]` windows of `lengths[b]`."
     def __init__(self, corpus: TokenizedCorpus, lengths: Sequence[int], eot_id: int):
         self.lengths = [int(n) for n in lengths]
-        expect(len(self.lengths) >= 1 and min(self.lengths) >= 1, "lengths", "positive window lengths", lengths)
-        self.stream = PackedDataset(corpus, max(self.lengths), eot_id).stream  # built once, shared by every length
+        expect(len(self.lengths) >= 1 and min(self.lengths) >= 1, "lengths",
+               "positive window lengths", lengths)
+        # built once, shared by every length
+        self.stream = PackedDataset(corpus, max(self.lengths), eot_id).stream
         self.counts = np.array([(len(self.stream) - 1) // n for n in self.lengths], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
@@ -187,43 +220,58 @@ class VarChunkDataset(Dataset):
         b = int(np.searchsorted(self.offsets, i, side="right") - 1)
         n, s = self.lengths[b], (i - int(self.offsets[b])) * self.lengths[b]
         w = self.stream[s:s + n + 1].astype(np.int64)
-        return dict(input_ids=torch.from_numpy(w[:-1].copy()), labels=torch.from_numpy(w[1:].copy()), index=int(i))
+        return dict(input_ids=torch.from_numpy(w[:-1].copy()),
+                    labels=torch.from_numpy(w[1:].copy()), index=int(i))
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #f82a18e0
 class CurriculumDataModule(LMDataModule):
     "Training data for concat-and-chunk (optionally document-masked), Dataset Decomposition, or C&C on DD's length schedule; document-wise validation for all."
-    def __init__(self, corpus="stdlib_code", mode: str = "dd", tokens_per_step: int = 16384, num_steps: int = 1000,
-                 seq_len: int = 1024, doc_mask: bool = False, zero_doc_ids: bool = False, min_log2: int = 5, max_log2: int = 10,
-                 curriculum="uniform", cycles: int = 1, weighting: str = "odds", randomize: bool = True, eval_window: int = 1024,
-                 max_eval_tokens: int | None = 65_536, eval_batch_size: int = 16, val_frac: float = 0.05, seed: int = 0,
-                 tokenizer=None, num_workers: int = 0):
+    def __init__(self, corpus="stdlib_code",
+                 mode: str = "dd", tokens_per_step: int = 16384, num_steps: int = 1000,
+                 seq_len: int = 1024, doc_mask: bool = False, zero_doc_ids: bool = False,
+                 min_log2: int = 5, max_log2: int = 10, curriculum="uniform", cycles: int = 1,
+                 weighting: str = "odds", randomize: bool = True, eval_window: int = 1024,
+                 max_eval_tokens: int | None = 65_536, eval_batch_size: int = 16,
+                 val_frac: float = 0.05, seed: int = 0, tokenizer=None, num_workers: int = 0):
         check_choice("mode", mode, ("cc", "dd", "cc_var"))
-        expect(isinstance(tokens_per_step, int) and tokens_per_step >= 1, "tokens_per_step", "a positive int", tokens_per_step)
-        expect(isinstance(num_steps, int) and num_steps >= 1, "num_steps", "a positive int", num_steps)
+        expect(isinstance(tokens_per_step, int) and tokens_per_step >= 1, "tokens_per_step",
+               "a positive int", tokens_per_step)
+        expect(isinstance(num_steps, int) and num_steps >= 1, "num_steps", "a positive int",
+               num_steps)
         expect(isinstance(seq_len, int) and seq_len >= 1, "seq_len", "a positive int", seq_len)
-        expect(not (doc_mask and zero_doc_ids), "zero_doc_ids", "False with doc_mask=True (zeroed doc_ids mask nothing)", zero_doc_ids)
+        expect(not (doc_mask and zero_doc_ids), "zero_doc_ids",
+               "False with doc_mask=True (zeroed doc_ids mask nothing)", zero_doc_ids)
         if mode == "cc":
-            expect(tokens_per_step % seq_len == 0, "tokens_per_step", f"a multiple of seq_len={seq_len}", tokens_per_step)
+            expect(tokens_per_step % seq_len == 0, "tokens_per_step",
+                   f"a multiple of seq_len={seq_len}", tokens_per_step)
         else:
-            expect(not (doc_mask or zero_doc_ids), "doc_mask", f"False with mode={mode!r} (no doc_ids: DD pieces never cross documents)", doc_mask or zero_doc_ids)
+            expect(not (doc_mask or zero_doc_ids), "doc_mask",
+                   f"False with mode={mode!r} (no doc_ids: DD pieces never cross documents)",
+                   doc_mask or zero_doc_ids)
             check_bucket_range(min_log2, max_log2)
-            curriculum_odds(curriculum, max_log2 - min_log2 + 1)  # fail here, not at the first batch
+            # fail here, not at the first batch
+            curriculum_odds(curriculum, max_log2 - min_log2 + 1)
             expect(isinstance(cycles, int) and cycles >= 1, "cycles", "an int >= 1", cycles)
             check_choice("weighting", weighting, ("odds", "size"))
             seq_len = 2 ** max_log2
-        super().__init__(corpus=corpus, seq_len=seq_len, batch_size=max(1, tokens_per_step // seq_len), eval_window=eval_window,
-                         val_frac=val_frac, max_eval_tokens=max_eval_tokens, num_workers=num_workers, seed=seed, tokenizer=tokenizer,
+        super().__init__(corpus=corpus, seq_len=seq_len,
+                         batch_size=max(1, tokens_per_step // seq_len), eval_window=eval_window,
+                         val_frac=val_frac, max_eval_tokens=max_eval_tokens,
+                         num_workers=num_workers, seed=seed, tokenizer=tokenizer,
                          eval_batch_size=eval_batch_size)
         self.mode, self.tokens_per_step, self.num_steps = mode, tokens_per_step, num_steps
         self.doc_mask, self.zero_doc_ids = bool(doc_mask), bool(zero_doc_ids)
-        self.min_log2, self.max_log2, self.curriculum, self.cycles = min_log2, max_log2, curriculum, cycles
+        self.min_log2, self.max_log2, self.curriculum, self.cycles = (min_log2, max_log2,
+                                                                      curriculum, cycles)
         self.weighting, self.randomize = weighting, randomize
         self.buckets: Buckets | None = None
 
     def setup(self, stage: str | None = None):
         super().setup(stage)
-        if self.mode != "cc" and self.buckets is None:  # cc_var: the decomposition fixes the schedule (steps per length), not the data
-            self.buckets = decompose(self.train_corpus, self.min_log2, self.max_log2, self.randomize, seed=self.seed)
+        # cc_var: the decomposition fixes the schedule (steps per length), not the data
+        if self.mode != "cc" and self.buckets is None:
+            self.buckets = decompose(self.train_corpus, self.min_log2, self.max_log2,
+                                     self.randomize, seed=self.seed)
 
     def _rank_world(self):
         t = self.trainer
@@ -231,21 +279,26 @@ class CurriculumDataModule(LMDataModule):
 
     def _dd_sampler(self, pool=None) -> DDBatchSampler:
         rank, world = self._rank_world()
-        return DDBatchSampler(self.buckets, self.tokens_per_step, self.num_steps, self.curriculum, self.cycles, self.seed,
+        return DDBatchSampler(self.buckets, self.tokens_per_step, self.num_steps, self.curriculum,
+                              self.cycles, self.seed,
                               self.weighting, rank=rank, world_size=world, pool=pool)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
         kw = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         if self.mode == "dd":
-            return DataLoader(DDDataset(self.train_corpus, self.buckets, self.tokenizer.eot_id), batch_sampler=self._dd_sampler(), **kw)
-        if self.mode == "cc_var":  # DD's schedule (same steps per length, same order), windows of the packed stream
+            return DataLoader(DDDataset(self.train_corpus, self.buckets, self.tokenizer.eot_id),
+                              batch_sampler=self._dd_sampler(), **kw)
+        # DD's schedule (same steps per length, same order), windows of the packed stream
+        if self.mode == "cc_var":
             ds = VarChunkDataset(self.train_corpus, self.buckets.lengths, self.tokenizer.eot_id)
             return DataLoader(ds, batch_sampler=self._dd_sampler(pool=ds.counts), **kw)
         rank, world = self._rank_world()
         ds = _IndexedPacked(self.train_dataset)
-        bs = ChunkBatchSampler(len(ds), self.tokens_per_step // self.seq_len, self.num_steps, self.seed, rank=rank, world_size=world)
-        collate = functools.partial(_collate, keep_doc_ids=self.doc_mask or self.zero_doc_ids, zero_doc_ids=self.zero_doc_ids)
+        bs = ChunkBatchSampler(len(ds), self.tokens_per_step // self.seq_len, self.num_steps,
+                               self.seed, rank=rank, world_size=world)
+        collate = functools.partial(_collate, keep_doc_ids=self.doc_mask or self.zero_doc_ids,
+                                    zero_doc_ids=self.zero_doc_ids)
         return DataLoader(ds, batch_sampler=bs, collate_fn=collate, **kw)
 
 # %% ../../nbs/curriculum/02_sampling.ipynb #320945d9

@@ -14,18 +14,20 @@ __all__ = ['HAS_TRITON', 'IMPLS', 'assert_close_3way', 'default_tol', 'interpret
 from .utils import (
     HAS_TRITON, IMPLS, assert_close_3way, default_tol, interpreting, max_abs_err, resolve_impl)
 from .norm import RMSNorm, rmsnorm, rmsnorm_ref
-from .xent import GroupedLoss, cross_entropy, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
+from .xent import (GroupedLoss, cross_entropy, cross_entropy_ref,
+                                   linear_cross_entropy, linear_cross_entropy_ref)
 from .attention import flash_attention, flash_attention_ref, make_attention
-from .moe import (
-    PackedExperts, chunk_sparse_ffn, chunk_sparse_ffn_packed, chunk_sparse_ffn_ref, grouped_expert_ffn,
-    grouped_expert_ffn_ref, pack_experts)
-from .unlearn import generic_labels, generic_labels_ref, generic_logits, kl_div, kl_div_ref
+from .moe import (PackedExperts, chunk_sparse_ffn, chunk_sparse_ffn_packed,
+                                  chunk_sparse_ffn_ref, grouped_expert_ffn, grouped_expert_ffn_ref,
+                                  pack_experts)
+from .unlearn import (generic_labels, generic_labels_ref, generic_logits, kl_div,
+                                      kl_div_ref)
 
 # %% ../../nbs/kernels/99_kernels_api.ipynb #3b5bbad5
-_all_ = ["HAS_TRITON", "IMPLS", "assert_close_3way", "default_tol", "interpreting", "max_abs_err", "resolve_impl",
-         "RMSNorm", "rmsnorm", "rmsnorm_ref",
-         "cross_entropy", "cross_entropy_ref", "linear_cross_entropy", "linear_cross_entropy_ref", "GroupedLoss",
-         "flash_attention", "flash_attention_ref", "make_attention",
-         "grouped_expert_ffn", "grouped_expert_ffn_ref", "chunk_sparse_ffn", "chunk_sparse_ffn_ref",
-         "pack_experts", "PackedExperts", "chunk_sparse_ffn_packed",
-         "generic_labels", "generic_labels_ref", "generic_logits", "kl_div", "kl_div_ref"]
+_all_ = ["HAS_TRITON", "IMPLS", "assert_close_3way", "default_tol", "interpreting", "max_abs_err",
+         "resolve_impl", "RMSNorm", "rmsnorm", "rmsnorm_ref", "cross_entropy", "cross_entropy_ref",
+         "linear_cross_entropy", "linear_cross_entropy_ref", "GroupedLoss", "flash_attention",
+         "flash_attention_ref", "make_attention", "grouped_expert_ffn", "grouped_expert_ffn_ref",
+         "chunk_sparse_ffn", "chunk_sparse_ffn_ref", "pack_experts", "PackedExperts",
+         "chunk_sparse_ffn_packed", "generic_labels", "generic_labels_ref", "generic_logits",
+         "kl_div", "kl_div_ref"]

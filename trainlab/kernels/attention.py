@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 # %% ../../nbs/kernels/10_flash_attention.ipynb #6197a9a6
-from .utils import (
-    triton, tl, IMPLS, cdiv, check_choice, check_floating, check_integer, check_same_device, check_shape,
-    compute_dtype, device_guard, expect, interpreting, resolve_impl, to_compute)
+from .utils import (triton, tl, IMPLS, cdiv, check_choice, check_floating,
+                                    check_integer, check_same_device, check_shape, compute_dtype,
+                                    device_guard, expect, interpreting, resolve_impl, to_compute)
 from .attention_tiles import (
     attn_visible, doc_args, dot_operand, load_doc_ids, scale_parts, scale_scores, tile_config)
 
@@ -30,22 +30,30 @@ _all_ = ["HEAD_DIMS", "attention_mask", "attention_tile_map", "flash_attention_b
 def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, # [B, H, L, Dh] each
                         causal: bool = True,
                         doc_ids: torch.Tensor | None = None, # [B, L] integer document ids
-                        upcast: bool = True, # compute in fp32 (fp64 for fp64 inputs); else in q.dtype
+                        # compute in fp32 (fp64 for fp64 inputs); else in q.dtype
+                        upcast: bool = True,
                        ) -> torch.Tensor:
     "Masked softmax attention via `F.scaled_dot_product_attention` (`is_causal` without documents, else a boolean mask); returns `q.dtype`."
     dt, out_dtype = (compute_dtype(q, k, v) if upcast else q.dtype), q.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    if doc_ids is None: o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # lets SDPA pick its fast causal path
-    else: o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(q.shape[-2], causal, doc_ids, q.device))
+    if doc_ids is None:
+        # lets SDPA pick its fast causal path
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(q.shape[-2], causal,
+                                                                             doc_ids, q.device))
     return o.to(out_dtype)
 
 # %% ../../nbs/kernels/10_flash_attention.ipynb #0c2ef0a1
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, DOC, LO, HI,  # q, k, v [B, H, L, D] (any strides); o [B, H, L, D]; lse [B*H, L]; doc [B, L]; LO/HI [B, n_tiles]
+    # q, k, v [B, H, L, D] (any strides); o [B, H, L, D]; lse [B*H, L]; doc [B, L]; LO/HI [B,
+    # n_tiles]
+    Q, K, V, O, LSE, DOC, LO, HI,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
     H, L, N_TILES, SCALE_HI, SCALE_LO,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_DOC: tl.constexpr,
     FP64: tl.constexpr, LOWP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -56,7 +64,8 @@ def _attn_fwd_kernel(
     row_ok = rows < L
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows64[:, None] * sql + dims[None, :] * sqd
+    q_ptrs = (Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows64[:, None] * sql
+              + dims[None, :] * sqd)
     q = dot_operand(tl.load(q_ptrs, mask=row_ok[:, None], other=0.0), FP64, LOWP)
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
@@ -64,45 +73,55 @@ def _attn_fwd_kernel(
     q_doc = load_doc_ids(doc_row, rows, L, HAS_DOC)
     # key tiles that can hold a visible key: [lo, hi)
     if HAS_DOC:
-        lo = tl.load(LO + b * N_TILES + pid_m)  # from the documents of this query tile (and causality)
+        # from the documents of this query tile (and causality)
+        lo = tl.load(LO + b * N_TILES + pid_m)
         hi = tl.load(HI + b * N_TILES + pid_m)
     else:
         lo = 0
         if CAUSAL:
-            hi = tl.minimum((pid_m + 1) * BLOCK_M, L)  # keys j > i of the whole tile are never loaded
+            # keys j > i of the whole tile are never loaded
+            hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
         else:
             hi = L
     m_i = to_compute(tl.full([BLOCK_M], float("-inf"), tl.float32), FP64)  # running max m_i
     l_i = to_compute(tl.zeros([BLOCK_M], dtype=tl.float32), FP64)  # running normaliser l_i
-    acc = to_compute(tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), FP64)  # unnormalised output acc_i
+    # unnormalised output acc_i
+    acc = to_compute(tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), FP64)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # key positions j of tile T
         col_ok = cols < L
         cols64 = cols.to(tl.int64)
-        kT = tl.load(k_base + cols64[None, :] * skl + dims[:, None] * skd, mask=col_ok[None, :], other=0.0)  # [D, BLOCK_N]
-        v = tl.load(v_base + cols64[:, None] * svl + dims[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        kT = tl.load(k_base + cols64[None, :] * skl + dims[:, None] * skd, mask=col_ok[None, :],
+                     other=0.0)  # [D, BLOCK_N]
+        v = tl.load(v_base + cols64[:, None] * svl + dims[None, :] * svd, mask=col_ok[:, None],
+                    other=0.0)
         kT = dot_operand(kT, FP64, LOWP)
         v = dot_operand(v, FP64, LOWP)
-        s = scale_scores(tl.dot(q, kT, input_precision=PRECISION), SCALE_HI, SCALE_LO, FP64)  # q_i . k_j / sqrt(d)
-        keep = attn_visible(rows[:, None], cols[None, :], q_doc[:, None], load_doc_ids(doc_row, cols, L, HAS_DOC)[None, :],
-                        L, CAUSAL, HAS_DOC)
+        # q_i . k_j / sqrt(d)
+        s = scale_scores(tl.dot(q, kT, input_precision=PRECISION), SCALE_HI, SCALE_LO, FP64)
+        keep = attn_visible(rows[:, None], cols[None, :], q_doc[:, None],
+                            load_doc_ids(doc_row, cols, L, HAS_DOC)[None, :], L, CAUSAL, HAS_DOC)
         s = tl.where(keep, s, float("-inf"))  # s_ij = -inf where not M_ij
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i' = max(m_i, max_T s_ij)
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # row fully masked so far: avoid (-inf) - (-inf)
+        # row fully masked so far: avoid (-inf) - (-inf)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_sub)  # alpha_i = e^(m_i - m_i')
         p = tl.exp(s - m_sub[:, None])  # p_ij = e^(s_ij - m_i')
         l_i = l_i * alpha + tl.sum(p, axis=1)  # l_i' = alpha_i l_i + sum_T p_ij
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # acc_i' = alpha_i acc_i + sum_T p_ij v_j
+        # acc_i' = alpha_i acc_i + sum_T p_ij v_j
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     l_div = tl.where(l_i == 0.0, 1.0, l_i)  # only rows past L (never stored) can have l_i = 0
     o = acc / l_div[:, None]  # o_i = acc_i / l_i
     lse = m_i + tl.log(l_div)  # lse_i = m_i + log l_i
-    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows64[:, None] * sol + dims[None, :] * sod
+    o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows64[:, None] * sol
+              + dims[None, :] * sod)
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * L + rows, lse, mask=row_ok)
 
 # %% ../../nbs/kernels/10_flash_attention.ipynb #d8891528
-def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, # [B, H, L, D], any strides
+# [B, H, L, D], any strides
+def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         causal: bool, doc_ids: torch.Tensor | None = None):
     "Launch the forward kernel: `o` [B, H, L, D] (q.dtype, contiguous) and `lse` [B, H, L] (compute dtype)."
     B, H, L, D = q.shape
@@ -138,17 +157,20 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, doc_ids = ctx.saved_tensors
         need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
-        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, doc_ids, need_dq, need_dk or need_dv)
+        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, doc_ids, need_dq,
+                                         need_dk or need_dv)
         return dq, (dk if need_dk else None), (dv if need_dv else None), None, None
 
 # %% ../../nbs/kernels/10_flash_attention.ipynb #256069b8
 def _check_attention_args(q, k, v, causal, doc_ids):
     check_floating("q", q, dims=4)
-    expect(q.shape[-1] in HEAD_DIMS, "q", "a head dimension (last dim) of 16, 32, 64 or 128", tuple(q.shape))
+    expect(q.shape[-1] in HEAD_DIMS, "q", "a head dimension (last dim) of 16, 32, 64 or 128",
+           tuple(q.shape))
     for name, t in (("k", k), ("v", v)):
         check_floating(name, t, dims=4)
         check_shape(name, t, q.shape, "(the shape of `q`, [B, H, L, Dh])")
-        expect(t.dtype == q.dtype, name, f"dtype {str(q.dtype).replace('torch.', '')} (the dtype of `q`)",
+        expect(t.dtype == q.dtype, name,
+               f"dtype {str(q.dtype).replace('torch.', '')} (the dtype of `q`)",
                str(t.dtype).replace("torch.", ""), exc=TypeError)
     expect(isinstance(causal, bool), "causal", "True or False", causal, exc=TypeError)
     if doc_ids is not None:
@@ -158,10 +180,13 @@ def _check_attention_args(q, k, v, causal, doc_ids):
     else:
         check_same_device(q=q, k=k, v=v)
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, # [B, H, L, Dh] each, one dtype; Dh in 16/32/64/128
+# [B, H, L, Dh] each, one dtype; Dh in 16/32/64/128
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     causal: bool = True, # key j visible to query i only if j <= i
-                    doc_ids: torch.Tensor | None = None, # [B, L] ints: attend only within the same document
-                    impl: str = "auto", # "auto" (Triton on CUDA, else reference), "triton" or "torch"
+                    # [B, L] ints: attend only within the same document
+                    doc_ids: torch.Tensor | None = None,
+                    # "auto" (Triton on CUDA, else reference), "triton" or "torch"
+                    impl: str = "auto",
                    ) -> torch.Tensor:
     "Softmax attention `softmax(q k^T / sqrt(Dh) + mask) v` with causal and/or document masks; returns q's dtype."
     _check_attention_args(q, k, v, causal, doc_ids)

@@ -29,17 +29,22 @@ def _attn_bwd_preprocess_kernel(
     row_ok = rows < L
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, HEAD_DIM)
-    o = to_compute(tl.load(O + b * sob + h * soh + rows64[:, None] * sol + dims[None, :] * sod, mask=row_ok[:, None], other=0.0), FP64)
-    do = to_compute(tl.load(DO + b * sdob + h * sdoh + rows64[:, None] * sdol + dims[None, :] * sdod, mask=row_ok[:, None], other=0.0), FP64)
-    tl.store(DELTA + pid_bh.to(tl.int64) * L + rows, tl.sum(do * o, axis=1), mask=row_ok)  # Delta_i = dO_i . o_i
+    o = to_compute(tl.load(O + b * sob + h * soh + rows64[:, None] * sol + dims[None, :] * sod,
+                           mask=row_ok[:, None], other=0.0), FP64)
+    do = to_compute(tl.load(DO + b * sdob + h * sdoh + rows64[:, None] * sdol
+                            + dims[None, :] * sdod, mask=row_ok[:, None], other=0.0), FP64)
+    # Delta_i = dO_i . o_i
+    tl.store(DELTA + pid_bh.to(tl.int64) * L + rows, tl.sum(do * o, axis=1), mask=row_ok)
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, LO, HI,  # LO/HI: query range of each key tile [B, n_tiles]
+    # LO/HI: query range of each key tile [B, n_tiles]
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, LO, HI,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod,
     sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
     H, L, N_TILES, SCALE_HI, SCALE_LO,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                          HAS_DOC: tl.constexpr,
     FP64: tl.constexpr, LOWP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -51,8 +56,10 @@ def _attn_bwd_dkdv_kernel(
     col_ok = cols < L
     cols64 = cols.to(tl.int64)
     dims = tl.arange(0, HEAD_DIM)
-    k = dot_operand(tl.load(K + b64 * skb + h64 * skh + cols64[:, None] * skl + dims[None, :] * skd, mask=col_ok[:, None], other=0.0), FP64, LOWP)
-    v = dot_operand(tl.load(V + b64 * svb + h64 * svh + cols64[:, None] * svl + dims[None, :] * svd, mask=col_ok[:, None], other=0.0), FP64, LOWP)
+    k = dot_operand(tl.load(K + b64 * skb + h64 * skh + cols64[:, None] * skl + dims[None, :] * skd,
+                            mask=col_ok[:, None], other=0.0), FP64, LOWP)
+    v = dot_operand(tl.load(V + b64 * svb + h64 * svh + cols64[:, None] * svl + dims[None, :] * svd,
+                            mask=col_ok[:, None], other=0.0), FP64, LOWP)
     doc_row = DOC + b64 * L
     k_doc = load_doc_ids(doc_row, cols, L, HAS_DOC)
     if HAS_DOC:
@@ -73,28 +80,38 @@ def _attn_bwd_dkdv_kernel(
         rows = start_m + tl.arange(0, BLOCK_M)  # query positions i
         row_ok = rows < L
         rows64 = rows.to(tl.int64)
-        qT = dot_operand(tl.load(q_base + rows64[None, :] * sql + dims[:, None] * sqd, mask=row_ok[None, :], other=0.0), FP64, LOWP)
-        do = dot_operand(tl.load(do_base + rows64[:, None] * sdol + dims[None, :] * sdod, mask=row_ok[:, None], other=0.0), FP64, LOWP)
+        qT = dot_operand(tl.load(q_base + rows64[None, :] * sql + dims[:, None] * sqd,
+                                 mask=row_ok[None, :], other=0.0), FP64, LOWP)
+        do = dot_operand(tl.load(do_base + rows64[:, None] * sdol + dims[None, :] * sdod,
+                                 mask=row_ok[:, None], other=0.0), FP64, LOWP)
         lse = tl.load(LSE + stat_row + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + stat_row + rows, mask=row_ok, other=0.0)
-        sT = scale_scores(tl.dot(k, qT, input_precision=PRECISION), SCALE_HI, SCALE_LO, FP64)  # s_ij, transposed [BLOCK_N, BLOCK_M]
-        keep = attn_visible(rows[None, :], cols[:, None], load_doc_ids(doc_row, rows, L, HAS_DOC)[None, :], k_doc[:, None],
+        # s_ij, transposed [BLOCK_N, BLOCK_M]
+        sT = scale_scores(tl.dot(k, qT, input_precision=PRECISION), SCALE_HI, SCALE_LO, FP64)
+        keep = attn_visible(rows[None, :], cols[:, None],
+                            load_doc_ids(doc_row, rows, L, HAS_DOC)[None, :], k_doc[:, None],
                         L, CAUSAL, HAS_DOC)
-        pT = tl.exp(tl.where(keep, sT, float("-inf")) - lse[None, :])  # P_ij = e^(s_ij - lse_i), 0 where masked
+        # P_ij = e^(s_ij - lse_i), 0 where masked
+        pT = tl.exp(tl.where(keep, sT, float("-inf")) - lse[None, :])
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)  # dv_j += sum_i P_ij dO_i
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # dP_ij = dO_i . v_j
         dsT = pT * (dpT - delta[None, :])  # dS_ij = P_ij (dP_ij - Delta_i)
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)  # dk_j += sum_i dS_ij q_i
+        # dk_j += sum_i dS_ij q_i
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
     dk = scale_scores(dk, SCALE_HI, SCALE_LO, FP64)  # ... / sqrt(d)
-    tl.store(DK + b64 * sdkb + h64 * sdkh + cols64[:, None] * sdkl + dims[None, :] * sdkd, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + b64 * sdvb + h64 * sdvh + cols64[:, None] * sdvl + dims[None, :] * sdvd, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DK + b64 * sdkb + h64 * sdkh + cols64[:, None] * sdkl + dims[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + b64 * sdvb + h64 * sdvh + cols64[:, None] * sdvl + dims[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DOC, LO, HI,  # LO/HI: key range of each query tile [B, n_tiles]
-    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod, sdqb, sdqh, sdql, sdqd,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod, sdqb, sdqh,
+                        sdql, sdqd,
     H, L, N_TILES, SCALE_HI, SCALE_LO,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_DOC: tl.constexpr,
     FP64: tl.constexpr, LOWP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -106,8 +123,10 @@ def _attn_bwd_dq_kernel(
     row_ok = rows < L
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, HEAD_DIM)
-    q = dot_operand(tl.load(Q + b64 * sqb + h64 * sqh + rows64[:, None] * sql + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0), FP64, LOWP)
-    do = dot_operand(tl.load(DO + b64 * sdob + h64 * sdoh + rows64[:, None] * sdol + dims[None, :] * sdod, mask=row_ok[:, None], other=0.0), FP64, LOWP)
+    q = dot_operand(tl.load(Q + b64 * sqb + h64 * sqh + rows64[:, None] * sql + dims[None, :] * sqd,
+                            mask=row_ok[:, None], other=0.0), FP64, LOWP)
+    do = dot_operand(tl.load(DO + b64 * sdob + h64 * sdoh + rows64[:, None] * sdol
+                             + dims[None, :] * sdod, mask=row_ok[:, None], other=0.0), FP64, LOWP)
     stat_row = pid_bh.to(tl.int64) * L
     lse = tl.load(LSE + stat_row + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + stat_row + rows, mask=row_ok, other=0.0)
@@ -129,22 +148,26 @@ def _attn_bwd_dq_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < L
         cols64 = cols.to(tl.int64)
-        kT = dot_operand(tl.load(k_base + cols64[None, :] * skl + dims[:, None] * skd, mask=col_ok[None, :], other=0.0), FP64, LOWP)
-        vT = dot_operand(tl.load(v_base + cols64[None, :] * svl + dims[:, None] * svd, mask=col_ok[None, :], other=0.0), FP64, LOWP)
+        kT = dot_operand(tl.load(k_base + cols64[None, :] * skl + dims[:, None] * skd,
+                                 mask=col_ok[None, :], other=0.0), FP64, LOWP)
+        vT = dot_operand(tl.load(v_base + cols64[None, :] * svl + dims[:, None] * svd,
+                                 mask=col_ok[None, :], other=0.0), FP64, LOWP)
         s = scale_scores(tl.dot(q, kT, input_precision=PRECISION), SCALE_HI, SCALE_LO, FP64)
-        keep = attn_visible(rows[:, None], cols[None, :], q_doc[:, None], load_doc_ids(doc_row, cols, L, HAS_DOC)[None, :],
-                        L, CAUSAL, HAS_DOC)
+        keep = attn_visible(rows[:, None], cols[None, :], q_doc[:, None],
+                            load_doc_ids(doc_row, cols, L, HAS_DOC)[None, :], L, CAUSAL, HAS_DOC)
         p = tl.exp(tl.where(keep, s, float("-inf")) - lse[:, None])  # P_ij
         dp = tl.dot(do, vT, input_precision=PRECISION)  # dP_ij = dO_i . v_j
         ds = p * (dp - delta[:, None])  # dS_ij = P_ij (dP_ij - Delta_i)
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)  # dq_i += sum_j dS_ij k_j
+        # dq_i += sum_j dS_ij k_j
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
     dq = scale_scores(dq, SCALE_HI, SCALE_LO, FP64)  # ... / sqrt(d)
-    tl.store(DQ + b64 * sdqb + h64 * sdqh + rows64[:, None] * sdql + dims[None, :] * sdqd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + b64 * sdqb + h64 * sdqh + rows64[:, None] * sdql + dims[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 # %% ../../nbs/kernels/10b_attention_bwd.ipynb #a95382a5
-def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                        lse: torch.Tensor, causal: bool, doc_ids: torch.Tensor | None = None,
-                        need_dq: bool = True, need_dkdv: bool = True):
+def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        o: torch.Tensor, lse: torch.Tensor, causal: bool, doc_ids: torch.Tensor
+                        | None = None, need_dq: bool = True, need_dkdv: bool = True):
     "Launch the backward kernels (Delta, then dk/dv and dq): returns `dq, dk, dv` (q.dtype; None if not needed)."
     B, H, L, D = q.shape
     dq = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device) if need_dq else None
@@ -155,8 +178,9 @@ def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     cfg = tile_config(L, D, q.dtype, interp, "bwd")
     BM, BN, lowp = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["LOWP"]
     FP64 = lse.dtype == torch.float64
-    common = dict(HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=bool(causal), HAS_DOC=doc_ids is not None, FP64=FP64,
-                  LOWP=lowp, PRECISION="tf32" if lowp else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    common = dict(HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, CAUSAL=bool(causal),
+                  HAS_DOC=doc_ids is not None, FP64=FP64, LOWP=lowp, PRECISION="tf32" if lowp
+                  else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     scale = scale_parts(D)
     delta = torch.empty_like(lse)
     with device_guard(q):

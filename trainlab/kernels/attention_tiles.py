@@ -79,10 +79,12 @@ def doc_spans(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = torch.where(starts, idx, 0).cummax(1).values
     end = torch.where(ends, idx + 1, L).flip(1).cummin(1).values.flip(1)
     srt = doc_ids.sort(1).values
-    runs_are_docs = (starts.sum(1) == 1 + (srt[:, 1:] != srt[:, :-1]).sum(1))[:, None]  # every id forms one run
+    # every id forms one run
+    runs_are_docs = (starts.sum(1) == 1 + (srt[:, 1:] != srt[:, :-1]).sum(1))[:, None]
     return torch.where(runs_are_docs, first, 0), torch.where(runs_are_docs, end, L)
 
-def tile_bounds(lo: torch.Tensor, hi: torch.Tensor, block: int, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_bounds(lo: torch.Tensor, hi: torch.Tensor, block: int,
+                inner: int) -> tuple[torch.Tensor, torch.Tensor]:
     "Per tile of `block` positions: [min lo rounded down to a multiple of `inner`, max hi), int32 [B, n_tiles]."
     B, L = lo.shape
     n = cdiv(L, block)
@@ -91,7 +93,8 @@ def tile_bounds(lo: torch.Tensor, hi: torch.Tensor, block: int, inner: int) -> t
     t_hi = F.pad(hi, (0, pad), value=0).view(B, n, block).amax(-1)
     return (t_lo // inner * inner).to(torch.int32).contiguous(), t_hi.to(torch.int32).contiguous()
 
-def key_ranges(doc_ids: torch.Tensor, causal: bool, block: int, inner: int, keys_outer: bool = False):
+def key_ranges(doc_ids: torch.Tensor, causal: bool, block: int, inner: int,
+               keys_outer: bool = False):
     "Loop bounds per outer tile: key range of each query tile, or (`keys_outer`) query range of each key tile."
     first, end = doc_spans(doc_ids)
     pos = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(first)
@@ -117,7 +120,8 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 TILE_LIMITS = {  # per backend; tests shrink them
     "gpu": dict(fwd=(128, 64), bwd=(32, 64), max_tile_bytes=16384, num_stages=2, lowp_dot=True),
-    "interpret": dict(max_block=128, lowp_dot=False),  # few, big programs: interpreter cost is per program and loop trip
+    # few, big programs: interpreter cost is per program and loop trip
+    "interpret": dict(max_block=128, lowp_dot=False),
 }
 
 def tile_config(L: int, D: int, dtype: torch.dtype, interp: bool, which: str) -> dict:
@@ -133,7 +137,8 @@ def tile_config(L: int, D: int, dtype: torch.dtype, interp: bool, which: str) ->
     while bm > 16 and bm * D * elem > lim["max_tile_bytes"]: bm //= 2
     while bn > 16 and bn * D * elem > lim["max_tile_bytes"]: bn //= 2
     bm, bn = min(bm, cap), min(bn, cap)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, LOWP=lowp, num_warps=8 if bm * bn >= 8192 else 4, num_stages=lim["num_stages"])
+    return dict(BLOCK_M=bm, BLOCK_N=bn, LOWP=lowp, num_warps=8 if bm * bn >= 8192 else 4,
+                num_stages=lim["num_stages"])
 
 def scale_parts(D: int) -> tuple[float, float]:
     "1/sqrt(D) as a sum of two fp32 numbers (kernels take fp32 scalars; fp64 runs need the low part)."

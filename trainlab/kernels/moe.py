@@ -23,10 +23,12 @@ from trainlab.kernels.utils import (
 # %% ../../nbs/kernels/20_moe_experts.ipynb #65fc2355
 from .moe_chunk import (  # noqa: F401
     ChunkSparseFFNFunction, PackedExperts, chunk_sparse_ffn,
-    chunk_sparse_ffn_packed, chunk_sparse_ffn_ref, chunk_sparse_torch, chunk_sparse_triton, pack_experts)
+    chunk_sparse_ffn_packed, chunk_sparse_ffn_ref, chunk_sparse_torch, chunk_sparse_triton,
+                                        pack_experts)
 
 # %% ../../nbs/kernels/20_moe_experts.ipynb #3c7afa61
-_all_ = ["chunk_sparse_ffn_ref", "chunk_sparse_torch", "chunk_sparse_triton", "ChunkSparseFFNFunction",
+_all_ = ["chunk_sparse_ffn_ref", "chunk_sparse_torch", "chunk_sparse_triton",
+         "ChunkSparseFFNFunction",
          "chunk_sparse_ffn", "PackedExperts", "pack_experts", "chunk_sparse_ffn_packed"]
 
 # %% ../../nbs/kernels/20_moe_experts.ipynb #f833e209
@@ -35,14 +37,16 @@ def grouped_expert_ffn_ref(x: torch.Tensor, # [T, d] tokens
                            w_out: torch.Tensor, # [E, d, h] down projections
                            expert_ids: torch.Tensor, # [T, k] integer expert of each (token, slot)
                            gates: torch.Tensor, # [T, k] weight of each (token, slot)
-                           upcast: bool = True, # compute in fp32 (fp64 for fp64 inputs); else in x.dtype
+                           # compute in fp32 (fp64 for fp64 inputs); else in x.dtype
+                           upcast: bool = True,
                           ) -> torch.Tensor:
     "Per-expert PyTorch loop: `y[t] = sum_j gates[t,j] * w_out[e] @ silu(w_in[e] @ x[t])`, `e = expert_ids[t,j]`."
     dt = compute_dtype(x, w_in, w_out) if upcast else x.dtype
     xf, g = x.to(dt), gates.to(dt)
     out = xf.new_zeros(x.shape)
     for e in range(w_in.shape[0]):
-        tok, slot = (expert_ids == e).nonzero(as_tuple=True)  # the (token, slot) pairs routed to expert e
+        # the (token, slot) pairs routed to expert e
+        tok, slot = (expert_ids == e).nonzero(as_tuple=True)
         if tok.numel() == 0: continue
         a = xf[tok] @ w_in[e].to(dt).T  # a = W_in[e] x_t
         y = F.silu(a) @ w_out[e].to(dt).T  # f_e(x_t) = W_out[e] silu(a)
@@ -67,26 +71,32 @@ def route_by_expert(expert_ids: torch.Tensor, # [T, k] integer expert ids in [0,
     counts = torch.bincount(flat, minlength=num_experts)
     offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
     token = torch.div(pair, max(k, 1), rounding_mode="floor")
-    return ExpertRouting(*(t.to(torch.int32) for t in (sorted_expert, pair, token, counts, offsets)))
+    return ExpertRouting(*(t.to(torch.int32) for t in (sorted_expert, pair, token, counts,
+                                                       offsets)))
 
 # %% ../../nbs/kernels/20_moe_experts.ipynb #1645b8da
 @triton.jit
 def _grouped_mm_kernel(
-    X, W, Y, A, ROW_E, COUNTS, X_IDX, Y_IDX,  # X rows, W [E, K, N] view, Y rows, A [R, N] pre-activations, int32 indices
+    # X rows, W [E, K, N] view, Y rows, A [R, N] pre-activations, int32 indices
+    X, W, Y, A, ROW_E, COUNTS, X_IDX, Y_IDX,
     R, N, K,  # sorted rows, output columns, reduction length
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_am,
-    GATHER_X: tl.constexpr, SCATTER_Y: tl.constexpr, ACT: tl.constexpr, STORE_A: tl.constexpr,  # ACT: 0 none, 1 silu, 2 * silu'(A)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOWP: tl.constexpr, FP64: tl.constexpr,
+    # ACT: 0 none, 1 silu, 2 * silu'(A)
+    GATHER_X: tl.constexpr, SCATTER_Y: tl.constexpr, ACT: tl.constexpr, STORE_A: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOWP: tl.constexpr,
+                       FP64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     r0 = pid_m * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
     row_ok = rows < R
-    rows_ld = tl.minimum(rows, R - 1)  # rows past the end re-read the last row; their stores are masked
+    # rows past the end re-read the last row; their stores are masked
+    rows_ld = tl.minimum(rows, R - 1)
     row_e = tl.load(ROW_E + rows_ld)  # e_r, non-decreasing
     if GATHER_X:
-        src = tl.load(X_IDX + rows_ld).to(tl.int64)  # x row of sorted row r (token t_r, or pair p_r)
+        # x row of sorted row r (token t_r, or pair p_r)
+        src = tl.load(X_IDX + rows_ld).to(tl.int64)
     else:
         src = rows_ld.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,7 +105,8 @@ def _grouped_mm_kernel(
     e_first = tl.load(ROW_E + r0)
     e_last = tl.load(ROW_E + tl.minimum(r0 + BLOCK_M, R) - 1)
     acc = to_compute(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP64)
-    for e in range(e_first, e_last + 1):  # the experts of this tile (an expert boundary may fall inside it)
+    # the experts of this tile (an expert boundary may fall inside it)
+    for e in range(e_first, e_last + 1):
         if tl.load(COUNTS + e) > 0:  # experts without rows in between: nothing to do
             in_e = row_ok & (row_e == e)
             w_e = W + tl.cast(e, tl.int64) * stride_we
@@ -111,7 +122,8 @@ def _grouped_mm_kernel(
                 else:
                     xt = to_compute(xt, FP64)
                     wt = to_compute(wt, FP64)
-                acc = dot_acc(xt, wt, acc, LOWP)  # acc[r] += X[src(r)] W_e  for the rows r of expert e
+                # acc[r] += X[src(r)] W_e  for the rows r of expert e
+                acc = dot_acc(xt, wt, acc, LOWP)
     mask = row_ok[:, None] & col_ok[None, :]
     a_ptrs = A + rows[:, None].to(tl.int64) * stride_am + cols[None, :]
     if ACT == 1:
@@ -130,11 +142,13 @@ def _grouped_mm_kernel(
 
 @triton.jit
 def _grouped_xty_kernel(
-    AM, BM, DW, OFFS, A_IDX, B_IDX,  # DW[e] [N, K] = sum_{r in e} AM[a(r), :N]^T BM[b(r), :K]; OFFS [E+1]
+    # DW[e] [N, K] = sum_{r in e} AM[a(r), :N]^T BM[b(r), :K]; OFFS [E+1]
+    AM, BM, DW, OFFS, A_IDX, B_IDX,
     N, K,
     stride_am, stride_an, stride_bm, stride_bk, stride_we, stride_wn, stride_wk,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOWP: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOWP: tl.constexpr,
+                        FP64: tl.constexpr,
 ):
     e = tl.program_id(0)
     pid = tl.program_id(1)
@@ -158,8 +172,10 @@ def _grouped_xty_kernel(
             rb = tl.load(B_IDX + rows_ld).to(tl.int64)
         else:
             rb = rows_ld.to(tl.int64)
-        at = tl.load(AM + ra[None, :] * stride_am + ns[:, None] * stride_an, mask=ok[None, :] & n_ok[:, None], other=0.0)  # A^T tile
-        bt = tl.load(BM + rb[:, None] * stride_bm + kk[None, :] * stride_bk, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(AM + ra[None, :] * stride_am + ns[:, None] * stride_an,
+                     mask=ok[None, :] & n_ok[:, None], other=0.0)  # A^T tile
+        bt = tl.load(BM + rb[:, None] * stride_bm + kk[None, :] * stride_bk,
+                     mask=ok[:, None] & k_ok[None, :], other=0.0)
         if LOWP:
             at = at.to(DW.dtype.element_ty)
             bt = bt.to(DW.dtype.element_ty)
@@ -167,7 +183,8 @@ def _grouped_xty_kernel(
             at = to_compute(at, FP64)
             bt = to_compute(bt, FP64)
         acc = dot_acc(at, bt, acc, LOWP)  # dW_e += A_rows^T B_rows
-    w_ptrs = DW + tl.cast(e, tl.int64) * stride_we + ns[:, None] * stride_wn + kk[None, :] * stride_wk
+    w_ptrs = (DW + tl.cast(e, tl.int64) * stride_we + ns[:, None] * stride_wn
+              + kk[None, :] * stride_wk)
     tl.store(w_ptrs, acc.to(DW.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 # %% ../../nbs/kernels/20_moe_experts.ipynb #cc3c0df8
@@ -179,7 +196,8 @@ _LIMITS = {  # tile caps of the grouped kernels (rows, output columns, reduction
 def _lim(t: torch.Tensor) -> dict:
     return _LIMITS["gpu" if t.is_cuda and not interpreting(_grouped_mm_kernel) else "interpret"]
 
-def grouped_mm(x: torch.Tensor, # [rows, K] (rows gathered through x_idx, else the sorted rows themselves)
+# [rows, K] (rows gathered through x_idx, else the sorted rows themselves)
+def grouped_mm(x: torch.Tensor,
                w_kn: torch.Tensor, # [E, K, N], any strides (e.g. w_in.transpose(1, 2))
                rt: ExpertRouting,
                out_rows: int, # rows of the output (N pairs when scattering)
@@ -187,7 +205,8 @@ def grouped_mm(x: torch.Tensor, # [rows, K] (rows gathered through x_idx, else t
                cdt: torch.dtype = torch.float32, # compute dtype: fp32, or fp64
                x_idx: torch.Tensor | None = None, # [R] int32 row of x for each sorted row
                y_idx: torch.Tensor | None = None, # [R] int32 output row for each sorted row
-               act: int = 0, # 0: none; 1: silu (stores pre-activations if store_a); 2: multiply by silu'(a)
+               # 0: none; 1: silu (stores pre-activations if store_a); 2: multiply by silu'(a)
+               act: int = 0,
                a: torch.Tensor | None = None, # [R, N] pre-activations (read for act=2)
                store_a: bool = False, lowp: bool = False):
     "Launch `_grouped_mm_kernel`: `Y[dst(r)] = act(X[src(r)] @ W[e_r])`; returns `(Y, A)` (A: pre-activations or None)."
@@ -202,19 +221,20 @@ def grouped_mm(x: torch.Tensor, # [rows, K] (rows gathered through x_idx, else t
     dummy = rt.pair
     with device_guard(x):
         _grouped_mm_kernel[(cdiv(R, BM), cdiv(N, BN))](
-            x, w_kn, y, a if a is not None else y, rt.sorted_expert, rt.counts,
-            x_idx if x_idx is not None else dummy, y_idx if y_idx is not None else dummy,
-            R, N, K, x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), w_kn.stride(2), y.stride(0),
-            a.stride(0) if a is not None else 0,
-            GATHER_X=x_idx is not None, SCATTER_Y=y_idx is not None, ACT=act, STORE_A=bool(store_a and act == 1),
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, LOWP=lowp, FP64=cdt == torch.float64, num_warps=4)
+            x, w_kn, y, a if a is not None else y, rt.sorted_expert,
+            rt.counts, x_idx if x_idx is not None else dummy, y_idx if y_idx is not None else dummy,
+            R, N, K, x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), w_kn.stride(2),
+            y.stride(0), a.stride(0) if a is not None else 0, GATHER_X=x_idx is not None,
+            SCATTER_Y=y_idx is not None, ACT=act, STORE_A=bool(store_a and act == 1), BLOCK_M=BM,
+            BLOCK_N=BN, BLOCK_K=BK, LOWP=lowp, FP64=cdt == torch.float64, num_warps=4)
     return y, (a if act in (1, 2) else None)
 
 def grouped_xty(am: torch.Tensor, # [rows, N]
                 bm: torch.Tensor, # [rows, K]
                 rt: ExpertRouting,
                 out: torch.Tensor, # [E, N, K] result, e.g. an empty weight gradient
-                a_idx: torch.Tensor | None = None, b_idx: torch.Tensor | None = None, # [R] int32 gathers
+                # [R] int32 gathers
+                a_idx: torch.Tensor | None = None, b_idx: torch.Tensor | None = None,
                 cdt: torch.dtype = torch.float32, lowp: bool = False) -> torch.Tensor:
     "Launch `_grouped_xty_kernel`: `out[e] = sum over the sorted rows r of expert e of am[a(r)]^T bm[b(r)]`."
     E, N, K = out.shape
@@ -224,10 +244,11 @@ def grouped_xty(am: torch.Tensor, # [rows, N]
     dummy = rt.pair
     with device_guard(am):
         _grouped_xty_kernel[(E, cdiv(N, BN) * cdiv(K, BK))](
-            am, bm, out, rt.offsets, a_idx if a_idx is not None else dummy, b_idx if b_idx is not None else dummy,
-            N, K, am.stride(0), am.stride(1), bm.stride(0), bm.stride(1), out.stride(0), out.stride(1), out.stride(2),
-            GATHER_A=a_idx is not None, GATHER_B=b_idx is not None,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, LOWP=lowp, FP64=cdt == torch.float64, num_warps=4)
+            am, bm, out, rt.offsets, a_idx if a_idx is not None else dummy,
+            b_idx if b_idx is not None else dummy, N, K, am.stride(0), am.stride(1), bm.stride(0),
+            bm.stride(1), out.stride(0), out.stride(1), out.stride(2), GATHER_A=a_idx is not None,
+            GATHER_B=b_idx is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, LOWP=lowp,
+            FP64=cdt == torch.float64, num_warps=4)
     return out
 
 # %% ../../nbs/kernels/20_moe_experts.ipynb #563937e0
@@ -243,8 +264,8 @@ class GroupedExpertFFNFunction(torch.autograd.Function):
         rt = route_by_expert(expert_ids, E)
         R = rt.pair.numel()
         # a_r = W_in[e_r] x_{t_r}, s_r = silu(a_r): gather x rows by token, write grouped rows
-        s, a = grouped_mm(x, w_in.transpose(1, 2), rt, R, x.dtype if lowp else cdt, cdt, x_idx=rt.token, act=1,
-                          store_a=need_grad, lowp=lowp)
+        s, a = grouped_mm(x, w_in.transpose(1, 2), rt, R, x.dtype if lowp else cdt, cdt,
+                          x_idx=rt.token, act=1, store_a=need_grad, lowp=lowp)
         # z_p = W_out[e_r] s_r: read grouped rows, write back in pair order
         z, _ = grouped_mm(s, w_out.transpose(1, 2), rt, T * k, cdt, cdt, y_idx=rt.pair, lowp=lowp)
         z = z.view(T, k, d)
@@ -265,16 +286,25 @@ class GroupedExpertFFNFunction(torch.autograd.Function):
         cdt, lowp = z.dtype, ctx.lowp
         dy = dy.to(cdt)
         dx = dwi = dwo = dg = None
-        if need_g: dg = torch.bmm(z, dy.unsqueeze(2)).squeeze(2).to(gates.dtype)  # dL/dg_tj = ybar_t . z_{tk+j}
-        dz = (gates.to(cdt).unsqueeze(2) * dy.unsqueeze(1)).reshape(T * k, d)  # zbar_p = g_tj ybar_t (pair order)
+        if need_g:
+            # dL/dg_tj = ybar_t . z_{tk+j}
+            dg = torch.bmm(z, dy.unsqueeze(2)).squeeze(2).to(gates.dtype)
+        # zbar_p = g_tj ybar_t (pair order)
+        dz = (gates.to(cdt).unsqueeze(2) * dy.unsqueeze(1)).reshape(T * k, d)
         if need_wo:  # dL/dW_out[e] = sum_{r in e} zbar_{p_r} s_r^T
-            dwo = grouped_xty(dz, s, rt, torch.empty_like(w_out, memory_format=torch.contiguous_format), a_idx=rt.pair, cdt=cdt, lowp=lowp)
+            dwo = grouped_xty(dz,
+                              s, rt, torch.empty_like(w_out, memory_format=torch.contiguous_format),
+                              a_idx=rt.pair, cdt=cdt, lowp=lowp)
         if need_x or need_wi:
-            # abar_r = (W_out[e_r]^T zbar_{p_r}) * silu'(a_r): gather zbar by pair; W viewed [E, K=d, N=h] is w_out itself
+            # abar_r = (W_out[e_r]^T zbar_{p_r}) * silu'(a_r): gather zbar by pair; W viewed [E,
+            # K=d, N=h] is w_out itself
             da, _ = grouped_mm(dz, w_out, rt, R, cdt, cdt, x_idx=rt.pair, act=2, a=a, lowp=lowp)
             if need_wi:  # dL/dW_in[e] = sum_{r in e} abar_r x_{t_r}^T
-                dwi = grouped_xty(da, x, rt, torch.empty_like(w_in, memory_format=torch.contiguous_format), b_idx=rt.token, cdt=cdt, lowp=lowp)
-            if need_x:  # dL/dx_t = sum_{r: t_r = t} W_in[e_r]^T abar_r: scatter to pairs, sum the k slots
+                dwi = grouped_xty(da, x,
+                                  rt, torch.empty_like(w_in, memory_format=torch.contiguous_format),
+                                  b_idx=rt.token, cdt=cdt, lowp=lowp)
+            # dL/dx_t = sum_{r: t_r = t} W_in[e_r]^T abar_r: scatter to pairs, sum the k slots
+            if need_x:
                 dxp, _ = grouped_mm(da, w_in, rt, T * k, cdt, cdt, y_idx=rt.pair, lowp=lowp)
                 dx = dxp.view(T, k, d).sum(1).to(x.dtype)
         return dx, dwi, dwo, None, dg, None
@@ -292,14 +322,17 @@ def _check_expert_ids(expert_ids, E):
 def grouped_expert_ffn(x: torch.Tensor, # [T, d] tokens
                        w_in: torch.Tensor, # [E, h, d] up projections
                        w_out: torch.Tensor, # [E, d, h] down projections
-                       expert_ids: torch.Tensor, # [T, k] integer expert ids in [0, E); duplicates in a row are summed
+                       # [T, k] integer expert ids in [0, E); duplicates in a row are summed
+                       expert_ids: torch.Tensor,
                        gates: torch.Tensor, # [T, k] routing weights (any float dtype)
-                       impl: str = "auto", # "auto" (Triton on CUDA, else reference), "triton" or "torch"
+                       # "auto" (Triton on CUDA, else reference), "triton" or "torch"
+                       impl: str = "auto",
                       ) -> torch.Tensor:
     "Top-k expert FFN: `y[t] = sum_j gates[t,j] * w_out[e] @ silu(w_in[e] @ x[t])`, `e = expert_ids[t,j]`; returns `x.dtype`."
     T, d, E, h = check_experts(x, w_in, w_out)
     check_integer("expert_ids", expert_ids, dims=2)
-    expect(expert_ids.shape[0] == T, "expert_ids", f"shape ({T}, k) (T from `x`)", tuple(expert_ids.shape))
+    expect(expert_ids.shape[0] == T, "expert_ids", f"shape ({T}, k) (T from `x`)",
+           tuple(expert_ids.shape))
     check_floating("gates", gates, dims=2)
     check_shape("gates", gates, tuple(expert_ids.shape), "(the shape of `expert_ids`)")
     check_same_device(x=x, w_in=w_in, w_out=w_out, expert_ids=expert_ids, gates=gates)

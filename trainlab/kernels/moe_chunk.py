@@ -28,39 +28,50 @@ def chunk_sparse_ffn_ref(x: torch.Tensor, # [T, d] tokens of one chunk
                          upcast: bool = True) -> torch.Tensor:
     "Dense over all E experts: `y[t] = sum_e scores[t,e] * w_out[e] @ silu(w_in[e] @ x[t])`."
     dt = compute_dtype(x, w_in, w_out) if upcast else x.dtype
-    hid = F.silu(torch.einsum("td,ehd->teh", x.to(dt), w_in.to(dt)))  # silu(W_in[e] x_t) for every expert
-    return torch.einsum("teh,edh->td", hid * scores.to(dt)[:, :, None], w_out.to(dt)).to(x.dtype)  # sum_e s_te W_out[e] (.)
+    # silu(W_in[e] x_t) for every expert
+    hid = F.silu(torch.einsum("td,ehd->teh", x.to(dt), w_in.to(dt)))
+    # sum_e s_te W_out[e] (.)
+    return torch.einsum("teh,edh->td", hid * scores.to(dt)[:, :, None], w_out.to(dt)).to(x.dtype)
 
 # %% ../../nbs/kernels/20a_moe_chunk.ipynb #d61b1b7f
-def chunk_sparse_torch(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def chunk_sparse_torch(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+                       scores: torch.Tensor) -> torch.Tensor:
     "The CPU path of `chunk_sparse_ffn`: gather the union's weights, batched matmuls over them only (no argument checks)."
     T, d = x.shape
     E, h, _ = w_in.shape
-    idx = scores.any(0).nonzero().view(-1)  # U: experts with a nonzero score for at least one token of the chunk
+    # U: experts with a nonzero score for at least one token of the chunk
+    idx = scores.any(0).nonzero().view(-1)
     U = idx.numel()
     if U == 0: return x.new_zeros(T, d)
     dt = compute_dtype(x, w_in, w_out)
     if U == E:  # nothing to skip: use the weights in place
         wi, wo, s = w_in.to(dt), w_out.to(dt), scores.to(dt)
     else:
-        wi, wo, s = w_in.index_select(0, idx).to(dt), w_out.index_select(0, idx).to(dt), scores.index_select(1, idx).to(dt)
-    hid = torch.mm(x.to(dt), wi.reshape(U * h, d).T)  # a_te = W_in[e] x_t for e in U: one [T, U*h] matmul
+        wi, wo, s = (w_in.index_select(0, idx).to(dt), w_out.index_select(0, idx).to(dt),
+                     scores.index_select(1, idx).to(dt))
+    # a_te = W_in[e] x_t for e in U: one [T, U*h] matmul
+    hid = torch.mm(x.to(dt), wi.reshape(U * h, d).T)
     F.silu(hid, inplace=True)
     hid = hid.view(T, U, h).mul_(s.unsqueeze(2))  # s_te silu(a_te)
-    return torch.bmm(hid.transpose(0, 1), wo.transpose(1, 2)).sum(0).to(x.dtype)  # sum_{e in U} W_out[e] (.)
+    # sum_{e in U} W_out[e] (.)
+    return torch.bmm(hid.transpose(0, 1), wo.transpose(1, 2)).sum(0).to(x.dtype)
 
 @triton.jit
 def _chunk_up_kernel(
-    X, W, S, ACTIVE, H,  # x [T, d], w_in [E, h, d], scores [T, E], active [E] int32, H [T, E*h] (only active blocks written)
+    # x [T, d], w_in [E, h, d], scores [T, E], active [E] int32, H [T, E*h] (only active blocks
+    # written)
+    X, W, S, ACTIVE, H,
     T, D, HID,
     stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_st, stride_se, stride_ht,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LOWP: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LOWP: tl.constexpr,
+                     FP64: tl.constexpr,
 ):
     pid_eh = tl.program_id(0)
     pid_t = tl.program_id(1)
     n_hb = tl.cdiv(HID, BLOCK_H)
     e = pid_eh // n_hb
-    if tl.load(ACTIVE + e) != 0:  # inactive experts: the program does nothing, their weights are never read
+    # inactive experts: the program does nothing, their weights are never read
+    if tl.load(ACTIVE + e) != 0:
         ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = ts < T
         js = (pid_eh % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -70,8 +81,10 @@ def _chunk_up_kernel(
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < D
-            xt = tl.load(X + ts[:, None] * stride_xt + kk[None, :] * stride_xd, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_e + kk[:, None] * stride_wd + js[None, :] * stride_wh, mask=k_ok[:, None] & j_ok[None, :], other=0.0)
+            xt = tl.load(X + ts[:, None] * stride_xt + kk[None, :] * stride_xd,
+                         mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_e + kk[:, None] * stride_wd + js[None, :] * stride_wh,
+                         mask=k_ok[:, None] & j_ok[None, :], other=0.0)
             if not LOWP:
                 xt = to_compute(xt, FP64)
                 wt = to_compute(wt, FP64)
@@ -86,7 +99,8 @@ def _chunk_down_kernel(
     H, W, ACTIVE, Y,  # H [T, E*h], w_out [E, d, h], active [E], y [T, d]
     T, D, HID, E,
     stride_ht, stride_we, stride_wd, stride_wh, stride_yt,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOWP: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOWP: tl.constexpr,
+                       FP64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -101,17 +115,21 @@ def _chunk_down_kernel(
             for k0 in range(0, HID, BLOCK_K):
                 js = k0 + tl.arange(0, BLOCK_K)
                 j_ok = js < HID
-                ht = tl.load(H + ts[:, None] * stride_ht + (e * HID + js)[None, :], mask=t_ok[:, None] & j_ok[None, :], other=0.0)
-                wt = tl.load(w_e + js[:, None] * stride_wh + ns[None, :] * stride_wd, mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+                ht = tl.load(H + ts[:, None] * stride_ht + (e * HID + js)[None, :],
+                             mask=t_ok[:, None] & j_ok[None, :], other=0.0)
+                wt = tl.load(w_e + js[:, None] * stride_wh + ns[None, :] * stride_wd,
+                             mask=j_ok[:, None] & n_ok[None, :], other=0.0)
                 if LOWP:
                     ht = ht.to(W.dtype.element_ty)
                 else:
                     ht = to_compute(ht, FP64)
                     wt = to_compute(wt, FP64)
                 acc = dot_acc(ht, wt, acc, LOWP)  # y_t += W_out[e] (s_te silu(a_te))
-    tl.store(Y + ts[:, None] * stride_yt + ns[None, :], acc.to(Y.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+    tl.store(Y + ts[:, None] * stride_yt + ns[None, :], acc.to(Y.dtype.element_ty),
+             mask=t_ok[:, None] & n_ok[None, :])
 
-def chunk_sparse_triton(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def chunk_sparse_triton(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+                        scores: torch.Tensor) -> torch.Tensor:
     "The Triton path of `chunk_sparse_ffn` (no argument checks)."
     T, d = x.shape
     E, h, _ = w_in.shape
@@ -127,9 +145,9 @@ def chunk_sparse_triton(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor
     fp64 = cdt == torch.float64
     with device_guard(x):
         _chunk_up_kernel[(E * cdiv(h, BH), cdiv(T, BT))](
-            x, w_in, scores, active, hid, T, d, h,
-            x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2), scores.stride(0), scores.stride(1),
-            hid.stride(0), BLOCK_T=BT, BLOCK_H=BH, BLOCK_K=BK_up, LOWP=lowp, FP64=fp64, num_warps=4)
+            x, w_in, scores, active, hid, T, d, h, x.stride(0), x.stride(1), w_in.stride(0),
+            w_in.stride(1), w_in.stride(2), scores.stride(0), scores.stride(1), hid.stride(0),
+            BLOCK_T=BT, BLOCK_H=BH, BLOCK_K=BK_up, LOWP=lowp, FP64=fp64, num_warps=4)
         _chunk_down_kernel[(cdiv(d, BN), cdiv(T, BT))](
             hid, w_out, active, y, T, d, h, E,
             hid.stride(0), w_out.stride(0), w_out.stride(1), w_out.stride(2), y.stride(0),
@@ -156,7 +174,8 @@ class ChunkSparseFFNFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors,
+                                                                     ctx.needs_input_grad)]
         with torch.enable_grad():
             y = chunk_sparse_ffn_ref(*inputs)
         wrt = [t for t in inputs if t.requires_grad]
@@ -167,14 +186,17 @@ def chunk_sparse_ffn(x: torch.Tensor, # [T, d] the tokens of one chunk
                      w_in: torch.Tensor, # [E, h, d] up projections
                      w_out: torch.Tensor, # [E, d, h] down projections
                      scores: torch.Tensor, # [T, E] router scores, exactly 0 for inactive experts
-                     impl: str = "auto", # "auto" (Triton on CUDA, union-gathered PyTorch elsewhere), "triton" or "torch"
+                     # "auto" (Triton on CUDA, union-gathered PyTorch elsewhere), "triton" or
+                     # "torch"
+                     impl: str = "auto",
                     ) -> torch.Tensor:
     "BlockFFN inference: `y[t] = sum_e scores[t,e] * w_out[e] @ silu(w_in[e] @ x[t])`, computing only the experts active for some token of the chunk."
     T, d, E, h = check_experts(x, w_in, w_out)
     check_floating("scores", scores, dims=2)
     check_shape("scores", scores, (T, E), "(T from `x`, E from `w_in`)")
     check_same_device(x=x, w_in=w_in, w_out=w_out, scores=scores)
-    fwd = chunk_sparse_torch if resolve_impl(impl, x, w_in, w_out, scores, kernel=_chunk_up_kernel) == "torch" else chunk_sparse_triton
+    fwd = (chunk_sparse_torch if resolve_impl(impl, x, w_in, w_out, scores, kernel=_chunk_up_kernel)
+           == "torch" else chunk_sparse_triton)
     if T == 0: fwd = lambda x, *_: x.new_zeros(0, d)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, w_out, scores)):
         return ChunkSparseFFNFunction.apply(x, w_in, w_out, scores, fwd)
@@ -187,7 +209,9 @@ class PackedExperts(NamedTuple):
     w_down: torch.Tensor # [E*h, d] contiguous; rows e*h:(e+1)*h are W_out[e]^T
     num_experts: int # E
     hidden: int # h, the width of one expert
-    views: dict # cache {(a, b): (w_up rows a*h:b*h, w_down rows a*h:b*h)} of the runs seen so far (views, no copies)
+    # cache {(a, b): (w_up rows a*h:b*h, w_down rows a*h:b*h)} of the runs seen so far (views, no
+    # copies)
+    views: dict
 
     def __repr__(self):
         E, h, d = self.num_experts, self.hidden, self.w_up.shape[1]
@@ -196,22 +220,26 @@ class PackedExperts(NamedTuple):
 # %% ../../nbs/kernels/20a_moe_chunk.ipynb #590e86c8
 def pack_experts(w_in: torch.Tensor, # [E, h, d] up projections
                  w_out: torch.Tensor, # [E, d, h] down projections
-                 dtype: torch.dtype | None = None, # storage and compute dtype; default fp32 (fp64 if a weight is fp64)
+                 # storage and compute dtype; default fp32 (fp64 if a weight is fp64)
+                 dtype: torch.dtype | None = None,
                 ) -> PackedExperts:
     "Check the expert weights once and copy them into `chunk_sparse_ffn_packed`'s layout (a snapshot: re-pack after changing them)."
     check_floating("w_in", w_in, dims=3)
     E, h, d = w_in.shape
-    expect(E >= 1 and h >= 1 and d >= 1, "w_in", "shape (E, h, d) with E, h, d >= 1", tuple(w_in.shape))
+    expect(E >= 1 and h >= 1 and d >= 1, "w_in", "shape (E, h, d) with E, h, d >= 1",
+           tuple(w_in.shape))
     check_floating("w_out", w_out, dims=3)
     check_shape("w_out", w_out, (E, d, h), "(E, d, h from `w_in`)")
     check_same_device(w_in=w_in, w_out=w_out)
     dtype = compute_dtype(w_in, w_out) if dtype is None else dtype
-    expect(dtype in FLOAT_DTYPES, "dtype", "a floating dtype (float16, bfloat16, float32 or float64)", dtype, exc=TypeError)
+    expect(dtype in FLOAT_DTYPES, "dtype",
+           "a floating dtype (float16, bfloat16, float32 or float64)", dtype, exc=TypeError)
     up = torch.empty(E * h, d, dtype=dtype, device=w_in.device)
     down = torch.empty(E * h, d, dtype=dtype, device=w_in.device)
     with torch.no_grad():
         up.view(E, h, d).copy_(w_in)  # block e = W_in[e], [h, d]
-        down.view(E, h, d).copy_(w_out.transpose(1, 2))  # block e = W_out[e]^T, [h, d]: y += hid_e @ block_e
+        # block e = W_out[e]^T, [h, d]: y += hid_e @ block_e
+        down.view(E, h, d).copy_(w_out.transpose(1, 2))
     return PackedExperts(up, down, E, h, {})
 
 # %% ../../nbs/kernels/20a_moe_chunk.ipynb #5a42105f
@@ -231,21 +259,27 @@ def active_runs(active: list, # one bool per expert: is it in the union?
 # %% ../../nbs/kernels/20a_moe_chunk.ipynb #ee332ceb
 def chunk_sparse_ffn_packed(x: torch.Tensor, # [T, d] the tokens of one chunk
                             packed: PackedExperts, # the expert weights, from pack_experts
-                            scores: torch.Tensor, # [T, E] router scores, exactly 0 for inactive experts
+                            # [T, E] router scores, exactly 0 for inactive experts
+                            scores: torch.Tensor,
                            ) -> torch.Tensor:
     "`chunk_sparse_ffn` for serving: prepacked weights, no argument checks, no weight copies, only the union's blocks read; returns `x.dtype`."
     w_up, w_down, E, h, views = packed
     T = x.shape[0]
     dt = w_up.dtype
-    xc = x if x.dtype == dt else x.to(dt)  # casts touch activations only, and only when the dtypes differ
+    # casts touch activations only, and only when the dtypes differ
+    xc = x if x.dtype == dt else x.to(dt)
     s = scores if scores.dtype == dt else scores.to(dt)
     y = None
-    for a, b in active_runs(torch.any(scores, 0).tolist()):  # U = {e : s_te != 0 for some t}, as runs [a, b)
-        up_ab, down_ab = views.get((a, b)) or views.setdefault((a, b), (w_up[a * h:b * h], w_down[a * h:b * h]))
-        hid = F.linear(xc, up_ab)  # a_te = W_in[e] x_t for the run's experts: one [T, (b-a)h] matmul on a view
+    # U = {e : s_te != 0 for some t}, as runs [a, b)
+    for a, b in active_runs(torch.any(scores, 0).tolist()):
+        up_ab, down_ab = views.get((a, b)) or views.setdefault((a, b), (w_up[a * h:b * h],
+                                                                        w_down[a * h:b * h]))
+        # a_te = W_in[e] x_t for the run's experts: one [T, (b-a)h] matmul on a view
+        hid = F.linear(xc, up_ab)
         F.silu(hid, inplace=True)
         if b - a == 1: hid.mul_(s[:, a:b])  # s_te silu(a_te)
         else: hid.view(T, b - a, h).mul_(s[:, a:b].unsqueeze(2))
-        y = torch.mm(hid, down_ab) if y is None else y.addmm_(hid, down_ab)  # y_t += sum_{e in run} W_out[e] (s_te silu(a_te))
+        # y_t += sum_{e in run} W_out[e] (s_te silu(a_te))
+        y = torch.mm(hid, down_ab) if y is None else y.addmm_(hid, down_ab)
     if y is None: return x.new_zeros(T, w_up.shape[1])  # no expert active in the chunk
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -13,9 +13,9 @@ from torch import nn
 
 # %% ../../nbs/kernels/01_rmsnorm.ipynb #537fcd9c
 from .utils import (
-    triton, tl, IMPLS, as_rows, block_rows, calculate_settings, cdiv, check_choice, check_floating, check_same_device,
-    check_shape, compute_dtype, device_guard, ensure_contiguous, expect, interpreting, num_sms, num_warps_for,
-    resolve_impl, to_compute)
+    triton, tl, IMPLS, as_rows, block_rows, calculate_settings, cdiv, check_choice, check_floating,
+    check_same_device, check_shape, compute_dtype, device_guard, ensure_contiguous, expect,
+    interpreting, num_sms, num_warps_for, resolve_impl, to_compute)
 
 # %% ../../nbs/kernels/01_rmsnorm.ipynb #b8b8db49
 def rmsnorm_ref(x: torch.Tensor, # [..., N]
@@ -39,7 +39,8 @@ def _rmsnorm_fwd_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    rows_ld = tl.minimum(rows, M - 1).to(tl.int64)  # rows past the end re-read the last row; their stores are masked
+    # rows past the end re-read the last row; their stores are masked
+    rows_ld = tl.minimum(rows, M - 1).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     x_rows = X + rows_ld[:, None] * stride_x
     y_rows = Y + rows[:, None].to(tl.int64) * stride_y
@@ -51,7 +52,8 @@ def _rmsnorm_fwd_kernel(
         w = to_compute(tl.load(W + cols, mask=col_ok, other=0.0), FP64)
         # y_ij = x_ij r_i w_j
         y = x * rstd[:, None] * w[None, :]
-        tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
     else:
         sum_sq = to_compute(tl.zeros([BLOCK_M], dtype=tl.float32), FP64)
         for start in range(0, N, BLOCK_N):
@@ -65,7 +67,8 @@ def _rmsnorm_fwd_kernel(
             x = to_compute(tl.load(x_rows + c[None, :], mask=col_ok[None, :], other=0.0), FP64)
             w = to_compute(tl.load(W + c, mask=col_ok, other=0.0), FP64)
             y = x * rstd[:, None] * w[None, :]
-            tl.store(y_rows + c[None, :], y.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(y_rows + c[None, :], y.to(Y.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 # %% ../../nbs/kernels/01_rmsnorm.ipynb #53668a2d
@@ -89,14 +92,17 @@ def _rmsnorm_bwd_kernel(
             row_ok = rows < M
             rows = rows.to(tl.int64)
             mask = row_ok[:, None] & col_ok[None, :]
-            dy = to_compute(tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0), FP64)
-            x = to_compute(tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0), FP64)
+            dy = to_compute(tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask,
+                                    other=0.0), FP64)
+            x = to_compute(tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask,
+                                   other=0.0), FP64)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
             xhat = x * rstd[:, None]  # x^_ij = x_ij r_i
             g = dy * w[None, :]  # g_ij = dL/dy_ij w_j
             c = tl.sum(g * xhat, axis=1) / N  # c_i = sum_k g_ik x^_ik / N
             dx = (g - xhat * c[:, None]) * rstd[:, None]  # dL/dx_ij = r_i (g_ij - x^_ij c_i)
-            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
+                     mask=mask)
             dw += tl.sum(dy * xhat, axis=0)  # dL/dw_j = sum_i dL/dy_ij x^_ij (this program's rows)
         tl.store(dw_row + cols, dw, mask=col_ok)
     else:
@@ -110,8 +116,10 @@ def _rmsnorm_bwd_kernel(
                 cc = start + cols
                 col_ok = cc < N
                 mask = row_ok[:, None] & col_ok[None, :]
-                dy = to_compute(tl.load(DY + rows[:, None] * stride_dy + cc[None, :], mask=mask, other=0.0), FP64)
-                x = to_compute(tl.load(X + rows[:, None] * stride_x + cc[None, :], mask=mask, other=0.0), FP64)
+                dy = to_compute(tl.load(DY + rows[:, None] * stride_dy + cc[None, :], mask=mask,
+                                        other=0.0), FP64)
+                x = to_compute(tl.load(X + rows[:, None] * stride_x + cc[None, :], mask=mask,
+                                       other=0.0), FP64)
                 w = to_compute(tl.load(W + cc, mask=col_ok, other=0.0), FP64)
                 c += tl.sum(dy * w[None, :] * x * rstd[:, None], axis=1)
             c = c / N
@@ -119,19 +127,24 @@ def _rmsnorm_bwd_kernel(
                 cc = start + cols
                 col_ok = cc < N
                 mask = row_ok[:, None] & col_ok[None, :]
-                dy = to_compute(tl.load(DY + rows[:, None] * stride_dy + cc[None, :], mask=mask, other=0.0), FP64)
-                x = to_compute(tl.load(X + rows[:, None] * stride_x + cc[None, :], mask=mask, other=0.0), FP64)
+                dy = to_compute(tl.load(DY + rows[:, None] * stride_dy + cc[None, :], mask=mask,
+                                        other=0.0), FP64)
+                x = to_compute(tl.load(X + rows[:, None] * stride_x + cc[None, :], mask=mask,
+                                       other=0.0), FP64)
                 w = to_compute(tl.load(W + cc, mask=col_ok, other=0.0), FP64)
                 xhat = x * rstd[:, None]
                 dx = (dy * w[None, :] - xhat * c[:, None]) * rstd[:, None]
-                tl.store(DX + rows[:, None] * stride_dx + cc[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                tl.store(DX + rows[:, None] * stride_dx + cc[None, :], dx.to(DX.dtype.element_ty),
+                         mask=mask)
                 part = tl.load(dw_row + cc, mask=col_ok, other=0.0)
                 tl.store(dw_row + cc, part + tl.sum(dy * xhat, axis=0), mask=col_ok)
 
 # %% ../../nbs/kernels/01_rmsnorm.ipynb #6a49c291
 _LIMITS = {
-    "gpu": dict(max_block_n=16384, max_elems=4096),  # one tile up to N=16384; ~4096 elements per program
-    "interpret": dict(max_block_n=65536, max_elems=2**17, bwd_programs=2),  # few, big programs: interpreter cost is per program
+    # one tile up to N=16384; ~4096 elements per program
+    "gpu": dict(max_block_n=16384, max_elems=4096),
+    # few, big programs: interpreter cost is per program
+    "interpret": dict(max_block_n=65536, max_elems=2**17, bwd_programs=2),
 }
 
 def _settings(M: int, N: int, interp: bool):
@@ -150,8 +163,8 @@ def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):
     BLOCK_M, BLOCK_N, ONE_TILE, warps = _settings(M, N, interpreting(_rmsnorm_fwd_kernel))
     with device_guard(x):
         _rmsnorm_fwd_kernel[(cdiv(M, BLOCK_M),)](
-            x, weight, y, rstd, M, N, x.stride(0), y.stride(0), eps,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ONE_TILE=ONE_TILE, FP64=cdt == torch.float64, num_warps=warps)
+            x, weight, y, rstd, M, N, x.stride(0), y.stride(0), eps, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N, ONE_TILE=ONE_TILE, FP64=cdt == torch.float64, num_warps=warps)
     return y, rstd
 
 def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
@@ -163,12 +176,14 @@ def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: t
     BLOCK_M, BLOCK_N, ONE_TILE, warps = _settings(M, N, interp)
     n_blocks = cdiv(M, BLOCK_M)
     programs = min(n_blocks, _LIMITS["interpret"]["bwd_programs"] if interp else num_sms(x.device))
-    alloc = torch.empty if ONE_TILE else torch.zeros  # multi-tile programs accumulate into their row
+    # multi-tile programs accumulate into their row
+    alloc = torch.empty if ONE_TILE else torch.zeros
     dw_part = alloc((programs, N), dtype=rstd.dtype, device=x.device)
     with device_guard(x):
-        _rmsnorm_bwd_kernel[(programs,)](
-            dy, x, weight, rstd, dx, dw_part, M, N, dy.stride(0), x.stride(0), dx.stride(0), dw_part.stride(0),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ONE_TILE=ONE_TILE, FP64=rstd.dtype == torch.float64, num_warps=warps)
+        _rmsnorm_bwd_kernel[(programs,)](dy, x, weight, rstd, dx, dw_part, M, N,
+                                         dy.stride(0), x.stride(0), dx.stride(0), dw_part.stride(0),
+                                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ONE_TILE=ONE_TILE,
+                                         FP64=rstd.dtype == torch.float64, num_warps=warps)
     return dx, dw_part.sum(0).to(weight.dtype)
 
 # %% ../../nbs/kernels/01_rmsnorm.ipynb #70617257
@@ -191,7 +206,8 @@ class RMSNormFunction(torch.autograd.Function):
 
 # %% ../../nbs/kernels/01_rmsnorm.ipynb #c2cd389a
 def _check_eps(eps):
-    ok = isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0
+    ok = isinstance(eps, (int,
+                          float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0
     expect(ok, "eps", "a finite number >= 0", eps)
 
 def rmsnorm(x: torch.Tensor, # [..., N], any float dtype
@@ -206,7 +222,8 @@ def rmsnorm(x: torch.Tensor, # [..., N], any float dtype
     check_shape("weight", weight, (x.shape[-1],), "(the last dimension of `x`)")
     check_same_device(x=x, weight=weight)
     _check_eps(eps)
-    if resolve_impl(impl, x, weight, kernel=_rmsnorm_fwd_kernel) == "torch": return rmsnorm_ref(x, weight, eps)
+    if resolve_impl(impl, x, weight, kernel=_rmsnorm_fwd_kernel) == "torch":
+        return rmsnorm_ref(x, weight, eps)
     return RMSNormFunction.apply(x, weight, float(eps))
 
 # %% ../../nbs/kernels/01_rmsnorm.ipynb #76abcd62
@@ -215,10 +232,14 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, # size of the normalised (last) dimension
                  eps: float = 1e-6, impl: str = "auto", device=None, dtype=None):
         super().__init__()
-        expect(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1, "dim", "a positive int", dim)
-        _check_eps(eps); check_choice("impl", impl, IMPLS)
+        expect(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1, "dim",
+               "a positive int", dim)
+        _check_eps(eps)
+        check_choice("impl", impl, IMPLS)
         self.eps, self.impl = float(eps), impl
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor: return rmsnorm(x, self.weight, self.eps, self.impl)
-    def extra_repr(self) -> str: return f"{self.weight.shape[0]}, eps={self.eps}, impl={self.impl!r}"
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rmsnorm(x, self.weight, self.eps, self.impl)
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, impl={self.impl!r}"

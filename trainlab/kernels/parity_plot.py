@@ -21,49 +21,70 @@ def read_rows(path: str | Path) -> list[dict]:
 
 # %% ../../nbs/kernels/00a_parity_plot.ipynb #5442db93
 PARITY_TITLE = "Triton (interpreter, CPU) vs PyTorch reference, fp32"
-PARITY_COLUMNS = ("kernel", "quantity", "size", "numel", "max_abs_err", "tol_atol", "tol_rtol", "ref_err_vs_fp64")
+PARITY_COLUMNS = ("kernel", "quantity", "size", "numel", "max_abs_err", "tol_atol", "tol_rtol",
+                  "ref_err_vs_fp64")
 _MARKERS = "osD^v"  # hollow and distinct, so that quantities with equal errors stay visible
 
-def plot_parity(csv_path: str | Path, # a CSV written by kernels/parity.py, e.g. kernels/results/parity_cpu.csv
+# a CSV written by kernels/parity.py, e.g. kernels/results/parity_cpu.csv
+def plot_parity(csv_path: str | Path,
                 kernels: str | Sequence[str], # names from its kernel column: one panel each
-                show_fp64: bool = True, # also draw PyTorch fp32's own error against the fp64 reference (dotted grey)
+                # also draw PyTorch fp32's own error against the fp64 reference (dotted grey)
+                show_fp64: bool = True,
                ):
     "Plot the interpreted Triton path's max abs error against the PyTorch reference per size and quantity, test atol dashed."
     import matplotlib.pyplot as plt
     path = Path(csv_path)
-    expect(path.is_file(), "csv_path", "an existing parity CSV (write it with `python kernels/parity.py`)", str(path), FileNotFoundError)
+    expect(path.is_file(), "csv_path", "an existing parity CSV (write it with `python "
+                                       "kernels/parity.py`)", str(path), FileNotFoundError)
     rows = read_rows(path)
     missing = [c for c in PARITY_COLUMNS if not rows or c not in rows[0]]
-    expect(not missing, "csv_path", f"a parity CSV with rows and the columns {', '.join(PARITY_COLUMNS)}", f"{path} lacking {missing}")
+    expect(not missing,
+           "csv_path", f"a parity CSV with rows and the columns {', '.join(PARITY_COLUMNS)}",
+           f"{path} lacking {missing}")
     kernels = [kernels] if isinstance(kernels, str) else list(kernels)
     known = list(dict.fromkeys(r["kernel"] for r in rows))
     expect(len(kernels) > 0, "kernels", "at least one kernel name", kernels)
-    for k in kernels: expect(k in known, "kernels", f"names from the CSV's `kernel` column ({', '.join(known)})", k)
-    fig, axs = plt.subplots(1, len(kernels), figsize=(min(7.0, 2.0 + 3.5 * len(kernels)), 3.4), squeeze=False)
+    for k in kernels:
+        expect(k in known, "kernels",
+               f"names from the CSV's `kernel` column ({', '.join(known)})", k)
+    fig, axs = plt.subplots(1, len(kernels), figsize=(min(7.0, 2.0 + 3.5 * len(kernels)), 3.4),
+                            squeeze=False)
     for ax, k in zip(axs[0], kernels):
         sel = sorted((r for r in rows if r["kernel"] == k), key=lambda r: int(r["numel"]))
         sizes = list(dict.fromkeys(r["size"] for r in sel))
         atol, rtol = float(sel[0]["tol_atol"]), float(sel[0]["tol_rtol"])
-        errs = {q: [(sizes.index(r["size"]), float(r["max_abs_err"])) for r in sel if r["quantity"] == q]
-                for q in dict.fromkeys(r["quantity"] for r in sel)}  # quantity -> [(x, error)], x ascending
-        if atol == 0:  # an exact kernel (integer labels): the error is a count of differing outputs, on a linear axis
-            for j, (q, e) in enumerate(errs.items()): ax.plot(*zip(*e), marker=_MARKERS[j % 5], ms=5, mfc="none", color=f"C{j}", label=q)
+        # quantity -> [(x, error)], x ascending
+        errs = {q: [(sizes.index(r["size"]), float(r["max_abs_err"])) for r in sel
+                    if r["quantity"] == q] for q in dict.fromkeys(r["quantity"] for r in sel)}
+        # an exact kernel (integer labels): the error is a count of differing outputs, on a linear
+        # axis
+        if atol == 0:
+            for j, (q, e) in enumerate(errs.items()):
+                ax.plot(*zip(*e), marker=_MARKERS[j % 5], ms=5, mfc="none", color=f"C{j}", label=q)
             ax.axhline(0, ls="--", color="k", lw=1, label="test: 0 (exact match)")
             ax.set_ylim(-0.5, max(2, *(v for e in errs.values() for _, v in e)) + 1)
             ax.set_ylabel("outputs differing (count)", fontsize=8)
         else:
-            fp64 = [max(float(r["ref_err_vs_fp64"]) for r in sel if r["size"] == s) for s in sizes] if show_fp64 else []
-            pos = [v for e in errs.values() for _, v in e if v > 0] + [v for v in fp64 if v > 0] + [atol]
+            fp64 = ([max(float(r["ref_err_vs_fp64"]) for r in sel if r["size"] == s) for s in sizes]
+                    if show_fp64 else [])
+            pos = ([v for e in errs.values() for _, v in e if v > 0] + [v for v in fp64 if v > 0]
+                   + [atol])
             floor = min(pos) / 10  # an error of exactly 0 is drawn here, as a hollow triangle
             for j, (q, e) in enumerate(errs.items()):
                 xs, vs = zip(*e)
-                ax.plot(xs, [max(v, floor) for v in vs], marker=_MARKERS[j % 5], ms=5, mfc="none", lw=1.2, color=f"C{j}", label=q)
+                ax.plot(xs, [max(v, floor) for v in vs], marker=_MARKERS[j % 5], ms=5, mfc="none",
+                        lw=1.2, color=f"C{j}", label=q)
                 zx = [x for x, v in e if v == 0]
-                if zx: ax.plot(zx, [floor] * len(zx), ls="none", marker="v", ms=7, mfc="white", color=f"C{j}")
-            if fp64: ax.plot(range(len(sizes)), fp64, ls=":", color="0.45", lw=1.2, label="torch fp32 vs fp64")
+                if zx:
+                    ax.plot(zx, [floor] * len(zx), ls="none", marker="v", ms=7, mfc="white",
+                            color=f"C{j}")
+            if fp64:
+                ax.plot(range(len(sizes)), fp64, ls=":", color="0.45", lw=1.2,
+                        label="torch fp32 vs fp64")
             ax.axhline(atol, ls="--", color="k", lw=1, label=f"test atol {atol:g}")
             if any(v == 0 for e in errs.values() for _, v in e):
-                ax.text(0.02, 0.03, "▽ = 0 (exact), drawn at the bottom", transform=ax.transAxes, fontsize=7)
+                ax.text(0.02, 0.03, "▽ = 0 (exact), drawn at the bottom", transform=ax.transAxes,
+                        fontsize=7)
             ax.set_yscale("log")
             ax.set_ylim(floor / 3, max(pos) * 300)  # headroom for the legend
             ax.set_ylabel("max abs error", fontsize=8)

@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 
 # %% ../../nbs/kernels/40_unlearning_losses.ipynb #aa4afd55
-from trainlab.kernels.utils import (
-    triton, tl, as_rows, block_rows, calculate_settings, cdiv, check_choice, check_floating, check_same_device,
-    check_shape, compute_dtype, device_guard, ensure_contiguous, expect, interpreting, num_warps_for, resolve_impl,
-    to_compute)
+from .utils import (triton, tl, as_rows, block_rows, calculate_settings, cdiv,
+                                    check_choice, check_floating, check_same_device, check_shape,
+                                    compute_dtype, device_guard, ensure_contiguous, expect,
+                                    interpreting, num_warps_for, resolve_impl, to_compute)
 
 # %% ../../nbs/kernels/40_unlearning_losses.ipynb #d0d9e187
 def generic_logits(base_logits: torch.Tensor, # [..., V]
                    reinforced_logits: torch.Tensor, # [..., V], same shape
-                   alpha: float = 1.0, # >= 0: how hard to push down the logits that reinforcement raised
+                   # >= 0: how hard to push down the logits that reinforcement raised
+                   alpha: float = 1.0,
                   ) -> torch.Tensor:
     "WHP's generic logits `base - alpha * relu(reinforced - base)`, in plain PyTorch (materialised; for sampling)."
     return base_logits - alpha * torch.relu(reinforced_logits - base_logits)
@@ -29,7 +30,8 @@ def generic_logits(base_logits: torch.Tensor, # [..., V]
 def generic_labels_ref(base_logits: torch.Tensor, # [..., V]
                        reinforced_logits: torch.Tensor, # [..., V], same shape and dtype
                        alpha: float = 1.0,
-                       upcast: bool = True, # combine in fp32 (fp64 for fp64 inputs); else in the inputs' dtype
+                       # combine in fp32 (fp64 for fp64 inputs); else in the inputs' dtype
+                       upcast: bool = True,
                       ) -> torch.Tensor:
     "`argmax(base - alpha * relu(reinforced - base), -1)` as int64 `[...]`, materialising the generic logits."
     dt = compute_dtype(base_logits, reinforced_logits) if upcast else base_logits.dtype
@@ -45,13 +47,15 @@ def _generic_labels_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    rows_ld = tl.minimum(rows, M - 1).to(tl.int64)  # rows past the end re-read the last row; their stores are masked
+    # rows past the end re-read the last row; their stores are masked
+    rows_ld = tl.minimum(rows, M - 1).to(tl.int64)
     alpha = to_compute(tl.load(ALPHA), FP64)
     b_rows = B + rows_ld * stride_b
     r_rows = R + rows_ld * stride_r
     cols = tl.arange(0, BLOCK_V)
     best = to_compute(tl.full([BLOCK_M], float("-inf"), tl.float32), FP64)  # running max m_i
-    best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)  # its column c_i (0 if the row is all -inf, like torch.argmax)
+    # its column c_i (0 if the row is all -inf, like torch.argmax)
+    best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
     nan_idx = tl.full([BLOCK_M], 2147483647, tl.int32)  # first NaN column; int32 max: none yet
     for start in range(0, V, BLOCK_V):
         c = start + cols
@@ -59,22 +63,27 @@ def _generic_labels_kernel(
         b = to_compute(tl.load(b_rows[:, None] + c[None, :], mask=col_ok, other=0.0), FP64)
         r = to_compute(tl.load(r_rows[:, None] + c[None, :], mask=col_ok, other=0.0), FP64)
         d = r - b
-        v = b - alpha * tl.where(d < 0, 0.0, d)  # v = b - alpha relu(r - b); relu(NaN) = NaN as in torch
+        # v = b - alpha relu(r - b); relu(NaN) = NaN as in torch
+        v = b - alpha * tl.where(d < 0, 0.0, d)
         is_nan = (v != v) & col_ok
-        v = tl.where(col_ok & (v == v), v, float("-inf"))  # padding columns and NaN never win the max
+        # padding columns and NaN never win the max
+        v = tl.where(col_ok & (v == v), v, float("-inf"))
         m_t = tl.max(v, axis=1)  # tile max m_iT
-        c_t = tl.min(tl.where(col_ok & (v == m_t[:, None]), c[None, :], 2147483647), axis=1)  # smallest column attaining it
+        # smallest column attaining it
+        c_t = tl.min(tl.where(col_ok & (v == m_t[:, None]), c[None, :], 2147483647), axis=1)
         upd = m_t > best  # strictly larger: on ties the earlier tile keeps its (smaller) column
         best_idx = tl.where(upd, c_t, best_idx)
         best = tl.where(upd, m_t, best)
         nan_idx = tl.minimum(nan_idx, tl.min(tl.where(is_nan, c[None, :], 2147483647), axis=1))
-    label = tl.where(nan_idx < 2147483647, nan_idx, best_idx)  # NaN counts as the maximum, as in torch.argmax
+    # NaN counts as the maximum, as in torch.argmax
+    label = tl.where(nan_idx < 2147483647, nan_idx, best_idx)
     tl.store(OUT + rows, label.to(tl.int64), mask=row_ok)
 
 # %% ../../nbs/kernels/40_unlearning_losses.ipynb #037ced68
 _LIMITS = {
     "gpu": dict(max_block_v=8192, max_elems=8192),
-    "interpret": dict(max_block_v=65536, max_elems=2**17),  # few, big programs: interpreter cost is per program
+    # few, big programs: interpreter cost is per program
+    "interpret": dict(max_block_v=65536, max_elems=2**17),
 }
 
 def _settings(M: int, V: int, interp: bool):
@@ -91,12 +100,13 @@ def generic_labels_fwd(base: torch.Tensor, # [M, V], rows contiguous
     out = torch.empty(M, dtype=torch.int64, device=base.device)
     if M == 0: return out
     cdt = compute_dtype(base, reinforced)
-    alpha_t = torch.full((1,), float(alpha), dtype=cdt, device=base.device)  # a fill kernel on CUDA, no host sync
+    # a fill kernel on CUDA, no host sync
+    alpha_t = torch.full((1,), float(alpha), dtype=cdt, device=base.device)
     BLOCK_M, BLOCK_V, warps = _settings(M, V, interpreting(_generic_labels_kernel))
     with device_guard(base):
-        _generic_labels_kernel[(cdiv(M, BLOCK_M),)](base, reinforced, alpha_t, out, M, V, base.stride(0), reinforced.stride(0),
-                                                    BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, FP64=cdt == torch.float64,
-                                                    num_warps=warps)
+        _generic_labels_kernel[(cdiv(M, BLOCK_M),)](
+            base, reinforced, alpha_t, out, M, V, base.stride(0), reinforced.stride(0),
+            BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, FP64=cdt == torch.float64, num_warps=warps)
     return out
 
 # %% ../../nbs/kernels/40_unlearning_losses.ipynb #21ff35ec
@@ -111,13 +121,16 @@ def _check_pair(name_a: str, a, name_b: str, b) -> int:
     return a.shape[-1]
 
 def _check_alpha(alpha):
-    ok = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha >= 0
+    ok = (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha)
+          and alpha >= 0)
     expect(ok, "alpha", "a finite real number >= 0 (a Python float)", alpha)
 
 def generic_labels(base_logits: torch.Tensor, # [..., V] logits of the baseline model
-                   reinforced_logits: torch.Tensor, # [..., V] logits of the reinforced model, same shape and dtype
+                   # [..., V] logits of the reinforced model, same shape and dtype
+                   reinforced_logits: torch.Tensor,
                    alpha: float = 1.0, # finite, >= 0; 0 gives the baseline's argmax
-                   impl: str = "auto", # "auto" (Triton on CUDA, else reference), "triton" or "torch"
+                   # "auto" (Triton on CUDA, else reference), "triton" or "torch"
+                   impl: str = "auto",
                   ) -> torch.Tensor:
     "WHP generic labels: int64 `[...]` argmax of `base - alpha * relu(reinforced - base)`, never materialising it."
     V = _check_pair("base_logits", base_logits, "reinforced_logits", reinforced_logits)
@@ -125,14 +138,16 @@ def generic_labels(base_logits: torch.Tensor, # [..., V] logits of the baseline 
     if resolve_impl(impl, base_logits, reinforced_logits, kernel=_generic_labels_kernel) == "torch":
         return generic_labels_ref(base_logits, reinforced_logits, alpha)
     lead = base_logits.shape[:-1]
-    labels = generic_labels_fwd(as_rows(base_logits.detach()), as_rows(reinforced_logits.detach()), alpha)
+    labels = generic_labels_fwd(as_rows(base_logits.detach()),
+                                as_rows(reinforced_logits.detach()), alpha)
     return labels.view(lead)
 
 # %% ../../nbs/kernels/40_unlearning_losses.ipynb #247bc20d
 def kl_div_ref(p_logits: torch.Tensor, # [..., V] logits of P
                q_logits: torch.Tensor, # [..., V] logits of Q, same shape and dtype
                reduction: str = "none", # "none" ([...]), "mean" (over rows) or "sum"
-               upcast: bool = True, # compute in fp32 (fp64 for fp64 inputs); else in the inputs' dtype
+               # compute in fp32 (fp64 for fp64 inputs); else in the inputs' dtype
+               upcast: bool = True,
               ) -> torch.Tensor:
     "KL(softmax(p) || softmax(q)) over the last dimension per row, reduced; returned in `p_logits.dtype`."
     dt = compute_dtype(p_logits, q_logits) if upcast else p_logits.dtype
@@ -158,20 +173,26 @@ def _kl_fwd_kernel(
     cols = tl.arange(0, BLOCK_V)
     m_p = to_compute(tl.full([BLOCK_M], float("-inf"), tl.float32), FP64)  # running max of x
     s_p = to_compute(tl.zeros([BLOCK_M], dtype=tl.float32), FP64)  # sum_j e^(x_ij - m_p)
-    a = to_compute(tl.zeros([BLOCK_M], dtype=tl.float32), FP64)  # sum_j e^(x_ij - m_p) (x_ij - y_ij)
+    # sum_j e^(x_ij - m_p) (x_ij - y_ij)
+    a = to_compute(tl.zeros([BLOCK_M], dtype=tl.float32), FP64)
     m_q = to_compute(tl.full([BLOCK_M], float("-inf"), tl.float32), FP64)  # running max of y
     s_q = to_compute(tl.zeros([BLOCK_M], dtype=tl.float32), FP64)  # sum_j e^(y_ij - m_q)
     for start in range(0, V, BLOCK_V):
         c = start + cols
         col_ok = (c < V)[None, :]
-        x = to_compute(tl.load(x_rows[:, None] + c[None, :], mask=col_ok, other=float("-inf")), FP64)
-        y = to_compute(tl.load(y_rows[:, None] + c[None, :], mask=col_ok, other=float("-inf")), FP64)
+        x = to_compute(tl.load(x_rows[:, None] + c[None, :], mask=col_ok,
+                               other=float("-inf")), FP64)
+        y = to_compute(tl.load(y_rows[:, None] + c[None, :], mask=col_ok,
+                               other=float("-inf")), FP64)
         mp_new = tl.maximum(m_p, tl.max(x, axis=1))  # m' = max(m_p, max_T x_ij)
-        mp_sub = tl.where(mp_new == float("-inf"), 0.0, mp_new)  # all -inf so far: avoid (-inf) - (-inf)
+        # all -inf so far: avoid (-inf) - (-inf)
+        mp_sub = tl.where(mp_new == float("-inf"), 0.0, mp_new)
         scale = tl.exp(m_p - mp_sub)  # e^(m_p - m')
-        w = tl.exp(x - mp_sub[:, None])  # e^(x_ij - m'), 0 where x_ij = -inf (and in padding columns)
+        # e^(x_ij - m'), 0 where x_ij = -inf (and in padding columns)
+        w = tl.exp(x - mp_sub[:, None])
         zero = w == 0.0  # p_ij = 0 (x_ij = -inf, or padding) contributes 0, even if y_ij = -inf
-        term = w * (tl.where(zero, 0.0, x) - tl.where(zero, 0.0, y))  # select first: no inf - inf is ever computed
+        # select first: no inf - inf is ever computed
+        term = w * (tl.where(zero, 0.0, x) - tl.where(zero, 0.0, y))
         s_p = s_p * scale + tl.sum(w, axis=1)
         a = a * scale + tl.sum(term, axis=1)
         m_p = mp_new
@@ -188,7 +209,8 @@ def _kl_fwd_kernel(
 
 @triton.jit
 def _kl_bwd_kernel(
-    X, Y, LSE_P, LSE_Q, KL, DKL, DX, DY,  # inputs [M, V], saved per-row stats [M], upstream g [M], grads [M, V]
+    # inputs [M, V], saved per-row stats [M], upstream g [M], grads [M, V]
+    X, Y, LSE_P, LSE_Q, KL, DKL, DX, DY,
     M, V, stride_x, stride_y, stride_dx, stride_dy,
     NEED_DX: tl.constexpr, NEED_DY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, FP64: tl.constexpr,
@@ -214,14 +236,18 @@ def _kl_bwd_kernel(
         log_q = y - lse_q[:, None]
         p = tl.exp(log_p)
         if NEED_DX:
-            dx = g[:, None] * tl.where(p == 0.0, 0.0, p * (log_p - log_q - kl[:, None]))  # g_i p_ij (log p - log q - KL_i)
-            tl.store(DX + rows_ld[:, None] * stride_dx + c[None, :], dx.to(DX.dtype.element_ty), mask=st_mask)
+            # g_i p_ij (log p - log q - KL_i)
+            dx = g[:, None] * tl.where(p == 0.0, 0.0, p * (log_p - log_q - kl[:, None]))
+            tl.store(DX + rows_ld[:, None] * stride_dx + c[None, :], dx.to(DX.dtype.element_ty),
+                     mask=st_mask)
         if NEED_DY:
             dy = g[:, None] * (tl.exp(log_q) - p)  # g_i (q_ij - p_ij)
-            tl.store(DY + rows_ld[:, None] * stride_dy + c[None, :], dy.to(DY.dtype.element_ty), mask=st_mask)
+            tl.store(DY + rows_ld[:, None] * stride_dy + c[None, :], dy.to(DY.dtype.element_ty),
+                     mask=st_mask)
 
 # %% ../../nbs/kernels/40_unlearning_losses.ipynb #88e4f7ae
-def kl_div_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor): # [M, V] each, rows contiguous, same dtype
+# [M, V] each, rows contiguous, same dtype
+def kl_div_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor):
     "Launch the KL forward kernel: per-row `(kl, lse_p, lse_q)` in the compute dtype."
     M, V = p_logits.shape
     cdt = compute_dtype(p_logits, q_logits)
@@ -229,8 +255,9 @@ def kl_div_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor): # [M, V] each, r
     if M == 0: return kl, lse_p, lse_q
     BLOCK_M, BLOCK_V, warps = _settings(M, V, interpreting(_kl_fwd_kernel))
     with device_guard(p_logits):
-        _kl_fwd_kernel[(cdiv(M, BLOCK_M),)](p_logits, q_logits, kl, lse_p, lse_q, M, V, p_logits.stride(0), q_logits.stride(0),
-                                            BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, FP64=cdt == torch.float64, num_warps=warps)
+        _kl_fwd_kernel[(cdiv(M, BLOCK_M),)](
+            p_logits, q_logits, kl, lse_p, lse_q, M, V, p_logits.stride(0), q_logits.stride(0),
+            BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, FP64=cdt == torch.float64, num_warps=warps)
     return kl, lse_p, lse_q
 
 def kl_div_bwd(p_logits, q_logits, lse_p, lse_q, kl,
@@ -242,12 +269,13 @@ def kl_div_bwd(p_logits, q_logits, lse_p, lse_q, kl,
     dy = torch.empty_like(q_logits) if need_dq else None
     if M == 0 or not (need_dp or need_dq): return dx, dy
     BLOCK_M, BLOCK_V, warps = _settings(M, V, interpreting(_kl_bwd_kernel))
-    dx_, dy_ = (dx if need_dp else p_logits), (dy if need_dq else q_logits)  # placeholders are never written
+    # placeholders are never written
+    dx_, dy_ = (dx if need_dp else p_logits), (dy if need_dq else q_logits)
     with device_guard(p_logits):
-        _kl_bwd_kernel[(cdiv(M, BLOCK_M),)](p_logits, q_logits, lse_p, lse_q, kl, dkl, dx_, dy_, M, V,
-                                            p_logits.stride(0), q_logits.stride(0), dx_.stride(0), dy_.stride(0),
-                                            NEED_DX=need_dp, NEED_DY=need_dq, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V,
-                                            FP64=kl.dtype == torch.float64, num_warps=warps)
+        _kl_bwd_kernel[(cdiv(M, BLOCK_M),)](
+            p_logits, q_logits, lse_p, lse_q, kl, dkl, dx_, dy_, M, V, p_logits.stride(0),
+            q_logits.stride(0), dx_.stride(0), dy_.stride(0), NEED_DX=need_dp, NEED_DY=need_dq,
+            BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, FP64=kl.dtype == torch.float64, num_warps=warps)
     return dx, dy
 
 # %% ../../nbs/kernels/40_unlearning_losses.ipynb #03704d64
@@ -269,10 +297,12 @@ class KLDivFunction(torch.autograd.Function):
     def backward(ctx, dkl):
         x, y, lse_p, lse_q, kl = ctx.saved_tensors
         dx, dy = kl_div_bwd(x, y, lse_p, lse_q, kl, dkl, *ctx.needs_input_grad[:2])
-        return (dx.view(ctx.shape) if dx is not None else None), (dy.view(ctx.shape) if dy is not None else None)
+        return ((dx.view(ctx.shape) if dx is not None else None),
+                (dy.view(ctx.shape) if dy is not None else None))
 
 def kl_div(p_logits: torch.Tensor, # [..., V] logits of P (e.g. the frozen reference model)
-           q_logits: torch.Tensor, # [..., V] logits of Q (e.g. the model being trained), same shape and dtype
+           # [..., V] logits of Q (e.g. the model being trained), same shape and dtype
+           q_logits: torch.Tensor,
            reduction: str = "none", # "none" ([...]), "mean" (over rows) or "sum"
            impl: str = "auto", # "auto" (Triton on CUDA, else reference), "triton" or "torch"
           ) -> torch.Tensor:

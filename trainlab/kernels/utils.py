@@ -22,10 +22,14 @@ from ..core import check_choice, expect
 # %% ../../nbs/kernels/00_kernel_utils.ipynb #2c70c6df
 class MissingTritonKernel:
     "Stand-in for a `@triton.jit` function when triton is not installed: defining it works, launching it raises."
-    def __init__(self, fn): self.fn, self.__name__, self.__doc__ = fn, getattr(fn, "__name__", "kernel"), getattr(fn, "__doc__", None)
+    def __init__(self, fn):
+        self.fn, self.__name__, self.__doc__ = (fn, getattr(fn, "__name__", "kernel"),
+                                                getattr(fn, "__doc__", None))
     def _fail(self, *args, **kwargs):
-        raise RuntimeError(f"Triton kernel `{self.__name__}` cannot run: the `triton` package is not installed here. "
-                           "Use impl='torch' (or impl='auto', which picks the PyTorch reference).")
+        raise RuntimeError(
+            f"Triton kernel `{self.__name__}` cannot run: the `triton` package is not installed here. "
+            "Use impl='torch' (or impl='auto', which picks the PyTorch reference)."
+        )
     __call__ = run = _fail
     def __getitem__(self, grid): return self._fail
 
@@ -44,12 +48,13 @@ def _decorator_standin(*args, **kwargs):
 
 def _standins():
     "Build stand-in `triton` and `triton.language` namespaces (used when `import triton` fails)."
-    def jit(fn=None, **kwargs): return MissingTritonKernel(fn) if fn is not None else MissingTritonKernel
+    def jit(fn=None, **kwargs):
+        return MissingTritonKernel(fn) if fn is not None else MissingTritonKernel
     tl_ = _LangStandIn(constexpr=type("constexpr", (), {"__doc__": "stand-in for tl.constexpr"}))
-    triton_ = types.SimpleNamespace(jit=jit, autotune=_decorator_standin, heuristics=_decorator_standin,
-                                    Config=lambda *a, **k: None, cdiv=lambda a, b: -(-a // b),
-                                    next_power_of_2=lambda n: 1 if n <= 1 else 1 << (n - 1).bit_length(),
-                                    language=tl_, __version__=None)
+    triton_ = types.SimpleNamespace(
+        jit=jit, autotune=_decorator_standin, heuristics=_decorator_standin,
+        Config=lambda *a, **k: None, cdiv=lambda a, b: -(-a // b), next_power_of_2=lambda n: 1
+        if n <= 1 else 1 << (n - 1).bit_length(), language=tl_, __version__=None)
     return triton_, tl_
 
 # %% ../../nbs/kernels/00_kernel_utils.ipynb #b25f9a60
@@ -62,7 +67,8 @@ except ImportError:  # e.g. macOS / Windows: no triton wheel
     HAS_TRITON = False
 
 # %% ../../nbs/kernels/00_kernel_utils.ipynb #448b9f4e
-_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true",
+                                                                                   "on", "yes")
 
 @triton.jit
 def _probe_kernel(X):
@@ -80,7 +86,8 @@ def interpreting(kernel=None) -> bool:
     cls = _interpreted_function_type()
     if cls is None: return _INTERPRET_AT_IMPORT
     fn = _probe_kernel if kernel is None else kernel
-    for _ in range(8):  # Autotuner -> Heuristics -> InterpretedFunction/JITFunction -> python function
+    # Autotuner -> Heuristics -> InterpretedFunction/JITFunction -> python function
+    for _ in range(8):
         if isinstance(fn, cls): return True
         fn = getattr(fn, "fn", None)
         if fn is None: break
@@ -99,10 +106,13 @@ def resolve_impl(impl: str, # "auto", "triton" or "torch"
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
     if impl == "auto": return "triton" if on_cuda and HAS_TRITON else "torch"
     if not HAS_TRITON:
-        raise RuntimeError("impl='triton' needs the `triton` package, which is not installed here; use impl='torch' or impl='auto'.")
+        raise RuntimeError("impl='triton' needs the `triton` package, which is not installed here; "
+                           "use impl='torch' or impl='auto'.")
     if on_cuda or interpreting(kernel): return "triton"
-    raise RuntimeError("impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the environment "
-                       "before importing trainlab.kernels (or triton), or use impl='torch' / impl='auto'.")
+    raise RuntimeError("impl='triton' on CPU tensors needs the Triton interpreter: set "
+                       "TRITON_INTERPRET=1 in the environment "
+                       "before importing trainlab.kernels (or triton), or use impl='torch' / "
+                       "impl='auto'.")
 
 # %% ../../nbs/kernels/00_kernel_utils.ipynb #46d2cb69
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -118,15 +128,21 @@ def check_tensor(name: str, # the argument's name, used in the message
                  min_dims: int | None = None, # at least this many dimensions
                 ) -> torch.Tensor:
     "Check that `t` is a tensor with the given properties; raise an error naming `name` otherwise."
-    if not isinstance(t, torch.Tensor): raise TypeError(f"`{name}`: expected a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}`: expected a torch.Tensor, got {type(t).__name__}")
     if dims is not None:
         ds = (dims,) if isinstance(dims, int) else tuple(dims)
         if t.ndim not in ds:
-            raise ValueError(f"`{name}`: expected {' or '.join(map(str, ds))} dimension(s), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"`{name}`: expected {' or '.join(map(str, ds))} dimension(s), got shape {tuple(t.shape)}"
+            )
     if min_dims is not None and t.ndim < min_dims:
-        raise ValueError(f"`{name}`: expected at least {min_dims} dimension(s), got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"`{name}`: expected at least {min_dims} dimension(s), got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in tuple(dtypes):
-        raise TypeError(f"`{name}`: expected dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"`{name}`: expected dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}"
+        )
     if device is not None:
         d = torch.device(device)
         if t.device.type != d.type or (d.index is not None and t.device.index != d.index):
@@ -144,7 +160,9 @@ def check_integer(name: str, t, **kwargs) -> torch.Tensor:
 def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], what: str = "") -> torch.Tensor:
     "Check `t.shape == shape`; `what` explains where the expected shape comes from."
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"`{name}`: expected shape {tuple(shape)}{' ' + what if what else ''}, got {tuple(t.shape)}")
+        raise ValueError(
+            f"`{name}`: expected shape {tuple(shape)}{' ' + what if what else ''}, got {tuple(t.shape)}"
+        )
     return t
 
 def check_same_device(**tensors) -> torch.device:
@@ -152,7 +170,9 @@ def check_same_device(**tensors) -> torch.device:
     (name0, t0), *rest = tensors.items()
     for name, t in rest:
         if t.device != t0.device:
-            raise ValueError(f"`{name}` is on {t.device} but `{name0}` is on {t0.device}: expected all on one device")
+            raise ValueError(
+                f"`{name}` is on {t.device} but `{name0}` is on {t0.device}: expected all on one device"
+            )
     return t0.device
 
 # %% ../../nbs/kernels/00_kernel_utils.ipynb #2714223a
@@ -185,7 +205,8 @@ def ensure_contiguous(fn):
     "Decorator: make every tensor argument of `fn` contiguous (for `autograd.Function.forward/backward`)."
     def _c(a): return a.contiguous() if isinstance(a, torch.Tensor) else a
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs): return fn(*[_c(a) for a in args], **{k: _c(v) for k, v in kwargs.items()})
+    def wrapper(*args, **kwargs):
+        return fn(*[_c(a) for a in args], **{k: _c(v) for k, v in kwargs.items()})
     return wrapper
 
 # %% ../../nbs/kernels/00_kernel_utils.ipynb #7abd0421
@@ -201,7 +222,8 @@ def cdiv(a: int, b: int) -> int:
 
 def num_warps_for(block_elems: int) -> int:
     "Liger's warp count for a block of `block_elems` elements."
-    return 32 if block_elems >= 32768 else 16 if block_elems >= 8192 else 8 if block_elems >= 2048 else 4
+    return (32 if block_elems >= 32768 else 16 if block_elems >= 8192 else 8
+            if block_elems >= 2048 else 4)
 
 def calculate_settings(n: int, max_block: int = MAX_FUSED_SIZE) -> tuple[int, int]:
     "`(BLOCK, num_warps)` for a row of `n` elements: `next_power_of_2(n)` capped at `max_block`."
@@ -215,7 +237,8 @@ def block_rows(n_rows: int, block_cols: int, max_elems: int) -> int:
     return max(1, min(rows, next_power_of_2(n_rows)))
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int: return torch.cuda.get_device_properties(index).multi_processor_count
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 def num_sms(device: str | torch.device) -> int:
     "Streaming multiprocessors of a CUDA `device` (queried when called, then cached); 1 elsewhere."
@@ -254,7 +277,8 @@ def dot_acc(a, b, acc, LOWP: tl.constexpr):
     "acc + a @ b: a bf16/fp16 tensor-core dot with fp32 accumulation if `LOWP`, else an exact fp32/fp64 dot (no TF32)."
     if LOWP:
         out = tl.dot(a, b, acc, out_dtype=tl.float32)
-    else:  # out_dtype spelled out: fp64 accumulators need it on triton versions whose default is fp32
+    # out_dtype spelled out: fp64 accumulators need it on triton versions whose default is fp32
+    else:
         out = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     return out
 
@@ -267,7 +291,8 @@ def use_lowp(kernel, # a jitted kernel of the launch, to ask whether it is inter
             and all(w.dtype == x.dtype for w in ws))
 
 # %% ../../nbs/kernels/00_kernel_utils.ipynb #1899b9ca
-DEFAULT_TOL = {  # atol from flash-attention's tests (fp32 1e-4, fp16 1e-2, bf16 5e-2); fp64 for exact-math parity
+# atol from flash-attention's tests (fp32 1e-4, fp16 1e-2, bf16 5e-2); fp64 for exact-math parity
+DEFAULT_TOL = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
     torch.float32: dict(atol=1e-4, rtol=1e-4),
     torch.float16: dict(atol=1e-2, rtol=1e-2),
@@ -281,7 +306,8 @@ def default_tol(dtype: torch.dtype) -> dict:
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     "Largest absolute difference (in fp64); matching NaNs and infinities count as equal, others as `inf`."
     a, b = a.detach().double(), b.detach().double().to(a.device)
-    if a.shape != b.shape: raise ValueError(f"`b`: expected shape {tuple(a.shape)}, got {tuple(b.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"`b`: expected shape {tuple(a.shape)}, got {tuple(b.shape)}")
     if a.numel() == 0: return 0.0
     same = (a == b) | (a.isnan() & b.isnan())
     d = torch.where(same, torch.zeros_like(a), (a - b).abs())
@@ -296,7 +322,8 @@ def assert_close_3way(out: torch.Tensor, # the kernel's result (e.g. bf16)
     atol = default_tol(out.dtype)["atol"] if atol is None else atol
     e_out, e_base = max_abs_err(out, ref), max_abs_err(base, ref)
     if not e_out <= 2 * e_base + atol:
-        raise AssertionError(f"{name}: kernel error {e_out:.3g} > 2 x torch error {e_base:.3g} + atol {atol:g}")
+        raise AssertionError(
+            f"{name}: kernel error {e_out:.3g} > 2 x torch error {e_base:.3g} + atol {atol:g}")
     return e_out, e_base
 
 # %% ../../nbs/kernels/00_kernel_utils.ipynb #1198a00f

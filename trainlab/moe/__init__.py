@@ -15,25 +15,30 @@ __all__ = ['MOE_ARMS', 'MOE_CLAIMS', 'CLAIM_ARMS', 'SAMPLE_KEYS', 'CALIBRATION_G
 
 # %% ../../nbs/moe/00_moe.ipynb #35a7dffd
 from .experts import weighted_experts, ExpertFFN, DenseFFN, TopKMoE, router_linear
-from .blockffn import locality_loss, chunk_sparsity_loss, BlockFFN, chunk_hit_probability_bruteforce, AdaptiveCoefficient
+from .blockffn import (locality_loss, chunk_sparsity_loss, BlockFFN,
+                                   chunk_hit_probability_bruteforce, AdaptiveCoefficient)
 from .baselines import ReMoE, ReMoEController, SMoEDropout, THORFFN
 from .metrics import routing_stats, collect_router_scores, evaluate_routing, model_tls
-from .training import (
-    moe_layers, ChunkLossScheduler, ReMoESparsityCallback, ExpertCountSchedule, MoELitModule, THORLitModule)
+from .training import (moe_layers, ChunkLossScheduler, ReMoESparsityCallback,
+                                   ExpertCountSchedule, MoELitModule, THORLitModule)
 from .inference import measure_inference
-from .plots import plot_val_curves, plot_cls, plot_coefficients, plot_smoe, plot_inference, plot_expert_load
+from .plots import (plot_val_curves, plot_cls, plot_coefficients, plot_smoe,
+                                plot_inference, plot_expert_load)
 from .experiment import (
     MoEConfig, MoEArm, MOE_ARMS, make_arm, MoERunConfig, moe_datamodule, smoe_bpb_by_k, train_arm,
-    MOE_CLAIMS, CLAIM_ARMS, SAMPLE_KEYS, reproduce_moe,
-    CALIBRATION_GRID, CALIBRATION_TARGETS, calibration_key, calibration_shortfall, calibration_pick, calibration_config,
+    MOE_CLAIMS, CLAIM_ARMS, SAMPLE_KEYS, reproduce_moe, CALIBRATION_GRID, CALIBRATION_TARGETS,
+    calibration_key, calibration_shortfall, calibration_pick, calibration_config,
     reproduce_moe_calibration)
 
 # %% ../../nbs/moe/00_moe.ipynb #0d6b71f7
-_all_ = ["MOE_ARMS", "MOE_CLAIMS", "CLAIM_ARMS", "SAMPLE_KEYS", "CALIBRATION_GRID", "CALIBRATION_TARGETS",
-         "weighted_experts", "ExpertFFN", "DenseFFN", "TopKMoE", "router_linear", "ReMoE", "locality_loss",
-         "chunk_sparsity_loss", "BlockFFN", "chunk_hit_probability_bruteforce", "AdaptiveCoefficient", "ReMoEController", "SMoEDropout",
-         "THORFFN", "routing_stats", "moe_layers", "ChunkLossScheduler", "ReMoESparsityCallback", "ExpertCountSchedule", "model_tls",
-         "MoELitModule", "THORLitModule", "MoEConfig", "MoEArm", "make_arm", "collect_router_scores",
-         "evaluate_routing", "measure_inference", "MoERunConfig", "moe_datamodule", "smoe_bpb_by_k", "train_arm",
-         "plot_val_curves", "plot_cls", "plot_coefficients", "plot_smoe", "plot_inference", "plot_expert_load",
-         "reproduce_moe", "calibration_key", "calibration_shortfall", "calibration_pick", "calibration_config", "reproduce_moe_calibration"]
+_all_ = [
+    "MOE_ARMS", "MOE_CLAIMS", "CLAIM_ARMS", "SAMPLE_KEYS", "CALIBRATION_GRID",
+    "CALIBRATION_TARGETS", "weighted_experts", "ExpertFFN", "DenseFFN", "TopKMoE", "router_linear",
+    "ReMoE", "locality_loss", "chunk_sparsity_loss", "BlockFFN", "chunk_hit_probability_bruteforce",
+    "AdaptiveCoefficient", "ReMoEController", "SMoEDropout", "THORFFN", "routing_stats",
+    "moe_layers", "ChunkLossScheduler", "ReMoESparsityCallback", "ExpertCountSchedule", "model_tls",
+    "MoELitModule", "THORLitModule", "MoEConfig", "MoEArm", "make_arm", "collect_router_scores",
+    "evaluate_routing", "measure_inference", "MoERunConfig", "moe_datamodule", "smoe_bpb_by_k",
+    "train_arm", "plot_val_curves", "plot_cls", "plot_coefficients", "plot_smoe", "plot_inference",
+    "plot_expert_load", "reproduce_moe", "calibration_key", "calibration_shortfall",
+    "calibration_pick", "calibration_config", "reproduce_moe_calibration"]

@@ -19,9 +19,11 @@ __all__ = ['ReMoE', 'ReMoEController', 'SMoEDropout', 'THORFFN']
 # %% ../../nbs/moe/03_baselines.ipynb #1b09560b
 class ReMoE(ExpertFFN):
     "ReLU router `R = relu(W_r x)`, `y = sum_e R_e expert_e(x)` (dense and masked), load-weighted L1 with coefficient buffer `l1_coef`."
-    def __init__(self, d_model: int, n_experts: int, d_expert: int, k: int = 2, lambda0: float = 1e-8):
+    def __init__(self, d_model: int, n_experts: int, d_expert: int, k: int = 2,
+                 lambda0: float = 1e-8):
         super().__init__(d_model, n_experts, d_expert)
-        expect(isinstance(k, int) and 1 <= k <= n_experts, "k", f"an int in [1, n_experts={n_experts}] (sets the target sparsity 1-k/E)", k)
+        expect(isinstance(k, int) and 1 <= k <= n_experts, "k",
+               f"an int in [1, n_experts={n_experts}] (sets the target sparsity 1-k/E)", k)
         expect(lambda0 > 0, "lambda0", "> 0", lambda0)
         self.k = k
         self.router = router_linear(d_model, n_experts)
@@ -39,17 +41,20 @@ class ReMoE(ExpertFFN):
         self.last_sparsity = 1 - active.mean().detach()
         aux = {"scores": R.detach().view(*x.shape[:-1], -1), "losses": {}}
         if self.training:
-            n_e = active.sum(0)                                                  # tokens routed to e (a count: no gradient)
-            aux["losses"]["remoe_l1"] = self.l1_coef * self.n_experts * (R.mean(0) * n_e / (len(xf) * self.k)).sum()
+            n_e = active.sum(0)  # tokens routed to e (a count: no gradient)
+            aux["losses"]["remoe_l1"] = (self.l1_coef * self.n_experts
+                                         * (R.mean(0) * n_e / (len(xf) * self.k)).sum())
         return y.view_as(x), aux
 
 # %% ../../nbs/moe/03_baselines.ipynb #f68c368c
 class ReMoEController:
     "ReMoE's L1 coefficient: `lambda *= alpha` while sparsity < target, else `lambda /= alpha`; optionally clamped at `lambda0` from below."
-    def __init__(self, target: float, lambda0: float = 1e-8, alpha: float = 1.2, clamp: bool = False):
+    def __init__(self, target: float, lambda0: float = 1e-8, alpha: float = 1.2,
+                 clamp: bool = False):
         expect(0 <= target < 1, "target", "a sparsity in [0, 1)", target)
         expect(lambda0 > 0 and alpha > 1, "alpha", "> 1 (and lambda0 > 0)", (alpha, lambda0))
-        self.target, self.lambda0, self.alpha, self.clamp, self.value = target, lambda0, alpha, clamp, lambda0
+        self.target, self.lambda0, self.alpha, self.clamp, self.value = (target, lambda0, alpha,
+                                                                         clamp, lambda0)
 
     def step(self, sparsity: float) -> float:
         self.value = self.value * self.alpha if sparsity < self.target else self.value / self.alpha
@@ -59,10 +64,13 @@ class ReMoEController:
 # %% ../../nbs/moe/03_baselines.ipynb #d87efe16
 class SMoEDropout(ExpertFFN):
     "Frozen random router, softmax over the top-k logits, grouped experts; `k` may be changed at any time (training schedule, inference)."
-    def __init__(self, d_model: int, n_experts: int, d_expert: int, k: int = 2, impl: str = "auto", seed: int = 0):
+    def __init__(self, d_model: int, n_experts: int, d_expert: int, k: int = 2, impl: str = "auto",
+                 seed: int = 0):
         super().__init__(d_model, n_experts, d_expert)
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer("router_weight", torch.randn(n_experts, d_model, generator=g) / math.sqrt(d_model))  # frozen
+        # frozen
+        self.register_buffer("router_weight",
+                             torch.randn(n_experts, d_model, generator=g) / math.sqrt(d_model))
         self.impl = impl
         self.k = k
 
@@ -71,7 +79,8 @@ class SMoEDropout(ExpertFFN):
 
     @k.setter
     def k(self, k: int):
-        expect(isinstance(k, int) and 1 <= k <= self.n_experts, "k", f"an int in [1, n_experts={self.n_experts}]", k)
+        expect(isinstance(k, int) and 1 <= k <= self.n_experts, "k",
+               f"an int in [1, n_experts={self.n_experts}]", k)
         self._k = k
 
     def forward(self, x):

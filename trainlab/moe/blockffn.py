@@ -16,7 +16,8 @@ __all__ = ['locality_loss', 'chunk_sparsity_loss', 'chunk_hit_probability_brutef
 
 # %% ../../nbs/moe/02_blockffn.ipynb #f5222633
 def locality_loss(s_raw: torch.Tensor, # [B, L, E] pre-ReLU router logits
-                  doc_ids: torch.Tensor | None = None, # [B, L] document of each token (pairs across documents are skipped)
+                  # [B, L] document of each token (pairs across documents are skipped)
+                  doc_ids: torch.Tensor | None = None,
                   alpha: float = 100.0) -> torch.Tensor:
     "Mean over adjacent same-document token pairs and experts of BCE(sigmoid(alpha s[t-1]), sigmoid(alpha s[t])) (target not detached)."
     prev, nxt = alpha * s_raw[:, :-1], torch.sigmoid(alpha * s_raw[:, 1:])
@@ -26,14 +27,16 @@ def locality_loss(s_raw: torch.Tensor, # [B, L, E] pre-ReLU router logits
     return (bce * same).sum() / same.sum().clamp(min=1)
 
 # %% ../../nbs/moe/02_blockffn.ipynb #c144bfae
-def chunk_sparsity_loss(p: torch.Tensor, # [B, L, E] per-token expert probabilities (rows sum to <= 1)
+# [B, L, E] per-token expert probabilities (rows sum to <= 1)
+def chunk_sparsity_loss(p: torch.Tensor,
                         chunk: int) -> torch.Tensor:
     "Expected share of experts hit at least once per non-overlapping `chunk`-token chunk: mean[1 - prod_t (1 - p)]; a short tail chunk counts as a chunk."
     expect(isinstance(chunk, int) and chunk >= 1, "chunk", "an int >= 1", chunk)
     B, Lq, E = p.shape
     pad = (-Lq) % chunk
     logq = torch.log1p(-p + 1e-5)                                  # log(1 - p + 1e-5)
-    if pad: logq = F.pad(logq, (0, 0, 0, pad))                      # padded tokens hit nothing (log 1 = 0)
+    if pad:
+        logq = F.pad(logq, (0, 0, 0, pad))  # padded tokens hit nothing (log 1 = 0)
     return (1 - torch.exp(logq.view(B, -1, chunk, E).sum(2))).mean()
 
 # %% ../../nbs/moe/02_blockffn.ipynb #f465400b
@@ -41,7 +44,7 @@ def chunk_hit_probability_bruteforce(p: torch.Tensor) -> torch.Tensor:
     "P(at least one of the tokens hits the expert) by enumerating every hit pattern of the chunk; p [s, E] -> [E]."
     s, E = p.shape
     out = torch.zeros(E, dtype=torch.float64)
-    for pattern in range(1, 2 ** s):                             # every non-empty set of hitting tokens
+    for pattern in range(1, 2 ** s):  # every non-empty set of hitting tokens
         hit = torch.tensor([(pattern >> t) & 1 for t in range(s)], dtype=torch.bool)
         out += torch.where(hit[:, None], p.double(), 1 - p.double()).prod(0)
     return out
@@ -49,16 +52,20 @@ def chunk_hit_probability_bruteforce(p: torch.Tensor) -> torch.Tensor:
 # %% ../../nbs/moe/02_blockffn.ipynb #56194d13
 class BlockFFN(ExpertFFN):
     "BlockFFN: router `g * RMSNorm(relu(W_r x))`, non-gated SiLU experts weighted by it; locality and chunk-sparsification losses."
-    def __init__(self, d_model: int, n_experts: int, d_expert: int, locality_coef: float = 2e-3, locality_alpha: float = 100.0,
+    def __init__(self, d_model: int, n_experts: int, d_expert: int, locality_coef: float = 2e-3,
+                 locality_alpha: float = 100.0,
                  chunk: int = 64, chunk_coef: float = 5e-2, eps: float = 1e-5):
         super().__init__(d_model, n_experts, d_expert)
-        expect(locality_coef >= 0, "locality_coef", ">= 0 (0 disables the locality loss)", locality_coef)
+        expect(locality_coef >= 0, "locality_coef", ">= 0 (0 disables the locality loss)",
+               locality_coef)
         expect(chunk_coef >= 0, "chunk_coef", ">= 0 (0 disables the chunk loss)", chunk_coef)
         expect(isinstance(chunk, int) and chunk >= 1, "chunk", "an int >= 1", chunk)
-        self.locality_coef, self.locality_alpha, self.chunk, self.eps = locality_coef, locality_alpha, chunk, eps
+        self.locality_coef, self.locality_alpha, self.chunk, self.eps = (locality_coef,
+                                                                         locality_alpha, chunk, eps)
         self.router = router_linear(d_model, n_experts)
         self.gain = nn.Parameter(torch.ones(n_experts))
-        self.register_buffer("chunk_coef", torch.tensor(float(chunk_coef)))  # c_t, set by ChunkLossScheduler
+        # c_t, set by ChunkLossScheduler
+        self.register_buffer("chunk_coef", torch.tensor(float(chunk_coef)))
         self.use_chunk_loss = chunk_coef > 0
         self.last_chunk_loss = None
 
@@ -75,11 +82,12 @@ class BlockFFN(ExpertFFN):
         y = weighted_experts(xf, self.w_in, self.w_out, r)
         aux = {"scores": r.detach().view(*x.shape[:-1], -1), "losses": {}}
         if self.training:
-            seq = x.shape[:-1] if x.dim() >= 3 else (1, len(xf))              # [B, L]: the sequence structure
+            seq = x.shape[:-1] if x.dim() >= 3 else (1, len(xf))  # [B, L]: the sequence structure
             s3, n3 = s_raw.view(*seq, -1), n.view(*seq, -1)
             docs = None if doc_ids is None else doc_ids.reshape(seq)
             if self.locality_coef > 0:
-                aux["losses"]["locality"] = self.locality_coef * locality_loss(s3, docs, self.locality_alpha)
+                aux["losses"]["locality"] = self.locality_coef * locality_loss(s3, docs,
+                                                                               self.locality_alpha)
             if self.use_chunk_loss:
                 p = n3 / (n3.sum(-1, keepdim=True) + 1e-5)
                 cs = chunk_sparsity_loss(p, self.chunk)
@@ -90,11 +98,13 @@ class BlockFFN(ExpertFFN):
 # %% ../../nbs/moe/02_blockffn.ipynb #686c901a
 class AdaptiveCoefficient:
     "BlockFFN's chunk-loss coefficient schedule: hold `c0`, then per `window` steps scale by the loss ratio (>= 1.025 when rising), capped at `cap * c0`, ramped linearly."
-    def __init__(self, c0: float, hold: int = 1000, window: int = 100, cap: float = 4.0, min_growth: float = 1.025):
+    def __init__(self, c0: float, hold: int = 1000, window: int = 100, cap: float = 4.0,
+                 min_growth: float = 1.025):
         expect(c0 > 0, "c0", "> 0", c0)
         expect(isinstance(hold, int) and hold >= 0, "hold", "an int >= 0", hold)
         expect(isinstance(window, int) and window >= 1, "window", "an int >= 1", window)
-        self.c0, self.hold, self.window, self.cap, self.min_growth = c0, hold, window, cap, min_growth
+        self.c0, self.hold, self.window, self.cap, self.min_growth = (c0, hold, window, cap,
+                                                                      min_growth)
         self.value, self.t, self._buf, self._prev, self._ramp = c0, 0, [], None, None
 
     def step(self, loss: float) -> float:
@@ -105,7 +115,8 @@ class AdaptiveCoefficient:
             self.value = v0 + (v1 - v0) * min(1.0, (self.t - start) / self.window)
         self._buf.append(float(loss))
         if len(self._buf) == self.window:
-            mean = sum(self._buf) / self.window; self._buf = []
+            mean = sum(self._buf) / self.window
+            self._buf = []
             if self.t >= self.hold and self._prev is not None and self._prev > 0:
                 ratio = mean / self._prev
                 target = self.value * (max(self.min_growth, ratio) if ratio > 1 else ratio)

@@ -26,168 +26,31 @@ from trainlab.moe.training import (
     moe_layers, ChunkLossScheduler, ReMoESparsityCallback, ExpertCountSchedule, MoELitModule,
     THORLitModule)
 from .inference import measure_inference
-from .plots import (  # noqa: re-exported (see `_all_`)
+from .plots import (  # noqa: F401 (re-exported, see `_all_`)
     plot_val_curves, plot_cls, plot_coefficients, plot_smoe, plot_inference, plot_expert_load)
 
 # %% auto #0
-__all__ = ['MOE_ARMS', 'MOE_CLAIMS', 'CLAIM_ARMS', 'SAMPLE_KEYS', 'CALIBRATION_GRID', 'CALIBRATION_TARGETS', 'MoEConfig',
-           'MoEArm', 'make_arm', 'MoERunConfig', 'moe_datamodule', 'smoe_bpb_by_k', 'train_arm', 'reproduce_moe',
-           'calibration_key', 'calibration_shortfall', 'calibration_pick', 'calibration_config',
-           'reproduce_moe_calibration', 'plot_val_curves', 'plot_cls', 'plot_coefficients', 'plot_smoe',
+__all__ = ['MOE_CLAIMS', 'CLAIM_ARMS', 'SAMPLE_KEYS', 'CALIBRATION_GRID', 'CALIBRATION_TARGETS', 'moe_datamodule',
+           'smoe_bpb_by_k', 'train_arm', 'reproduce_moe', 'calibration_key', 'calibration_shortfall',
+           'calibration_pick', 'calibration_config', 'reproduce_moe_calibration', 'MoEConfig', 'MoEArm', 'MOE_ARMS',
+           'make_arm', 'MoERunConfig', 'plot_val_curves', 'plot_cls', 'plot_coefficients', 'plot_smoe',
            'plot_inference', 'plot_expert_load']
+
+# %% ../../nbs/moe/07_experiment.ipynb #68fef3ca
+from .arms import (  # noqa: F401 (re-exported, see `_all_`)
+    MoEConfig, MoEArm, MOE_ARMS, make_arm, MoERunConfig)
+_all_ = ["MoEConfig", "MoEArm", "MOE_ARMS", "make_arm", "MoERunConfig"]
 
 # %% ../../nbs/moe/07_experiment.ipynb #8e5860fc
 _all_ = ["plot_val_curves", "plot_cls", "plot_coefficients", "plot_smoe", "plot_inference",
          "plot_expert_load"]
 
-# %% ../../nbs/moe/07_experiment.ipynb #b067414c
-@dataclass
-class MoEConfig:
-    "What defines the MoE layer of a run (shared by every arm)."
-    n_experts: int = 16
-    d_expert: int = 32
-    k: int = 3                      # TopK's experts per token; ReMoE's target 1 - k/E
-    balance_coef: float = 1e-2
-    locality_coef: float = 2e-3         # lambda_AL: the paper's, kept by the calibration sweep
-    locality_alpha: float = 100.0       # alpha: the paper's, kept by the calibration sweep
-    chunk: int = 64                 # training chunk of the chunk-sparsification loss (the official 64)
-    chunk_c0: float = 0.1              # from the registered calibration sweep (moe_calibration); the paper's 5e-2
-    chunk_hold: int = 100
-    chunk_window: int = 20
-    chunk_cap: float = 4.0
-    remoe_lambda0: float = 1e-8
-    remoe_alpha: float = 1.2
-    thor_consistency: float = 5.0
-
-# %% ../../nbs/moe/07_experiment.ipynb #c3fc84c9
-def _no_callbacks(moe: MoEConfig, steps: int) -> list: return []
-def _moe_lit(model: nn.Module, moe: MoEConfig, **kw) -> MoELitModule: return MoELitModule(model, **kw)
-
-# %% ../../nbs/moe/07_experiment.ipynb #3d1a7e02
-@dataclass(frozen=True)
-class MoEArm:
-    "One arm: its FFN for layer `i`, the callbacks that steer its coefficients, its LitModule, its colour in the figures."
-    ffn: Callable                        # (moe: MoEConfig, d_model: int, i: int) -> an FFN returning (y, aux)
-    callbacks: Callable = _no_callbacks  # (moe, steps) -> list of Lightning callbacks
-    lit: Callable = _moe_lit             # (model, moe, **TrainConfig.lit_kwargs()) -> LightningModule
-    color: str | None = None
-
-# %% ../../nbs/moe/07_experiment.ipynb #d9a71605
-def _blockffn(locality: bool = True, chunk: bool = True) -> Callable:
-    "BlockFFN's layer factory; `locality=False` / `chunk=False` switch a loss off (the ablations)."
-    return lambda moe, d, i: BlockFFN(d, moe.n_experts, moe.d_expert, locality_coef=moe.locality_coef if locality else 0.0,
-                                      locality_alpha=moe.locality_alpha, chunk=moe.chunk, chunk_coef=moe.chunk_c0 if chunk else 0.0)
-
-# %% ../../nbs/moe/07_experiment.ipynb #34ed8ff6
-def _chunk_schedule(moe: MoEConfig, steps: int) -> list: return [ChunkLossScheduler(moe.chunk_c0, moe.chunk_hold, moe.chunk_window, moe.chunk_cap)]
-def _remoe_control(moe: MoEConfig, steps: int) -> list: return [ReMoESparsityCallback(1 - moe.k / moe.n_experts, moe.remoe_lambda0, moe.remoe_alpha)]
-def _smoe_schedule(moe: MoEConfig, steps: int) -> list: return [ExpertCountSchedule(max(1, moe.n_experts // 2), moe.n_experts, steps)]
-def _thor_lit(model: nn.Module, moe: MoEConfig, **kw) -> THORLitModule: return THORLitModule(model, consistency=moe.thor_consistency, **kw)
-
-# %% ../../nbs/moe/07_experiment.ipynb #3d1a7e03
-register_arm(
-    "moe", "dense", MoEArm(lambda moe, d, i: DenseFFN(d, moe.n_experts * moe.d_expert), color="k"),
-    role="baseline", description="A dense SiLU FFN of the same total width E h, without a router.")
-register_arm(
-    "moe", "topk",
-    MoEArm(lambda moe, d, i: TopKMoE(d, moe.n_experts, moe.d_expert, moe.k, moe.balance_coef),
-           color="tab:blue"),
-    role="baseline", description="Softmax router, top k of E experts, switch balance loss.")
-register_arm(
-    "moe", "topk_shared",
-    MoEArm(lambda moe, d, i: TopKMoE(d, moe.n_experts - 1, moe.d_expert, max(1, moe.k - 1),
-                                     moe.balance_coef, n_shared=1), color="tab:cyan"),
-    role="exploratory",
-    description="TopK with one always-on shared expert and k - 1 of E - 1 routed experts.")
-register_arm(
-    "moe", "remoe",
-    MoEArm(lambda moe, d, i: ReMoE(d, moe.n_experts, moe.d_expert, moe.k, moe.remoe_lambda0),
-           _remoe_control, color="tab:purple"),
-    role="baseline", description="ReMoE: ReLU router, L1 coefficient steered to sparsity 1 - k/E.")
-register_arm(
-    "moe", "blockffn", MoEArm(_blockffn(), _chunk_schedule, color="tab:red"), role="method",
-    description="BlockFFN: ReLU + RMSNorm router, locality and chunk-sparsification losses.")
-register_arm(
-    "moe", "blockffn_no_locality",
-    MoEArm(_blockffn(locality=False), _chunk_schedule, color="tab:orange"),
-    role="ablation", description="BlockFFN without the activation-locality loss.")
-register_arm(
-    "moe", "blockffn_no_chunk", MoEArm(_blockffn(chunk=False), color="tab:pink"), role="ablation",
-    description="BlockFFN without the chunk-sparsification loss (nothing to schedule).")
-register_arm(
-    "moe", "smoe_dropout",
-    MoEArm(lambda moe, d, i: SMoEDropout(d, moe.n_experts, moe.d_expert, max(1, moe.n_experts // 2),
-                                         seed=i), _smoe_schedule, color="tab:green"),
-    role="exploratory",
-    description="SMoE-Dropout: frozen random router, k growing from E/2 to E during training.")
-register_arm(
-    "moe", "thor",
-    MoEArm(lambda moe, d, i: THORFFN(d, 2, moe.n_experts * moe.d_expert // 2), lit=_thor_lit,
-           color="tab:brown"),
-    role="exploratory", description="THOR: 2 experts, no router, one drawn at random per batch.")
-MOE_ARMS = arm_specs("moe")  # name -> MoEArm, in registration order
-
-# %% ../../nbs/moe/07_experiment.ipynb #3d1a7e06
-def make_arm(arm: str, train: TrainConfig, moe: MoEConfig) -> tuple[Callable[[], L.LightningModule], list]:
-    "Arm `arm` of `MOE_ARMS` for `fit`: a factory of its LitModule (a `TinyLM` of `train.model` with the arm's FFN in every layer) and its callbacks."
-    check_choice("arm", arm, tuple(MOE_ARMS))
-    expect(isinstance(train, TrainConfig), "train", "a TrainConfig", type(train).__name__, exc=TypeError)
-    expect(isinstance(moe, MoEConfig), "moe", "a MoEConfig", type(moe).__name__, exc=TypeError)
-    spec = MOE_ARMS[arm]
-    def lit() -> L.LightningModule:
-        return spec.lit(TinyLM(train.model, ffn=lambda cfg, i: spec.ffn(moe, cfg.d_model, i)), moe, **train.lit_kwargs())
-    return lit, spec.callbacks(moe, train.steps)
-
-# %% ../../nbs/moe/07_experiment.ipynb #be9b9ff2
-@dataclass
-class MoERunConfig(RunConfig):
-    "The `moe` reproduction: the shared `TrainConfig` every arm trains with, the MoE layer, the arms and the evaluation budgets."
-    train: TrainConfig = field(default_factory=TrainConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    corpus: str = "stdlib_code"
-    max_eval_tokens: int | None = 65_536
-    arms: tuple = tuple(MOE_ARMS)
-    exploratory_seeds: int | None = 1              # arms no claim compares train on this many seeds (None: on every seed)
-    inference_arms: tuple = ("blockffn", "topk")   # inference is timed on these arms' trained layers
-    smoe_ks: tuple = (1, 2, 3, 4, 8, 16)
-    inference_T: tuple = (1, 8, 32)
-    inference_chunks: int = 8
-    inference_repeats: int = 50
-    scale_to: tuple = (512, 128)
-    seed_field: ClassVar[str] = "train.seed"
-
-    def __post_init__(self):
-        if isinstance(self.train, dict): self.train = TrainConfig(**self.train)
-        if isinstance(self.moe, dict): self.moe = MoEConfig(**self.moe)
-        expect(isinstance(self.train, TrainConfig), "train", "a TrainConfig or a dict of its fields", type(self.train).__name__)
-        for a in (*self.arms, *self.inference_arms): check_choice("arms", a, tuple(MOE_ARMS))
-        expect(set(self.inference_arms) <= set(self.arms), "inference_arms", f"arms that train (of {self.arms})", self.inference_arms)
-        expect(self.exploratory_seeds is None or (isinstance(self.exploratory_seeds, int) and self.exploratory_seeds >= 1),
-               "exploratory_seeds", "None or an int >= 1", self.exploratory_seeds)
-
-    @classmethod
-    def full(cls, seed: int = 0) -> MoERunConfig:
-        "~0.8M-parameter decoder, 400 steps of 16 x 256 tokens, 16 experts of width 32 per layer."
-        model = ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256)
-        train = TrainConfig(model=model, steps=400, lr=3e-3, warmup_steps=40, batch_size=16,
-                            seq_len=256, val_every=100, seed=seed)
-        return cls(train)
-
-    @classmethod
-    def fast(cls, seed: int = 0) -> MoERunConfig:
-        "The CI-sized version (a tiny model, a few dozen steps): it checks the machinery, not the claims."
-        model = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
-        train = TrainConfig(model=model, steps=30, lr=3e-3, warmup_steps=5, batch_size=8, seq_len=64,
-                            val_every=15, seed=seed)
-        moe = MoEConfig(n_experts=8, d_expert=16, k=2, chunk=16, chunk_hold=10, chunk_window=5)
-        return cls(train, moe, max_eval_tokens=4096, smoe_ks=(1, 2, 4, 8), inference_T=(1, 8),
-                   inference_chunks=2, inference_repeats=3, scale_to=(64, 32))
-
 # %% ../../nbs/moe/07_experiment.ipynb #2a21881c
 def moe_datamodule(rc: MoERunConfig) -> LMDataModule:
     "The corpus batches of `rc.train` (its seed fixes the data order)."
     t = rc.train
-    return LMDataModule(corpus=rc.corpus, seq_len=t.seq_len, batch_size=t.batch_size, max_eval_tokens=rc.max_eval_tokens, seed=t.seed)
+    return LMDataModule(corpus=rc.corpus, seq_len=t.seq_len, batch_size=t.batch_size,
+                        max_eval_tokens=rc.max_eval_tokens, seed=t.seed)
 
 # %% ../../nbs/moe/07_experiment.ipynb #b3685ea6
 def smoe_bpb_by_k(lit: L.LightningModule, dm: LMDataModule, ks) -> dict:
@@ -205,105 +68,141 @@ def smoe_bpb_by_k(lit: L.LightningModule, dm: LMDataModule, ks) -> dict:
     return out
 
 # %% ../../nbs/moe/07_experiment.ipynb #5b0c2e02
-_ROUTING_KEYS = ("tls", "cls", "cls_packed", "dead_experts", "always_on", "zero_expert_tokens", "experts_per_token", "token_dependence")
+_ROUTING_KEYS = ("tls", "cls", "cls_packed", "dead_experts", "always_on", "zero_expert_tokens",
+                 "experts_per_token", "token_dependence")
 
 def train_arm(arm: str, rc: MoERunConfig, run_dir=None, progress: bool = False) -> dict:
     "Train `arm` on `rc.train` through `fit` (resuming from `run_dir`), then evaluate it; returns JSON-able metrics."
     t, dm = rc.train, moe_datamodule(rc)
     lit, callbacks = make_arm(arm, t, rc.moe)
-    lit, hist, _ = fit(t, lit, dm, callbacks=callbacks, run_dir=run_dir, progress=progress, accelerator="cpu")
-    seed_everything(t.seed)  # THOR's evaluation draws experts at random: the same draws for this seed
+    lit, hist, _ = fit(t, lit, dm, callbacks=callbacks, run_dir=run_dir, progress=progress,
+                       accelerator="cpu")
+    # THOR's evaluation draws experts at random: the same draws for this seed
+    seed_everything(t.seed)
     scores, docs, inputs = collect_router_scores(lit.model, dm.val_dataloader())
-    m = {"seed": t.seed, "val_bpb": hist.val[-1]["val/bpb"], "val_loss": hist.val[-1]["val/loss"], "train_s": hist.train_seconds(),
+    m = {"seed": t.seed, "val_bpb": hist.val[-1]["val/bpb"], "val_loss": hist.val[-1]["val/loss"],
+         "train_s": hist.train_seconds(),
          "params": count_parameters(lit.model), "history": {"train": hist.train, "val": hist.val}}
-    if scores is None: m.update(tls=0.0, cls={s: 0.0 for s in ("2", "4", "8", "16", "32")}, dead_experts=0, always_on=0, token_dependence=0.0, degenerate_share=0.0)  # dense: no router
+    if scores is None:
+        m.update(tls=0.0, cls={s: 0.0 for s in ("2", "4", "8", "16", "32")}, dead_experts=0,
+                 always_on=0, token_dependence=0.0, degenerate_share=0.0)  # dense: no router
     else:
         routing = evaluate_routing(scores, docs)
         m.update({k: routing[k] for k in _ROUTING_KEYS}, per_layer=routing["per_layer"])
-        m["degenerate_share"] = (m["dead_experts"] + m["always_on"]) / sum(len(p["load"]) for p in routing["per_layer"])
+        m["degenerate_share"] = (m["dead_experts"] + m["always_on"]) / sum(
+            len(p["load"]) for p in routing["per_layer"])
     m["cls8"] = m["cls"]["8"]
     if moe_layers(lit.model, SMoEDropout):
         by = smoe_bpb_by_k(lit, dm, rc.smoe_ks)
         m.update(val_bpb_by_k={k: v["val_bpb"] for k, v in by.items()}, by_k=by)
     if arm in rc.inference_arms and scores is not None:
-        kw = dict(chunk_lengths=rc.inference_T, chunks_per_layer=rc.inference_chunks, repeats=rc.inference_repeats, threads=1, seed=t.seed)
+        kw = dict(chunk_lengths=rc.inference_T, chunks_per_layer=rc.inference_chunks,
+                  repeats=rc.inference_repeats, threads=1, seed=t.seed)
         m["inference"] = measure_inference(lit.model, scores, docs, inputs, **kw)
-        m["inference_scaled"] = measure_inference(lit.model, scores, docs, inputs, scale_to=tuple(rc.scale_to), **kw)
+        m["inference_scaled"] = measure_inference(lit.model, scores, docs, inputs,
+                                                  scale_to=tuple(rc.scale_to), **kw)
         for T in rc.inference_T:
-            m[f"speedup_t{T}"], m[f"speedup_t{T}_scaled"] = m["inference"][str(T)]["speedup"], m["inference_scaled"][str(T)]["speedup"]
+            m[f"speedup_t{T}"], m[f"speedup_t{T}_scaled"] = (
+                m["inference"][str(T)]["speedup"], m["inference_scaled"][str(T)]["speedup"])
     return m
 
 # %% ../../nbs/moe/07_experiment.ipynb #5b0c2e04
 MOE_CLAIMS = (
-    Claim("blockffn_tls", "BlockFFN's token-level sparsity (inactive token-expert pairs, mean over layers) is above 0.80.",
+    Claim("blockffn_tls", "BlockFFN's token-level sparsity (inactive token-expert pairs, mean over "
+                          "layers) is above 0.80.",
           "tls", ("blockffn",), "mean", ">", 0.80),
-    Claim("blockffn_cls8", "BlockFFN's 8-token chunk-level sparsity is above 0.60 (the paper: about 0.70).",
+    Claim("blockffn_cls8",
+          "BlockFFN's 8-token chunk-level sparsity is above 0.60 (the paper: about 0.70).",
           "cls8", ("blockffn",), "mean", ">", 0.60),
-    Claim("blockffn_bpb_vs_topk", "BlockFFN's val bpb is within 2% of TopK's at equal width and budget: paired ratio blockffn/topk below 1.02.",
+    Claim("blockffn_bpb_vs_topk", "BlockFFN's val bpb is within 2% of TopK's at equal width and "
+                                  "budget: paired ratio blockffn/topk below 1.02.",
           "val_bpb", ("blockffn", "topk"), "ratio", "<", 1.02),
-    Claim("blockffn_token_dependence", "BlockFFN's routing depends on the token: the mean Jaccard distance between two random tokens' active sets is above 0.30.",
+    Claim("blockffn_token_dependence",
+          "BlockFFN's routing depends on the token: the mean Jaccard distance between two random "
+          "tokens' active sets is above 0.30.",
           "token_dependence", ("blockffn",), "mean", ">", 0.30),
-    Claim("blockffn_degenerate_experts", "At most 10% of BlockFFN's experts (all layers) are dead or always on: their share is below 0.10.",
+    Claim("blockffn_degenerate_experts", "At most 10% of BlockFFN's experts (all layers) are dead "
+                                         "or always on: their share is below 0.10.",
           "degenerate_share", ("blockffn",), "mean", "<", 0.10),
-    Claim("topk_cls8_below_blockffn", "TopK's 8-token chunk-level sparsity is below BlockFFN's: paired difference topk - blockffn below 0.",
+    Claim("topk_cls8_below_blockffn", "TopK's 8-token chunk-level sparsity is below BlockFFN's: "
+                                      "paired difference topk - blockffn below 0.",
           "cls8", ("topk", "blockffn"), "diff", "<", 0.0),
-    Claim("chunk_sparse_speedup_t8", "Chunk-sparse CPU inference over 8-token chunks, on the trained BlockFFN's own FFN inputs and masks, is more than 1.5x faster than dense at the trained shape (1 thread).",
+    Claim("chunk_sparse_speedup_t8",
+          "Chunk-sparse CPU inference over 8-token chunks, on the trained BlockFFN's own FFN "
+          "inputs and masks, is more than 1.5x faster than dense at the trained shape (1 thread).",
           "speedup_t8", ("blockffn",), "mean", ">", 1.5),
-    Claim("chunk_sparse_speedup_t8_d512", "The same masks replayed on a d 512 / h 128 expert layer: chunk-sparse inference is more than 4x faster than dense (1 thread).",
+    Claim("chunk_sparse_speedup_t8_d512",
+          "The same masks replayed on a d 512 / h 128 expert layer: chunk-sparse inference is more "
+          "than 4x faster than dense (1 thread).",
           "speedup_t8_scaled", ("blockffn",), "mean", ">", 4.0),
 )
 
 # %% ../../nbs/moe/07_experiment.ipynb #03ce8b7b
 # the claims' arms train on every seed; the other arms on the first `exploratory_seeds`
 CLAIM_ARMS = tuple(dict.fromkeys(a for c in MOE_CLAIMS for a in c.arms))
-SAMPLE_KEYS = tuple(dict.fromkeys(("val_bpb", "tls", "cls8", "token_dependence", "dead_experts", "always_on", *(c.metric for c in MOE_CLAIMS))))
+SAMPLE_KEYS = tuple(dict.fromkeys(("val_bpb", "tls", "cls8", "token_dependence", "dead_experts",
+                                   "always_on", *(c.metric for c in MOE_CLAIMS))))
 
 # %% ../../nbs/moe/07_experiment.ipynb #e1d0b468
-@register_reproduction("moe", "BlockFFN vs dense, TopK, ReMoE, SMoE-Dropout, THOR: loss, token- and chunk-level sparsity, chunk-sparse inference speed.",
-                       claims=MOE_CLAIMS, notebook="moe/08_results.ipynb", default_seeds=3,
-                       run_config=MoERunConfig,
-                       summary_keys=("blockffn_tls", "blockffn_cls8", "topk_cls8", "blockffn_vs_topk_bpb", "blockffn_token_dependence", "speedup_t8", "speedup_t8_scaled"))
+@register_reproduction(
+    "moe", "BlockFFN vs dense, TopK, ReMoE, SMoE-Dropout, THOR: loss, token- and chunk-level "
+           "sparsity, chunk-sparse inference speed.",
+    claims=MOE_CLAIMS, notebook="moe/08_results.ipynb", default_seeds=3, run_config=MoERunConfig,
+    summary_keys=("blockffn_tls", "blockffn_cls8", "topk_cls8", "blockffn_vs_topk_bpb",
+                  "blockffn_token_dependence", "speedup_t8", "speedup_t8_scaled"))
 def reproduce_moe(ctx: RunContext) -> dict:
     "Each seed's arms back to back (claim arms on every seed, the others on the first few); per-seed claim values."
     rc = MoERunConfig.preset(ctx.fast)
-    expect(set(CLAIM_ARMS) <= set(rc.arms), "arms", f"every arm a claim compares ({CLAIM_ARMS})", rc.arms)
-    ctx.config = asdict(rc) | {"claim_arms": CLAIM_ARMS, "threads": torch.get_num_threads(), "remoe_target": 1 - rc.moe.k / rc.moe.n_experts}
+    expect(set(CLAIM_ARMS) <= set(rc.arms), "arms", f"every arm a claim compares ({CLAIM_ARMS})",
+           rc.arms)
+    ctx.config = asdict(rc) | {"claim_arms": CLAIM_ARMS, "threads": torch.get_num_threads(),
+                               "remoe_target": 1 - rc.moe.k / rc.moe.n_experts}
     n_explore = len(ctx.seeds) if rc.exploratory_seeds is None else rc.exploratory_seeds
     units = {}
     for i, seed in enumerate(ctx.seeds):
         for arm in rc.arms:
             if arm not in CLAIM_ARMS and i >= n_explore: continue
             key, cfg = f"{arm}/seed{seed}", rc.with_seed(seed)
-            u = units[key] = ctx.unit(key, lambda run_dir: train_arm(arm, cfg, run_dir, ctx.progress))
+            u = units[key] = ctx.unit(key,
+                                      lambda run_dir: train_arm(arm, cfg, run_dir, ctx.progress))
             ctx.log(f"{key}: val bpb {u['val_bpb']:.4f}, TLS {u['tls']:.3f}, CLS@8 {u['cls8']:.3f}")
-    samples = {arm: {k: [units[f"{arm}/seed{s}"].get(k) for s in ctx.seeds] for k in SAMPLE_KEYS} for arm in CLAIM_ARMS}
+    samples = {arm: {k: [units[f"{arm}/seed{s}"].get(k) for s in ctx.seeds] for k in SAMPLE_KEYS}
+               for arm in CLAIM_ARMS}
     first = {arm: dict(units[f"{arm}/seed{ctx.seeds[0]}"]) for arm in rc.arms}
     seeds = {arm: [] for arm in rc.arms}  # per arm, its seeds' headline numbers in seed order
-    for key, u in units.items(): seeds[key.split("/")[0]].append({k: u[k] for k in ("seed", "val_bpb", "tls", "cls", "train_s", *SAMPLE_KEYS) if k in u})
+    for key, u in units.items():
+        seeds[key.split("/")[0]].append({k: u[k] for k in ("seed", "val_bpb", "tls", "cls",
+                                                           "train_s", *SAMPLE_KEYS) if k in u})
     m = {"config": ctx.config, "samples": samples, "seeds": seeds}
-    for j, arm in enumerate(rc.inference_arms):  # the first seed's timings, under the keys the figures read
+    # the first seed's timings, under the keys the figures read
+    for j, arm in enumerate(rc.inference_arms):
         suffix = "" if j == 0 else f"_{arm}"
-        m["inference" + suffix], m["inference_scaled" + suffix] = first[arm].pop("inference", {}), first[arm].pop("inference_scaled", {})
+        m["inference" + suffix], m["inference_scaled" + suffix] = (
+            first[arm].pop("inference", {}), first[arm].pop("inference_scaled", {}))
     m["arms"] = first
     bf, tk = samples["blockffn"], samples["topk"]
-    m.update(blockffn_tls=seed_mean(bf["tls"]), blockffn_cls8=seed_mean(bf["cls8"]), topk_cls8=seed_mean(tk["cls8"]),
-             blockffn_vs_topk_bpb=seed_mean(bf["val_bpb"]) / seed_mean(tk["val_bpb"]) - 1, speedup_t8=seed_mean(bf["speedup_t8"]),
-             speedup_t8_scaled=seed_mean(bf["speedup_t8_scaled"]), blockffn_token_dependence=seed_mean(bf["token_dependence"]))
-    for name, fn in (("val_curves", plot_val_curves), ("cls_vs_chunk", plot_cls), ("coefficients", plot_coefficients),
-                     ("expert_load", plot_expert_load)):
+    m.update(blockffn_tls=seed_mean(bf["tls"]), blockffn_cls8=seed_mean(bf["cls8"]),
+             topk_cls8=seed_mean(tk["cls8"]), blockffn_vs_topk_bpb=seed_mean(bf["val_bpb"])
+             / seed_mean(tk["val_bpb"]) - 1, speedup_t8=seed_mean(bf["speedup_t8"]),
+             speedup_t8_scaled=seed_mean(bf["speedup_t8_scaled"]),
+             blockffn_token_dependence=seed_mean(bf["token_dependence"]))
+    for name, fn in (("val_curves", plot_val_curves), ("cls_vs_chunk", plot_cls),
+                     ("coefficients", plot_coefficients), ("expert_load", plot_expert_load)):
         ctx.save_figure(fn(m), name)
     if any("val_bpb_by_k" in r for r in first.values()): ctx.save_figure(plot_smoe(m), "smoe_by_k")
     if m.get("inference"): ctx.save_figure(plot_inference(m), "inference_speedup")
     return m
 
 # %% ../../nbs/moe/07_experiment.ipynb #61368233
-CALIBRATION_GRID = (  # (locality_coef = lambda_AL, locality_alpha = alpha, chunk_c0 = c0); the paper's setting first
+# (locality_coef = lambda_AL, locality_alpha = alpha, chunk_c0 = c0); the paper's setting first
+CALIBRATION_GRID = (
     (2e-3, 100.0, 0.05), (2e-3, 100.0, 0.1), (2e-3, 100.0, 0.2),
     (4e-3, 100.0, 0.05), (4e-3, 100.0, 0.1), (4e-3, 100.0, 0.2),
     (2e-3, 30.0, 0.1), (2e-3, 300.0, 0.1))
 
 # %% ../../nbs/moe/07_experiment.ipynb #6ad9f3d6
-CALIBRATION_TARGETS = {"tls": 0.80, "cls8": 0.60, "token_dependence": 0.30, "degenerate_share": 0.10}  # the last one is a ceiling
+CALIBRATION_TARGETS = {"tls": 0.80, "cls8": 0.60, "token_dependence": 0.30,
+                       "degenerate_share": 0.10}  # the last one is a ceiling
 
 # %% ../../nbs/moe/07_experiment.ipynb #be789f4a
 def calibration_key(point: tuple) -> str:
@@ -321,22 +220,28 @@ def calibration_shortfall(s: dict) -> float:
 # %% ../../nbs/moe/07_experiment.ipynb #e923ccee
 def calibration_pick(settings: dict) -> str:
     "The key of the feasible setting with the lowest val bpb, else of the smallest shortfall (bpb breaks ties)."
-    expect(isinstance(settings, dict) and len(settings) > 0, "settings", "a non-empty dict of key -> seed means", type(settings).__name__)
+    expect(isinstance(settings, dict) and len(settings) > 0, "settings",
+           "a non-empty dict of key -> seed means", type(settings).__name__)
     return min(settings, key=lambda k: (calibration_shortfall(settings[k]), settings[k]["val_bpb"]))
 
 # %% ../../nbs/moe/07_experiment.ipynb #a59d0df3
 def calibration_config(rc: MoERunConfig, point: tuple, seed: int) -> MoERunConfig:
     "`rc` at half length (hold and window halved too), BlockFFN only, with grid point `point`'s coefficients, on `seed`."
     la, a, c0 = point
-    t = rc.train.replace(steps=rc.train.steps // 2, warmup_steps=max(1, rc.train.warmup_steps // 2), val_every=rc.train.steps // 2, seed=seed)
-    moe = replace(rc.moe, locality_coef=la, locality_alpha=a, chunk_c0=c0, chunk_hold=max(1, rc.moe.chunk_hold // 2),
+    t = rc.train.replace(steps=rc.train.steps // 2, warmup_steps=max(1, rc.train.warmup_steps // 2),
+                         val_every=rc.train.steps // 2, seed=seed)
+    moe = replace(rc.moe, locality_coef=la, locality_alpha=a, chunk_c0=c0,
+                  chunk_hold=max(1, rc.moe.chunk_hold // 2),
                   chunk_window=max(1, rc.moe.chunk_window // 2))
     return replace(rc, train=t, moe=moe, arms=("blockffn",), inference_arms=())
 
 # %% ../../nbs/moe/07_experiment.ipynb #e75a7914
-_CAL_KEYS = ("val_bpb", "tls", "cls8", "token_dependence", "dead_experts", "always_on", "degenerate_share")
+_CAL_KEYS = ("val_bpb", "tls", "cls8", "token_dependence", "dead_experts", "always_on",
+             "degenerate_share")
 
-@register_reproduction("moe_calibration", "BlockFFN's router-loss coefficients (lambda_AL, alpha, c0) recalibrated for the layer-averaged objective: a registered grid, 2 paired seeds, half-length runs.",
+@register_reproduction("moe_calibration", "BlockFFN's router-loss coefficients (lambda_AL, alpha, "
+                                          "c0) recalibrated for the layer-averaged objective: a "
+                                          "registered grid, 2 paired seeds, half-length runs.",
                        notebook="moe/08_results.ipynb", default_seeds=2, summary_keys=("selected",),
                        run_config=MoERunConfig)
 def reproduce_moe_calibration(ctx: RunContext) -> dict:
@@ -344,20 +249,23 @@ def reproduce_moe_calibration(ctx: RunContext) -> dict:
     fast = is_fast_run(ctx.fast)
     rc = MoERunConfig.preset(fast)
     grid = CALIBRATION_GRID[:2] if fast else CALIBRATION_GRID  # the small run: the first two points
-    ctx.config = {"base": asdict(rc), "grid": [list(p) for p in grid], "targets": CALIBRATION_TARGETS, "threads": torch.get_num_threads()}
+    ctx.config = {"base": asdict(rc), "grid": [list(p) for p in grid],
+                  "targets": CALIBRATION_TARGETS, "threads": torch.get_num_threads()}
     settings, per_seed = {}, {}
     for point in grid:
         key, runs = calibration_key(point), []
         for seed in ctx.seeds:
             cfg = calibration_config(rc, point, seed)
-            u = ctx.unit(f"{key}/seed{seed}", lambda run_dir: train_arm("blockffn", cfg, run_dir, ctx.progress))
+            u = ctx.unit(f"{key}/seed{seed}",
+                         lambda run_dir: train_arm("blockffn", cfg, run_dir, ctx.progress))
             runs.append({k: u[k] for k in _CAL_KEYS} | {"seed": seed})
             ctx.log(f"{key} seed {seed}: bpb {u['val_bpb']:.4f} TLS {u['tls']:.3f} CLS@8 {u['cls8']:.3f} jac {u['token_dependence']:.2f} dead {u['dead_experts']} on {u['always_on']}")
         mean = {k: seed_mean([r[k] for r in runs]) for k in _CAL_KEYS}
-        settings[key] = mean | {"locality_coef": point[0], "locality_alpha": point[1], "chunk_c0": point[2],
-                                "shortfall": calibration_shortfall(mean)}
+        settings[key] = mean | {"locality_coef": point[0], "locality_alpha": point[1],
+                                "chunk_c0": point[2], "shortfall": calibration_shortfall(mean)}
         per_seed[key] = runs
     sel = calibration_pick(settings)
     return {"config": ctx.config, "settings": settings, "per_seed": per_seed, "selected": sel,
-            "selected_point": {k: settings[sel][k] for k in ("locality_coef", "locality_alpha", "chunk_c0")},
+            "selected_point": {k: settings[sel][k] for k in ("locality_coef", "locality_alpha",
+                                                             "chunk_c0")},
             "feasible": [k for k, s in settings.items() if s["shortfall"] == 0]}

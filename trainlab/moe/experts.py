@@ -22,9 +22,10 @@ def weighted_experts(x: torch.Tensor, # [T, d] tokens
                     ) -> torch.Tensor:
     "Dense-and-masked expert mixture `y[t] = sum_e scores[t,e] * w_out[e] @ silu(w_in[e] @ x[t])`: every expert computed (training)."
     E, h, d = w_in.shape
-    hid = F.silu(x @ w_in.reshape(E * h, d).T).view(-1, E, h)                   # SiLU(W_in[e] x_t) for all e: [T, E, h]
+    # SiLU(W_in[e] x_t) for all e: [T, E, h]
+    hid = F.silu(x @ w_in.reshape(E * h, d).T).view(-1, E, h)
     hid = (hid * scores.to(hid.dtype).unsqueeze(-1)).reshape(-1, E * h)         # scaled by s_te
-    return hid @ w_out.permute(1, 0, 2).reshape(d, E * h).T                      # sum_e W_out[e] (.)
+    return hid @ w_out.permute(1, 0, 2).reshape(d, E * h).T  # sum_e W_out[e] (.)
 
 # %% ../../nbs/moe/01_experts.ipynb #dce97673
 class ExpertFFN(nn.Module):
@@ -41,7 +42,8 @@ class ExpertFFN(nn.Module):
         expect(x.shape[-1] == self.d_model, "x", f"[..., {self.d_model}] (d_model)", tuple(x.shape))
         return x.reshape(-1, self.d_model)
 
-    def extra_repr(self) -> str: return f"d_model={self.d_model}, n_experts={self.n_experts}, d_expert={self.d_expert}"
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_experts={self.n_experts}, d_expert={self.d_expert}"
 
 # %% ../../nbs/moe/01_experts.ipynb #f7a19408
 class DenseFFN(nn.Module):
@@ -62,10 +64,11 @@ def router_linear(d_model: int, n_experts: int) -> nn.Linear:
 # %% ../../nbs/moe/01_experts.ipynb #78327f98
 class TopKMoE(ExpertFFN):
     "Softmax router, top-k with renormalised weights, switch balance loss `balance_coef`; `n_shared` always-on experts."
-    def __init__(self, d_model: int, n_experts: int, d_expert: int, k: int = 2, balance_coef: float = 1e-2,
-                 n_shared: int = 0, impl: str = "auto"):
+    def __init__(self, d_model: int, n_experts: int, d_expert: int, k: int = 2,
+                 balance_coef: float = 1e-2, n_shared: int = 0, impl: str = "auto"):
         super().__init__(d_model, n_experts, d_expert)
-        expect(isinstance(k, int) and 1 <= k <= n_experts, "k", f"an int in [1, n_experts={n_experts}]", k)
+        expect(isinstance(k, int) and 1 <= k <= n_experts, "k",
+               f"an int in [1, n_experts={n_experts}]", k)
         expect(balance_coef >= 0, "balance_coef", ">= 0", balance_coef)
         expect(isinstance(n_shared, int) and n_shared >= 0, "n_shared", "an int >= 0", n_shared)
         self.k, self.balance_coef, self.n_shared, self.impl = k, balance_coef, n_shared, impl
@@ -88,10 +91,13 @@ class TopKMoE(ExpertFFN):
             scores = torch.cat([scores, scores.new_ones(len(xf), self.n_shared)], 1)
         aux = {"scores": scores.view(*x.shape[:-1], -1), "losses": {}}
         if self.training and self.balance_coef > 0:
-            f = torch.bincount(ids.reshape(-1), minlength=self.n_experts).float() / ids.numel()  # f_e
-            aux["losses"]["balance"] = self.balance_coef * self.n_experts * (f * probs.mean(0)).sum()
+            # f_e
+            f = torch.bincount(ids.reshape(-1), minlength=self.n_experts).float() / ids.numel()
+            aux["losses"]["balance"] = (self.balance_coef * self.n_experts
+                                        * (f * probs.mean(0)).sum())
         return y.view_as(x), aux
 
     def active_parameters(self) -> int:
         per_expert = 2 * self.d_model * self.d_expert
-        return self.k * per_expert + self.router.weight.numel() + (self.shared.w_in.numel() * 2 if self.shared else 0)
+        return self.k * per_expert + self.router.weight.numel() + (self.shared.w_in.numel() * 2
+                                                                   if self.shared else 0)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from ..core import expect
 from ..stats import ci_mean, ci_ratio, mean
 from ..kernels.moe import chunk_sparse_ffn, chunk_sparse_ffn_packed, pack_experts
-from ..kernels.utils import check_experts, check_floating, check_same_device, check_shape, max_abs_err
+from ..kernels.utils import (check_experts, check_floating, check_same_device, check_shape,
+                                    max_abs_err)
 from .experts import ExpertFFN
 
 # %% auto #0
@@ -29,7 +30,8 @@ def _doc_chunks(doc_ids: torch.Tensor, T: int, n: int, seed: int = 0) -> list:
             w = d[s:s + T]
             if bool((w >= 0).all()) and bool((w == w[0]).all()): rows.append((r, s))
     if len(rows) > n:
-        idx = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        idx = torch.randperm(len(rows),
+                             generator=torch.Generator().manual_seed(seed))[:n].sort().values
         rows = [rows[i] for i in idx.tolist()]
     return rows
 
@@ -45,11 +47,16 @@ def _q(xs, p):
 def bench_chunk_sparse_cpu(x: torch.Tensor, # [T, d] a chunk of tokens (CPU)
                            w_in: torch.Tensor, # [E, h, d]
                            w_out: torch.Tensor, # [E, d, h]
-                           scores: torch.Tensor, # [T, E] the router's scores for this chunk (zeros = inactive)
-                           repeats: int = 100, # timed calls of each path (one each per repeat, interleaved)
-                           threads: int = 1, # torch threads during the measurement (restored afterwards)
+                           # [T, E] the router's scores for this chunk (zeros = inactive)
+                           scores: torch.Tensor,
+                           # timed calls of each path (one each per repeat, interleaved)
+                           repeats: int = 100,
+                           # torch threads during the measurement (restored afterwards)
+                           threads: int = 1,
                            warmup: int = 10, # untimed calls of each path first
-                           compare_old: bool = False, # also time chunk_sparse_ffn(impl='torch'), which gathers weights per call
+                           # also time chunk_sparse_ffn(impl='torch'), which gathers weights per
+                           # call
+                           compare_old: bool = False,
                           ) -> dict:
     "CPU times (us) of a dense FFN of equal total width and of `chunk_sparse_ffn_packed` (packed once, untimed), interleaved in one run, with a 95% CI of their ratio."
     T, d, E, h = check_experts(x, w_in, w_out)
@@ -65,23 +72,30 @@ def bench_chunk_sparse_cpu(x: torch.Tensor, # [T, d] a chunk of tokens (CPU)
     try:
         with torch.inference_mode():
             dt = x.dtype  # every path computes in the chunk's dtype
-            packed = pack_experts(w_in, w_out, dtype=dt)  # prepared once, untimed, like the dense layout
-            w1 = w_in.reshape(E * h, d).to(dt, copy=True)  # dense: one [Eh, d] and one [d, Eh] matrix, own copies
+            # prepared once, untimed, like the dense layout
+            packed = pack_experts(w_in, w_out, dtype=dt)
+            # dense: one [Eh, d] and one [d, Eh] matrix, own copies
+            w1 = w_in.reshape(E * h, d).to(dt, copy=True)
             w2 = w_out.permute(1, 0, 2).reshape(d, E * h).to(dt, copy=True)
             s = scores.to(dt).unsqueeze(2)
             paths = {"dense": lambda: (F.silu(x @ w1.T).view(T, E, h) * s).view(T, E * h) @ w2.T,
                      "sparse": lambda: chunk_sparse_ffn_packed(x, packed, scores)}
-            if compare_old: paths["old"] = lambda: chunk_sparse_ffn(x, w_in, w_out, scores, impl="torch")
+            if compare_old:
+                paths["old"] = lambda: chunk_sparse_ffn(x, w_in, w_out, scores, impl="torch")
             yd = paths["dense"]()
-            tol = (1e-4 if dt in (torch.float32, torch.float64) else 5e-2) * max(1.0, float(yd.abs().max()))
+            tol = (1e-4 if dt in (torch.float32,
+                                  torch.float64) else 5e-2) * max(1.0, float(yd.abs().max()))
             for name, fn in paths.items():
                 err = max_abs_err(yd, fn())
-                if not err <= tol: raise RuntimeError(f"dense and {name} outputs differ by {err:.3g} (tolerance {tol:.3g})")
+                if not err <= tol:
+                    raise RuntimeError(
+                        f"dense and {name} outputs differ by {err:.3g} (tolerance {tol:.3g})")
             for _ in range(warmup):
                 for fn in paths.values(): fn()
             names, order = list(paths), random.Random(0)
             times = {n: [] for n in names}
-            for _ in range(repeats):  # the timed loop: no checks; each repeat calls the paths in a fresh random order
+            # the timed loop: no checks; each repeat calls the paths in a fresh random order
+            for _ in range(repeats):
                 for n in order.sample(names, len(names)):
                     fn = paths[n]
                     t0 = time.perf_counter()
@@ -90,9 +104,11 @@ def bench_chunk_sparse_cpu(x: torch.Tensor, # [T, d] a chunk of tokens (CPU)
     finally:
         torch.set_num_threads(old_threads)
     med = {n: statistics.median(v) for n, v in times.items()}
-    gm, lo, hi = ci_ratio(times["dense"], times["sparse"])  # exp(mean log(dense_i / sparse_i) +- t s / sqrt(n)), paired by repeat
+    # exp(mean log(dense_i / sparse_i) +- t s / sqrt(n)), paired by repeat
+    gm, lo, hi = ci_ratio(times["dense"], times["sparse"])
     r = dict(dense_us=med["dense"], sparse_us=med["sparse"], speedup=med["dense"] / med["sparse"],
-             speedup_gmean=gm, speedup_ci95=(lo, hi), ratios=[a / b for a, b in zip(times["dense"], times["sparse"])],
+             speedup_gmean=gm, speedup_ci95=(lo, hi),
+             ratios=[a / b for a, b in zip(times["dense"], times["sparse"])],
              active_fraction=float(torch.any(scores != 0, 0).float().mean()),
              token_active_fraction=float((scores != 0).float().mean()),
              dense_us_q20_80=(_q(times["dense"], 0.2), _q(times["dense"], 0.8)),
@@ -100,36 +116,48 @@ def bench_chunk_sparse_cpu(x: torch.Tensor, # [T, d] a chunk of tokens (CPU)
     if compare_old:
         gm_o, lo_o, hi_o = ci_ratio(times["dense"], times["old"])
         r.update(old_us=med["old"], speedup_old=med["dense"] / med["old"], speedup_old_gmean=gm_o,
-                 speedup_old_ci95=(lo_o, hi_o), old_us_q20_80=(_q(times["old"], 0.2), _q(times["old"], 0.8)))
-    r.update(times_us=times, T=T, d=d, E=E, h=h, threads=threads, repeats=repeats, dtype=str(x.dtype).replace("torch.", ""))
+                 speedup_old_ci95=(lo_o, hi_o),
+                 old_us_q20_80=(_q(times["old"], 0.2), _q(times["old"], 0.8)))
+    r.update(times_us=times, T=T, d=d, E=E, h=h, threads=threads, repeats=repeats,
+             dtype=str(x.dtype).replace("torch.", ""))
     return r
 
 # %% ../../nbs/moe/06_inference.ipynb #e8e03a97
-def measure_inference(model: nn.Module, layer_scores: list, doc_ids: torch.Tensor, layer_inputs: list,
-                      chunk_lengths=(1, 8, 32), chunks_per_layer: int = 8, repeats: int = 50, threads: int = 1,
-                      scale_to: tuple | None = None, seed: int = 0) -> dict:
+def measure_inference(model: nn.Module, layer_scores: list, doc_ids: torch.Tensor,
+                      layer_inputs: list, chunk_lengths=(1, 8, 32), chunks_per_layer: int = 8,
+                      repeats: int = 50, threads: int = 1, scale_to: tuple | None = None,
+                      seed: int = 0) -> dict:
     "Dense vs chunk-sparse FFN time over real chunks of every MoE layer; per T: summed medians, speedup, per-chunk speedups (geometric mean, 95% CI), mean union fraction."
     ffns = [m for m in model.modules() if isinstance(m, ExpertFFN)]
-    expect(len(ffns) == len(layer_scores), "layer_scores", f"one entry per expert layer ({len(ffns)})", len(layer_scores))
+    expect(len(ffns) == len(layer_scores), "layer_scores",
+           f"one entry per expert layer ({len(ffns)})", len(layer_scores))
     g = torch.Generator().manual_seed(seed)
     res = {}
     for T in chunk_lengths:
-        dense = sparse = 0.0; fracs, per_chunk = [], []
+        dense = sparse = 0.0
+        fracs, per_chunk = [], []
         for li, (ffn, sc, xin) in enumerate(zip(ffns, layer_scores, layer_inputs)):
             E = sc.shape[-1]
             if scale_to is None: w_in, w_out = ffn.w_in.detach().float(), ffn.w_out.detach().float()
             else:
                 d_, h_ = scale_to
-                w_in = torch.randn(E, h_, d_, generator=g) / math.sqrt(d_); w_out = torch.randn(E, d_, h_, generator=g) / math.sqrt(h_)
+                w_in = torch.randn(E, h_, d_, generator=g) / math.sqrt(d_)
+                w_out = torch.randn(E, d_, h_, generator=g) / math.sqrt(h_)
             for r, s in _doc_chunks(doc_ids, T, chunks_per_layer, seed + li):
-                x = xin[r, s:s + T] if scale_to is None else torch.randn(T, scale_to[0], generator=g)
-                b = bench_chunk_sparse_cpu(x.contiguous(), w_in, w_out, sc[r, s:s + T].contiguous(), repeats=repeats, threads=threads, warmup=3)
-                dense += b["dense_us"]; sparse += b["sparse_us"]; fracs.append(b["active_fraction"]); per_chunk.append(b["speedup"])
+                x = xin[r, s:s + T] if scale_to is None else torch.randn(T, scale_to[0],
+                                                                         generator=g)
+                b = bench_chunk_sparse_cpu(x.contiguous(), w_in, w_out, sc[r, s:s + T].contiguous(),
+                                           repeats=repeats, threads=threads, warmup=3)
+                dense += b["dense_us"]
+                sparse += b["sparse_us"]
+                fracs.append(b["active_fraction"])
+                per_chunk.append(b["speedup"])
         if fracs:
             logs = [math.log(v) for v in per_chunk]
             lo, hi = ci_mean(logs) if len(logs) > 1 else (float("nan"), float("nan"))
-            res[str(T)] = {"dense_us": dense / len(fracs), "sparse_us": sparse / len(fracs), "speedup": dense / sparse,
-                           "speedup_gmean": math.exp(mean(logs)), "speedup_ci95": [math.exp(lo), math.exp(hi)],
-                           "speedups": per_chunk, "active_fraction": sum(fracs) / len(fracs), "chunks": len(fracs),
+            res[str(T)] = {"dense_us": dense / len(fracs), "sparse_us": sparse / len(fracs),
+                           "speedup": dense / sparse, "speedup_gmean": math.exp(mean(logs)),
+                           "speedup_ci95": [math.exp(lo), math.exp(hi)], "speedups": per_chunk,
+                           "active_fraction": sum(fracs) / len(fracs), "chunks": len(fracs),
                            "active_fractions": fracs}
     return res

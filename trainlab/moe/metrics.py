@@ -27,19 +27,24 @@ def _segments(doc: torch.Tensor):
 
 # %% ../../nbs/moe/04_metrics.ipynb #e18ab3fa
 def routing_stats(scores: torch.Tensor, # [T, E] (one sequence) or [B, L, E]; non-zero = active
-                  doc_ids: torch.Tensor | None = None, # [T] or [B, L] document ids; negative = padding (ignored)
+                  # [T] or [B, L] document ids; negative = padding (ignored)
+                  doc_ids: torch.Tensor | None = None,
                   chunk_sizes: tuple = (2, 4, 8, 16, 32), # CLS chunk lengths
                   jaccard_pairs: int = 4096, # random token pairs for the token-dependence estimate
                  ) -> dict:
     "TLS, CLS@s within documents (and the packed-stream version), per-expert load, dead/always-on experts, zero-expert tokens, token dependence."
-    expect(torch.is_tensor(scores) and scores.dim() in (2, 3) and scores.shape[-1] >= 1, "scores", "a [T, E] or [B, L, E] tensor", getattr(scores, "shape", type(scores)))
-    expect(all(isinstance(s, int) and s >= 1 for s in chunk_sizes), "chunk_sizes", "positive ints", chunk_sizes)
+    expect(torch.is_tensor(scores) and scores.dim() in (2, 3) and scores.shape[-1] >= 1, "scores",
+           "a [T, E] or [B, L, E] tensor", getattr(scores, "shape", type(scores)))
+    expect(all(isinstance(s, int) and s >= 1 for s in chunk_sizes), "chunk_sizes", "positive ints",
+           chunk_sizes)
     act = (scores.detach() != 0)
     if act.dim() == 2: act = act[None]
     B, Lq, E = act.shape
     if doc_ids is None: doc = torch.zeros(B, Lq, dtype=torch.long, device=act.device)
     else:
-        expect(tuple(doc_ids.shape) == tuple(scores.shape[:-1]), "doc_ids", f"shape {tuple(scores.shape[:-1])} (scores without the expert axis)", tuple(doc_ids.shape))
+        expect(tuple(doc_ids.shape) == tuple(scores.shape[:-1]),
+               "doc_ids", f"shape {tuple(scores.shape[:-1])} (scores without the expert axis)",
+               tuple(doc_ids.shape))
         doc = doc_ids.reshape(B, Lq).long().to(act.device)
     seg, pos, seg_len, new = _segments(doc)
     valid = doc.reshape(-1) >= 0
@@ -47,29 +52,34 @@ def routing_stats(scores: torch.Tensor, # [T, E] (one sequence) or [B, L, E]; no
     T = len(a)
     out = {"tokens": T, "experts": E}
     if T == 0:
-        return out | {"tls": None, "cls": {str(s): None for s in chunk_sizes}, "cls_packed": {str(s): None for s in chunk_sizes},
-                      "load": [0.0] * E, "dead_experts": E, "always_on": 0, "zero_expert_tokens": None,
+        return out | {"tls": None, "cls": {str(s): None for s in chunk_sizes},
+                      "cls_packed": {str(s): None for s in chunk_sizes}, "load": [0.0] * E,
+                      "dead_experts": E, "always_on": 0, "zero_expert_tokens": None,
                       "experts_per_token": None, "token_dependence": None}
     load = a.mean(0)
     out.update(tls=float(1 - a.mean()), load=load.tolist(), dead_experts=int((load == 0).sum()),
-               always_on=int((load >= 0.99).sum()), zero_expert_tokens=float((a.sum(1) == 0).float().mean()),
+               always_on=int((load >= 0.99).sum()),
+               zero_expert_tokens=float((a.sum(1) == 0).float().mean()),
                experts_per_token=float(a.sum(1).mean()))
     cls, cls_packed = {}, {}
     vseg, vpos = seg[valid], pos[valid]
     vlen = seg_len[vseg]
-    not_start = a[~new.reshape(-1)[valid]]                         # the code's version: document starts dropped
+    not_start = a[~new.reshape(-1)[valid]]  # the code's version: document starts dropped
     for s in chunk_sizes:
         keep = vpos // s < vlen // s                               # whole chunks only
         if keep.any():
             cid = torch.cumsum((keep & (vpos % s == 0)).long(), 0)[keep] - 1
-            hit = torch.zeros(int(cid[-1]) + 1, E, device=a.device).scatter_reduce_(0, cid[:, None].expand(-1, E), a[keep], "amax")
+            hit = torch.zeros(int(cid[-1]) + 1, E, device=a.device).scatter_reduce_(
+                0, cid[:, None].expand(-1, E), a[keep], "amax")
             cls[str(s)] = float(1 - hit.mean())
         else: cls[str(s)] = None
         n = len(not_start) // s
-        cls_packed[str(s)] = float(1 - not_start[:n * s].view(n, s, E).amax(1).mean()) if n else None
+        cls_packed[str(s)] = float(1 - not_start[:n * s].view(n, s,
+                                                              E).amax(1).mean()) if n else None
     out.update(cls=cls, cls_packed=cls_packed)
     g = torch.Generator().manual_seed(0)
-    i, j = torch.randint(T, (jaccard_pairs,), generator=g), torch.randint(T, (jaccard_pairs,), generator=g)
+    i, j = torch.randint(T, (jaccard_pairs,),
+                         generator=g), torch.randint(T, (jaccard_pairs,), generator=g)
     inter, union = (a[i] * a[j]).sum(1), ((a[i] + a[j]) > 0).float().sum(1)
     ok = union > 0
     out["token_dependence"] = float((1 - inter[ok] / union[ok]).mean()) if ok.any() else 0.0
@@ -77,34 +87,45 @@ def routing_stats(scores: torch.Tensor, # [T, E] (one sequence) or [B, L, E]; no
 
 # %% ../../nbs/moe/04_metrics.ipynb #f93b3d83
 @torch.no_grad()
-def collect_router_scores(model: nn.Module, loader, max_batches: int | None = None) -> tuple[list, torch.Tensor, list]:
+def collect_router_scores(model: nn.Module, loader,
+                          max_batches: int | None = None) -> tuple[list, torch.Tensor, list]:
     "Per-layer scores [N, L, E], document ids [N, L] (-1 = padding) and per-layer FFN inputs [N, L, d] over `loader`'s batches."
     scores, docs, inputs = None, [], None
     with eval_mode(model):
         for b, batch in enumerate(loader):
             if max_batches is not None and b >= max_batches: break
-            out = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_logits=False, outputs=("mlp_inputs",))
+            out = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_logits=False,
+                        outputs=("mlp_inputs",))
             layer_scores = [a.get("scores") for a in out.aux]
             if any(s is None for s in layer_scores): return None, None, None
             scores = [[] for _ in layer_scores] if scores is None else scores
             inputs = [[] for _ in layer_scores] if inputs is None else inputs
-            for i, s in enumerate(layer_scores): scores[i].append(s.float().cpu()); inputs[i].append(out.mlp_inputs[i].float().cpu())
+            for i, s in enumerate(layer_scores):
+                scores[i].append(s.float().cpu())
+                inputs[i].append(out.mlp_inputs[i].float().cpu())
             valid = batch["labels"] != -100
             d = batch["doc_ids"] if "doc_ids" in batch else torch.zeros_like(batch["labels"])
             docs.append(torch.where(valid, d, torch.full_like(d, -1)).cpu())
     return [torch.cat(s) for s in scores], torch.cat(docs), [torch.cat(x) for x in inputs]
 
 # %% ../../nbs/moe/04_metrics.ipynb #96d7f5d2
-def evaluate_routing(layer_scores: list, doc_ids: torch.Tensor, chunk_sizes=(2, 4, 8, 16, 32)) -> dict:
+def evaluate_routing(layer_scores: list, doc_ids: torch.Tensor,
+                     chunk_sizes=(2, 4, 8, 16, 32)) -> dict:
     "Routing statistics per layer and their mean over layers (TLS, CLS@s, experts per token...); dead/always-on experts summed."
     per = [routing_stats(s, doc_ids, chunk_sizes) for s in layer_scores]
     mean = lambda k: float(sum(p[k] for p in per) / len(per))
-    out = {"tls": mean("tls"), "cls": {str(s): float(sum(p["cls"][str(s)] for p in per) / len(per)) for s in chunk_sizes},
-           "cls_packed": {str(s): float(sum(p["cls_packed"][str(s)] for p in per) / len(per)) for s in chunk_sizes},
-           "dead_experts": sum(p["dead_experts"] for p in per), "always_on": sum(p["always_on"] for p in per),
-           "zero_expert_tokens": mean("zero_expert_tokens"), "experts_per_token": mean("experts_per_token"),
+    out = {"tls": mean("tls"), "cls": {str(s): float(sum(p["cls"][str(s)] for p in per) / len(per))
+                                       for s in chunk_sizes},
+           "cls_packed": {str(s): float(sum(p["cls_packed"][str(s)] for p in per) / len(per))
+                          for s in chunk_sizes},
+           "dead_experts": sum(p["dead_experts"] for p in per),
+           "always_on": sum(p["always_on"] for p in per),
+           "zero_expert_tokens": mean("zero_expert_tokens"),
+           "experts_per_token": mean("experts_per_token"),
            "token_dependence": mean("token_dependence")}
-    out["per_layer"] = [{k: p[k] for k in ("tls", "cls", "dead_experts", "always_on", "zero_expert_tokens", "token_dependence", "load")} for p in per]
+    out["per_layer"] = [{k: p[k] for k in ("tls", "cls", "dead_experts",
+                                           "always_on", "zero_expert_tokens", "token_dependence",
+                                           "load")} for p in per]
     return out
 
 # %% ../../nbs/moe/04_metrics.ipynb #93e5cd4f

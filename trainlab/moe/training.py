@@ -27,7 +27,8 @@ def moe_layers(model: nn.Module, cls) -> list:
 # %% ../../nbs/moe/05_training.ipynb #33607b30
 def _mean_over_ranks(trainer, values: list) -> float:
     v = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in values]).mean()
-    if trainer is not None and trainer.world_size > 1: v = trainer.strategy.reduce(v.to(trainer.strategy.root_device), reduce_op="mean")
+    if trainer is not None and trainer.world_size > 1:
+        v = trainer.strategy.reduce(v.to(trainer.strategy.root_device), reduce_op="mean")
     return float(v)
 
 # %% ../../nbs/moe/05_training.ipynb #d58d3e90
@@ -37,7 +38,8 @@ class ChunkLossScheduler(L.Callback):
         self.schedule = AdaptiveCoefficient(c0, hold, window, cap)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        layers = [m for m in moe_layers(pl_module, BlockFFN) if m.use_chunk_loss and m.last_chunk_loss is not None]
+        layers = [m for m in moe_layers(pl_module, BlockFFN) if m.use_chunk_loss
+                  and m.last_chunk_loss is not None]
         if not layers: return
         c = self.schedule.step(_mean_over_ranks(trainer, [m.last_chunk_loss for m in layers]))
         for m in layers: m.chunk_coef.fill_(c)
@@ -49,7 +51,8 @@ class ChunkLossScheduler(L.Callback):
 # %% ../../nbs/moe/05_training.ipynb #da85926d
 class ReMoESparsityCallback(L.Callback):
     "After each step: ReMoE's lambda from the mean sparsity of all ReMoE layers (and ranks), written to every layer."
-    def __init__(self, target: float, lambda0: float = 1e-8, alpha: float = 1.2, clamp: bool = False):
+    def __init__(self, target: float, lambda0: float = 1e-8, alpha: float = 1.2,
+                 clamp: bool = False):
         self.controller = ReMoEController(target, lambda0, alpha, clamp)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -66,7 +69,8 @@ class ExpertCountSchedule(L.Callback):
     "SMoE-Dropout's k_t = round((k_max - k_min) t / (T-1)) + k_min (k_max at the last step), set on every SMoEDropout layer before each step."
     def __init__(self, k_min: int, k_max: int, total_steps: int):
         expect(1 <= k_min <= k_max, "k_min", f"1 <= k_min <= k_max={k_max}", k_min)
-        expect(isinstance(total_steps, int) and total_steps >= 1, "total_steps", "an int >= 1", total_steps)
+        expect(isinstance(total_steps, int) and total_steps >= 1, "total_steps", "an int >= 1",
+               total_steps)
         self.k_min, self.k_max, self.total = k_min, k_max, total_steps
 
     def k_at(self, step: int) -> int:
@@ -87,7 +91,8 @@ class MoELitModule(LMLitModule):
         logs = {}
         tls = model_tls(out)
         if tls is not None: logs["train/tls"] = tls
-        for name, cls, attr in (("chunk_coef", BlockFFN, "chunk_coef"), ("remoe_lambda", ReMoE, "l1_coef")):
+        for name, cls, attr in (("chunk_coef", BlockFFN, "chunk_coef"),
+                                ("remoe_lambda", ReMoE, "l1_coef")):
             layers = moe_layers(self.model, cls)
             if layers: logs[f"train/{name}"] = float(getattr(layers[0], attr))
         smoe = moe_layers(self.model, SMoEDropout)
@@ -104,11 +109,13 @@ class THORLitModule(MoELitModule):
 
     def _run(self, batch):
         if not self.training: return super()._run(batch)
-        kw = dict(labels=batch["labels"], doc_ids=batch.get("doc_ids"), ignore_index=self.hparams.ignore_index, return_logits=True)
+        kw = dict(labels=batch["labels"], doc_ids=batch.get("doc_ids"),
+                  ignore_index=self.hparams.ignore_index, return_logits=True)
         o1, o2 = self.model(batch["input_ids"], **kw), self.model(batch["input_ids"], **kw)
         mask = (batch["labels"] != self.hparams.ignore_index).reshape(-1)
         l1, l2 = (o.logits.reshape(-1, o.logits.shape[-1])[mask].float() for o in (o1, o2))
-        sym = 0.5 * (kl_div(l1, l2) + kl_div(l2, l1))                              # (1/2) sum_v (p1-p2)(log p1 - log p2)
-        aux = {k: (o1.aux_losses.get(k, 0) + o2.aux_losses.get(k, 0)) / 2 for k in set(o1.aux_losses) | set(o2.aux_losses)}
+        sym = 0.5 * (kl_div(l1, l2) + kl_div(l2, l1))  # (1/2) sum_v (p1-p2)(log p1 - log p2)
+        aux = {k: (o1.aux_losses.get(k, 0) + o2.aux_losses.get(k, 0)) / 2
+               for k in set(o1.aux_losses) | set(o2.aux_losses)}
         aux["consistency"] = 0.5 * self.consistency * sym.mean()
         return LMOutput(loss=(o1.loss + o2.loss) / 2, aux_losses=aux, aux=o1.aux)

@@ -16,28 +16,38 @@ __all__ = ['SPT_TRAINER_KW', 'MUENNIGHOFF_R_STAR', 'SPT_ARMS', 'SPT_MAIN', 'SPT_
            'pair_pretrain', 'r_gain']
 
 # %% ../../nbs/spt/00_spt.ipynb #a21d359d
-from .domains import (DomainData, make_domain, mixture_plan, MixtureDataset, GlobalBatchSampler, general_eval_set, GroupTagged,
+from .domains import (DomainData, make_domain, mixture_plan, MixtureDataset,
+                                  GlobalBatchSampler, general_eval_set, GroupTagged,
                                   eval_sets, MixtureDataModule)
-from .training import (SPTLitModule, Snapshots, SPTConfig, SPT_TRAINER_KW, pretrain, KeepBest, FinetuneConfig,
+from .training import (SPTLitModule, Snapshots, SPTConfig, SPT_TRAINER_KW, pretrain,
+                                   KeepBest, FinetuneConfig,
                                    evaluate_groups, finetune, finetune_grid)
-from .laws import (law_train, law_gap, law_offset, law_test, fit_overfitting_law, fit_per_delta, after_warmup, b_gap,
-                               predicted_turn, observed_turn,
-                               MUENNIGHOFF_R_STAR, effective_data, fit_muennighoff, muennighoff_test)
-from .experiment import (SPTArm, SPT_ARMS, SPT_MAIN, SPT_REF, SPT_DOMAINS, SPT_CLAIMS, SPT_EXPECTED_EFFECT, SPT_MIN_SEEDS,
-                                     SPT_RUN_BUDGET_S, SPT_SEEDS, seeds_needed, spt_unit_counts, pick_seeds, reproduce_spt_pilot,
+from .laws import (law_train, law_gap, law_offset, law_test, fit_overfitting_law,
+                               fit_per_delta, after_warmup, b_gap, predicted_turn,
+                               observed_turn, MUENNIGHOFF_R_STAR, effective_data, fit_muennighoff,
+                               muennighoff_test)
+from .experiment import (SPTArm, SPT_ARMS, SPT_MAIN, SPT_REF, SPT_DOMAINS, SPT_CLAIMS,
+                                     SPT_EXPECTED_EFFECT, SPT_MIN_SEEDS,
+                                     SPT_RUN_BUDGET_S, SPT_SEEDS, seeds_needed, spt_unit_counts,
+                                     pick_seeds, reproduce_spt_pilot,
                                      SPTRunConfig, spt_run_config,
-                                     interp_log_tokens, domain_summary, pretrain_unit, finetune_unit, reproduce_spt, reproduce_spt_sweep,
-                                     plot_post_ft_vs_tokens, plot_forgetting, plot_train_vs_test, plot_pretrain_domain_test, plot_law,
+                                     interp_log_tokens, domain_summary, pretrain_unit,
+                                     finetune_unit, reproduce_spt, reproduce_spt_sweep,
+                                     plot_post_ft_vs_tokens, plot_forgetting, plot_train_vs_test,
+                                     plot_pretrain_domain_test, plot_law,
                                      plot_paired, pair_pretrain, r_gain)
 
 # %% ../../nbs/spt/00_spt.ipynb #a0f0ba14
-_all_ = ["SPT_TRAINER_KW", "MUENNIGHOFF_R_STAR", "SPT_ARMS", "SPT_MAIN", "SPT_REF", "SPT_DOMAINS", "SPT_CLAIMS", "DomainData",
-         "make_domain", "mixture_plan", "MixtureDataset", "GlobalBatchSampler", "general_eval_set", "GroupTagged",
-         "eval_sets", "MixtureDataModule", "SPTLitModule", "Snapshots", "SPTConfig", "pretrain", "KeepBest",
-         "FinetuneConfig", "evaluate_groups", "finetune", "finetune_grid", "law_train", "law_gap", "law_offset",
-         "law_test", "fit_overfitting_law", "b_gap", "predicted_turn", "observed_turn", "effective_data",
-         "fit_muennighoff", "muennighoff_test", "SPTArm", "SPTRunConfig", "spt_run_config", "interp_log_tokens",
-         "domain_summary", "pretrain_unit", "finetune_unit", "reproduce_spt", "plot_post_ft_vs_tokens",
-         "plot_forgetting", "plot_train_vs_test", "plot_pretrain_domain_test", "plot_law",
-         "fit_per_delta", "after_warmup", "SPT_EXPECTED_EFFECT", "SPT_MIN_SEEDS", "SPT_RUN_BUDGET_S", "SPT_SEEDS", "seeds_needed",
-         "spt_unit_counts", "pick_seeds", "reproduce_spt_pilot", "reproduce_spt_sweep", "plot_paired", "pair_pretrain", "r_gain"]
+_all_ = ["SPT_TRAINER_KW", "MUENNIGHOFF_R_STAR", "SPT_ARMS", "SPT_MAIN", "SPT_REF",
+         "SPT_DOMAINS", "SPT_CLAIMS", "DomainData", "make_domain", "mixture_plan", "MixtureDataset",
+         "GlobalBatchSampler", "general_eval_set", "GroupTagged", "eval_sets", "MixtureDataModule",
+         "SPTLitModule", "Snapshots", "SPTConfig", "pretrain", "KeepBest", "FinetuneConfig",
+         "evaluate_groups", "finetune", "finetune_grid", "law_train", "law_gap", "law_offset",
+         "law_test", "fit_overfitting_law", "b_gap", "predicted_turn", "observed_turn",
+         "effective_data", "fit_muennighoff", "muennighoff_test", "SPTArm", "SPTRunConfig",
+         "spt_run_config", "interp_log_tokens", "domain_summary", "pretrain_unit", "finetune_unit",
+         "reproduce_spt", "plot_post_ft_vs_tokens", "plot_forgetting", "plot_train_vs_test",
+         "plot_pretrain_domain_test", "plot_law", "fit_per_delta", "after_warmup",
+         "SPT_EXPECTED_EFFECT", "SPT_MIN_SEEDS", "SPT_RUN_BUDGET_S", "SPT_SEEDS", "seeds_needed",
+         "spt_unit_counts", "pick_seeds", "reproduce_spt_pilot", "reproduce_spt_sweep",
+         "plot_paired", "pair_pretrain", "r_gain"]

@@ -47,11 +47,14 @@ class SPTArm:
 SPT_MAIN, SPT_REF = delta_key(0.02), delta_key(0.0)  # the pre-registered pair: SPT at 2% vs NPT
 register_arm("spt", SPT_REF, SPTArm(0.0), role="baseline",
           description="pretrain-then-finetune (NPT->FT): no domain data in pretraining")
-register_arm("spt", "0.001", SPTArm(0.001), role="exploratory", description="SPT at delta = 0.1%: the sweep")
-register_arm("spt", "0.01", SPTArm(0.01), role="exploratory", description="SPT at delta = 1%: the sweep")
+register_arm("spt", "0.001", SPTArm(0.001), role="exploratory",
+             description="SPT at delta = 0.1%: the sweep")
+register_arm("spt", "0.01", SPTArm(0.01), role="exploratory",
+             description="SPT at delta = 1%: the sweep")
 register_arm("spt", SPT_MAIN, SPTArm(0.02), role="method",
           description="SPT at delta = 2%: the domain mixed into all of pretraining, then finetuned")
-register_arm("spt", "0.05", SPTArm(0.05), role="exploratory", description="SPT at delta = 5%: the sweep")
+register_arm("spt", "0.05", SPTArm(0.05), role="exploratory",
+             description="SPT at delta = 5%: the sweep")
 register_arm("spt", "0.1", SPTArm(0.1), role="exploratory",
           description="SPT at delta = 10%: the sweep's largest delta, whose turn the law forecasts")
 register_arm("spt", "late_upsampling", SPTArm(0.02, domain_start=0.9), role="exploratory",

@@ -13,8 +13,9 @@ import lightning as L
 from torch.utils.data import Dataset, DataLoader, Sampler, ConcatDataset
 
 from ..core import expect, stable_unit_hash, dist_rank_world
-from ..data import (CORPORA, Document, TokenizedCorpus, PackedDataset, DocWindowDataset, ByteTokenizer, check_tokenizer,
-                           eval_sampler, load_corpus, load_documents, split_corpus, select_eval_docs)
+from ..data import (CORPORA, Document, TokenizedCorpus, PackedDataset, DocWindowDataset,
+                           ByteTokenizer, check_tokenizer, eval_sampler, load_corpus,
+                           load_documents, split_corpus, select_eval_docs)
 
 # %% auto #0
 __all__ = ['DomainData', 'make_domain', 'mixture_plan', 'MixtureDataset', 'GlobalBatchSampler', 'general_eval_set', 'GroupTagged',
@@ -24,7 +25,8 @@ __all__ = ['DomainData', 'make_domain', 'mixture_plan', 'MixtureDataset', 'Globa
 def _documents(source, seed: int = 0) -> list[Document]:
     "The raw documents of a registered corpus name, a path, or a list of `Document`s."
     if isinstance(source, (list, tuple)):
-        expect(len(source) > 0 and all(isinstance(d, Document) for d in source), "source", "a non-empty list of Document", type(source).__name__, TypeError)
+        expect(len(source) > 0 and all(isinstance(d, Document) for d in source), "source",
+               "a non-empty list of Document", type(source).__name__, TypeError)
         return list(source)
     if isinstance(source, str) and source in CORPORA: return list(CORPORA[source].fn(seed))
     return load_documents(source, seed)
@@ -38,7 +40,9 @@ class DomainData:
     test: TokenizedCorpus
     train_sources: list
     test_sources: list
-    report: TokenizedCorpus | None = None   # a second held-out half: `test` selects (early stopping, the grid), `report` is what gets reported
+    # a second held-out half: `test` selects (early stopping, the grid), `report` is what gets
+    # reported
+    report: TokenizedCorpus | None = None
     report_sources: list = field(default_factory=list)
 
     def card(self) -> dict:
@@ -46,29 +50,36 @@ class DomainData:
         splits = {"train": (self.train, self.train_sources), "test": (self.test, self.test_sources)}
         if self.report is not None: splits["report"] = (self.report, self.report_sources)
         out = dict(name=self.name)
-        for k, (c, src) in splits.items(): out.update({f"{k}_pieces": len(c), f"{k}_tokens": c.n_tokens, f"{k}_bytes": c.n_bytes})
+        for k, (c, src) in splits.items():
+            out.update({f"{k}_pieces": len(c), f"{k}_tokens": c.n_tokens, f"{k}_bytes": c.n_bytes})
         out.update({f"{k}_sources": len(src) for k, (c, src) in splits.items()})
         seen = [s for _, src in splits.values() for s in set(src)]
         return {**out, "shared_sources": len(seen) - len(set(seen))}
 
 # %% ../../nbs/spt/01_domains.ipynb #6c9d0de6
-def make_domain(source="unicode_names", train_tokens: int = 4096, test_tokens: int = 2048, lines_per_piece: int = 8, seed: int = 0,
+def make_domain(source="unicode_names", train_tokens: int = 4096, test_tokens: int = 2048,
+                lines_per_piece: int = 8, seed: int = 0,
                 tokenizer=None, name: str | None = None, report_tokens: int = 0) -> DomainData:
     "Draw a domain set of about `train_tokens` / `test_tokens` (/ `report_tokens`) tokens: pieces of `lines_per_piece` lines, each source document in one split only."
-    for k, v in dict(train_tokens=train_tokens, test_tokens=test_tokens, lines_per_piece=lines_per_piece).items():
+    for k, v in dict(train_tokens=train_tokens, test_tokens=test_tokens,
+                     lines_per_piece=lines_per_piece).items():
         expect(isinstance(v, (int, np.integer)) and v >= 1, k, "a positive int", v)
-    expect(isinstance(report_tokens, (int, np.integer)) and report_tokens >= 0, "report_tokens", "an int >= 0 (0: no report split)", report_tokens)
+    expect(isinstance(report_tokens, (int, np.integer)) and report_tokens >= 0, "report_tokens",
+           "an int >= 0 (0: no report split)", report_tokens)
     expect(isinstance(seed, (int, np.integer)) and seed >= 0, "seed", "an int >= 0", seed)
     tok = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
     docs = [d for d in _documents(source, int(seed)) if d.text.strip()]
-    expect(len(docs) >= 2, "source", "at least two non-empty documents (train and test come from different ones)", len(docs))
+    expect(len(docs) >= 2, "source",
+           "at least two non-empty documents (train and test come from different ones)", len(docs))
     rng = random.Random(f"spt-domain/{seed}")
-    order = sorted(range(len(docs)), key=lambda i: stable_unit_hash(docs[i].id, f"spt-domain/{seed}"))
+    order = sorted(range(len(docs)),
+                   key=lambda i: stable_unit_hash(docs[i].id, f"spt-domain/{seed}"))
     pieces = {}  # document -> shuffled list of (start line, text)
     def next_piece(i):
         if i not in pieces:
             lines = docs[i].text.splitlines(keepends=True)
-            starts = list(range(0, len(lines), lines_per_piece)); rng.shuffle(starts)
+            starts = list(range(0, len(lines), lines_per_piece))
+            rng.shuffle(starts)
             pieces[i] = [(s, "".join(lines[s:s + lines_per_piece])) for s in starts]
         while pieces[i]:
             s, text = pieces[i].pop()
@@ -84,8 +95,10 @@ def make_domain(source="unicode_names", train_tokens: int = 4096, test_tokens: i
             if budget[split] <= 0: continue
             p = next_piece(i)
             if p is None: continue
-            owner[i] = split; progress = True
-            out[split].append(Document(f"{docs[i].id}:{p[0]}", p[1])); budget[split] -= len(tok.encode_array(p[1]))
+            owner[i] = split
+            progress = True
+            out[split].append(Document(f"{docs[i].id}:{p[0]}", p[1]))
+            budget[split] -= len(tok.encode_array(p[1]))
         if not progress:
             raise ValueError(f"source {source!r} is too small for train_tokens={train_tokens}, test_tokens={test_tokens} and report_tokens={report_tokens} "
                              f"(short by {max(budget['train'], 0)} train, {max(budget['test'], 0)} test and {max(budget['report'], 0)} report tokens)")
@@ -96,18 +109,25 @@ def make_domain(source="unicode_names", train_tokens: int = 4096, test_tokens: i
                       report=mk("report") if report_tokens else None, report_sources=src("report"))
 
 # %% ../../nbs/spt/01_domains.ipynb #c94e5430
-def mixture_plan(num_sequences: int, delta: float, domain_start: float = 0.0, seed: int = 0) -> np.ndarray:
+def mixture_plan(num_sequences: int, delta: float, domain_start: float = 0.0,
+                 seed: int = 0) -> np.ndarray:
     "Boolean [num_sequences]: which sequences of the run (in training order) come from the domain; round(delta * num_sequences) of them, stratified."
-    expect(isinstance(num_sequences, (int, np.integer)) and num_sequences >= 1, "num_sequences", "a positive int", num_sequences)
-    expect(isinstance(delta, (int, float, np.floating)) and 0 <= delta <= 1, "delta", "a fraction in [0, 1]", delta)
-    expect(isinstance(domain_start, (int, float, np.floating)) and 0 <= domain_start < 1, "domain_start", "a fraction in [0, 1)", domain_start)
-    n = int(num_sequences); first = int(math.floor(domain_start * n)); window = n - first
+    expect(isinstance(num_sequences, (int, np.integer)) and num_sequences >= 1, "num_sequences",
+           "a positive int", num_sequences)
+    expect(isinstance(delta, (int, float, np.floating)) and 0 <= delta <= 1, "delta",
+           "a fraction in [0, 1]", delta)
+    expect(isinstance(domain_start, (int, float, np.floating)) and 0 <= domain_start < 1,
+           "domain_start", "a fraction in [0, 1)", domain_start)
+    n = int(num_sequences)
+    first = int(math.floor(domain_start * n))
+    window = n - first
     n_dom = int(round(delta * n))
     expect(n_dom <= window, "delta", f"at most {window / n:.4g} with domain_start={domain_start} (the domain sequences must fit in the late window)", delta)
     plan = np.zeros(n, dtype=bool)
     if n_dom == 0: return plan
     rng = np.random.default_rng([int(seed), 0x5e7])
-    edges = first + (np.arange(n_dom + 1) * window) // n_dom  # n_dom strata of (almost) equal size, each non-empty
+    # n_dom strata of (almost) equal size, each non-empty
+    edges = first + (np.arange(n_dom + 1) * window) // n_dom
     plan[edges[:-1] + (rng.random(n_dom) * (edges[1:] - edges[:-1])).astype(np.int64)] = True
     return plan
 
@@ -122,16 +142,21 @@ def _packed_stream(corpus: TokenizedCorpus, eot_id: int, order: np.ndarray) -> n
 class MixtureDataset(Dataset):
     "Item `k` is the `k`-th training sequence of the run: a general window or the next window of the cyclic domain stream (with `group_ids`)."
     GENERAL, DOMAIN = 0, 1
-    def __init__(self, general: TokenizedCorpus | None, domain: TokenizedCorpus, plan: np.ndarray, seq_len: int, eot_id: int, seed: int = 0):
-        expect(isinstance(seq_len, (int, np.integer)) and seq_len >= 1, "seq_len", "a positive int", seq_len)
-        expect(isinstance(domain, TokenizedCorpus) and domain.n_tokens > 0, "domain", "a non-empty TokenizedCorpus", type(domain).__name__, TypeError)
+    def __init__(self, general: TokenizedCorpus | None, domain: TokenizedCorpus, plan: np.ndarray,
+                 seq_len: int, eot_id: int, seed: int = 0):
+        expect(isinstance(seq_len, (int, np.integer)) and seq_len >= 1, "seq_len", "a positive int",
+               seq_len)
+        expect(isinstance(domain, TokenizedCorpus) and domain.n_tokens > 0, "domain",
+               "a non-empty TokenizedCorpus", type(domain).__name__, TypeError)
         self.plan, self.seq_len = np.asarray(plan, dtype=bool), int(seq_len)
         self.rank_in_kind = np.where(self.plan, np.cumsum(self.plan) - 1, np.cumsum(~self.plan) - 1)
         n_dom, n_gen = int(self.plan.sum()), int((~self.plan).sum())
-        self.domain_stream_tokens = domain.n_tokens + len(domain)  # one epoch: every piece and its EOT
+        # one epoch: every piece and its EOT
+        self.domain_stream_tokens = domain.n_tokens + len(domain)
         need = n_dom * self.seq_len + 1
         rng = np.random.default_rng([int(seed), 0xD0])
-        epochs = [_packed_stream(domain, eot_id, rng.permutation(len(domain))) for _ in range(max(1, -(-need // self.domain_stream_tokens)))]
+        epochs = [_packed_stream(domain, eot_id, rng.permutation(len(domain)))
+                  for _ in range(max(1, -(-need // self.domain_stream_tokens)))]
         self.domain_stream = np.concatenate(epochs)
         self.domain_epochs = n_dom * self.seq_len / self.domain_stream_tokens
         self.general = None
@@ -140,7 +165,8 @@ class MixtureDataset(Dataset):
             self.general = PackedDataset(general, self.seq_len, eot_id)
             reps = -(-n_gen // len(self.general))
             grng = np.random.default_rng([int(seed), 0x6E])
-            self.general_order = np.concatenate([grng.permutation(len(self.general)) for _ in range(reps)])
+            self.general_order = np.concatenate([grng.permutation(len(self.general))
+                                                 for _ in range(reps)])
             self.general_epochs = n_gen / len(self.general)
         else: self.general_epochs = 0.0
 
@@ -161,16 +187,19 @@ class MixtureDataset(Dataset):
 # %% ../../nbs/spt/01_domains.ipynb #21bf0c3e
 class GlobalBatchSampler(Sampler):
     "Step `s` takes sequences `s*B ... s*B+B-1` of the run (the global batch); each DDP rank takes the slice `rank::world_size`."
-    def __init__(self, num_steps: int, global_batch: int, rank: int | None = None, world_size: int | None = None):
+    def __init__(self, num_steps: int, global_batch: int, rank: int | None = None,
+                 world_size: int | None = None):
         for k, v in dict(num_steps=num_steps, global_batch=global_batch).items():
             expect(isinstance(v, (int, np.integer)) and v >= 1, k, "a positive int", v)
-        self.num_steps, self.global_batch, self.rank, self.world_size = int(num_steps), int(global_batch), rank, world_size
+        self.num_steps, self.global_batch, self.rank, self.world_size = (
+            int(num_steps), int(global_batch), rank, world_size)
 
     def __len__(self) -> int: return self.num_steps
 
     def __iter__(self):
         rank, world = dist_rank_world(self.rank, self.world_size)
-        expect(self.global_batch % world == 0, "global_batch", f"a multiple of the world size {world}", self.global_batch)
+        expect(self.global_batch % world == 0, "global_batch",
+               f"a multiple of the world size {world}", self.global_batch)
         B = self.global_batch
         for s in range(self.num_steps): yield list(range(s * B + rank, (s + 1) * B, world))
 
@@ -185,42 +214,55 @@ class GroupTagged(Dataset):
     def __init__(self, ds: Dataset, group: int): self.ds, self.group = ds, int(group)
     def __len__(self) -> int: return len(self.ds)
     def __getitem__(self, i):
-        item = dict(self.ds[i]); item["group_ids"] = torch.full_like(item["labels"], self.group)
+        item = dict(self.ds[i])
+        item["group_ids"] = torch.full_like(item["labels"], self.group)
         return {k: item[k] for k in ("input_ids", "labels", "group_ids")}
 
 # %% ../../nbs/spt/01_domains.ipynb #da5acf26
 def eval_sets(sets: dict, window: int, tokenizer=None) -> tuple[ConcatDataset, list[str]]:
     "Concatenate named `TokenizedCorpus` evaluation sets into one dataset tagged by group; returns it and the group names."
     tok = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
-    expect(isinstance(sets, dict) and len(sets) > 0, "sets", "a non-empty dict name -> TokenizedCorpus", type(sets).__name__, TypeError)
-    parts = [GroupTagged(DocWindowDataset(c, window, tok.eot_id, tok.pad_id), g) for g, c in enumerate(sets.values())]
+    expect(isinstance(sets, dict) and len(sets) > 0, "sets",
+           "a non-empty dict name -> TokenizedCorpus", type(sets).__name__, TypeError)
+    parts = [GroupTagged(DocWindowDataset(c, window, tok.eot_id,
+                                          tok.pad_id), g) for g, c in enumerate(sets.values())]
     return ConcatDataset(parts), list(sets)
 
 # %% ../../nbs/spt/01_domains.ipynb #1cffeb2e
 class MixtureDataModule(L.LightningDataModule):
     "General data plus a domain set repeated at exactly `delta` of the training tokens; grouped evaluation of general and domain sets."
-    def __init__(self, domain: DomainData, general="stdlib_code", delta: float = 0.05, num_steps: int = 600, batch_size: int = 16,
-                 seq_len: int = 256, domain_start: float = 0.0, max_general_eval_tokens: int | None = 16_384,
-                 eval_general: bool = True, extra_domains: dict | None = None, eval_batch_size: int = 16, seed: int = 0, tokenizer=None,
+    def __init__(self, domain: DomainData, general="stdlib_code", delta: float = 0.05,
+                 num_steps: int = 600, batch_size: int = 16, seq_len: int = 256,
+                 domain_start: float = 0.0, max_general_eval_tokens: int | None = 16_384,
+                 eval_general: bool = True, extra_domains: dict | None = None,
+                 eval_batch_size: int = 16, seed: int = 0, tokenizer=None,
                  eval_domain_train: bool = True):
         super().__init__()
-        expect(isinstance(domain, DomainData), "domain", "a DomainData (see make_domain)", type(domain).__name__, TypeError)
-        for k, v in dict(num_steps=num_steps, batch_size=batch_size, seq_len=seq_len, eval_batch_size=eval_batch_size).items():
+        expect(isinstance(domain, DomainData), "domain", "a DomainData (see make_domain)",
+               type(domain).__name__, TypeError)
+        for k, v in dict(num_steps=num_steps, batch_size=batch_size, seq_len=seq_len,
+                         eval_batch_size=eval_batch_size).items():
             expect(isinstance(v, (int, np.integer)) and v >= 1, k, "a positive int", v)
-        expect(max_general_eval_tokens is None or (isinstance(max_general_eval_tokens, int) and max_general_eval_tokens >= 1),
+        expect(max_general_eval_tokens is None
+               or (isinstance(max_general_eval_tokens, int) and max_general_eval_tokens >= 1),
                "max_general_eval_tokens", "None or a positive int", max_general_eval_tokens)
         self.domain, self.general, self.seed = domain, general, int(seed)
-        self.num_steps, self.batch_size, self.seq_len, self.eval_batch_size = int(num_steps), int(batch_size), int(seq_len), int(eval_batch_size)
+        self.num_steps, self.batch_size, self.seq_len, self.eval_batch_size = (
+            int(num_steps), int(batch_size), int(seq_len), int(eval_batch_size))
         self.delta, self.domain_start = delta, domain_start
-        self.plan = mixture_plan(self.num_steps * self.batch_size, delta, domain_start, seed)  # validates delta, domain_start
-        self.max_general_eval_tokens, self.eval_general, self.eval_domain_train = max_general_eval_tokens, bool(eval_general), bool(eval_domain_train)
+        # validates delta, domain_start
+        self.plan = mixture_plan(self.num_steps * self.batch_size, delta, domain_start, seed)
+        self.max_general_eval_tokens, self.eval_general, self.eval_domain_train = (
+            max_general_eval_tokens, bool(eval_general), bool(eval_domain_train))
         self.extra_domains = dict(extra_domains or {})
-        expect(all(isinstance(d, DomainData) for d in self.extra_domains.values()), "extra_domains", "a dict name -> DomainData", self.extra_domains, TypeError)
+        expect(all(isinstance(d, DomainData) for d in self.extra_domains.values()), "extra_domains",
+               "a dict name -> DomainData", self.extra_domains, TypeError)
         self.tokenizer = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
         self.train_group_names = ["general", "domain"]
         self._train_ds = self._val_ds = None
         self.general_train = self.general_val = None
-        self.general_eval = None  # the evaluated part of general_val (at most max_general_eval_tokens), set by `setup`
+        # the evaluated part of general_val (at most max_general_eval_tokens), set by `setup`
+        self.general_eval = None
 
     def setup(self, stage: str | None = None):
         "Load and split the general corpus when needed; build the training mixture and the tagged evaluation sets (once)."
@@ -229,35 +271,47 @@ class MixtureDataModule(L.LightningDataModule):
         if needs_general:
             g = self.general
             if isinstance(g, (tuple, list)): self.general_train, self.general_val = g
-            elif isinstance(g, TokenizedCorpus): self.general_train, self.general_val = split_corpus(g)
+            elif isinstance(g, TokenizedCorpus):
+                self.general_train, self.general_val = split_corpus(g)
             else:
-                expect(g is not None, "general", "a corpus name, a TokenizedCorpus or a (train, val) pair when delta < 1 or eval_general", g)
-                self.general_train, self.general_val = split_corpus(load_corpus(g, "all", self.tokenizer))
-        self._train_ds = MixtureDataset(self.general_train, self.domain.train, self.plan, self.seq_len, self.tokenizer.eot_id, self.seed)
+                expect(g is not None, "general", "a corpus name, a TokenizedCorpus or a (train, "
+                                                 "val) pair when delta < 1 or eval_general", g)
+                self.general_train, self.general_val = split_corpus(load_corpus(g, "all",
+                                                                                self.tokenizer))
+        self._train_ds = MixtureDataset(self.general_train, self.domain.train, self.plan,
+                                        self.seq_len, self.tokenizer.eot_id, self.seed)
         sets = {}
         if self.eval_general:
             self.general_eval = general_eval_set(self.general_val, self.max_general_eval_tokens)
             sets["general"] = self.general_eval
         for name, d in {"domain": self.domain, **self.extra_domains}.items():
-            if self.eval_domain_train: sets[f"{name}_train"] = d.train   # the train-vs-test curves; early stopping needs only the test set
+            if self.eval_domain_train:
+                # the train-vs-test curves; early stopping needs only the test set
+                sets[f"{name}_train"] = d.train
             sets[f"{name}_test"] = d.test
         self._val_ds, self.val_group_names = eval_sets(sets, self.seq_len, self.tokenizer)
 
     def stats(self) -> dict:
         "Realised mixture: domain sequences and tokens, delta, epochs of the domain and general sets."
         self.setup()
-        n = len(self.plan); n_dom = int(self.plan.sum())
-        return dict(delta=float(self.delta), realised_delta=n_dom / n, domain_sequences=n_dom, sequences=n,
-                    tokens=n * self.seq_len, domain_tokens=n_dom * self.seq_len, domain_start=float(self.domain_start),
-                    domain_epochs=self._train_ds.domain_epochs, general_epochs=self._train_ds.general_epochs,
-                    domain_train_tokens=self.domain.train.n_tokens, domain_test_tokens=self.domain.test.n_tokens)
+        n = len(self.plan)
+        n_dom = int(self.plan.sum())
+        return dict(delta=float(self.delta), realised_delta=n_dom / n,
+                    domain_sequences=n_dom, sequences=n, tokens=n * self.seq_len,
+                    domain_tokens=n_dom * self.seq_len, domain_start=float(self.domain_start),
+                    domain_epochs=self._train_ds.domain_epochs,
+                    general_epochs=self._train_ds.general_epochs,
+                    domain_train_tokens=self.domain.train.n_tokens,
+                    domain_test_tokens=self.domain.test.n_tokens)
 
     def train_dataloader(self) -> DataLoader:
         "The run's sequences in training order, one global batch per step (`GlobalBatchSampler`)."
         self.setup()
-        return DataLoader(self._train_ds, batch_sampler=GlobalBatchSampler(self.num_steps, self.batch_size))
+        return DataLoader(self._train_ds,
+                          batch_sampler=GlobalBatchSampler(self.num_steps, self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         "The tagged evaluation sets in order (sharded without repeats under DDP, `eval_sampler`)."
         self.setup()
-        return DataLoader(self._val_ds, batch_size=self.eval_batch_size, shuffle=False, sampler=eval_sampler(self._val_ds))
+        return DataLoader(self._val_ds, batch_size=self.eval_batch_size, shuffle=False,
+                          sampler=eval_sampler(self._val_ds))

@@ -17,20 +17,26 @@ __all__ = ['MUENNIGHOFF_R_STAR', 'law_train', 'law_gap', 'law_offset', 'law_test
            'muennighoff_test']
 
 # %% ../../nbs/spt/03_laws.ipynb #9f31a151
-def _lsq(residual, inits, bounds=None, seed: int = 0, n_random: int = 16, scale=None, max_nfev: int = 500) -> tuple[np.ndarray, float]:
+def _lsq(residual, inits, bounds=None, seed: int = 0, n_random: int = 16, scale=None,
+         max_nfev: int = 500) -> tuple[np.ndarray, float]:
     "Least squares from several starts (`inits` plus random perturbations); returns the best parameters and their RMSE."
     from scipy.optimize import least_squares
     rng = np.random.default_rng(seed)
     starts = [np.asarray(p, float) for p in inits]
     for _ in range(n_random):
         p = starts[rng.integers(len(inits))].copy()
-        p += rng.normal(0, 1, p.shape) * (np.abs(p) * 0.5 + (0.5 if scale is None else np.asarray(scale)))
-        if bounds is not None: p = np.clip(p, np.asarray(bounds[0]) + 1e-6, np.asarray(bounds[1]) - 1e-6)
+        p += rng.normal(0, 1, p.shape) * (np.abs(p) * 0.5 + (0.5 if scale is None
+                                                             else np.asarray(scale)))
+        if bounds is not None:
+            p = np.clip(p, np.asarray(bounds[0]) + 1e-6, np.asarray(bounds[1]) - 1e-6)
         starts.append(p)
     best = None
-    with np.errstate(all="ignore"):  # starts that wander into overflow just fail; the best finite one wins
+    # starts that wander into overflow just fail; the best finite one wins
+    with np.errstate(all="ignore"):
         for p0 in starts:
-            try: r = least_squares(residual, p0, bounds=bounds if bounds is not None else (-np.inf, np.inf), max_nfev=max_nfev)
+            try:
+                r = least_squares(residual, p0, bounds=bounds if bounds is not None
+                                  else (-np.inf, np.inf), max_nfev=max_nfev)
             except (ValueError, FloatingPointError): continue
             if np.isfinite(r.cost) and (best is None or r.cost < best.cost): best = r
     expect(best is not None, "data", "points the law can be fitted to (every start failed)", None)
@@ -44,12 +50,14 @@ def _exponent(d, p: dict, x: str):
 # %% ../../nbs/spt/03_laws.ipynb #56497347
 def law_train(T, d, p: dict):
     "L_train(T, delta): A T^{b(delta)} + kappa0 - kappa1 log(delta + kappa2) - kappa3 delta (T in millions of tokens, delta a fraction)."
-    return p["A_train"] * np.power(T, _exponent(d, p, "train")) + p["kappa0"] - p["kappa1"] * np.log(d + p["kappa2"]) - p["kappa3"] * d
+    return (p["A_train"] * np.power(T, _exponent(d, p, "train")) + p["kappa0"]
+            - p["kappa1"] * np.log(d + p["kappa2"]) - p["kappa3"] * d)
 
 # %% ../../nbs/spt/03_laws.ipynb #b38f0809
 def law_gap(T, d, p: dict):
     "L_gap(T, delta) = alpha1 delta^alpha2 exp(alpha3 delta) T^{b_gap(delta)} (zero at delta = 0)."
-    return p["alpha1"] * np.power(np.maximum(d, 1e-12), p["alpha2"]) * np.exp(p["alpha3"] * d) * np.power(T, _exponent(d, p, "gap")) * (d > 0)
+    return (p["alpha1"] * np.power(np.maximum(d, 1e-12), p["alpha2"]) * np.exp(p["alpha3"] * d)
+            * np.power(T, _exponent(d, p, "gap")) * (d > 0))
 
 # %% ../../nbs/spt/03_laws.ipynb #83876fb7
 def law_offset(T, p: dict):
@@ -67,44 +75,54 @@ def _curves_array(curves: dict) -> dict:
     out = {}
     for d, rows in curves.items():
         a = np.asarray(rows, float)
-        expect(a.ndim == 2 and a.shape[1] == 3 and len(a) >= 2, "curves", "delta -> at least two (tokens, train, test) rows", a.shape)
+        expect(a.ndim == 2 and a.shape[1] == 3 and len(a) >= 2, "curves",
+               "delta -> at least two (tokens, train, test) rows", a.shape)
         out[float(d)] = (a[:, 0] / 1e6, a[:, 1], a[:, 2])
     return out
 
 # %% ../../nbs/spt/03_laws.ipynb #75b98e24
 def _stacked(c: dict) -> tuple:
     "The curves of `_curves_array` output stacked: (T, delta, train, test), one entry per point."
-    return (np.concatenate([v[0] for v in c.values()]), np.concatenate([np.full(len(v[0]), d) for d, v in c.items()]),
+    return (np.concatenate([v[0] for v in c.values()]),
+            np.concatenate([np.full(len(v[0]), d) for d, v in c.items()]),
             np.concatenate([v[1] for v in c.values()]), np.concatenate([v[2] for v in c.values()]))
 
 # %% ../../nbs/spt/03_laws.ipynb #a289abe3
 def fit_overfitting_law(curves: dict, seed: int = 0) -> dict:
     "Fit the overfitting law to `curves` (delta -> [(tokens, domain train loss, domain test loss)], including delta = 0); returns parameters and RMSEs."
     c = _curves_array(curves)
-    expect(0.0 in c, "curves", "a delta = 0 curve (the never-trained reference for the offset)", sorted(c))
+    expect(0.0 in c, "curves", "a delta = 0 curve (the never-trained reference for the offset)",
+           sorted(c))
     expect(sum(d > 0 for d in c) >= 2, "curves", "at least two deltas > 0", sorted(c))
     T0, tr0, te0 = c[0.0]
     # 1) the offset of a model that never sees the domain
     def r_off(q): return q[0] + q[1] * np.power(T0, q[2]) - (te0 - tr0)
-    q, rmse_off = _lsq(r_off, [[float(np.mean(te0 - tr0)), 0.0, -0.5]], bounds=([-10, -10, -3], [10, 10, 3]), seed=seed)
+    q, rmse_off = _lsq(r_off, [[float(np.mean(te0 - tr0)), 0.0, -0.5]],
+                       bounds=([-10, -10, -3], [10, 10, 3]), seed=seed)
     off = dict(g0=q[0], g1=q[1], g2=q[2])
     # 2) the training loss over all deltas
     Ts, ds, trs, tes = _stacked(c)
-    def unpack_tr(x): return dict(A_train=np.exp(x[0]), b_train_s=x[1], b_train_g=x[2], kappa0=x[3], kappa1=x[4], kappa2=np.exp(x[5]), kappa3=x[6])
+    def unpack_tr(x):
+        return dict(A_train=np.exp(x[0]), b_train_s=x[1], b_train_g=x[2], kappa0=x[3], kappa1=x[4],
+                    kappa2=np.exp(x[5]), kappa3=x[6])
     def r_tr(x): return law_train(Ts, ds, unpack_tr(x)) - trs
     x_tr, rmse_tr = _lsq(r_tr, [[0.0, -1.0, -0.3, float(trs.min()), 0.1, math.log(0.01), 0.0],
-                                [1.0, -5.0, -0.5, float(trs.min()), 0.3, math.log(0.001), 1.0]], seed=seed)
+                                [1.0, -5.0, -0.5, float(trs.min()), 0.3, math.log(0.001), 1.0]],
+                         seed=seed)
     # 3) the excess gap over deltas > 0 (at the delta = 0 curve's token counts)
     pos = [d for d in c if d > 0]
     Tg, dg, _, _ = _stacked({d: c[d] for d in pos})
     gap = np.concatenate([(c[d][2] - c[d][1]) - (np.interp(c[d][0], T0, te0 - tr0)) for d in pos])
-    def unpack_gap(x): return dict(alpha1=np.exp(x[0]), alpha2=x[1], alpha3=x[2], b_gap_s=x[3], b_gap_g=x[4])
+    def unpack_gap(x):
+        return dict(alpha1=np.exp(x[0]), alpha2=x[1], alpha3=x[2], b_gap_s=x[3], b_gap_g=x[4])
     def r_gap(x): return law_gap(Tg, dg, unpack_gap(x)) - gap
-    x_gap, rmse_gap = _lsq(r_gap, [[0.0, 1.0, 0.0, 5.0, -0.5], [2.0, 0.5, -5.0, 10.0, -0.2]], seed=seed)
+    x_gap, rmse_gap = _lsq(r_gap, [[0.0, 1.0, 0.0, 5.0, -0.5], [2.0, 0.5, -5.0, 10.0, -0.2]],
+                           seed=seed)
     p = {**unpack_tr(x_tr), **unpack_gap(x_gap), **off}
     rmse_test = float(np.sqrt(np.mean((law_test(Ts, ds, p) - tes) ** 2)))
-    return dict(params={k: float(v) for k, v in p.items()}, rmse_train=rmse_tr, rmse_gap=rmse_gap, rmse_offset=rmse_off,
-                rmse_test=rmse_test, deltas=sorted(c), units=dict(T="millions of tokens", delta="fraction", loss="bits per byte"))
+    return dict(params={k: float(v) for k, v in p.items()}, rmse_train=rmse_tr,
+                rmse_gap=rmse_gap, rmse_offset=rmse_off, rmse_test=rmse_test, deltas=sorted(c),
+                units=dict(T="millions of tokens", delta="fraction", loss="bits per byte"))
 
 # %% ../../nbs/spt/03_laws.ipynb #38d9caf0
 def fit_per_delta(curves: dict, seed: int = 0) -> dict:
@@ -114,11 +132,15 @@ def fit_per_delta(curves: dict, seed: int = 0) -> dict:
     T0, tr0, te0 = c[0.0]
     out = {}
     for d, (T, tr, te) in sorted(c.items()):
-        x, rmse_tr = _lsq(lambda x: np.exp(x[0]) * np.power(T, x[1]) + x[2] - tr, [[0.0, -0.5, float(tr.min())], [1.0, -2.0, float(tr.min()) - 0.5]], seed=seed)
-        row = dict(A_train=float(np.exp(x[0])), b_train=float(x[1]), C_train=float(x[2]), rmse_train=rmse_tr)
+        x, rmse_tr = _lsq(lambda x: np.exp(x[0]) * np.power(T, x[1]) + x[2] - tr,
+                          [[0.0, -0.5, float(tr.min())], [1.0, -2.0, float(tr.min()) - 0.5]],
+                          seed=seed)
+        row = dict(A_train=float(np.exp(x[0])), b_train=float(x[1]), C_train=float(x[2]),
+                   rmse_train=rmse_tr)
         if d > 0:
             gap = (te - tr) - np.interp(T, T0, te0 - tr0)
-            y, rmse_gap = _lsq(lambda y: np.exp(y[0]) * np.power(T, y[1]) - gap, [[math.log(max(float(np.abs(gap).mean()), 1e-3)), 0.5]],
+            y, rmse_gap = _lsq(lambda y: np.exp(y[0]) * np.power(T, y[1]) - gap,
+                               [[math.log(max(float(np.abs(gap).mean()), 1e-3)), 0.5]],
                                bounds=([-20, -3], [10, 3]), seed=seed)
             row.update(A_gap=float(np.exp(y[0])), b_gap=float(y[1]), rmse_gap=rmse_gap)
         out[f"{d:g}"] = row
@@ -139,7 +161,8 @@ def b_gap(delta: float, params: dict) -> float:
     return float(_exponent(delta, params, "gap"))
 
 # %% ../../nbs/spt/03_laws.ipynb #23ef5b2d
-def predicted_turn(params: dict, delta: float, t_min: float, t_max: float, n: int = 2000) -> float | None:
+def predicted_turn(params: dict, delta: float, t_min: float, t_max: float,
+                   n: int = 2000) -> float | None:
     "Tokens (not millions) at which the law's L_test(T, delta) has its minimum on [t_min, t_max]; None if it is still falling at t_max."
     T = np.geomspace(t_min / 1e6, t_max / 1e6, n)
     y = law_test(T, delta, params)
@@ -147,12 +170,15 @@ def predicted_turn(params: dict, delta: float, t_min: float, t_max: float, n: in
     return None if i >= n - 1 else float(T[i] * 1e6)
 
 # %% ../../nbs/spt/03_laws.ipynb #0dba3d29
-def observed_turn(tokens: Sequence[float], test_loss: Sequence[float], min_rise: float = 0.01, smooth: int = 3) -> float | None:
+def observed_turn(tokens: Sequence[float], test_loss: Sequence[float], min_rise: float = 0.01,
+                  smooth: int = 3) -> float | None:
     "Tokens at the minimum of a (moving-average smoothed) test curve, if the curve rises by more than `min_rise` after it; else None."
     t, y = np.asarray(tokens, float), np.asarray(test_loss, float)
-    expect(len(t) == len(y) and len(t) >= 3, "test_loss", "at least three points, as many as tokens", (len(t), len(y)))
+    expect(len(t) == len(y) and len(t) >= 3, "test_loss",
+           "at least three points, as many as tokens", (len(t), len(y)))
     k = max(1, min(int(smooth), len(y)))
-    ys = np.convolve(y, np.ones(k) / k, mode="valid"); ts = t[k // 2: k // 2 + len(ys)]
+    ys = np.convolve(y, np.ones(k) / k, mode="valid")
+    ts = t[k // 2: k // 2 + len(ys)]
     i = int(np.argmin(ys))
     return float(ts[i]) if i < len(ys) - 1 and ys[i + 1:].max() - ys[i] > min_rise else None
 
@@ -163,7 +189,8 @@ MUENNIGHOFF_R_STAR = 15.39  # datablations' fitted R*_D
 def effective_data(tokens, delta, unique: float, r_star: float = MUENNIGHOFF_R_STAR):
     "Muennighoff et al.'s effective domain tokens D' = U (1 + R* (1 - exp(-R / R*))) after `tokens * delta` domain tokens from `unique` unique ones."
     seen = np.asarray(tokens, float) * np.asarray(delta, float)
-    U = np.minimum(seen, unique); R = np.maximum(seen / unique - 1, 0)
+    U = np.minimum(seen, unique)
+    R = np.maximum(seen / unique - 1, 0)
     return U * (1 + r_star * (1 - np.exp(-R / r_star)))
 
 # %% ../../nbs/spt/03_laws.ipynb #441fa746
@@ -172,9 +199,13 @@ def fit_muennighoff(curves: dict, unique: float, seed: int = 0) -> dict:
     c = _curves_array(curves)
     Ts, ds, _, te = _stacked(c)
     Dp = effective_data(Ts * 1e6, ds, unique) / 1e6
-    def model(x, T, D): return x[0] + np.exp(x[1]) * np.power(T, -np.exp(x[2])) + np.exp(x[3]) * np.power(D + 1e-9, -np.exp(x[4])) * (D > 0)
-    x, rmse = _lsq(lambda x: model(x, Ts, Dp) - te, [[float(te.min()) - 0.5, 0.0, math.log(0.3), -3.0, math.log(0.3)]], seed=seed)
-    p = dict(E=x[0], A=math.exp(x[1]), alpha=math.exp(x[2]), B=math.exp(x[3]), beta=math.exp(x[4]), r_star=MUENNIGHOFF_R_STAR, unique=unique)
+    def model(x, T, D):
+        return (x[0] + np.exp(x[1]) * np.power(T, -np.exp(x[2]))
+                + np.exp(x[3]) * np.power(D + 1e-9, -np.exp(x[4])) * (D > 0))
+    x, rmse = _lsq(lambda x: model(x, Ts, Dp) - te,
+                   [[float(te.min()) - 0.5, 0.0, math.log(0.3), -3.0, math.log(0.3)]], seed=seed)
+    p = dict(E=x[0], A=math.exp(x[1]), alpha=math.exp(x[2]), B=math.exp(x[3]), beta=math.exp(x[4]),
+             r_star=MUENNIGHOFF_R_STAR, unique=unique)
     return dict(params={k: float(v) for k, v in p.items()}, rmse_test=rmse)
 
 # %% ../../nbs/spt/03_laws.ipynb #9c7bc2ad
@@ -182,4 +213,5 @@ def muennighoff_test(tokens, delta, params: dict):
     "Domain test loss under the fitted data-constrained law (monotone non-increasing in tokens)."
     T = np.asarray(tokens, float) / 1e6
     D = effective_data(np.asarray(tokens, float), delta, params["unique"], params["r_star"]) / 1e6
-    return params["E"] + params["A"] * np.power(T, -params["alpha"]) + params["B"] * np.power(D + 1e-9, -params["beta"]) * (D > 0)
+    return (params["E"] + params["A"] * np.power(T, -params["alpha"])
+            + params["B"] * np.power(D + 1e-9, -params["beta"]) * (D > 0))

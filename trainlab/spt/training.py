@@ -31,7 +31,8 @@ class SPTLitModule(LMLitModule):
         "Forward with the labels, and with `group_ids` when the batch has them (per-group loss sums from the kernel)."
         g = batch.get("group_ids")
         names = self._group_names("train" if self.training else "val")
-        return self.model(batch["input_ids"], labels=batch["labels"], ignore_index=self.hparams.ignore_index,
+        return self.model(batch["input_ids"], labels=batch["labels"],
+                          ignore_index=self.hparams.ignore_index,
                           groups=(g, len(names)) if g is not None else None)
 
     def _group_names(self, stage: str) -> list[str]:
@@ -45,19 +46,24 @@ class SPTLitModule(LMLitModule):
         labels, mask = batch["labels"], batch["labels"] != self.hparams.ignore_index
         gid = batch["group_ids"][mask].long()
         G = out.group_loss_sum.numel()
-        nbytes = (torch.ones_like(gid, dtype=torch.float64) if self.byte_lengths is None else self.byte_lengths[labels[mask]].double())
-        return torch.stack([out.group_loss_sum.double(), torch.zeros(G, dtype=torch.float64, device=gid.device).index_add_(0, gid, nbytes),
+        nbytes = (torch.ones_like(gid, dtype=torch.float64) if self.byte_lengths is None
+                  else self.byte_lengths[labels[mask]].double())
+        return torch.stack([out.group_loss_sum.double(),
+                            torch.zeros(G, dtype=torch.float64,
+                                        device=gid.device).index_add_(0, gid, nbytes),
                             out.group_count.double()])
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         "`t` summed over the DDP ranks (unchanged on one process)."
-        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+        return (self.trainer.strategy.reduce(t, reduce_op="sum")
+                if self.trainer.world_size > 1 else t)
 
     def extra_metrics(self, out, batch, stage: str) -> dict:
         "In training: `train/<group>_bpb` for every group present in the global batch."
         if stage != "train" or out.group_loss_sum is None: return {}
         s = self._reduce(self._group_sums(out, batch))
-        return {f"train/{n}_bpb": bits_per_byte(s[0, g], s[1, g]) for g, n in enumerate(self._group_names("train")) if s[1, g] > 0}
+        return {f"train/{n}_bpb": bits_per_byte(s[0, g], s[1, g])
+                for g, n in enumerate(self._group_names("train")) if s[1, g] > 0}
 
     def on_validation_epoch_start(self):
         "Reset the per-group validation sums."
@@ -77,8 +83,10 @@ class SPTLitModule(LMLitModule):
             return
         s = self._reduce(self._gval)
         names = self._group_names("val")
-        logs = {f"val/{n}_bpb": bits_per_byte(s[0, g], s[1, g]) for g, n in enumerate(names) if s[1, g] > 0}
-        if "general" in names and s[1, names.index("general")] > 0: logs["val/bpb"] = logs["val/general_bpb"]
+        logs = {f"val/{n}_bpb": bits_per_byte(s[0, g], s[1, g]) for g, n in enumerate(names)
+                if s[1, g] > 0}
+        if "general" in names and s[1, names.index("general")] > 0:
+            logs["val/bpb"] = logs["val/general_bpb"]
         self.log_dict(logs, prog_bar=False, rank_zero_only=False)
 
 # %% ../../nbs/spt/02_training.ipynb #9acdf3bf
@@ -90,7 +98,8 @@ def _cpu_state(module: torch.nn.Module) -> dict:
 def _load_state(state: dict | str | Path) -> dict:
     "A model state dict, or the one saved at a path (e.g. by `Snapshots(dirpath=...)`)."
     if isinstance(state, (str, Path)): state = torch.load(state, map_location="cpu")
-    expect(isinstance(state, dict) and len(state) > 0, "state", "a model state dict or the path of a saved one", type(state).__name__, TypeError)
+    expect(isinstance(state, dict) and len(state) > 0, "state",
+           "a model state dict or the path of a saved one", type(state).__name__, TypeError)
     return state
 
 # %% ../../nbs/spt/02_training.ipynb #e606a658
@@ -99,7 +108,8 @@ class Snapshots(L.Callback):
     def __init__(self, steps: Sequence[int], dirpath: str | Path | None = None):
         steps = sorted({int(s) for s in steps})
         expect(len(steps) > 0 and steps[0] >= 1, "steps", "optimizer steps >= 1", steps)
-        self.steps, self.dirpath, self.states = steps, (Path(dirpath) if dirpath is not None else None), {}
+        self.steps, self.dirpath, self.states = steps, (Path(dirpath) if dirpath is not None
+                                                        else None), {}
 
     @property
     def state_key(self) -> str:
@@ -112,7 +122,8 @@ class Snapshots(L.Callback):
 
     def paths(self) -> dict[int, str]:
         "step -> file, for the snapshots on disk (also when another process, rank 0 of a spawned run, wrote them)."
-        return {} if self.dirpath is None else {s: str(self.path(s)) for s in self.steps if self.path(s).is_file()}
+        return {} if self.dirpath is None else {s: str(self.path(s)) for s in self.steps
+                                                if self.path(s).is_file()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         "At a snapshot step: keep a CPU copy of the weights and, on rank 0, save it to `dirpath`."
@@ -124,13 +135,17 @@ class Snapshots(L.Callback):
 
     def state_dict(self) -> dict:
         "What the fit's checkpoint keeps: the snapshot steps when they are on disk, else the weights themselves."
-        return {"saved": sorted(self.states)} if self.dirpath is not None else {"states": self.states}
+        return {"saved": sorted(self.states)} if self.dirpath is not None else {
+            "states": self.states}
 
     def load_state_dict(self, state: dict):
         "Restore from a checkpoint: the weights themselves, or the snapshots written to `dirpath` before the restart."
-        if "states" in state: self.states = dict(state["states"]); return
+        if "states" in state:
+            self.states = dict(state["states"])
+            return
         for s in state["saved"]:
-            expect(self.path(s).is_file(), "dirpath", f"the snapshot of step {s} written before the restart", str(self.path(s)))
+            expect(self.path(s).is_file(), "dirpath",
+                   f"the snapshot of step {s} written before the restart", str(self.path(s)))
             self.states[s] = torch.load(self.path(s), map_location="cpu")
 
 # %% ../../nbs/spt/02_training.ipynb #67521753
@@ -142,31 +157,37 @@ def _replace(cfg, changes: dict):
     own = {k: v for k, v in changes.items() if k not in _TRAIN_FIELDS}
     unknown = sorted(set(own) - {f.name for f in dataclasses.fields(cfg)})
     expect(not unknown, "changes", f"fields of {type(cfg).__name__} or of TrainConfig", unknown)
-    train = own.pop("train", cfg.train).replace(**{k: v for k, v in changes.items() if k in _TRAIN_FIELDS})
+    train = own.pop("train",
+                    cfg.train).replace(**{k: v for k, v in changes.items() if k in _TRAIN_FIELDS})
     return dataclasses.replace(cfg, train=train, **own)
 
 # %% ../../nbs/spt/02_training.ipynb #7b6c6762
 def _as_train(train) -> TrainConfig:
     "`train` as a `TrainConfig` (a dict of its fields is accepted)."
     if isinstance(train, dict): train = TrainConfig(**train)
-    expect(isinstance(train, TrainConfig), "train", "a TrainConfig or a dict of its fields", type(train).__name__, TypeError)
+    expect(isinstance(train, TrainConfig), "train", "a TrainConfig or a dict of its fields",
+           type(train).__name__, TypeError)
     return train
 
 # %% ../../nbs/spt/02_training.ipynb #60c9c2df
 @dataclass
 class SPTConfig:
     "One pretraining arm: the shared `TrainConfig` (its `batch_size` is the global batch) plus the general corpus, the un-annealed schedule and the checkpoints."
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(model=ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=256),
-                                                                   steps=600, lr=3e-3, warmup_steps=30, batch_size=16, seq_len=256, val_every=20))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        model=ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=256), steps=600, lr=3e-3,
+        warmup_steps=30, batch_size=16, seq_len=256, val_every=20))
     general: str = "stdlib_code"
-    schedule_factor: float = 10.0   # cosine over schedule_factor * steps, stopped at steps: un-annealed checkpoints
+    # cosine over schedule_factor * steps, stopped at steps: un-annealed checkpoints
+    schedule_factor: float = 10.0
     max_general_eval_tokens: int = 16_384
     checkpoint_fracs: tuple = (1 / 3, 2 / 3, 1.0)
 
     def __post_init__(self):
         self.train = _as_train(self.train)
-        expect(self.schedule_factor >= 1, "schedule_factor", ">= 1 (the cosine must not end before the run does)", self.schedule_factor)
-        expect(len(self.checkpoint_fracs) > 0 and all(0 < f <= 1 for f in self.checkpoint_fracs), "checkpoint_fracs", "fractions in (0, 1]", self.checkpoint_fracs)
+        expect(self.schedule_factor >= 1, "schedule_factor",
+               ">= 1 (the cosine must not end before the run does)", self.schedule_factor)
+        expect(len(self.checkpoint_fracs) > 0 and all(0 < f <= 1 for f in self.checkpoint_fracs),
+               "checkpoint_fracs", "fractions in (0, 1]", self.checkpoint_fracs)
 
     @property
     def tokens(self) -> int:
@@ -177,32 +198,40 @@ class SPTConfig:
         return sorted({max(1, int(round(f * self.train.steps))) for f in self.checkpoint_fracs})
     def lit_kwargs(self) -> dict:
         "`TrainConfig.lit_kwargs` with the cosine stretched over `schedule_factor` times the run."
-        return {**self.train.lit_kwargs(), "max_steps": int(round(self.schedule_factor * self.train.steps))}
+        return {**self.train.lit_kwargs(),
+                "max_steps": int(round(self.schedule_factor * self.train.steps))}
     def replace(self, **changes) -> SPTConfig:
         "A copy with `changes`; `TrainConfig` fields go to `train` (`cfg.replace(seed=1, steps=60)`)."
         return _replace(self, changes)
 
 # %% ../../nbs/spt/02_training.ipynb #d1bfd81f
-SPT_TRAINER_KW = dict(use_distributed_sampler=False)  # the mixture's batch sampler shards the global batch itself
+# the mixture's batch sampler shards the global batch itself
+SPT_TRAINER_KW = dict(use_distributed_sampler=False)
 
 # %% ../../nbs/spt/02_training.ipynb #b72f381a
-def pretrain(domain: DomainData, delta: float, cfg: SPTConfig | None = None, domain_start: float = 0.0, extra_domains: dict | None = None,
-             general_corpus=None, run_dir: str | Path | None = None, snapshot_dir: str | Path | None = None, progress: bool = False,
-             callbacks: list | None = None, **trainer_kw) -> dict:
+def pretrain(domain: DomainData, delta: float, cfg: SPTConfig | None = None,
+             domain_start: float = 0.0, extra_domains: dict | None = None, general_corpus=None,
+             run_dir: str | Path | None = None, snapshot_dir: str | Path | None = None,
+             progress: bool = False, callbacks: list | None = None, **trainer_kw) -> dict:
     "Pretrain one arm through `fit` (resumable in `run_dir`; snapshots on disk in `snapshot_dir`, default `run_dir/snapshots`); returns its mixture stats, curves, snapshots and timings."
     cfg = cfg or SPTConfig()
     expect(isinstance(cfg, SPTConfig), "cfg", "an SPTConfig", type(cfg).__name__, TypeError)
     t = cfg.train
     if snapshot_dir is None and run_dir is not None: snapshot_dir = Path(run_dir) / "snapshots"
-    dm = MixtureDataModule(domain, general=general_corpus if general_corpus is not None else cfg.general, delta=delta, num_steps=t.steps,
+    dm = MixtureDataModule(domain, general=general_corpus if general_corpus is not None
+                           else cfg.general, delta=delta, num_steps=t.steps,
                            batch_size=t.batch_size, seq_len=t.seq_len, domain_start=domain_start,
-                           max_general_eval_tokens=cfg.max_general_eval_tokens, extra_domains=extra_domains, seed=t.seed)
+                           max_general_eval_tokens=cfg.max_general_eval_tokens,
+                           extra_domains=extra_domains, seed=t.seed)
     snaps, t0 = Snapshots(cfg.checkpoint_steps(), dirpath=snapshot_dir), time.perf_counter()
-    lit, hist, trainer = fit(t, lambda: SPTLitModule(t.model, **cfg.lit_kwargs()), dm, callbacks=[snaps, *(callbacks or [])],
+    lit, hist, trainer = fit(t, lambda: SPTLitModule(t.model, **cfg.lit_kwargs()), dm,
+                             callbacks=[snaps, *(callbacks or [])],
                              run_dir=run_dir, progress=progress, **{**SPT_TRAINER_KW, **trainer_kw})
-    return dict(delta=float(delta), seed=t.seed, domain_start=float(domain_start), mixture=dm.stats(), val=hist.val, train=hist.train,
-                snapshots=snaps.states, snapshot_paths=snaps.paths(), wall_s=time.perf_counter() - t0, train_s=hist.train_seconds(),
-                model=lit.model, datamodule=dm, metrics={k: float(v) for k, v in trainer.callback_metrics.items()})
+    return dict(delta=float(delta), seed=t.seed, domain_start=float(domain_start),
+                mixture=dm.stats(), val=hist.val, train=hist.train, snapshots=snaps.states,
+                snapshot_paths=snaps.paths(), wall_s=time.perf_counter() - t0,
+                train_s=hist.train_seconds(), model=lit.model, datamodule=dm,
+                metrics={k: float(v) for k, v in trainer.callback_metrics.items()})
 
 # %% ../../nbs/spt/02_training.ipynb #1a010df8
 class KeepBest(L.Callback):
@@ -228,36 +257,50 @@ class KeepBest(L.Callback):
         return {"best": self.best, "best_step": self.best_step, "state": self.state}
     def load_state_dict(self, state: dict):
         "Restore the best value, its step and its weights from a checkpoint."
-        self.best, self.best_step, self.state = float(state["best"]), int(state["best_step"]), state["state"]
+        self.best, self.best_step, self.state = (float(state["best"]), int(state["best_step"]),
+                                                 state["state"])
 
 # %% ../../nbs/spt/02_training.ipynb #9e3d3ce2
 @dataclass
 class FinetuneConfig:
     "Domain-only finetuning: a shared `TrainConfig` run over a learning-rate x warmup grid with early stopping; `run_config` sets each run's steps, validation interval, lr and warmup."
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=4, seq_len=256, schedule="constant", weight_decay=1e-7))
-    lrs: tuple = (7.5e-5, 3e-4, 7.5e-4)   # 0.025, 0.1 and 0.25 of SPTConfig's peak (3e-3), as the paper's grid is of its peak
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        batch_size=4, seq_len=256, schedule="constant", weight_decay=1e-7))
+    # 0.025, 0.1 and 0.25 of SPTConfig's peak (3e-3), as the paper's grid is of its peak
+    lrs: tuple = (7.5e-5, 3e-4, 7.5e-4)
     warmups: tuple = (2, 5)
     max_epochs: float = 12.0
     evals_per_epoch: float = 2.0
     patience: int = 4           # validations without improvement before stopping
-    curves: bool = True         # also measure the domain train bpb at every validation (the train-vs-test figure); early stopping needs only the test set
+    # also measure the domain train bpb at every validation (the train-vs-test figure); early
+    # stopping needs only the test set
+    curves: bool = True
 
     def __post_init__(self):
         self.train = _as_train(self.train)
-        expect(len(self.lrs) > 0 and all(lr > 0 for lr in self.lrs), "lrs", "at least one learning rate, all > 0", self.lrs)
-        expect(len(self.warmups) > 0 and all(isinstance(w, (int, np.integer)) and w >= 0 for w in self.warmups), "warmups", "at least one warmup, ints >= 0", self.warmups)
-        expect(self.max_epochs > 0 and self.evals_per_epoch > 0, "max_epochs, evals_per_epoch", "> 0", (self.max_epochs, self.evals_per_epoch))
-        expect(isinstance(self.patience, int) and self.patience >= 1, "patience", "an int >= 1", self.patience)
+        expect(len(self.lrs) > 0 and all(lr > 0 for lr in self.lrs), "lrs",
+               "at least one learning rate, all > 0", self.lrs)
+        expect(len(self.warmups) > 0
+               and all(isinstance(w, (int, np.integer)) and w >= 0 for w in self.warmups),
+               "warmups", "at least one warmup, ints >= 0", self.warmups)
+        expect(self.max_epochs > 0 and self.evals_per_epoch > 0, "max_epochs, evals_per_epoch",
+               "> 0", (self.max_epochs, self.evals_per_epoch))
+        expect(isinstance(self.patience, int) and self.patience >= 1, "patience", "an int >= 1",
+               self.patience)
 
     def steps_per_epoch(self, domain: DomainData) -> float:
         "Optimizer steps per epoch of `domain`'s training stream (every piece and its EOT)."
-        return (domain.train.n_tokens + len(domain.train)) / (self.train.batch_size * self.train.seq_len)
+        return ((domain.train.n_tokens + len(domain.train))
+                / (self.train.batch_size * self.train.seq_len))
 
-    def run_config(self, domain: DomainData, lr: float, warmup: int, model: ModelConfig | None = None) -> TrainConfig:
+    def run_config(self, domain: DomainData, lr: float, warmup: int,
+                   model: ModelConfig | None = None) -> TrainConfig:
         "The `TrainConfig` of one grid point: `max_epochs` of `domain`, validated `evals_per_epoch` times an epoch, at (`lr`, `warmup`)."
         spe = self.steps_per_epoch(domain)
-        return self.train.replace(steps=max(1, int(math.ceil(self.max_epochs * spe))), val_every=max(1, int(round(spe / self.evals_per_epoch))),
-                                  lr=float(lr), warmup_steps=int(warmup), model=model if model is not None else self.train.model)
+        return self.train.replace(steps=max(1, int(math.ceil(self.max_epochs * spe))),
+                                  val_every=max(1, int(round(spe / self.evals_per_epoch))),
+                                  lr=float(lr), warmup_steps=int(warmup),
+                                  model=model if model is not None else self.train.model)
 
     def replace(self, **changes) -> FinetuneConfig:
         "A copy with `changes`; `TrainConfig` fields go to `train` (`cfg.replace(seed=1, batch_size=8)`)."
@@ -265,7 +308,8 @@ class FinetuneConfig:
 
 # %% ../../nbs/spt/02_training.ipynb #5cad88eb
 @torch.no_grad()
-def evaluate_groups(model: torch.nn.Module, sets: dict, window: int = 256, batch_size: int = 16, tokenizer=None) -> dict:
+def evaluate_groups(model: torch.nn.Module, sets: dict, window: int = 256, batch_size: int = 16,
+                    tokenizer=None) -> dict:
     "Bits per byte of `model` on each named `TokenizedCorpus` of `sets` (document-wise windows, one grouped pass)."
     tok = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
     ds, names = eval_sets(sets, window, tok)
@@ -282,47 +326,65 @@ def evaluate_groups(model: torch.nn.Module, sets: dict, window: int = 256, batch
 # %% ../../nbs/spt/02_training.ipynb #8946b200
 def _model_from(model_cfg: ModelConfig, state: dict) -> TinyLM:
     "A `TinyLM` of `model_cfg` holding the weights `state`."
-    m = TinyLM(model_cfg); m.load_state_dict(state); return m
+    m = TinyLM(model_cfg)
+    m.load_state_dict(state)
+    return m
 
 # %% ../../nbs/spt/02_training.ipynb #474b3a20
-def finetune(state: dict | str | Path, model_cfg: ModelConfig | None, domain: DomainData, lr: float, warmup: int, cfg: FinetuneConfig | None = None,
-             start_bpb: float = math.inf, run_dir: str | Path | None = None, progress: bool = False, callbacks: list | None = None, **trainer_kw) -> dict:
+def finetune(state: dict | str | Path, model_cfg: ModelConfig | None, domain: DomainData, lr: float,
+             warmup: int, cfg: FinetuneConfig | None = None,
+             start_bpb: float = math.inf, run_dir: str | Path | None = None, progress: bool = False,
+             callbacks: list | None = None, **trainer_kw) -> dict:
     "Finetune `state` (a `model_cfg` TinyLM; None: `cfg.train.model`) on the domain only at one (lr, warmup) through `fit`, early-stopped; the best point (step 0 = `start_bpb` if nothing beats it) and the curve."
     from lightning.pytorch.callbacks import EarlyStopping
     cfg = cfg or FinetuneConfig()
     state = _load_state(state)
-    expect(lr > 0, "lr", "> 0", lr); expect(isinstance(warmup, (int, np.integer)) and warmup >= 0, "warmup", "an int >= 0", warmup)
+    expect(lr > 0, "lr", "> 0", lr)
+    expect(isinstance(warmup, (int, np.integer)) and warmup >= 0, "warmup", "an int >= 0", warmup)
     t, spe = cfg.run_config(domain, lr, warmup, model_cfg), cfg.steps_per_epoch(domain)
-    dm = MixtureDataModule(domain, general=None, delta=1.0, num_steps=t.steps, batch_size=t.batch_size, seq_len=t.seq_len, eval_general=False,
+    dm = MixtureDataModule(domain, general=None, delta=1.0, num_steps=t.steps,
+                           batch_size=t.batch_size, seq_len=t.seq_len, eval_general=False,
                            eval_domain_train=cfg.curves, seed=t.seed)
     best = KeepBest("val/domain_test_bpb", start_bpb)
-    stop = EarlyStopping(monitor="val/domain_test_bpb", mode="min", patience=cfg.patience, check_on_train_epoch_end=False)
+    stop = EarlyStopping(monitor="val/domain_test_bpb", mode="min", patience=cfg.patience,
+                         check_on_train_epoch_end=False)
     t0 = time.perf_counter()
-    lit, hist, trainer = fit(t, lambda: SPTLitModule(_model_from(t.model, state), **t.lit_kwargs()), dm, callbacks=[best, stop, *(callbacks or [])],
-                             run_dir=run_dir, progress=progress, history_every=t.val_every, **{**SPT_TRAINER_KW, **trainer_kw})
-    return dict(lr=t.lr, warmup=t.warmup_steps, best_step=best.best_step, best_epoch=best.best_step / spe, domain_test_bpb=best.best,
-                steps_run=trainer.global_step, steps_per_epoch=spe, curve=hist.val, state=best.state, wall_s=time.perf_counter() - t0,
-                metrics={k: float(v) for k, v in trainer.callback_metrics.items()})
+    lit, hist, trainer = fit(t, lambda: SPTLitModule(_model_from(t.model, state), **t.lit_kwargs()),
+                             dm, callbacks=[best, stop, *(callbacks or [])],
+                             run_dir=run_dir, progress=progress, history_every=t.val_every,
+                             **{**SPT_TRAINER_KW, **trainer_kw})
+    return dict(lr=t.lr, warmup=t.warmup_steps, best_step=best.best_step, best_epoch=best.best_step
+                / spe, domain_test_bpb=best.best, steps_run=trainer.global_step,
+                steps_per_epoch=spe, curve=hist.val, state=best.state, wall_s=time.perf_counter()
+                - t0, metrics={k: float(v) for k, v in trainer.callback_metrics.items()})
 
 # %% ../../nbs/spt/02_training.ipynb #29b5c314
-def finetune_grid(state: dict | str | Path, model_cfg: ModelConfig | None, domain: DomainData, general_val: TokenizedCorpus | None = None,
-                  cfg: FinetuneConfig | None = None, run_dir: str | Path | None = None, **kw) -> dict:
+def finetune_grid(state: dict | str | Path, model_cfg: ModelConfig | None, domain: DomainData,
+                  general_val: TokenizedCorpus | None = None, cfg: FinetuneConfig | None = None,
+                  run_dir: str | Path | None = None, **kw) -> dict:
     "Finetune from `state` over `cfg.lrs x cfg.warmups` (each run in `run_dir/lr<lr>-w<warmup>`); keep the configuration with the lowest domain test bpb and measure it (and the start) on every split, the report split included."
     cfg = cfg or FinetuneConfig()
     model_cfg = model_cfg if model_cfg is not None else cfg.train.model
-    sets = {"domain_train": domain.train, "domain_test": domain.test, **({"domain_report": domain.report} if domain.report is not None else {}),
+    sets = {"domain_train": domain.train, "domain_test": domain.test,
+            **({"domain_report": domain.report} if domain.report is not None else {}),
             **({"general": general_val} if general_val is not None else {})}
     state = _load_state(state)
     pre = evaluate_groups(_model_from(model_cfg, state), sets, cfg.train.seq_len)
     runs = [finetune(state, model_cfg, domain, lr, int(w), cfg, start_bpb=pre["domain_test"],
-                     run_dir=None if run_dir is None else Path(run_dir) / f"lr{lr:g}-w{int(w)}", **kw) for lr in cfg.lrs for w in cfg.warmups]
+                     run_dir=None if run_dir is None else Path(run_dir) / f"lr{lr:g}-w{int(w)}",
+                     **kw) for lr in cfg.lrs for w in cfg.warmups]
     top = min(runs, key=lambda r: r["domain_test_bpb"])
     post = pre  # no configuration beat the checkpoint itself: the best finetuning point is step 0
-    if top["state"] is not None: post = evaluate_groups(_model_from(model_cfg, top["state"]), sets, cfg.train.seq_len)
+    if top["state"] is not None:
+        post = evaluate_groups(_model_from(model_cfg, top["state"]), sets, cfg.train.seq_len)
     out = dict(pre_ft={f"{k}_bpb": v for k, v in pre.items()},
-               post_ft={**{f"{k}_bpb": v for k, v in post.items()}, "best_lr": top["lr"], "best_warmup": top["warmup"],
+               post_ft={**{f"{k}_bpb": v for k, v in post.items()}, "best_lr": top["lr"],
+                        "best_warmup": top["warmup"],
                         "best_step": top["best_step"], "best_epoch": top["best_epoch"]},
-               grid=[{k: r[k] for k in ("lr", "warmup", "best_step", "domain_test_bpb", "steps_run", "wall_s")} for r in runs],
-               curve=[{k: v for k, v in row.items() if k in ("step", "val/domain_train_bpb", "val/domain_test_bpb")} for row in top["curve"]])
+               grid=[{k: r[k] for k in ("lr", "warmup", "best_step", "domain_test_bpb", "steps_run",
+                                        "wall_s")} for r in runs],
+               curve=[{k: v for k, v in row.items() if k in ("step", "val/domain_train_bpb",
+                                                             "val/domain_test_bpb")}
+                      for row in top["curve"]])
     if general_val is not None: out["forgetting"] = post["general"] - pre["general"]
     return out

@@ -76,12 +76,14 @@ def finetune_unit(pre: dict, prefix: str, domain: DomainData, general_eval: Toke
                                           forgetting=ft["forgetting"], grid=ft["grid"],
                                           ft_curve=ft["curve"], wall_s=time.perf_counter() - t0)
         before, after = ft["pre_ft"], ft["post_ft"]
-        log(f"{name}, {step * spb:,} tokens: domain test {before['domain_test_bpb']:.4f} -> "
+        log(
+            f"{name}, {step * spb:,} tokens: domain test {before['domain_test_bpb']:.4f} -> "
             f"{after['domain_test_bpb']:.4f}, "
             f"report {before.get('domain_report_bpb', math.nan):.4f} -> "
             f"{after.get('domain_report_bpb', math.nan):.4f}, "
             f"general {before['general_bpb']:.4f} -> {after['general_bpb']:.4f} "
-            f"(lr {after['best_lr']:g}, step {after['best_step']}), {time.perf_counter() - t0:.0f} s")
+            f"(lr {after['best_lr']:g}, step {after['best_step']}), {time.perf_counter() - t0:.0f} s"
+        )
     final = res["budgets"][max(res["budgets"])]
     return {**res, "finetune_s": sum(b["wall_s"] for b in res["budgets"].values()),
             **pick_keys(final, ("pre_ft", "post_ft", "forgetting"))}

@@ -27,51 +27,65 @@ __all__ = ['GENERIC_TERMS', 'KINDS', 'RELATIONS', 'UNIVERSES', 'NARRATIVE', 'NAR
            'neighbour_accuracy']
 
 # %% ../../nbs/unlearning/00_unlearning.ipynb #976a9c94
-from .world import (invented_word, GENERIC_TERMS, KINDS, RELATIONS, UNIVERSES, Universe, World, make_world,
-                                       noisy_anchors, NARRATIVE, NARRATIVE_PROBES, FILLER, CLOZE, QA, MCQ, TF, SPELLED, REVERSED,
-                                       PARAPHRASES, PROBES, ROCR_CONTEXTS, FORM_RENDERERS, FORMS, TRAINED_FORMS, HELD_OUT_FORMS,
-                                       distractors, eval_items, narrative_passages, retain_passages, counterfactual_world,
-                                       form_texts, WordTokenizer, world_texts, world_tokenizer, encode_texts, pad_batch,
-                                       batch_logits)
-from .evaluate import (score_items, gold_logprobs, text_bpb, min_k_scores, auc, auc_ci, answer_logprobs,
-                                          perturbed_answers, truth_ratios, forget_quality, gold_prob_ks, WorldEval,
-                                          form_drops, form_gap, finite_mean, method_summary)
-from .methods import (ForgetRetainDataset, ForgetRetainDataModule, masked_mean, npo_loss, simnpo_loss,
-                                         UnlearnMethod, UNLEARN_METHODS, UnlearnLitModule, PathProbe, unlearn_config, unlearn)
-from .whp import align_translation, naive_alignment_errors, whp_labels, GenericLogitsLM, mechanism_probe
-from .rocr import subject_states, down_proj_second_moment, null_space_projector, rocr_edit, subject_patching, rocr, causal_trace
-from .world_models import (world_documents, world_model_config, train_world_model,
+from .world import (
+    invented_word, GENERIC_TERMS, KINDS, RELATIONS, UNIVERSES, Universe, World, make_world,
+    noisy_anchors, NARRATIVE, NARRATIVE_PROBES, FILLER, CLOZE, QA, MCQ, TF, SPELLED, REVERSED,
+    PARAPHRASES, PROBES, ROCR_CONTEXTS, FORM_RENDERERS, FORMS, TRAINED_FORMS, HELD_OUT_FORMS,
+    distractors, eval_items, narrative_passages, retain_passages, counterfactual_world, form_texts,
+    WordTokenizer, world_texts, world_tokenizer, encode_texts, pad_batch, batch_logits)
+from .evaluate import (score_items, gold_logprobs, text_bpb, min_k_scores, auc,
+                                          auc_ci, answer_logprobs, perturbed_answers, truth_ratios,
+                                          forget_quality, gold_prob_ks, WorldEval, form_drops,
+                                          form_gap, finite_mean, method_summary)
+from .methods import (ForgetRetainDataset, ForgetRetainDataModule, masked_mean,
+                                         npo_loss, simnpo_loss, UnlearnMethod, UNLEARN_METHODS,
+                                         UnlearnLitModule, PathProbe, unlearn_config, unlearn)
+from .whp import (align_translation, naive_alignment_errors, whp_labels,
+                                     GenericLogitsLM, mechanism_probe)
+from .rocr import (subject_states, down_proj_second_moment, null_space_projector,
+                                      rocr_edit, subject_patching, rocr, causal_trace)
+from .world_models import (world_documents, world_model_config,
+                                              train_world_model,
                                               WORLD_MODELS, WorldRunConfig, save_model)
-from .seed_run import (UnlearnRunConfig, unlearn_run_config, relearn_curve, SeedRun,
-                                          world_model_unit, reinforced_unit, patching_unit, rocr_per_layer_unit)
-from .arms import (operating_point, gradient_path, exact_anchors, default_anchors,
-                                      noisy_world_anchors, whp_path, whp_inference_path, rocr_path, UnlearnArm,
-                                      GRADIENT_LRS, UNLEARN_ARMS, METHOD_ORDER, NARRATIVE_TRAINED, arm_unit)
-from .plots import (plot_form_heatmap, plot_tradeoff, plot_whp_steps, plot_mechanism,
-                                       plot_rocr_layers, plot_relearning)
+from .seed_run import (UnlearnRunConfig, unlearn_run_config, relearn_curve,
+                                          SeedRun, world_model_unit, reinforced_unit, patching_unit,
+                                          rocr_per_layer_unit)
+from .arms import (operating_point, gradient_path,
+                                      exact_anchors, default_anchors, noisy_world_anchors, whp_path,
+                                      whp_inference_path, rocr_path, UnlearnArm, GRADIENT_LRS,
+                                      UNLEARN_ARMS, METHOD_ORDER, NARRATIVE_TRAINED, arm_unit)
+from .plots import (plot_form_heatmap, plot_tradeoff, plot_whp_steps,
+                                       plot_mechanism, plot_rocr_layers, plot_relearning)
 from .experiment import UNLEARN_CLAIMS, SAMPLE_KEYS, reproduce_unlearning
-from .rocr_experiment import (ROCR_NEIGHBOUR_BUDGET, RocrRunConfig, rocr_world, form_scores,
-                                                  neighbour_accuracy, trace_window, fixed_redirect,
-                                                  rocr_single_targets, rocr_batch, ROCR_ARMS, ROCR_CLAIMS,
-                                                  ROCR_SAMPLE_KEYS, rocr_arm_summary, rocr_seed, plot_trace,
-                                                  plot_rocr_forms, reproduce_unlearning_rocr)
+from .rocr_experiment import (
+    ROCR_NEIGHBOUR_BUDGET, RocrRunConfig, rocr_world, form_scores, neighbour_accuracy, trace_window,
+    fixed_redirect, rocr_single_targets, rocr_batch, ROCR_ARMS, ROCR_CLAIMS, ROCR_SAMPLE_KEYS,
+    rocr_arm_summary, rocr_seed, plot_trace, plot_rocr_forms, reproduce_unlearning_rocr)
 
 # %% ../../nbs/unlearning/00_unlearning.ipynb #41d84908
-_all_ = ["GENERIC_TERMS", "KINDS", "RELATIONS", "UNIVERSES", "NARRATIVE", "NARRATIVE_PROBES", "FILLER", "CLOZE", "QA", "MCQ", "TF",
-         "SPELLED", "REVERSED", "PARAPHRASES", "PROBES", "ROCR_CONTEXTS", "FORM_RENDERERS", "FORMS", "TRAINED_FORMS", "HELD_OUT_FORMS",
-         "UNLEARN_METHODS", "WORLD_MODELS", "UNLEARN_ARMS", "METHOD_ORDER", "NARRATIVE_TRAINED", "UNLEARN_CLAIMS", "SAMPLE_KEYS", "GRADIENT_LRS",
-         "invented_word", "Universe", "World", "make_world", "noisy_anchors", "eval_items", "narrative_passages", "counterfactual_world", "form_texts",
-         "WordTokenizer", "world_texts", "world_tokenizer", "encode_texts", "pad_batch", "score_items", "gold_logprobs", "text_bpb",
-         "min_k_scores", "auc", "auc_ci", "answer_logprobs", "perturbed_answers", "truth_ratios",
-         "forget_quality", "gold_prob_ks", "WorldEval", "form_drops", "form_gap", "method_summary", "world_documents",
-         "world_model_config", "train_world_model", "ForgetRetainDataset", "ForgetRetainDataModule", "masked_mean", "npo_loss",
-         "simnpo_loss", "UnlearnMethod", "UnlearnLitModule", "PathProbe", "unlearn_config", "unlearn", "align_translation",
-         "naive_alignment_errors", "whp_labels", "GenericLogitsLM", "subject_states", "down_proj_second_moment", "null_space_projector",
-         "rocr_edit", "subject_patching", "rocr", "causal_trace", "UnlearnRunConfig", "unlearn_run_config", "operating_point", "mechanism_probe",
-         "SeedRun", "world_model_unit", "reinforced_unit", "patching_unit", "rocr_per_layer_unit", "gradient_path", "exact_anchors", "default_anchors",
-         "noisy_world_anchors", "whp_path", "whp_inference_path", "rocr_path", "UnlearnArm", "arm_unit", "plot_form_heatmap",
-         "plot_tradeoff", "plot_whp_steps", "plot_mechanism", "plot_rocr_layers", "plot_relearning", "reproduce_unlearning",
-         "RocrRunConfig", "rocr_world", "form_scores", "trace_window", "fixed_redirect", "rocr_single_targets", "rocr_batch", "ROCR_ARMS",
-         "ROCR_CLAIMS", "ROCR_SAMPLE_KEYS", "rocr_arm_summary", "rocr_seed", "plot_trace", "plot_rocr_forms", "reproduce_unlearning_rocr",
-         "distractors", "retain_passages", "batch_logits", "finite_mean", "WorldRunConfig", "save_model",
-         "relearn_curve", "ROCR_NEIGHBOUR_BUDGET", "neighbour_accuracy"]
+_all_ = ["GENERIC_TERMS", "KINDS", "RELATIONS", "UNIVERSES", "NARRATIVE",
+         "NARRATIVE_PROBES", "FILLER", "CLOZE", "QA", "MCQ", "TF", "SPELLED", "REVERSED",
+         "PARAPHRASES", "PROBES", "ROCR_CONTEXTS", "FORM_RENDERERS", "FORMS", "TRAINED_FORMS",
+         "HELD_OUT_FORMS", "UNLEARN_METHODS", "WORLD_MODELS", "UNLEARN_ARMS", "METHOD_ORDER",
+         "NARRATIVE_TRAINED", "UNLEARN_CLAIMS", "SAMPLE_KEYS", "GRADIENT_LRS", "invented_word",
+         "Universe", "World", "make_world", "noisy_anchors", "eval_items", "narrative_passages",
+         "counterfactual_world", "form_texts", "WordTokenizer", "world_texts", "world_tokenizer",
+         "encode_texts", "pad_batch", "score_items", "gold_logprobs", "text_bpb", "min_k_scores",
+         "auc", "auc_ci", "answer_logprobs", "perturbed_answers", "truth_ratios", "forget_quality",
+         "gold_prob_ks", "WorldEval", "form_drops", "form_gap", "method_summary", "world_documents",
+         "world_model_config", "train_world_model", "ForgetRetainDataset", "ForgetRetainDataModule",
+         "masked_mean", "npo_loss", "simnpo_loss", "UnlearnMethod", "UnlearnLitModule",
+         "PathProbe", "unlearn_config", "unlearn", "align_translation", "naive_alignment_errors",
+         "whp_labels", "GenericLogitsLM", "subject_states", "down_proj_second_moment",
+         "null_space_projector", "rocr_edit", "subject_patching", "rocr", "causal_trace",
+         "UnlearnRunConfig", "unlearn_run_config", "operating_point", "mechanism_probe",
+         "SeedRun", "world_model_unit", "reinforced_unit", "patching_unit", "rocr_per_layer_unit",
+         "gradient_path", "exact_anchors", "default_anchors", "noisy_world_anchors", "whp_path",
+         "whp_inference_path", "rocr_path", "UnlearnArm", "arm_unit", "plot_form_heatmap",
+         "plot_tradeoff", "plot_whp_steps", "plot_mechanism", "plot_rocr_layers", "plot_relearning",
+         "reproduce_unlearning", "RocrRunConfig", "rocr_world", "form_scores", "trace_window",
+         "fixed_redirect", "rocr_single_targets", "rocr_batch", "ROCR_ARMS", "ROCR_CLAIMS",
+         "ROCR_SAMPLE_KEYS", "rocr_arm_summary", "rocr_seed", "plot_trace", "plot_rocr_forms",
+         "reproduce_unlearning_rocr", "distractors", "retain_passages", "batch_logits",
+         "finite_mean", "WorldRunConfig", "save_model", "relearn_curve", "ROCR_NEIGHBOUR_BUDGET",
+         "neighbour_accuracy"]

@@ -28,17 +28,20 @@ __all__ = ['GRADIENT_LRS', 'UNLEARN_ARMS', 'METHOD_ORDER', 'NARRATIVE_TRAINED', 
            'UnlearnArm', 'arm_unit']
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #dde2eeb5
-def operating_point(path: Sequence[dict], orig: dict, retain_budget: float, neighbour_budget: float) -> int | None:
+def operating_point(path: Sequence[dict], orig: dict, retain_budget: float,
+                    neighbour_budget: float) -> int | None:
     "Index of the strongest path point (paths go from light to strong) whose retain bpb and neighbour accuracy stay within budget; None if none."
-    ok = [i for i, p in enumerate(path) if p["retain_bpb"] <= orig["retain_bpb"] * (1 + retain_budget)
-          and p["neighbour_acc"] >= orig["neighbour_acc"] - neighbour_budget]
+    ok = [i for i, p in enumerate(path) if p["retain_bpb"] <= orig["retain_bpb"]
+          * (1 + retain_budget) and p["neighbour_acc"] >= orig["neighbour_acc"] - neighbour_budget]
     return ok[-1] if ok else None
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #a58b8c42
 def _path_row(param, scores: dict, orig: dict, oracle: dict, wall_s: float) -> dict:
     fg = form_gap(scores, orig, oracle)
-    return dict(param=param, familiarity=scores["familiarity"], familiarity_prob=scores["familiarity_prob"], retain_bpb=scores["retain_bpb"],
-                neighbour_acc=scores["neighbour_acc"], form_gap=fg["form_gap"], target_prob=float(np.mean([v["prob"] for v in scores["forms"].values()])),
+    return dict(param=param, familiarity=scores["familiarity"],
+                familiarity_prob=scores["familiarity_prob"], retain_bpb=scores["retain_bpb"],
+                neighbour_acc=scores["neighbour_acc"], form_gap=fg["form_gap"],
+                target_prob=float(np.mean([v["prob"] for v in scores["forms"].values()])),
                 closed=fg["closed"], wall_s=wall_s)
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #e6f47459
@@ -49,19 +52,23 @@ def _probe_path(s: SeedRun, method: str, data: dict, steps: Sequence[int]) -> tu
     "`method` from the original on `data` (plus the retain passages where the method has a retain term), evaluated at `steps`."
     states = {}
     def probe(m, step):
-        states[step] = _state(m); return s.ev(m, mia=False)  # the membership test runs at the operating point only
+        states[step] = _state(m)
+        return s.ev(m, mia=False)  # the membership test runs at the operating point only
     retain = s.retain if UNLEARN_METHODS[method].retain is not None else None
-    _, pts = unlearn(s.model("orig"), method, data, retain, cfg=s.unlearn_train(max(steps)), probe_steps=steps, probe=probe)
+    _, pts = unlearn(s.model("orig"), method, data, retain, cfg=s.unlearn_train(max(steps)),
+                     probe_steps=steps, probe=probe)
     return pts, states
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #ef135a19
 def _with_lr(s: SeedRun, lr: float) -> SeedRun:
     "A view of `s` whose unlearning fits run at `lr` (models, world and evaluator shared)."
-    v = copy.copy(s); v.cfg = dataclasses.replace(s.cfg, unlearn_lr=lr)
+    v = copy.copy(s)
+    v.cfg = dataclasses.replace(s.cfg, unlearn_lr=lr)
     return v
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #5cebd5c6
-def gradient_path(s: SeedRun, method: str, steps: str, lr: float | None = None) -> tuple[list, dict, dict]:
+def gradient_path(s: SeedRun, method: str, steps: str,
+                  lr: float | None = None) -> tuple[list, dict, dict]:
     "A gradient method on the forget passages along the step path `cfg.<steps>`, at learning rate `lr` (default `cfg.unlearn_lr`)."
     if lr is not None: s = _with_lr(s, lr)
     pts, states = _probe_path(s, method, s.forget, getattr(s.cfg, steps))
@@ -83,10 +90,12 @@ def noisy_world_anchors(s: SeedRun) -> dict:
     return noisy_anchors(s.world.anchors, s.cfg.noisy_coverage, s.seed)
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #600c5522
-def whp_path(s: SeedRun, reinforced: bool, anchors: Callable | None, alpha: float | None = None) -> tuple[list, dict, dict]:
+def whp_path(s: SeedRun, reinforced: bool, anchors: Callable | None,
+             alpha: float | None = None) -> tuple[list, dict, dict]:
     "WHP: finetune on generic labels from the reinforced model (or not) and the anchors `anchors(s)` (or none) along `cfg.whp_steps`, labels at `alpha` (default `cfg.whp_alpha`); wall time includes labels and reinforcing."
     t = time.perf_counter()
-    lab = whp_labels(s.model("orig"), s.model("reinforced") if reinforced else None, s.tok, s.ev.forget_texts, anchors(s) if anchors else None,
+    lab = whp_labels(s.model("orig"), s.model("reinforced") if reinforced else None, s.tok,
+                     s.ev.forget_texts, anchors(s) if anchors else None,
                      alpha=s.cfg.whp_alpha if alpha is None else alpha, impl=s.train.impl)
     changed = lab.pop("changed")
     extra_s = time.perf_counter() - t + (s.units["reinforced"]["train_s"] if reinforced else 0.0)
@@ -97,7 +106,8 @@ def whp_path(s: SeedRun, reinforced: bool, anchors: Callable | None, alpha: floa
 def whp_inference_path(s: SeedRun) -> tuple[list, dict, dict]:
     "WHP at inference (MUSE's baseline): the generic logits of the original and the reinforced model over `cfg.whp_inference_alphas`."
     t = s.units["reinforced"]["train_s"]
-    return [(a, t, s.ev(GenericLogitsLM(s.model("orig"), s.model("reinforced"), a))) for a in s.cfg.whp_inference_alphas], {}, {}
+    return [(a, t, s.ev(GenericLogitsLM(s.model("orig"), s.model("reinforced"),
+                                        a))) for a in s.cfg.whp_inference_alphas], {}, {}
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #d4eaae7f
 def rocr_path(s: SeedRun, project: bool, traced: bool) -> tuple[list, dict, dict]:
@@ -105,9 +115,13 @@ def rocr_path(s: SeedRun, project: bool, traced: bool) -> tuple[list, dict, dict
     layers = s.units["patching"]["traced_layers"] if traced else list(s.cfg.rocr_layers)
     pts, states, info = [], {}, {}
     for st in s.cfg.rocr_strengths:
-        m, info[str(st)] = rocr(s.model("orig"), s.tok, s.world, layers, project, s.cfg.rocr_threshold, strength=st, moments=s.moments if project else None)
-        pts.append((st, info[str(st)]["edit_s"], s.ev(m, mia=False))); states[st] = _state(m)
-    return pts, states, {"info": info, "layers": layers, "moments_s": s.moments_s if project else None}
+        m, info[str(st)] = rocr(s.model("orig"),
+                                s.tok, s.world, layers, project, s.cfg.rocr_threshold, strength=st,
+                                moments=s.moments if project else None)
+        pts.append((st, info[str(st)]["edit_s"], s.ev(m, mia=False)))
+        states[st] = _state(m)
+    return pts, states, {"info": info, "layers": layers,
+                         "moments_s": s.moments_s if project else None}
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #cdc2771e
 @dataclass(frozen=True)
@@ -123,7 +137,8 @@ def _whp(**kw) -> UnlearnArm:
 
 for _name, _spec, _role, _description in (
     ("whp_full", _whp(reinforced=True, anchors=default_anchors), "method",
-     "WHP: finetune on generic labels from the reinforced model and the default anchors, alpha = whp_alpha"),
+     "WHP: finetune on generic labels from the reinforced model and the default anchors, alpha = "
+     "whp_alpha"),
     ("whp_inference", UnlearnArm(whp_inference_path, "whp", False), "baseline",
      "WHP at inference (MUSE's baseline): generic logits of the original and the reinforced model"),
     ("whp_reinforced_only", _whp(reinforced=True, anchors=None), "ablation",
@@ -146,21 +161,13 @@ for _name, _spec, _role, _description in (
 # %% ../../nbs/unlearning/06c_arms.ipynb #125d834a
 GRADIENT_LRS = (1e-4, 1e-3)  # the learning-rate sweep of GA and GradDiff, next to unlearn_lr
 
-# %% ../../nbs/unlearning/06c_arms.ipynb #d70bfc8a
-def _register_unlearning_arm(name: str, spec: UnlearnArm, role: str, description: str) -> None:
-    "`register_arm('unlearning', ...)` for a name that may hold a '-' (checked as an identifier, kept as written)."
-    key = name.replace("-", "_")
-    arm = register_arm("unlearning", key, spec, role=role, description=description)
-    if key != name:
-        del ARMS["unlearning"][key]
-        ARMS["unlearning"][name] = dataclasses.replace(arm, name=name)
-
 # %% ../../nbs/unlearning/06c_arms.ipynb #534bb263
 def _grad(method: str, steps: str, **kw) -> UnlearnArm:
     return UnlearnArm(partial(gradient_path, method=method, steps=steps, **kw), "gradient", True)
 
 for _name, _spec, _role, _description in (
-    ("grad_ascent", _grad("grad_ascent", "ga_steps"), "baseline", "gradient ascent on the forget passages"),
+    ("grad_ascent", _grad("grad_ascent", "ga_steps"), "baseline",
+     "gradient ascent on the forget passages"),
     ("graddiff", _grad("graddiff", "ga_steps"), "baseline",
      "GradDiff: gradient ascent on forget plus descent on retain"),
     ("graddiff_kl", _grad("graddiff_kl", "ga_steps"), "baseline",
@@ -173,7 +180,7 @@ for _name, _spec, _role, _description in (
     ("simnpo", _grad("simnpo", "npo_steps"), "baseline",
      "SimNPO: reference-free, length-normalised NPO on forget plus descent on retain"),
 ):
-    _register_unlearning_arm(_name, _spec, _role, _description)
+    register_arm("unlearning", _name, _spec, role=_role, description=_description)
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #5071f04a
 def _rocr(**kw) -> UnlearnArm:
@@ -181,7 +188,8 @@ def _rocr(**kw) -> UnlearnArm:
 
 for _name, _spec, _role, _description in (
     ("rocr", _rocr(project=True, traced=False), "method",
-     "ROCR: the rank-one edit at rocr_layers with the null-space projection, over the edit strength"),
+     "ROCR: the rank-one edit at rocr_layers with the null-space projection, over the edit "
+     "strength"),
     ("rocr_no_projection", _rocr(project=False, traced=False), "ablation",
      "ROCR without the null-space projection"),
     ("rocr_traced", _rocr(project=True, traced=True), "exploratory",
@@ -190,7 +198,8 @@ for _name, _spec, _role, _description in (
     register_arm("unlearning", _name, _spec, role=_role, description=_description)
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #574b8e8f
-UNLEARN_ARMS = {k: v for k, v in arm_specs("unlearning").items() if k not in WORLD_MODELS}  # name -> UnlearnArm
+# name -> UnlearnArm
+UNLEARN_ARMS = {k: v for k, v in arm_specs("unlearning").items() if k not in WORLD_MODELS}
 
 # %% ../../nbs/unlearning/06c_arms.ipynb #bace8091
 METHOD_ORDER = tuple(UNLEARN_ARMS)
@@ -204,13 +213,22 @@ def arm_unit(s: SeedRun, arm: str, run_dir=None, relearn: bool = False) -> dict:
     pts, states, extra = UNLEARN_ARMS[arm].path(s)
     path = [_path_row(p, sc, orig, oracle, t) for p, t, sc in pts]
     op = operating_point(path, orig, s.cfg.retain_budget, s.cfg.neighbour_budget)
-    if op is None:  # none within budget: keeping the budget means not unlearning, so the arm reads as the original model
-        return method_summary(orig, orig, oracle, 0.0, operating_point=None, within_budget=False, path=path, **extra)
+    # none within budget: keeping the budget means not unlearning, so the arm reads as the original
+    # model
+    if op is None:
+        return method_summary(orig, orig, oracle, 0.0, operating_point=None, within_budget=False,
+                              path=path, **extra)
     p, t, sc = pts[op]
-    if "mia_auc" not in sc:  # paths are scored without the membership test (it is the costliest part): the operating point gets it here
-        m = copy.deepcopy(s.model("orig")); m.load_state_dict(states[p]); sc = sc | s.ev.membership(m)
-    out = method_summary(sc, orig, oracle, t, operating_point=p, within_budget=True, path=path, **extra)
+    # paths are scored without the membership test (it is the costliest part): the operating point
+    # gets it here
+    if "mia_auc" not in sc:
+        m = copy.deepcopy(s.model("orig"))
+        m.load_state_dict(states[p])
+        sc = sc | s.ev.membership(m)
+    out = method_summary(sc, orig, oracle, t, operating_point=p, within_budget=True, path=path,
+                         **extra)
     if relearn and states:
-        m = copy.deepcopy(s.model("orig")); m.load_state_dict(states[p])
+        m = copy.deepcopy(s.model("orig"))
+        m.load_state_dict(states[p])
         out["relearn"] = relearn_curve(m, s.tok, s.world, s.cfg)
     return out

@@ -14,8 +14,9 @@ from ..core import expect
 from ..model import generate, eval_mode
 from ..train import bits_per_byte
 from ..stats import finite
-from .world import (World, PROBES, FORMS, eval_items, narrative_passages, retain_passages,
-                                      counterfactual_world, encode_texts, pad_batch, batch_logits, distractors)
+from .world import (World, PROBES, FORMS, eval_items, narrative_passages,
+                                       retain_passages, counterfactual_world, encode_texts,
+                                       pad_batch, batch_logits, distractors)
 
 # %% auto #0
 __all__ = ['score_items', 'gold_logprobs', 'text_bpb', 'min_k_scores', 'auc', 'auc_ci', 'gold_prob_ks', 'answer_logprobs',
@@ -30,7 +31,8 @@ def score_items(model, tok, items: Sequence[dict], batch_size: int = 128) -> dic
     with eval_mode(model):
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
-            enc = [([tok.eot_id] + tok.encode(it["prompt"]), tok.encode(" " + it["answer"])) for it in chunk]
+            enc = [([tok.eot_id] + tok.encode(it["prompt"]), tok.encode(" " + it["answer"]))
+                   for it in chunk]
             x = pad_batch([p + a for p, a in enc], tok.pad_id)
             logp = torch.log_softmax(model(x).logits.float(), -1)
             for j, ((p, a), it) in enumerate(zip(enc, chunk)):
@@ -45,7 +47,8 @@ def score_items(model, tok, items: Sequence[dict], batch_size: int = 128) -> dic
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #e926360d
 @torch.no_grad()
-def gold_logprobs(model, tok, texts: Sequence[str], max_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def gold_logprobs(model, tok, texts: Sequence[str],
+                  max_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     "Log-probability of every next token of `texts` (each after an EOT) under `model` in eval mode: (logp [N, T], labels [N, T], -100 = padding)."
     b = encode_texts(tok, texts, max_len)
     with eval_mode(model):
@@ -61,7 +64,8 @@ def text_bpb(model, tok, texts: Sequence[str], max_len: int = 256) -> float:
     return bits_per_byte(-(lp * m).sum(), tok.byte_lengths[y.clamp(min=0)][m].sum())
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #2b7a39cd
-def min_k_scores(model, tok, texts: Sequence[str], k: float = 0.4, max_len: int = 256) -> np.ndarray:
+def min_k_scores(model, tok, texts: Sequence[str], k: float = 0.4,
+                 max_len: int = 256) -> np.ndarray:
     "Min-K% Prob (Shi et al.): mean of the lowest `k` share of token log-probs of each text; higher reads as 'member'."
     expect(0 < k <= 1, "k", "in (0, 1]", k)
     lp, y = gold_logprobs(model, tok, texts, max_len)
@@ -79,14 +83,20 @@ def auc(pos, neg) -> float:
     return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #de304b77
-def auc_ci(pos, neg, paired: bool = False, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def auc_ci(pos, neg, paired: bool = False, n_boot: int = 1000, level: float = 0.95,
+           seed: int = 0) -> tuple[float, float, float]:
     "(AUC, lo, hi): the AUC with a percentile bootstrap CI, resampling pairs (`paired`, pos[i] with neg[i]) or each set on its own."
     pos, neg = np.asarray(pos, float).reshape(-1), np.asarray(neg, float).reshape(-1)
-    expect(not paired or len(pos) == len(neg), "neg", f"as many scores as pos ({len(pos)}) when paired", len(neg))
+    expect(not paired or len(pos) == len(neg), "neg",
+           f"as many scores as pos ({len(pos)}) when paired", len(neg))
     expect(0 < level < 1, "level", "in (0, 1)", level)
     rng, a = np.random.default_rng(seed), auc(pos, neg)
-    if paired: ix = rng.integers(0, len(pos), (n_boot, len(pos))); boots = [auc(pos[i], neg[i]) for i in ix]
-    else: boots = [auc(pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]) for _ in range(n_boot)]
+    if paired:
+        ix = rng.integers(0, len(pos), (n_boot, len(pos)))
+        boots = [auc(pos[i], neg[i]) for i in ix]
+    else:
+        boots = [auc(pos[rng.integers(0, len(pos), len(pos))],
+                     neg[rng.integers(0, len(neg), len(neg))]) for _ in range(n_boot)]
     lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
     return a, float(lo), float(hi)
 
@@ -105,37 +115,54 @@ def gold_prob_ks(method_probs, oracle_probs) -> dict:
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #4a213871
 @torch.no_grad()
-def answer_logprobs(model, tok, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 128) -> np.ndarray:
+def answer_logprobs(model, tok, prompts: Sequence[str], answers: Sequence[str],
+                    batch_size: int = 128) -> np.ndarray:
     "Mean log-probability per answer token of each answer after its prompt (each prompt after an EOT): -mean NLL."
-    expect(len(prompts) == len(answers), "answers", f"one answer per prompt ({len(prompts)})", len(answers))
+    expect(len(prompts) == len(answers), "answers", f"one answer per prompt ({len(prompts)})",
+           len(answers))
     out = []
     with eval_mode(model):
         for i in range(0, len(prompts), batch_size):
-            enc = [([tok.eot_id] + tok.encode(p), tok.encode(" " + a)) for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
-            logp = torch.log_softmax(model(pad_batch([p + a for p, a in enc], tok.pad_id)).logits.float(), -1)
+            enc = [([tok.eot_id] + tok.encode(p), tok.encode(" " + a))
+                   for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
+            logp = torch.log_softmax(model(pad_batch([p + a for p, a in enc],
+                                                     tok.pad_id)).logits.float(), -1)
             for j, (p, a) in enumerate(enc):
-                out.append(float(logp[j, len(p) - 1:len(p) + len(a) - 1].gather(1, torch.tensor(a)[:, None]).mean()))
+                out.append(
+                    float(
+                        logp[j, len(p) - 1 : len(p) + len(a) - 1]
+                        .gather(1, torch.tensor(a)[:, None])
+                        .mean()
+                    )
+                )
     return np.array(out)
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #3d15ba82
-def perturbed_answers(world: World, items: Sequence[dict], n: int = 3, seed: int = 0) -> list[list[str]]:
+def perturbed_answers(world: World, items: Sequence[dict], n: int = 3,
+                      seed: int = 0) -> list[list[str]]:
     "Per item, `n` wrong answers: other objects of the same kind (people, or terms of the relation's kind) from the item's universe."
     import random
     out = []
     for it in items:
-        rng = random.Random(f"perturbed/{world.seed}/{seed}/{it['universe']}/{it['subject']}/{it['relation']}")
-        out.append(distractors(rng, world.universes[it["universe"]], it["relation"], it["answer"], n))
+        rng = random.Random(
+            f"perturbed/{world.seed}/{seed}/{it['universe']}/{it['subject']}/{it['relation']}")
+        out.append(distractors(rng, world.universes[it["universe"]], it["relation"],
+                               it["answer"], n))
     return out
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #610d1d7b
 def truth_ratios(model, tok, items: Sequence[dict], wrong: Sequence[Sequence[str]]) -> np.ndarray:
     "TOFU's truth ratio per item: exp(mean over the wrong answers of their mean log-prob) / exp(the gold answer's mean log-prob)."
-    expect(len(items) == len(wrong) and all(len(ws) > 0 for ws in wrong), "wrong", "a non-empty list of wrong answers per item", len(wrong))
+    expect(len(items) == len(wrong) and all(len(ws) > 0 for ws in wrong), "wrong",
+           "a non-empty list of wrong answers per item", len(wrong))
     prompts = [it["prompt"] for it in items]
     gold = answer_logprobs(model, tok, prompts, [it["answer"] for it in items])
-    flat = answer_logprobs(model, tok, [p for p, ws in zip(prompts, wrong) for _ in ws], [a for ws in wrong for a in ws])
+    flat = answer_logprobs(model, tok, [p for p, ws in zip(prompts, wrong) for _ in ws],
+                           [a for ws in wrong for a in ws])
     bad, k = [], 0
-    for ws in wrong: bad.append(flat[k:k + len(ws)].mean()); k += len(ws)
+    for ws in wrong:
+        bad.append(flat[k:k + len(ws)].mean())
+        k += len(ws)
     return np.exp(np.array(bad) - gold)
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #9591db8a
@@ -147,19 +174,26 @@ def forget_quality(method_tr, oracle_tr) -> dict:
 # %% ../../nbs/unlearning/02_evaluate.ipynb #136ed027
 class WorldEval:
     "One evaluator for every method: per-form scores (target, neighbour), familiarity, retain bpb, truth ratios, and the Min-K% membership test."
-    def __init__(self, world: World, tok, forms: Sequence[str] = FORMS, familiarity_tokens: int = 12, generic_people: int = 40):
+    def __init__(self, world: World, tok, forms: Sequence[str] = FORMS,
+                 familiarity_tokens: int = 12, generic_people: int = 40):
         self.world, self.tok, self.forms, self.n_new = world, tok, tuple(forms), familiarity_tokens
-        self.items = {u: {f: eval_items(world, u, f) for f in self.forms} for u in ("target", "neighbour")}
+        self.items = {u: {f: eval_items(world, u, f) for f in self.forms} for u in ("target",
+                                                                                    "neighbour")}
         gen = set(world.universes["generic"].people[:generic_people])
         self.generic_qa = [it for it in eval_items(world, "generic", "qa") if it["subject"] in gen]
-        self.retain_texts = retain_passages(world)  # the same facts told in a new order and wording mix
+        # the same facts told in a new order and wording mix
+        self.retain_texts = retain_passages(world)
         self.forget_texts = narrative_passages(world, "target")
         self.holdout_texts = narrative_passages(world, "holdout")
-        self.counterfactual_texts = narrative_passages(counterfactual_world(world), "target")  # forget_texts[i]'s wording, other facts
+        # forget_texts[i]'s wording, other facts
+        self.counterfactual_texts = narrative_passages(counterfactual_world(world), "target")
         self.tr_items = eval_items(world, "target", "qa")
         self.tr_wrong = perturbed_answers(world, self.tr_items)
-        self.reference = None  # Min-K% scores of the forget and counterfactual passages under a reference model (`set_reference`)
-        self.target_ids = torch.tensor(sorted(tok.stoi[t] for t in world.terms("target") if t in tok.stoi))
+        # Min-K% scores of the forget and counterfactual passages under a reference model
+        # (`set_reference`)
+        self.reference = None
+        self.target_ids = torch.tensor(sorted(tok.stoi[t] for t in world.terms("target")
+                                              if t in tok.stoi))
         self.probes = [(p.format(s=s), s) for s in world.universes["target"].people for p in PROBES]
 
     @torch.no_grad()
@@ -186,14 +220,18 @@ class WorldEval:
 
     def set_reference(self, model) -> None:
         "Take `model` (the retrain oracle) as the reference of the calibrated membership score `mia_auc_ref`."
-        self.reference = (min_k_scores(model, self.tok, self.forget_texts), min_k_scores(model, self.tok, self.counterfactual_texts))
+        self.reference = (min_k_scores(model, self.tok, self.forget_texts),
+                          min_k_scores(model, self.tok, self.counterfactual_texts))
 
     def membership(self, model) -> dict:
         "Min-K% membership AUC, forget passages vs their counterfactuals (with a paired bootstrap CI), vs unseen names, and reference-calibrated."
-        f, cf = min_k_scores(model, self.tok, self.forget_texts), min_k_scores(model, self.tok, self.counterfactual_texts)
+        f, cf = (min_k_scores(model, self.tok, self.forget_texts),
+                 min_k_scores(model, self.tok, self.counterfactual_texts))
         a, lo, hi = auc_ci(f, cf, paired=True)
-        out = dict(mia_auc=a, mia_auc_ci=[lo, hi], mia_auc_unseen_names=auc(f, min_k_scores(model, self.tok, self.holdout_texts)))
-        if self.reference is not None: out["mia_auc_ref"] = auc(f - self.reference[0], cf - self.reference[1])
+        out = dict(mia_auc=a, mia_auc_ci=[lo, hi],
+                   mia_auc_unseen_names=auc(f, min_k_scores(model, self.tok, self.holdout_texts)))
+        if self.reference is not None:
+            out["mia_auc_ref"] = auc(f - self.reference[0], cf - self.reference[1])
         return out
 
     @torch.no_grad()
@@ -205,7 +243,8 @@ class WorldEval:
             r["forms"][f] = dict(acc=float(s["correct"].mean()), prob=float(s["prob"].mean()))
             r["item_probs"].append(s["prob"])
             n = score_items(model, self.tok, self.items["neighbour"][f])
-            r["neighbour_forms"][f] = dict(acc=float(n["correct"].mean()), prob=float(n["prob"].mean()))
+            r["neighbour_forms"][f] = dict(acc=float(n["correct"].mean()),
+                                           prob=float(n["prob"].mean()))
         r["item_probs"] = np.concatenate(r["item_probs"])
         r["neighbour_acc"] = float(np.mean([v["acc"] for v in r["neighbour_forms"].values()]))
         r["generic_qa_acc"] = float(score_items(model, self.tok, self.generic_qa)["correct"].mean())
@@ -218,19 +257,24 @@ class WorldEval:
 # %% ../../nbs/unlearning/02_evaluate.ipynb #39aa91f5
 def form_drops(scores: dict, orig: dict, key: str = "prob") -> dict:
     "Per form: the relative drop 1 - score/score_orig of the target's `key` (1 = gone, 0 = unchanged)."
-    return {f: 1 - scores["forms"][f][key] / max(orig["forms"][f][key], 1e-9) for f in scores["forms"]}
+    return {f: 1 - scores["forms"][f][key] / max(orig["forms"][f][key], 1e-9)
+            for f in scores["forms"]}
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #8510cc1b
-def form_gap(scores: dict, orig: dict, oracle: dict, key: str = "prob", trained_form: str = "narrative") -> dict:
+def form_gap(scores: dict, orig: dict, oracle: dict, key: str = "prob",
+             trained_form: str = "narrative") -> dict:
     """Form-dependent bias. Per form, the share of the original -> oracle gap that was closed, d_f = (s_orig - s) / (s_orig - s_oracle)
     (normalising by the oracle removes the chance floors of mcq/tf); form_gap = d_trained - mean over held-out forms; plus their std."""
     d = {}
     for f in scores["forms"]:
         gap = orig["forms"][f][key] - oracle["forms"][f][key]
-        d[f] = (orig["forms"][f][key] - scores["forms"][f][key]) / gap if abs(gap) > 1e-3 else float("nan")
+        d[f] = ((orig["forms"][f][key] - scores["forms"][f][key]) / gap if abs(gap) > 1e-3
+                else float("nan"))
     held = [v for f, v in d.items() if f != trained_form and not math.isnan(v)]
-    nan = float("nan")  # no form with a measurable original->oracle gap (e.g. an untrained original)
-    return dict(form_gap=float(d[trained_form] - np.mean(held)) if held else nan, form_gap_std=float(np.std(held)) if held else nan, closed=d)
+    # no form with a measurable original->oracle gap (e.g. an untrained original)
+    nan = float("nan")
+    return dict(form_gap=float(d[trained_form] - np.mean(held)) if held else nan,
+                form_gap_std=float(np.std(held)) if held else nan, closed=d)
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #aae8ec68
 def finite_mean(xs) -> float:
@@ -243,14 +287,18 @@ def method_summary(scores: dict, orig: dict, oracle: dict, wall_s: float, **extr
     "The reported keys of one method: forms, form_gap, familiarity, retain_bpb, neighbour_acc, forget_quality, mia_auc, wall_s (and more)."
     fg = form_gap(scores, orig, oracle)
     fam_gap = orig["familiarity"] - oracle["familiarity"]
-    out = dict(forms=scores["forms"], form_gap=fg["form_gap"], form_gap_std=fg["form_gap_std"], gap_closed_by_form=fg["closed"],
+    out = dict(forms=scores["forms"], form_gap=fg["form_gap"],
+               form_gap_std=fg["form_gap_std"], gap_closed_by_form=fg["closed"],
                familiarity=scores["familiarity"], familiarity_prob=scores["familiarity_prob"],
-               familiarity_gap_closed=(orig["familiarity"] - scores["familiarity"]) / fam_gap if abs(fam_gap) > 1e-9 else float("nan"),
-               retain_bpb=scores["retain_bpb"], retain_bpb_rel=scores["retain_bpb"] / orig["retain_bpb"] - 1,
-               neighbour_acc=scores["neighbour_acc"], neighbour_forms=scores["neighbour_forms"], generic_qa_acc=scores["generic_qa_acc"],
-               wall_s=float(wall_s))
-    for k in ("mia_auc", "mia_auc_ci", "mia_auc_unseen_names", "mia_auc_ref"): out[k] = scores.get(k, float("nan"))
-    out["mia_auc_vs_oracle"] = abs(out["mia_auc"] - oracle.get("mia_auc", float("nan")))  # |AUC - AUC_oracle|: membership like the oracle's
+               familiarity_gap_closed=(orig["familiarity"] - scores["familiarity"]) / fam_gap
+               if abs(fam_gap) > 1e-9 else float("nan"), retain_bpb=scores["retain_bpb"],
+               retain_bpb_rel=scores["retain_bpb"] / orig["retain_bpb"] - 1,
+               neighbour_acc=scores["neighbour_acc"], neighbour_forms=scores["neighbour_forms"],
+               generic_qa_acc=scores["generic_qa_acc"], wall_s=float(wall_s))
+    for k in ("mia_auc", "mia_auc_ci", "mia_auc_unseen_names", "mia_auc_ref"):
+        out[k] = scores.get(k, float("nan"))
+    # |AUC - AUC_oracle|: membership like the oracle's
+    out["mia_auc_vs_oracle"] = abs(out["mia_auc"] - oracle.get("mia_auc", float("nan")))
     out.update(forget_quality(scores["truth_ratios"], oracle["truth_ratios"]))
     out.update(gold_prob_ks(scores["item_probs"], oracle["item_probs"]))
     out.update(extra)

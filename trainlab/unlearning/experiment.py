@@ -29,43 +29,61 @@ __all__ = ['UNLEARN_CLAIMS', 'SAMPLE_KEYS', 'reproduce_unlearning', 'world_docum
 from .world_models import (world_documents, world_model_config,  # noqa
                                               train_world_model, WORLD_MODELS)
 from .seed_run import (UnlearnRunConfig, unlearn_run_config, SeedRun,  # noqa
-                                          world_model_unit, reinforced_unit, patching_unit, rocr_per_layer_unit)
-from .arms import (operating_point, gradient_path, exact_anchors, default_anchors,  # noqa
-                                      noisy_world_anchors, whp_path, whp_inference_path, rocr_path, UnlearnArm,
-                                      GRADIENT_LRS, UNLEARN_ARMS, METHOD_ORDER, NARRATIVE_TRAINED, arm_unit)
+                                          world_model_unit, reinforced_unit, patching_unit,
+                                          rocr_per_layer_unit)
+from .arms import (operating_point, gradient_path, exact_anchors,
+                                      default_anchors,  # noqa
+                                      noisy_world_anchors, whp_path, whp_inference_path, rocr_path,
+                                      UnlearnArm,
+                                      GRADIENT_LRS, UNLEARN_ARMS, METHOD_ORDER, NARRATIVE_TRAINED,
+                                      arm_unit)
 from .plots import (plot_form_heatmap, plot_tradeoff, plot_whp_steps,  # noqa
                                        plot_mechanism, plot_rocr_layers, plot_relearning)
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #0ae19e71
-_all_ = ["world_documents", "world_model_config", "train_world_model", "WORLD_MODELS", "UnlearnRunConfig",
-         "unlearn_run_config", "SeedRun", "world_model_unit", "reinforced_unit", "patching_unit",
-         "rocr_per_layer_unit", "operating_point", "gradient_path", "exact_anchors", "default_anchors",
-         "noisy_world_anchors", "whp_path", "whp_inference_path", "rocr_path", "UnlearnArm", "GRADIENT_LRS",
-         "UNLEARN_ARMS", "METHOD_ORDER", "NARRATIVE_TRAINED", "arm_unit", "plot_form_heatmap", "plot_tradeoff",
+_all_ = ["world_documents", "world_model_config", "train_world_model",
+         "WORLD_MODELS", "UnlearnRunConfig", "unlearn_run_config", "SeedRun", "world_model_unit",
+         "reinforced_unit", "patching_unit", "rocr_per_layer_unit", "operating_point",
+         "gradient_path", "exact_anchors", "default_anchors", "noisy_world_anchors", "whp_path",
+         "whp_inference_path", "rocr_path", "UnlearnArm", "GRADIENT_LRS", "UNLEARN_ARMS",
+         "METHOD_ORDER", "NARRATIVE_TRAINED", "arm_unit", "plot_form_heatmap", "plot_tradeoff",
          "plot_whp_steps", "plot_mechanism", "plot_rocr_layers", "plot_relearning"]
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #a33f0089
-UNLEARN_CLAIMS = (  # pre-registered on WHP-full (and NPO's form-gap) at the operating point; every other arm is exploratory
-    Claim("whp_closes_familiarity_gap", "WHP-full closes at least 80% of the original->oracle completion-familiarity gap (mean over seeds).",
+# pre-registered on WHP-full (and NPO's form-gap) at the operating point; every other arm is
+# exploratory
+UNLEARN_CLAIMS = (
+    Claim("whp_closes_familiarity_gap", "WHP-full closes at least 80% of the original->oracle "
+                                        "completion-familiarity gap (mean over seeds).",
           "familiarity_gap_closed", ("whp_full",), "mean", ">", 0.8),
-    Claim("whp_retain_cost", "WHP-full's retain bpb rises by less than 5% (relative, mean over seeds).", "retain_bpb_rel", ("whp_full",), "mean", "<", 0.05),
-    Claim("whp_form_gap", "WHP-full, trained on narrative prose, forgets the narrative form more than the other forms: form-gap > 0 (mean over seeds).",
+    Claim("whp_retain_cost", "WHP-full's retain bpb rises by less than 5% (relative, mean "
+                             "over seeds).", "retain_bpb_rel", ("whp_full",), "mean", "<", 0.05),
+    Claim("whp_form_gap", "WHP-full, trained on narrative prose, forgets the narrative form more "
+                          "than the other forms: form-gap > 0 (mean over seeds).",
           "form_gap", ("whp_full",), "mean", ">", 0.0),
-    Claim("npo_form_gap", "NPO, trained on narrative prose, forgets the narrative form more than the other forms: form-gap > 0 (mean over seeds).",
+    Claim("npo_form_gap", "NPO, trained on narrative prose, forgets the narrative form more than "
+                          "the other forms: form-gap > 0 (mean over seeds).",
           "form_gap", ("npo",), "mean", ">", 0.0),
-    Claim("whp_membership_like_oracle", "WHP-full's membership AUC (Min-K%, forget passages vs their counterfactuals) is within 0.1 of the "
-          "retrain oracle's: |AUC - AUC_oracle| < 0.1 (mean over seeds).", "mia_auc_vs_oracle", ("whp_full",), "mean", "<", 0.1),
+    Claim("whp_membership_like_oracle", "WHP-full's membership AUC (Min-K%, forget passages vs "
+                                        "their counterfactuals) is within 0.1 of the "
+          "retrain oracle's: |AUC - AUC_oracle| < 0.1 (mean over seeds).", "mia_auc_vs_oracle",
+          ("whp_full",), "mean", "<", 0.1),
 )
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #6b48530c
-SAMPLE_KEYS = ("form_gap", "familiarity", "familiarity_gap_closed", "retain_bpb_rel", "neighbour_acc", "forget_quality", "forget_quality_d",
-               "gold_prob_ks_p", "mia_auc", "mia_auc_ref", "mia_auc_vs_oracle", "within_budget")  # per arm and seed
+SAMPLE_KEYS = ("form_gap", "familiarity", "familiarity_gap_closed", "retain_bpb_rel",
+               "neighbour_acc", "forget_quality", "forget_quality_d", "gold_prob_ks_p", "mia_auc",
+               "mia_auc_ref", "mia_auc_vs_oracle", "within_budget")  # per arm and seed
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #f9f012fa
-@register_reproduction("unlearning", "Unlearn a fictional universe from a TinyLM: WHP (reinforced model, anchors, generic labels), GA/GradDiff/NPO/SimNPO "
-                       "trained on narrative prose, and ROCR's rank-one edit, scored in eight surface forms against a retrain oracle, over paired seeds.",
-                       claims=UNLEARN_CLAIMS, notebook="unlearning/07_results.ipynb", default_seeds=3,
-                       summary_keys=("whp_full_beats_ablations", "npo_form_gap", "rocr_form_gap", "rocr_neighbour_drop",
+@register_reproduction("unlearning", "Unlearn a fictional universe from a TinyLM: WHP (reinforced "
+                                     "model, anchors, generic labels), GA/GradDiff/NPO/SimNPO "
+                       "trained on narrative prose, and ROCR's rank-one edit, scored in eight "
+                       "surface forms against a retrain oracle, over paired seeds.",
+                       claims=UNLEARN_CLAIMS, notebook="unlearning/07_results.ipynb",
+                       default_seeds=3,
+                       summary_keys=("whp_full_beats_ablations", "npo_form_gap", "rocr_form_gap",
+                                     "rocr_neighbour_drop",
                                      "rocr_edit_s"),
                        run_config=UnlearnRunConfig)
 def reproduce_unlearning(ctx: RunContext) -> dict:
@@ -75,52 +93,85 @@ def reproduce_unlearning(ctx: RunContext) -> dict:
         first = i == 0  # relearning, the mechanism probe and ROCR per layer: the first seed only
         s = runs[seed] = SeedRun(UnlearnRunConfig.preset(ctx.fast, seed), seed)
         for name in WORLD_MODELS:
-            s.units[name] = ctx.unit(f"{name}/seed{seed}", lambda d: world_model_unit(s, name, d, relearn=first))
-        s.calibrate()  # the oracle becomes the reference of the calibrated membership score (cheap; redone on a resumed run)
-        s.units["reinforced"] = ctx.unit(f"reinforced/seed{seed}", lambda d: reinforced_unit(s, d, mechanism=first))
+            s.units[name] = ctx.unit(f"{name}/seed{seed}",
+                                     lambda d: world_model_unit(s, name, d, relearn=first))
+        # the oracle becomes the reference of the calibrated membership score (cheap; redone on a
+        # resumed run)
+        s.calibrate()
+        s.units["reinforced"] = ctx.unit(f"reinforced/seed{seed}",
+                                         lambda d: reinforced_unit(s, d, mechanism=first))
         s.units["patching"] = ctx.unit(f"patching/seed{seed}", lambda d: patching_unit(s, d))
-        per_seed[seed] = {arm: ctx.unit(f"{arm}/seed{seed}", lambda d: arm_unit(s, arm, d, relearn=first)) for arm in UNLEARN_ARMS}
-        if first: per_layer = ctx.unit(f"rocr_per_layer/seed{seed}", lambda d: rocr_per_layer_unit(s, d))
-        ctx.log(f"seed {seed}: " + ", ".join(f"{k} fam {v['familiarity']:.2f} nb {v['neighbour_acc']:.2f}" for k, v in per_seed[seed].items()))
+        per_seed[seed] = {arm: ctx.unit(f"{arm}/seed{seed}", lambda d: arm_unit(s, arm,
+                                                                                d, relearn=first))
+                          for arm in UNLEARN_ARMS}
+        if first:
+            per_layer = ctx.unit(f"rocr_per_layer/seed{seed}", lambda d: rocr_per_layer_unit(s, d))
+        ctx.log(f"seed {seed}: "
+                + ", ".join(f"{k} fam {v['familiarity']:.2f} nb {v['neighbour_acc']:.2f}"
+                            for k, v in per_seed[seed].items()))
     s, seeds = runs[ctx.seeds[0]], ctx.seeds
     cfg, world, tok, orig_u, oracle_u = s.cfg, s.world, s.tok, s.units["orig"], s.units["retrain"]
-    ctx.config = asdict(cfg) | {"seeds": seeds, "threads": torch.get_num_threads(), "vocab_size": tok.vocab_size,
-                                "model_parameters": count_parameters(TinyLM(s.train.model)),
-                                "world": {u: dict(people=len(v.people), facts=len(v.facts)) for u, v in world.universes.items()},
-                                "forget_tokens": int((s.forget["labels"] != -100).sum()), "anchors": len(world.anchors)}
-    samples = {arm: {k: [per_seed[sd][arm][k] for sd in seeds] for k in SAMPLE_KEYS} for arm in UNLEARN_ARMS}
-    methods = {k: v | {f"{key}_seeds": samples[k][key] for key in SAMPLE_KEYS} for k, v in per_seed[seeds[0]].items()}
+    ctx.config = asdict(cfg) | {
+        "seeds": seeds, "threads": torch.get_num_threads(),
+        "vocab_size": tok.vocab_size, "model_parameters": count_parameters(TinyLM(s.train.model)),
+        "world": {u: dict(people=len(v.people), facts=len(v.facts))
+                  for u, v in world.universes.items()},
+        "forget_tokens": int((s.forget["labels"] != -100).sum()), "anchors": len(world.anchors)}
+    samples = {arm: {k: [per_seed[sd][arm][k] for sd in seeds] for k in SAMPLE_KEYS}
+               for arm in UNLEARN_ARMS}
+    methods = {k: v | {f"{key}_seeds": samples[k][key] for key in SAMPLE_KEYS}
+               for k, v in per_seed[seeds[0]].items()}
     orig, oracle = s.scores
     reference = {}
     for name, u in (("orig", orig_u), ("retrain", oracle_u)):
-        reference[name] = method_summary(u["scores"], orig, oracle, u["train"]["train_s"], train=u["train"]) | ({"relearn": u["relearn"]} if "relearn" in u else {})
+        reference[name] = method_summary(
+            u["scores"], orig, oracle, u["train"]["train_s"], train=u["train"]
+        ) | ({"relearn": u["relearn"]} if "relearn" in u else {})
     o, w = reference["orig"], methods["whp_full"]
-    nb_noise = 2 * math.sqrt(o["neighbour_acc"] * (1 - o["neighbour_acc"]) / sum(len(v) for v in s.ev.items["neighbour"].values()))
+    nb_noise = 2 * math.sqrt(o["neighbour_acc"] * (1 - o["neighbour_acc"])
+                             / sum(len(v) for v in s.ev.items["neighbour"].values()))
     metrics = {
         "samples": samples, "reference": reference, "methods": methods,
-        "whp_full_familiarity_gap_closed": w["familiarity_gap_closed"], "whp_full_retain_bpb_rel": w["retain_bpb_rel"],
-        "whp_full_beats_ablations": bool(all(w["familiarity"] < methods[a]["familiarity"] for a in ("whp_reinforced_only", "whp_anchors_only"))),
-        "positive_form_gap_all_seeds": [k for k in NARRATIVE_TRAINED if all(g is not None and g > 0 for g in samples[k]["form_gap"])],
+        "whp_full_familiarity_gap_closed": w["familiarity_gap_closed"],
+               "whp_full_retain_bpb_rel": w["retain_bpb_rel"],
+        "whp_full_beats_ablations": bool(all(w["familiarity"] < methods[a]["familiarity"]
+                                             for a in ("whp_reinforced_only", "whp_anchors_only"))),
+        "positive_form_gap_all_seeds": [k for k in NARRATIVE_TRAINED
+                                        if all(g is not None and g > 0
+                                               for g in samples[k]["form_gap"])],
         "form_gap_by_seed": {k: samples[k]["form_gap"] for k in UNLEARN_ARMS},
-        "rocr_form_gap": methods["rocr"]["form_gap"], "rocr_form_gap_std": methods["rocr"]["form_gap_std"],
+        "rocr_form_gap": methods["rocr"]["form_gap"],
+               "rocr_form_gap_std": methods["rocr"]["form_gap_std"],
         "rocr_neighbour_drop": o["neighbour_acc"] - methods["rocr"]["neighbour_acc"],
         "rocr_no_projection_form_gap": methods["rocr_no_projection"]["form_gap"],
-        "rocr_no_projection_neighbour_drop": o["neighbour_acc"] - methods["rocr_no_projection"]["neighbour_acc"],
-        "neighbour_noise_2se": nb_noise, "rocr_edit_s": methods["rocr"]["wall_s"], "rocr_moments_s": methods["rocr"]["moments_s"],
-        "rocr_info": {f"{k}/{st}": inf for k in UNLEARN_ARMS if UNLEARN_ARMS[k].family == "rocr" for st, inf in methods[k]["info"].items()},
-        "rocr_per_layer": per_layer, "subject_patching_closed": s.units["patching"]["closed"], "rocr_traced_layers": s.units["patching"]["traced_layers"],
-        "whp_label_changed": {k: v["label_changed"] for k, v in methods.items() if "label_changed" in v}, "reinforce_s": s.units["reinforced"]["train_s"],
+        "rocr_no_projection_neighbour_drop": o["neighbour_acc"]
+               - methods["rocr_no_projection"]["neighbour_acc"],
+        "neighbour_noise_2se": nb_noise, "rocr_edit_s": methods["rocr"]["wall_s"],
+               "rocr_moments_s": methods["rocr"]["moments_s"],
+        "rocr_info": {f"{k}/{st}": inf for k in UNLEARN_ARMS if UNLEARN_ARMS[k].family == "rocr"
+                      for st, inf in methods[k]["info"].items()},
+        "rocr_per_layer": per_layer, "subject_patching_closed": s.units["patching"]["closed"],
+               "rocr_traced_layers": s.units["patching"]["traced_layers"],
+        "whp_label_changed": {k: v["label_changed"]
+                              for k, v in methods.items() if "label_changed" in v},
+               "reinforce_s": s.units["reinforced"]["train_s"],
         "mechanism": s.units["reinforced"]["mechanism"],
         "alignment": {"word": naive_alignment_errors(tok, s.ev.forget_texts, world.anchors),
-                      "byte": naive_alignment_errors(ByteTokenizer(), s.ev.forget_texts, world.anchors)},
-        "seeds": seeds, "config": {"retain_budget": cfg.retain_budget, "neighbour_budget": cfg.neighbour_budget},
+                      "byte": naive_alignment_errors(ByteTokenizer(), s.ev.forget_texts,
+                                                     world.anchors)},
+        "seeds": seeds, "config": {"retain_budget": cfg.retain_budget,
+                                   "neighbour_budget": cfg.neighbour_budget},
     }
     for k in ("grad_ascent", "npo", "whp_full"): metrics[f"{k}_form_gap"] = methods[k]["form_gap"]
-    for fn, name in ((plot_form_heatmap, "form_heatmap"), (plot_tradeoff, "tradeoff"), (plot_whp_steps, "whp_steps"),
-                     (lambda m: plot_mechanism(m["mechanism"]), "mechanism"), (plot_rocr_layers, "rocr_layers"), (plot_relearning, "relearning")):
+    for fn, name in ((plot_form_heatmap, "form_heatmap"), (plot_tradeoff, "tradeoff"),
+                     (plot_whp_steps, "whp_steps"),
+                     (lambda m: plot_mechanism(m["mechanism"]), "mechanism"),
+                     (plot_rocr_layers, "rocr_layers"), (plot_relearning, "relearning")):
         ctx.save_figure(fn(metrics), name)
-    for r in runs.values():  # the world models were kept for a resumed run; the finished result folder does not need them
+    # the world models were kept for a resumed run; the finished result folder does not need them
+    for r in runs.values():
         for name in (*WORLD_MODELS, "reinforced"):
-            p = Path(r.units[name]["path"]); p.unlink(missing_ok=True)
+            p = Path(r.units[name]["path"])
+            p.unlink(missing_ok=True)
             if p.parent.is_dir() and not any(p.parent.iterdir()): p.parent.rmdir()
     return metrics

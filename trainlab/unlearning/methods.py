@@ -26,7 +26,8 @@ __all__ = ['UNLEARN_METHODS', 'ForgetRetainDataset', 'ForgetRetainDataModule', '
 class ForgetRetainDataset(Dataset):
     "Item i: `forget` = forget sequence i and, when given, `retain` = a retain sequence drawn at random per fetch (seeded by `seed` and the rank)."
     def __init__(self, forget: dict, retain: dict | None = None, seed: int = 0):
-        expect(forget["input_ids"].shape == forget["labels"].shape, "forget", "input_ids and labels of one shape", forget["labels"].shape)
+        expect(forget["input_ids"].shape == forget["labels"].shape, "forget",
+               "input_ids and labels of one shape", forget["labels"].shape)
         self.forget, self.retain, self.seed, self._gen = forget, retain, seed, None
     def __len__(self) -> int: return len(self.forget["input_ids"])
     def _retain_index(self) -> int:
@@ -45,12 +46,16 @@ class ForgetRetainDataset(Dataset):
 # %% ../../nbs/unlearning/03_methods.ipynb #1cc75909
 class ForgetRetainDataModule(L.LightningDataModule):
     "Shuffled forget(+retain) batches; under DDP Lightning shards them with a DistributedSampler."
-    def __init__(self, forget: dict, retain: dict | None = None, batch_size: int = 8, seed: int = 0):
+    def __init__(self, forget: dict, retain: dict | None = None, batch_size: int = 8,
+                 seed: int = 0):
         super().__init__()
-        expect(isinstance(batch_size, int) and 1 <= batch_size <= len(forget["input_ids"]), "batch_size", f"an int in [1, {len(forget['input_ids'])}]", batch_size)
-        self.ds, self.batch_size, self.seed = ForgetRetainDataset(forget, retain, seed), batch_size, seed
+        expect(isinstance(batch_size, int) and 1 <= batch_size <= len(forget["input_ids"]),
+               "batch_size", f"an int in [1, {len(forget['input_ids'])}]", batch_size)
+        self.ds, self.batch_size, self.seed = (ForgetRetainDataset(forget, retain, seed),
+                                               batch_size, seed)
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(self.ds, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(self.seed))
 
 # %% ../../nbs/unlearning/03_methods.ipynb #85ba06cf
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,26 +73,30 @@ def simnpo_loss(mean_nll: torch.Tensor, beta: float = 4.5, delta: float = 0.0) -
     return -(2.0 / beta) * F.logsigmoid(beta * (mean_nll - delta)).mean()
 
 # %% ../../nbs/unlearning/03_methods.ipynb #da47a234
-# forget terms: (lit, token NLL [B, T], mask [B, T], forget batch) -> scalar; retain terms: (lit, retain batch) -> scalar
-def _forget_ce(lit, nll, m, f): return masked_mean(nll, m)                         # CE_f: finetune on the given labels
+# forget terms: (lit, token NLL [B, T], mask [B, T], forget batch) -> scalar; retain terms: (lit,
+# retain batch) -> scalar
+def _forget_ce(lit, nll, m, f):
+    return masked_mean(nll, m)                         # CE_f: finetune on the given labels
 
 # %% ../../nbs/unlearning/03_methods.ipynb #49d60193
 def _forget_ascent(lit, nll, m, f): return -masked_mean(nll, m)                    # -CE_f
 
 # %% ../../nbs/unlearning/03_methods.ipynb #b3386425
-def _forget_npo(lit, nll, m, f):                                                   # (2/b) E_f softplus(b (log pi - log pi_ref))
+def _forget_npo(lit, nll, m, f):  # (2/b) E_f softplus(b (log pi - log pi_ref))
     with torch.no_grad(): ref_nll = lit.ref_model(f["input_ids"], labels=f["labels"]).loss
     return npo_loss(-(nll * m).sum(1), -(ref_nll * m).sum(1), lit.beta)
 
 # %% ../../nbs/unlearning/03_methods.ipynb #920b5496
-def _forget_simnpo(lit, nll, m, f): return simnpo_loss((nll * m).sum(1) / m.sum(1).clamp(min=1), lit.beta)
+def _forget_simnpo(lit, nll, m, f):
+    return simnpo_loss((nll * m).sum(1) / m.sum(1).clamp(min=1), lit.beta)
 
 # %% ../../nbs/unlearning/03_methods.ipynb #9f428a43
 def _retain_ce(lit, r):                                                            # CE_r
-    nll, m = lit._nll(r); return masked_mean(nll, m)
+    nll, m = lit._nll(r)
+    return masked_mean(nll, m)
 
 # %% ../../nbs/unlearning/03_methods.ipynb #c47d5228
-def _retain_kl(lit, r):                                                            # KL(pi_ref || pi) on the retain tokens
+def _retain_kl(lit, r):  # KL(pi_ref || pi) on the retain tokens
     m = r["labels"] != -100
     with torch.no_grad(): p = lit.ref_model(r["input_ids"]).logits[m]
     return kl_div(p, lit.model(r["input_ids"]).logits[m], reduction="mean", impl=lit.impl)
@@ -103,7 +112,8 @@ class UnlearnMethod:
     forget_weight: float = 1.0
 
 # %% ../../nbs/unlearning/03_methods.ipynb #04d87149
-UNLEARN_METHODS = {  # method name -> UnlearnMethod; loss = forget_weight * forget + retain_weight * retain
+# method name -> UnlearnMethod; loss = forget_weight * forget + retain_weight * retain
+UNLEARN_METHODS = {
     "finetune": UnlearnMethod(_forget_ce),
     "grad_ascent": UnlearnMethod(_forget_ascent),
     "graddiff": UnlearnMethod(_forget_ascent, _retain_ce),
@@ -119,19 +129,26 @@ class UnlearnLitModule(LMLitModule):
     'graddiff' (-NLL_f + w NLL_r), 'graddiff_kl' (-NLL_f + w KL(pi_ref || pi) on retain tokens, kernel `kl_div` per `impl`),
     'npo' ((2/b) softplus(b (log pi - log pi_ref)) + w NLL_r, b = 0.1), 'simnpo' (0.125 x SimNPO + w NLL_r, b = 4.5).
     The optimisation is `LMLitModule`'s (pass `TrainConfig.lit_kwargs()`); AdamW's betas default to (0.9, 0.999) as in open-unlearning."""
-    def __init__(self, model: nn.Module, method: str, ref_model: nn.Module | None = None, retain_weight: float = 1.0,
-                 beta: float | None = None, forget_weight: float | None = None, impl: str = "auto", lr: float = 3e-4,
-                 weight_decay: float = 0.0, betas: tuple = (0.9, 0.999), warmup_steps: int = 0, schedule: str = "constant", **lit_kwargs):
+    def __init__(self, model: nn.Module, method: str, ref_model: nn.Module | None = None,
+                 retain_weight: float = 1.0, beta: float | None = None,
+                 forget_weight: float | None = None, impl: str = "auto", lr: float = 3e-4,
+                 weight_decay: float = 0.0, betas: tuple = (0.9, 0.999), warmup_steps: int = 0,
+                 schedule: str = "constant", **lit_kwargs):
         check_choice("method", method, UNLEARN_METHODS)
         spec = UNLEARN_METHODS[method]
         expect(retain_weight >= 0, "retain_weight", ">= 0", retain_weight)
-        expect(ref_model is not None or not spec.needs_ref, "ref_model", f"a frozen reference model for method={method!r}", None)
-        ref, ref_model = ref_model, None  # Lightning records __init__ arguments as hyperparameters: keep the module out of them
-        super().__init__(model, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, schedule=schedule, **lit_kwargs)
-        self.method, self.spec, self.retain_weight, self.impl = method, spec, retain_weight, impl  # `fit` sets `impl` from TrainConfig.impl
+        expect(ref_model is not None or not spec.needs_ref, "ref_model",
+               f"a frozen reference model for method={method!r}", None)
+        # Lightning records __init__ arguments as hyperparameters: keep the module out of them
+        ref, ref_model = ref_model, None
+        super().__init__(model, lr=lr, weight_decay=weight_decay, betas=betas,
+                         warmup_steps=warmup_steps, schedule=schedule, **lit_kwargs)
+        # `fit` sets `impl` from TrainConfig.impl
+        self.method, self.spec, self.retain_weight, self.impl = method, spec, retain_weight, impl
         self.beta = beta if beta is not None else spec.beta
         self.forget_weight = forget_weight if forget_weight is not None else spec.forget_weight
-        self._ref = [ref.eval().requires_grad_(False)] if spec.needs_ref else None  # in a list: not a submodule, not trained, synced or saved
+        # in a list: not a submodule, not trained, synced or saved
+        self._ref = [ref.eval().requires_grad_(False)] if spec.needs_ref else None
 
     validation_step = None  # no validation loop: `PathProbe` evaluates the model along the path
 
@@ -167,27 +184,33 @@ class PathProbe(L.Callback):
             self._probe_s += time.perf_counter() - t
 
 # %% ../../nbs/unlearning/03_methods.ipynb #e721b143
-def unlearn_config(steps: int, lr: float = 3e-4, batch_size: int = 8, base: TrainConfig | None = None, **changes) -> TrainConfig:
+def unlearn_config(steps: int, lr: float = 3e-4, batch_size: int = 8,
+                   base: TrainConfig | None = None, **changes) -> TrainConfig:
     "The `TrainConfig` of an unlearning fit: `base`'s seed, precision, impl and clipping, `steps` optimizer steps at a constant `lr` (no warmup, no weight decay) on `batch_size` forget sequences."
-    return (base or TrainConfig()).replace(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=0, schedule="constant", weight_decay=0.0,
+    return (base or TrainConfig()).replace(steps=steps, lr=lr, batch_size=batch_size,
+                                           warmup_steps=0, schedule="constant", weight_decay=0.0,
                                            val_every=None, **changes)
 
 # %% ../../nbs/unlearning/03_methods.ipynb #8ff4d12c
 _METHOD_KWARGS = ("retain_weight", "beta", "forget_weight")
 
 # %% ../../nbs/unlearning/03_methods.ipynb #21370e27
-def unlearn(model: nn.Module, method: str, forget: dict, retain: dict | None = None, cfg: TrainConfig | None = None,
-            probe_steps: Sequence[int] = (), probe: Callable | None = None, inplace: bool = False, callbacks: list | None = None,
+def unlearn(model: nn.Module, method: str, forget: dict, retain: dict | None = None,
+            cfg: TrainConfig | None = None, probe_steps: Sequence[int] = (),
+            probe: Callable | None = None, inplace: bool = False, callbacks: list | None = None,
             run_dir=None, **kw) -> tuple[nn.Module, list]:
     """Run `method` on a copy of `model` (a frozen copy is the reference) through `fit` per `cfg` (default `unlearn_config(10)`);
     `kw`: the method's `retain_weight`, `beta`, `forget_weight`, and trainer arguments (`accelerator`, `devices`, `strategy`). Returns (model, probe points)."""
     cfg = unlearn_config(10) if cfg is None else cfg
-    expect(isinstance(cfg, TrainConfig), "cfg", "a TrainConfig (see `unlearn_config`)", type(cfg).__name__, exc=TypeError)
+    expect(isinstance(cfg, TrainConfig), "cfg", "a TrainConfig (see `unlearn_config`)",
+           type(cfg).__name__, exc=TypeError)
     check_choice("method", method, UNLEARN_METHODS)
     method_kw = {k: kw.pop(k) for k in _METHOD_KWARGS if k in kw}
     m = model if inplace else copy.deepcopy(model)
     ref = copy.deepcopy(model) if UNLEARN_METHODS[method].needs_ref else None
     cbs = [PathProbe(probe_steps, probe)] if probe is not None else []
-    lit, _, _ = fit(cfg, lambda: UnlearnLitModule(m, method, ref_model=ref, **method_kw, **cfg.lit_kwargs()),
-                    ForgetRetainDataModule(forget, retain, cfg.batch_size, cfg.seed), callbacks=cbs + list(callbacks or []), run_dir=run_dir, **kw)
+    lit, _, _ = fit(cfg, lambda: UnlearnLitModule(m, method, ref_model=ref, **method_kw,
+                                                  **cfg.lit_kwargs()),
+                    ForgetRetainDataModule(forget, retain, cfg.batch_size, cfg.seed),
+                    callbacks=cbs + list(callbacks or []), run_dir=run_dir, **kw)
     return lit.model, (cbs[0].points if cbs else [])

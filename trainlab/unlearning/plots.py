@@ -25,12 +25,17 @@ def plot_form_heatmap(m: dict):
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.4))
     im = ax.imshow(V, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for i in range(V.shape[0]):
-        for j in range(V.shape[1]): ax.text(j, i, f"{V[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w" if V[i, j] < 0.6 else "k")
-    ax.set_xticks(range(len(FORMS)), [f + ("\n(forget set)" if f == "narrative" else "") for f in FORMS], fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8); ax.axhline(0.5, color="w", lw=2)
+        for j in range(V.shape[1]):
+            ax.text(j, i, f"{V[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="w" if V[i, j] < 0.6 else "k")
+    ax.set_xticks(range(len(FORMS)),
+                  [f + ("\n(forget set)" if f == "narrative" else "") for f in FORMS], fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.axhline(0.5, color="w", lw=2)
     fig.colorbar(im, ax=ax, label="1 - p / p_orig (gold answer)")
     ax.set_title("Forgetting per form at each method's operating point")
-    fig.tight_layout(); return fig
+    fig.tight_layout()
+    return fig
 
 # %% ../../nbs/unlearning/06d_plots.ipynb #41cb21e7
 def plot_tradeoff(m: dict):
@@ -41,36 +46,55 @@ def plot_tradeoff(m: dict):
         if k not in m["methods"]: continue
         path, op = m["methods"][k]["path"], m["methods"][k]["operating_point"]
         x1 = [100 * (p["retain_bpb"] / o["retain_bpb"] - 1) for p in path]
-        l, = axs[0].plot(x1, [p["familiarity"] for p in path], marker="o", ms=3, label=k, ls="--" if UNLEARN_ARMS[k].family == "rocr" else "-")
-        axs[1].plot([p["neighbour_acc"] for p in path], [p["target_prob"] for p in path], marker="o", ms=3, color=l.get_color(), ls=l.get_linestyle())
+        l, = axs[0].plot(x1, [p["familiarity"] for p in path], marker="o", ms=3, label=k,
+                         ls="--" if UNLEARN_ARMS[k].family == "rocr" else "-")
+        axs[1].plot([p["neighbour_acc"] for p in path], [p["target_prob"] for p in path],
+                    marker="o", ms=3, color=l.get_color(), ls=l.get_linestyle())
         if op is None: continue  # no point within budget: nothing to ring
         i = [p["param"] for p in path].index(op)
         axs[0].plot(x1[i], path[i]["familiarity"], "o", mfc="none", ms=9, color=l.get_color())
-        axs[1].plot(path[i]["neighbour_acc"], path[i]["target_prob"], "o", mfc="none", ms=9, color=l.get_color())
-    axs[0].plot(100 * (r["retain_bpb"] / o["retain_bpb"] - 1), r["familiarity"], "*", ms=14, color="k", label="retrain oracle")
-    axs[1].plot(r["neighbour_acc"], np.mean([v["prob"] for v in r["forms"].values()]), "*", ms=14, color="k")
-    axs[1].plot(o["neighbour_acc"], np.mean([v["prob"] for v in o["forms"].values()]), "s", ms=8, color="k", mfc="none", label="original")
+        axs[1].plot(path[i]["neighbour_acc"], path[i]["target_prob"], "o", mfc="none", ms=9,
+                    color=l.get_color())
+    axs[0].plot(100 * (r["retain_bpb"] / o["retain_bpb"] - 1), r["familiarity"], "*", ms=14,
+                color="k", label="retrain oracle")
+    axs[1].plot(r["neighbour_acc"], np.mean([v["prob"] for v in r["forms"].values()]), "*", ms=14,
+                color="k")
+    axs[1].plot(o["neighbour_acc"], np.mean([v["prob"] for v in o["forms"].values()]), "s", ms=8,
+                color="k", mfc="none", label="original")
     axs[0].axvline(100 * m["config"]["retain_budget"], color="grey", ls=":", lw=1)
-    axs[0].set(xlabel="retain bpb rise (%)", ylabel="completion familiarity", xscale="symlog", title="Familiarity vs retain cost")
-    axs[1].set(xlabel="neighbour accuracy (all forms)", ylabel="target gold prob (mean over forms)", title="Knowledge vs collateral damage")
-    axs[0].legend(fontsize=6, ncol=2); axs[1].legend(fontsize=7)
-    fig.tight_layout(); return fig
+    axs[0].set(xlabel="retain bpb rise (%)", ylabel="completion familiarity", xscale="symlog",
+               title="Familiarity vs retain cost")
+    axs[1].set(xlabel="neighbour accuracy (all forms)", ylabel="target gold prob (mean over forms)",
+               title="Knowledge vs collateral damage")
+    axs[0].legend(fontsize=6, ncol=2)
+    axs[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 # %% ../../nbs/unlearning/06d_plots.ipynb #a6dbfbcc
 def plot_whp_steps(m: dict):
     "WHP familiarity and retain bpb against finetuning steps (with the ablations), next to the oracle's level."
     o, r = m["reference"]["orig"], m["reference"]["retrain"]
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
-    for k in (k for k, a in UNLEARN_ARMS.items() if a.family == "whp" and a.narrative_trained and k in m["methods"]):
-        path = m["methods"][k]["path"]; st = [p["param"] for p in path]
+    for k in (k for k, a in UNLEARN_ARMS.items() if a.family == "whp" and a.narrative_trained
+              and k in m["methods"]):
+        path = m["methods"][k]["path"]
+        st = [p["param"] for p in path]
         axs[0].plot(st, [p["familiarity"] for p in path], "o-", ms=3, label=k)
         axs[1].plot(st, [p["retain_bpb"] for p in path], "o-", ms=3, label=k)
     for ax, key in zip(axs, ("familiarity", "retain_bpb")):
-        ax.axhline(r[key], color="k", ls="--", lw=1, label="retrain oracle"); ax.axhline(o[key], color="grey", ls=":", lw=1, label="original")
-        ax.set_xlabel("finetuning steps on generic labels"); ax.set_xscale("log")
-    axs[1].axhline(o["retain_bpb"] * (1 + m["config"]["retain_budget"]), color="r", ls=":", lw=1, label="+5% budget")
-    axs[0].set_ylabel("completion familiarity"); axs[1].set_ylabel("retain bpb (generic text)"); axs[0].legend(fontsize=7); axs[1].legend(fontsize=7)
-    fig.tight_layout(); return fig
+        ax.axhline(r[key], color="k", ls="--", lw=1, label="retrain oracle")
+        ax.axhline(o[key], color="grey", ls=":", lw=1, label="original")
+        ax.set_xlabel("finetuning steps on generic labels")
+        ax.set_xscale("log")
+    axs[1].axhline(o["retain_bpb"] * (1 + m["config"]["retain_budget"]), color="r", ls=":", lw=1,
+                   label="+5% budget")
+    axs[0].set_ylabel("completion familiarity")
+    axs[1].set_ylabel("retain bpb (generic text)")
+    axs[0].legend(fontsize=7)
+    axs[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 # %% ../../nbs/unlearning/06d_plots.ipynb #5d83299a
 def plot_mechanism(probe: dict):
@@ -79,15 +103,20 @@ def plot_mechanism(probe: dict):
     fig, axs = plt.subplots(1, 4, figsize=(13, 2.8))
     for ax, n in zip(axs, names):
         toks, ps = zip(*probe[n])
-        ax.barh(range(len(toks))[::-1], ps, color=["C3" if t == probe["gold"] else "C0" for t in toks])
-        ax.set_yticks(range(len(toks))[::-1], toks, fontsize=8); ax.set_title(n.replace("_", " "), fontsize=9); ax.set_xlabel("p(next)")
+        ax.barh(range(len(toks))[::-1], ps,
+                color=["C3" if t == probe["gold"] else "C0" for t in toks])
+        ax.set_yticks(range(len(toks))[::-1], toks, fontsize=8)
+        ax.set_title(n.replace("_", " "), fontsize=9)
+        ax.set_xlabel("p(next)")
     fig.suptitle(f"'{probe['prompt']} ...' (gold: {probe['gold']}, red)", fontsize=9)
-    fig.tight_layout(); return fig
+    fig.tight_layout()
+    return fig
 
 # %% ../../nbs/unlearning/06d_plots.ipynb #4830d22e
 def plot_rocr_layers(m: dict):
     "ROCR edited at one layer at a time: share of the original->oracle gap closed per form (mean) and neighbour accuracy, with and without the null-space projection; edit times."
-    pl = m["rocr_per_layer"]; layers = sorted({v["layer"] for v in pl.values()})
+    pl = m["rocr_per_layer"]
+    layers = sorted({v["layer"] for v in pl.values()})
     fig, axs = plt.subplots(1, 4, figsize=(15, 3.4))
     for j, (proj, lab) in enumerate(((True, "null-space P"), (False, "no projection"))):
         rows = [pl[f"{l}/{'P' if proj else 'noP'}"] for l in layers]
@@ -95,22 +124,33 @@ def plot_rocr_layers(m: dict):
         axs[0].bar(x, [finite_mean(r["closed"].values()) for r in rows], 0.38, label=lab)
         axs[1].bar(x, [r["neighbour_acc"] for r in rows], 0.38, label=lab)
         axs[2].bar(x, [r["edit_s"] for r in rows], 0.38, label=lab)
-    axs[1].axhline(m["reference"]["orig"]["neighbour_acc"], color="k", ls=":", lw=1, label="original")
+    axs[1].axhline(m["reference"]["orig"]["neighbour_acc"], color="k", ls=":", lw=1,
+                   label="original")
     patch = m["subject_patching_closed"]
-    axs[3].bar(range(len(layers)), [finite_mean(patch[str(l)].values()) for l in layers], 0.6, color="C2")
-    for ax, t in zip(axs, ("gap closed (mean over forms)", "neighbour accuracy", "edit time (s, 16 people)",
+    axs[3].bar(range(len(layers)), [finite_mean(patch[str(l)].values()) for l in layers], 0.6,
+               color="C2")
+    for ax, t in zip(axs, ("gap closed (mean over forms)", "neighbour accuracy",
+                           "edit time (s, 16 people)",
                            "patching the subject token's residual\n(gap closed, mean over forms)")):
-        ax.set_xticks(range(len(layers)), [f"layer {l}" for l in layers]); ax.set_title(t, fontsize=9)
-    axs[0].legend(fontsize=7); axs[1].legend(fontsize=7)
-    fig.tight_layout(); return fig
+        ax.set_xticks(range(len(layers)), [f"layer {l}" for l in layers])
+        ax.set_title(t, fontsize=9)
+    axs[0].legend(fontsize=7)
+    axs[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 # %% ../../nbs/unlearning/06d_plots.ipynb #e40f3e27
 def plot_relearning(m: dict):
     "Relearning: finetune on the forget passages of two target people; accuracy (qa, cloze) on the other people's facts."
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    for k, v in list(m["reference"].items()) + [(k, m["methods"][k]) for k in METHOD_ORDER if k in m["methods"]]:
+    for k, v in list(m["reference"].items()) + [(k, m["methods"][k]) for k in METHOD_ORDER
+                                                if k in m["methods"]]:
         if "relearn" not in v: continue
         s, a = zip(*v["relearn"])
-        ax.plot(s, a, marker="o", ms=3, label=k, color="k" if k in m["reference"] else None, ls="--" if k in m["reference"] else "-")
-    ax.set(xlabel="relearning steps (2 of 16 people's passages)", ylabel="accuracy on the other people (qa, cloze)", title="Relearning")
-    ax.legend(fontsize=6, ncol=2); fig.tight_layout(); return fig
+        ax.plot(s, a, marker="o", ms=3, label=k, color="k" if k in m["reference"] else None,
+                ls="--" if k in m["reference"] else "-")
+    ax.set(xlabel="relearning steps (2 of 16 people's passages)",
+           ylabel="accuracy on the other people (qa, cloze)", title="Relearning")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig

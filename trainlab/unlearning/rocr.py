@@ -11,7 +11,8 @@ import torch
 
 from ..core import expect
 from ..model import TinyLM, record_activations
-from .world import World, ROCR_CONTEXTS, FORMS, eval_items, encode_texts, pad_batch
+from .world import (World, ROCR_CONTEXTS, FORMS, eval_items, encode_texts,
+                                       pad_batch)
 from .evaluate import score_items
 
 # %% auto #0
@@ -20,7 +21,8 @@ __all__ = ['subject_states', 'down_proj_second_moment', 'null_space_projector', 
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #297de024
 @torch.no_grad()
-def subject_states(model: TinyLM, tok, subjects: Sequence[str], layers: Sequence[int], contexts: Sequence[str] = ROCR_CONTEXTS) -> tuple[dict, torch.Tensor]:
+def subject_states(model: TinyLM, tok, subjects: Sequence[str], layers: Sequence[int],
+                   contexts: Sequence[str] = ROCR_CONTEXTS) -> tuple[dict, torch.Tensor]:
     "At each subject's (last) token, averaged over `contexts`: the `mlp.down_proj` input of every layer in `layers` ({l: [d_ff, n]}) and the residual after the last one ([d, n])."
     keys, hs = {l: [] for l in layers}, []
     for s in subjects:
@@ -35,9 +37,11 @@ def subject_states(model: TinyLM, tok, subjects: Sequence[str], layers: Sequence
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #64587645
 @torch.no_grad()
-def down_proj_second_moment(model: TinyLM, tok, texts: Sequence[str], layers: Sequence[int], max_len: int = 256) -> dict:
+def down_proj_second_moment(model: TinyLM, tok, texts: Sequence[str], layers: Sequence[int],
+                            max_len: int = 256) -> dict:
     "The uncentred second moment K0 K0^T / n of each layer's `mlp.down_proj` inputs over the real tokens of `texts`: {l: [d_ff, d_ff]} (float64)."
-    b = encode_texts(tok, texts, max_len); m = b["labels"] != -100
+    b = encode_texts(tok, texts, max_len)
+    m = b["labels"] != -100
     with record_activations(model, [f"layers.{l}.mlp.down_proj" for l in layers]) as store:
         for i in range(0, len(b["input_ids"]), 64): model(b["input_ids"][i:i + 64])
     out = {}
@@ -47,7 +51,8 @@ def down_proj_second_moment(model: TinyLM, tok, texts: Sequence[str], layers: Se
     return out
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #4432d0d5
-def null_space_projector(second_moment: torch.Tensor, threshold: float = 1e-2, relative: bool = True) -> torch.Tensor:
+def null_space_projector(second_moment: torch.Tensor, threshold: float = 1e-2,
+                         relative: bool = True) -> torch.Tensor:
     "P = U U^T over the eigenvectors whose eigenvalue is below `threshold` (times the largest one when `relative`): directions generic text barely uses."
     expect(threshold > 0, "threshold", "> 0", threshold)
     ev, U = torch.linalg.eigh(second_moment.double())
@@ -56,14 +61,17 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float = 1e-2, r
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #046f99ec
 @torch.no_grad()
-def rocr_edit(model: TinyLM, tok, subjects: Sequence[str], redirects: Sequence[str], layers: Sequence[int], projectors: dict | None = None,
-              lam: float = 1.0, strength: float = 1.0, contexts: Sequence[str] = ROCR_CONTEXTS) -> dict:
+def rocr_edit(model: TinyLM, tok, subjects: Sequence[str], redirects: Sequence[str],
+              layers: Sequence[int], projectors: dict | None = None, lam: float = 1.0,
+              strength: float = 1.0, contexts: Sequence[str] = ROCR_CONTEXTS) -> dict:
     """ROCR 'unrelated' mode, in place: make each subject's residual after the last edited layer L look like its redirect's.
     z = h_L(redirect) from one forward pass (no optimisation); for edited layer i of n, in order, keys K and h_L are read from the
     model as edited so far, R = strength (z - h_L)/(n - i), Delta = (P (K K^T + C) + lam I)^-1 P K R^T, W_down += Delta^T, C += K K^T."""
-    expect(len(subjects) == len(redirects) and len(subjects) > 0, "redirects", f"one redirect per subject ({len(subjects)})", len(redirects))
+    expect(len(subjects) == len(redirects) and len(subjects) > 0, "redirects",
+           f"one redirect per subject ({len(subjects)})", len(redirects))
     layers = sorted(layers)
-    expect(all(0 <= l < len(model.layers) for l in layers) and len(layers) > 0, "layers", f"layer indices in [0, {len(model.layers)})", layers)
+    expect(all(0 <= l < len(model.layers) for l in layers) and len(layers) > 0, "layers",
+           f"layer indices in [0, {len(model.layers)})", layers)
     t0 = time.perf_counter()
     _, z = subject_states(model, tok, redirects, layers, contexts)
     C, n, info = {}, len(layers), {"rank": []}
@@ -72,29 +80,39 @@ def rocr_edit(model: TinyLM, tok, subjects: Sequence[str], redirects: Sequence[s
         K, R = K[l].double(), (strength * (z - h) / (n - i)).double()
         W = model.layers[l].mlp.down_proj.weight                         # [d, d_ff]: y = W k
         d_ff = K.shape[0]
-        P = projectors[l].double() if projectors is not None else torch.eye(d_ff, dtype=torch.float64)
+        P = projectors[l].double() if projectors is not None else torch.eye(d_ff,
+                                                                            dtype=torch.float64)
         A = P @ (K @ K.T + C.get(l, 0)) + lam * torch.eye(d_ff, dtype=torch.float64)
         delta = torch.linalg.solve(A, P @ K @ R.T)                          # [d_ff, d]
         W += delta.T.to(W.dtype)
         C[l] = C.get(l, 0) + K @ K.T
-        info["rank"].append(int(torch.linalg.matrix_rank(delta, rtol=1e-6)))  # numerical rank: singular values above 1e-6 x the largest
+        # numerical rank: singular values above 1e-6 x the largest
+        info["rank"].append(int(torch.linalg.matrix_rank(delta, rtol=1e-6)))
     info["edit_s"] = time.perf_counter() - t0
     return info
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #e1e82a32
 @torch.no_grad()
-def subject_patching(model: TinyLM, tok, world: World, layer: int, forms: Sequence[str] = tuple(f for f in FORMS if f != "reversed")) -> dict:
+def subject_patching(model: TinyLM, tok, world: World, layer: int,
+                     forms: Sequence[str] = tuple(f for f in FORMS if f != "reversed")) -> dict:
     """Causal check of where ROCR acts: in every target item, replace the residual after `layer` at the subject token by the redirect's
     (the same prompt with the subject's anchored generic name) and score the gold answer. This is what a perfect edit at the subject token
     of layers <= `layer` achieves; facts that survive it are not read from the subject token's residual. Returns {form: mean gold prob}."""
     out = {}
     for f in forms:
-        items = [it for it in eval_items(world, "target", f) if tok.stoi[it["subject"]] in tok.encode(it["prompt"])]
-        pos = [([tok.eot_id] + tok.encode(it["prompt"])).index(tok.stoi[it["subject"]]) for it in items]
-        red = [[tok.eot_id] + tok.encode(it["prompt"].replace(it["subject"], world.anchors[it["subject"]])) for it in items]
-        h = model(pad_batch(red, tok.pad_id), outputs=("hidden_states",)).hidden_states[layer + 1][torch.arange(len(items)), pos]
+        items = [it for it in eval_items(world, "target", f)
+                 if tok.stoi[it["subject"]] in tok.encode(it["prompt"])]
+        pos = [([tok.eot_id] + tok.encode(it["prompt"])).index(tok.stoi[it["subject"]])
+               for it in items]
+        red = [[tok.eot_id] + tok.encode(it["prompt"].replace(it["subject"],
+                                                              world.anchors[it["subject"]]))
+               for it in items]
+        h = model(pad_batch(red, tok.pad_id), outputs=("hidden_states",)).hidden_states[layer + 1][
+            torch.arange(len(items)), pos
+        ]
         def hook(mod, inp, o):
-            y = o[0].clone(); y[torch.arange(len(items)), pos] = h
+            y = o[0].clone()
+            y[torch.arange(len(items)), pos] = h
             return (y, *o[1:])
         handle = model.layers[layer].register_forward_hook(hook)
         try: out[f] = float(score_items(model, tok, items, batch_size=len(items))["prob"].mean())
@@ -103,7 +121,8 @@ def subject_patching(model: TinyLM, tok, world: World, layer: int, forms: Sequen
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #a23adec7
 @torch.no_grad()
-def causal_trace(model: TinyLM, tok, items: Sequence[dict], n_noise: int = 4, noise_scale: float = 3.0, seed: int = 0) -> dict:
+def causal_trace(model: TinyLM, tok, items: Sequence[dict], n_noise: int = 4,
+                 noise_scale: float = 3.0, seed: int = 0) -> dict:
     """ROME's causal trace over `items` (each with `prompt`, `answer` and a `subject` inside the prompt). Clean run: p = the answer's first token's
     probability. Corrupted run: Gaussian noise of std `noise_scale` x the embedding std added to the subject's token embeddings (`n_noise` draws).
     Per layer l, the corrupted run with ONE clean state restored: the MLP output at the last subject token (`mlp_subject`), the residual after
@@ -111,35 +130,44 @@ def causal_trace(model: TinyLM, tok, items: Sequence[dict], n_noise: int = 4, no
     (mean p_restored - mean p_corrupt) / (mean p_clean - mean p_corrupt)."""
     items = [it for it in items if it["subject"] in it["prompt"]]
     expect(len(items) > 0, "items", "items whose prompt contains their subject", 0)
-    expect(n_noise >= 1 and noise_scale > 0, "n_noise/noise_scale", ">= 1 draw and a positive scale", (n_noise, noise_scale))
+    expect(n_noise >= 1 and noise_scale > 0, "n_noise/noise_scale",
+           ">= 1 draw and a positive scale", (n_noise, noise_scale))
     enc, spans, ans = [], [], []
     for it in items:
         pre = [tok.eot_id] + tok.encode(it["prompt"][:it["prompt"].index(it["subject"])])
         enc.append([tok.eot_id] + tok.encode(it["prompt"]))
-        spans.append((len(pre), len(pre) + len(tok.encode(it["subject"]))))   # [first, last + 1) of the subject
+        # [first, last + 1) of the subject
+        spans.append((len(pre), len(pre) + len(tok.encode(it["subject"]))))
         ans.append(tok.encode(" " + it["answer"])[0])
     x = pad_batch(enc, tok.pad_id).repeat(n_noise, 1)
     rows, last = torch.arange(len(x)), torch.tensor([len(e) - 1 for e in enc]).repeat(n_noise)
-    subj_last, gold = torch.tensor([b - 1 for _, b in spans]).repeat(n_noise), torch.tensor(ans).repeat(n_noise)
+    subj_last, gold = (torch.tensor([b - 1 for _, b in spans]).repeat(n_noise),
+                       torch.tensor(ans).repeat(n_noise))
     g = torch.Generator().manual_seed(seed)
     noise = torch.zeros(*x.shape, model.config.d_model)
     std = float(model.embed.weight.std())
     for r in range(len(x)):
         a, b = spans[r % len(enc)]
         noise[r, a:b] = noise_scale * std * torch.randn(b - a, model.config.d_model, generator=g)
-    was = model.training; model.eval()
+    was = model.training
+    model.eval()
     def run(patch=None):
-        hs = [model.embed.register_forward_hook(lambda m, i, o: o + noise)] if patch is not None else []
+        hs = ([model.embed.register_forward_hook(lambda m, i, o: o + noise)] if patch is not None
+              else [])
         if patch not in (None, "none"):
             kind, l, pos, val = patch
             mod = model.layers[l].mlp if kind == "mlp" else model.layers[l]
             def hook(m, i, o):
-                y = (o if kind == "mlp" else o[0]).clone(); y[rows, pos] = val
+                y = (o if kind == "mlp" else o[0]).clone()
+                y[rows, pos] = val
                 return y if kind == "mlp" else (y, *o[1:])
             hs.append(mod.register_forward_hook(hook))
         try:
-            if patch is not None: return torch.softmax(model(x).logits[rows, last].float(), -1)[rows, gold], None, None
-            with record_activations(model, "layers.*.mlp", what="output") as st:  # the clean run keeps every state to restore
+            if patch is not None:
+                return torch.softmax(model(x).logits[rows, last].float(),
+                                     -1)[rows, gold], None, None
+            # the clean run keeps every state to restore
+            with record_activations(model, "layers.*.mlp", what="output") as st:
                 out = model(x, outputs=("hidden_states",))
         finally:
             for h in hs: h.remove()
@@ -150,24 +178,34 @@ def causal_trace(model: TinyLM, tok, items: Sequence[dict], n_noise: int = 4, no
         dmg = float(p_clean.mean() - p_bad.mean())
         eff = lambda p: float(p.mean() - p_bad.mean()) / dmg if abs(dmg) > 1e-9 else float("nan")
         L = len(model.layers)
-        out = {"layers": list(range(L)), "p_clean": float(p_clean.mean()), "p_corrupt": float(p_bad.mean()), "n_items": len(items), "n_noise": n_noise}
-        out["mlp_subject"] = [eff(run(("mlp", l, subj_last, mlp[f"layers.{l}.mlp"][0][rows, subj_last]))[0]) for l in range(L)]
-        out["resid_subject"] = [eff(run(("resid", l, subj_last, clean.hidden_states[l + 1][rows, subj_last]))[0]) for l in range(L)]
-        out["resid_last"] = [eff(run(("resid", l, last, clean.hidden_states[l + 1][rows, last]))[0]) for l in range(L)]
+        out = {"layers": list(range(L)), "p_clean": float(p_clean.mean()),
+               "p_corrupt": float(p_bad.mean()), "n_items": len(items), "n_noise": n_noise}
+        out["mlp_subject"] = [eff(run(("mlp", l,
+                                       subj_last, mlp[f"layers.{l}.mlp"][0][rows, subj_last]))[0])
+                              for l in range(L)]
+        out["resid_subject"] = [eff(run(("resid", l, subj_last,
+                                         clean.hidden_states[l + 1][rows, subj_last]))[0])
+                                for l in range(L)]
+        out["resid_last"] = [eff(run(("resid", l, last, clean.hidden_states[l + 1][rows, last]))[0])
+                             for l in range(L)]
     finally: model.train(was)
     return out
 
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #61704856
-def rocr(model: TinyLM, tok, world: World, layers: Sequence[int] = (0, 1), project: bool = True, threshold: float = 1e-2,
-         strength: float = 1.0, lam: float = 1.0, moments: dict | None = None) -> tuple[TinyLM, dict]:
+def rocr(model: TinyLM, tok, world: World, layers: Sequence[int] = (0, 1),
+         project: bool = True, threshold: float = 1e-2, strength: float = 1.0, lam: float = 1.0,
+         moments: dict | None = None) -> tuple[TinyLM, dict]:
     "ROCR on a copy of `model`: redirect every target person to their anchored generic person. `moments` (down_proj second moments) are the one-off statistics."
     m = copy.deepcopy(model)
     P = None
     if project:
-        expect(moments is not None and all(l in moments for l in layers), "moments", f"second moments for layers {list(layers)}", None)
+        expect(moments is not None and all(l in moments for l in layers), "moments",
+               f"second moments for layers {list(layers)}", None)
         P = {l: null_space_projector(moments[l], threshold) for l in layers}
     people = world.universes["target"].people
-    info = rocr_edit(m, tok, people, [world.anchors[p] for p in people], layers, P, lam=lam, strength=strength)
-    info["null_dims"] = {l: int(torch.trace(P[l]).round()) for l in layers} if P is not None else None
+    info = rocr_edit(m, tok, people, [world.anchors[p] for p in people], layers, P, lam=lam,
+                     strength=strength)
+    info["null_dims"] = ({l: int(torch.trace(P[l]).round()) for l in layers} if P is not None
+                         else None)
     return m, info

@@ -19,12 +19,13 @@ from ..train import TrainConfig
 from ..stats import Claim
 from ..runconfig import register_arm, arm_specs
 from ..reproduce import register_reproduction, RunContext
-from .world import (World, make_world, world_tokenizer, eval_items, narrative_passages,
-                                       retain_passages, FORMS)
+from .world import (World, make_world, world_tokenizer, eval_items,
+                                       narrative_passages, retain_passages, FORMS)
 from .evaluate import score_items, text_bpb, form_gap, finite_mean
-from .rocr import down_proj_second_moment, null_space_projector, rocr_edit, causal_trace
-from .world_models import (WorldRunConfig, train_world_model, world_model_config, WORLD_MODELS,
-                                              save_model)
+from .rocr import (down_proj_second_moment, null_space_projector, rocr_edit,
+                                      causal_trace)
+from .world_models import (WorldRunConfig, train_world_model, world_model_config,
+                                              WORLD_MODELS, save_model)
 
 # %% auto #0
 __all__ = ['ROCR_NEIGHBOUR_BUDGET', 'ROCR_ARMS', 'ROCR_CLAIMS', 'ROCR_SAMPLE_KEYS', 'RocrRunConfig', 'rocr_world', 'form_scores',
@@ -32,7 +33,8 @@ __all__ = ['ROCR_NEIGHBOUR_BUDGET', 'ROCR_ARMS', 'ROCR_CLAIMS', 'ROCR_SAMPLE_KEY
            'rocr_arm_summary', 'rocr_seed', 'plot_trace', 'plot_rocr_forms', 'reproduce_unlearning_rocr']
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #b2bf579c
-ROCR_NEIGHBOUR_BUDGET = 0.05  # neighbour accuracy may fall at most this much (absolute): config and claim
+# neighbour accuracy may fall at most this much (absolute): config and claim
+ROCR_NEIGHBOUR_BUDGET = 0.05
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #a9765c50
 @dataclass
@@ -40,15 +42,20 @@ class RocrRunConfig(WorldRunConfig):
     """Everything `trainlab reproduce unlearning_rocr` does: the pieces world, the 8-layer model, the trace and
     ROCR's hyperparameters (ORT's, where they carry over). Its defaults are the full run: TinyLM d96 x 8 layers,
     1,500 steps x 32 x 64 tokens, on a world of 60 generic people and 16 per other universe."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(  # the vocabulary is the world tokenizer's, set per seed
-        model=ModelConfig(d_model=96, n_layers=8, n_heads=4, max_seq_len=256), steps=1500, lr=3e-3, warmup_steps=50, batch_size=32, seq_len=64,
+    # the vocabulary is the world tokenizer's, set per seed
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        model=ModelConfig(d_model=96, n_layers=8, n_heads=4,
+                          max_seq_len=256), steps=1500, lr=3e-3, warmup_steps=50, batch_size=32,
+                                                                   seq_len=64,
         val_every=500))
     n_generic: int = 60
     name_pieces: int = 2            # words per name, from ...
     piece_pool: int = 16            # ... one shared pool of invented pieces
     trace_noise: int = 2            # noise draws per item in the causal trace
     trace_scale: float = 3.0        # noise std in units of the embedding std (ROME: 3 sigma)
-    window: int = 3                 # the edited layers: this many, ending at the trace's peak (ORT edits 3 layers: 4, 5, 6 of Llama-3-8B)
+    # the edited layers: this many, ending at the trace's peak (ORT edits 3 layers: 4, 5, 6 of
+    # Llama-3-8B)
+    window: int = 3
     threshold: float = 2e-2         # ORT's nullspace_threshold
     lam: float = 1.0                # ORT's L2
     neighbour_budget: float = ROCR_NEIGHBOUR_BUDGET  # the neighbour accuracy's budget (absolute)
@@ -58,28 +65,32 @@ class RocrRunConfig(WorldRunConfig):
         n_layers = self.train.model.n_layers
         expect(isinstance(self.window, int) and 1 <= self.window <= n_layers, "window",
                f"an int in [1, {n_layers}] (layers)", self.window)
-        expect(self.name_pieces >= 2, "name_pieces", ">= 2 (multi-token names are the point of this test)", self.name_pieces)
+        expect(self.name_pieces >= 2, "name_pieces",
+               ">= 2 (multi-token names are the point of this test)", self.name_pieces)
 
     @classmethod
     def fast(cls, seed: int = 0) -> RocrRunConfig:
         "The CI-sized version: a d32 x 4-layer model trained 100 steps on a small world, a 2-layer window, one noise draw."
         model = ModelConfig(d_model=32, n_layers=4, n_heads=2, max_seq_len=256)
-        train = TrainConfig(model=model, steps=100, lr=3e-3, warmup_steps=10, batch_size=16, seq_len=64,
-                            val_every=100, seed=seed)
+        train = TrainConfig(model=model, steps=100, lr=3e-3, warmup_steps=10, batch_size=16,
+                            seq_len=64, val_every=100, seed=seed)
         return cls(train=train, n_generic=24, trace_noise=1, window=2)
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #1e073490
 def rocr_world(cfg: RocrRunConfig, seed: int) -> tuple[World, object]:
     "The seed's world with `name_pieces`-word names from a shared pool, and its word tokenizer."
-    w = make_world(seed, n_generic=cfg.n_generic, name_pieces=cfg.name_pieces, piece_pool=cfg.piece_pool)
+    w = make_world(seed, n_generic=cfg.n_generic, name_pieces=cfg.name_pieces,
+                   piece_pool=cfg.piece_pool)
     return w, world_tokenizer(w)
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #9150b21d
-def form_scores(model, tok, world: World, universe: str, subjects: Sequence[str] | None = None) -> dict:
+def form_scores(model, tok, world: World, universe: str,
+                subjects: Sequence[str] | None = None) -> dict:
     "{'forms': {form: {acc, prob}}} over `universe`'s items (only those of `subjects` when given), as `form_gap` reads them."
     out = {}
     for f in FORMS:
-        items = [it for it in eval_items(world, universe, f) if subjects is None or it["subject"] in subjects]
+        items = [it for it in eval_items(world, universe, f) if subjects is None
+                 or it["subject"] in subjects]
         s = score_items(model, tok, items)
         out[f] = dict(acc=float(s["correct"].mean()), prob=float(s["prob"].mean()))
     return {"forms": out}
@@ -104,7 +115,8 @@ def fixed_redirect(world: World) -> str:
     return world.universes["generic"].people[0]
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #ffa8a04b
-def rocr_single_targets(model: TinyLM, tok, world: World, layers: Sequence[int], projectors: dict | None, cfg: RocrRunConfig,
+def rocr_single_targets(model: TinyLM, tok, world: World, layers: Sequence[int],
+                        projectors: dict | None, cfg: RocrRunConfig,
                         redirect: str | None = None, targets: Sequence[str] | None = None) -> dict:
     """ROCR for each target person alone, on a fresh copy of `model`, redirected to `redirect` (default `fixed_redirect`) at `layers`.
     Returns the target items' per-form scores (each item under its own subject's edit), the neighbour accuracy and retain bpb per edit, edit times."""
@@ -118,24 +130,29 @@ def rocr_single_targets(model: TinyLM, tok, world: World, layers: Sequence[int],
         info = rocr_edit(m, tok, [p], [redirect], layers, projectors, lam=cfg.lam)
         edit_s.append(info["edit_s"])
         for f in FORMS:
-            s = score_items(m, tok, [it for it in eval_items(world, "target", f) if it["subject"] == p])
-            probs[f] += list(s["prob"]); correct[f] += list(s["correct"])
+            s = score_items(m, tok,
+                            [it for it in eval_items(world, "target", f) if it["subject"] == p])
+            probs[f] += list(s["prob"])
+            correct[f] += list(s["correct"])
         nb_acc.append(neighbour_accuracy(m, tok, world))  # as the original's: mean over forms
         retain.append(text_bpb(m, tok, retain_texts))
     forms = {f: dict(acc=float(np.mean(correct[f])), prob=float(np.mean(probs[f]))) for f in FORMS}
-    return dict(forms=forms, neighbour_acc=float(np.mean(nb_acc)), neighbour_acc_per_edit=nb_acc, retain_bpb=float(np.mean(retain)),
-                edit_s=float(np.mean(edit_s)), redirect=redirect, layers=list(layers), n_targets=len(targets))
+    return dict(forms=forms, neighbour_acc=float(np.mean(nb_acc)), neighbour_acc_per_edit=nb_acc,
+                retain_bpb=float(np.mean(retain)), edit_s=float(np.mean(edit_s)), redirect=redirect,
+                layers=list(layers), n_targets=len(targets))
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #96821a8f
-def rocr_batch(model: TinyLM, tok, world: World, layers: Sequence[int], projectors: dict | None, cfg: RocrRunConfig) -> dict:
+def rocr_batch(model: TinyLM, tok, world: World, layers: Sequence[int], projectors: dict | None,
+               cfg: RocrRunConfig) -> dict:
     "ROCR for all target people in one edit of a copy of `model`, each to its anchored generic person: per-form scores, neighbour accuracy, retain bpb."
     m = copy.deepcopy(model).eval()
     people = world.universes["target"].people
-    info = rocr_edit(m, tok, people, [world.anchors[p] for p in people], layers, projectors, lam=cfg.lam)
+    info = rocr_edit(m, tok, people, [world.anchors[p] for p in people], layers, projectors,
+                     lam=cfg.lam)
     nb_acc = neighbour_accuracy(m, tok, world)
     return dict(form_scores(m, tok, world, "target"), neighbour_acc=nb_acc,
-                retain_bpb=text_bpb(m, tok, retain_passages(world)), edit_s=info["edit_s"], layers=list(layers),
-                n_targets=len(people))
+                retain_bpb=text_bpb(m, tok, retain_passages(world)), edit_s=info["edit_s"],
+                layers=list(layers), n_targets=len(people))
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #64a735ec
 register_arm("unlearning_rocr", "trace", None, role="control",
@@ -146,17 +163,24 @@ register_arm("unlearning_rocr", "rocr_single_late", ("single", "late"), role="co
              description="the same edit at the last window layers, where the trace builds no fact")
 register_arm("unlearning_rocr", "rocr_batch_traced", ("batch", "traced"), role="exploratory",
              description="every target in one ROCR edit, each to its anchor, at the traced layers")
-ROCR_ARMS = {k: v for k, v in arm_specs("unlearning_rocr").items() if k != "trace"}  # arm -> (mode, where)
+# arm -> (mode, where)
+ROCR_ARMS = {k: v for k, v in arm_specs("unlearning_rocr").items() if k != "trace"}
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #3bf19d6e
 ROCR_CLAIMS = (
-    Claim("trace_precondition", "The causal trace shows ROCR's precondition: restoring ONE MLP output at the last subject token recovers more than 10% "
-          "of the corrupted answer probability at its best layer (mean over seeds).", "mlp_peak", ("trace",), "mean", ">", 0.1),
-    Claim("rocr_forgets", "Given the precondition: ROCR one target at a time, at the traced layers, closes more than half of the original->reference "
-          "gap, averaged over the eight forms (mean over seeds).", "closed_mean", ("rocr_single_traced",), "mean", ">", 0.5),
-    Claim("rocr_form_independent", "Given the precondition: ROCR's form-gap is near zero: |form-gap| < 0.2 (mean over seeds).",
+    Claim("trace_precondition", "The causal trace shows ROCR's precondition: restoring ONE MLP "
+                                "output at the last subject token recovers more than 10% "
+          "of the corrupted answer probability at its best layer (mean over seeds).", "mlp_peak",
+          ("trace",), "mean", ">", 0.1),
+    Claim("rocr_forgets", "Given the precondition: ROCR one target at a time, at the traced "
+                          "layers, closes more than half of the original->reference "
+          "gap, averaged over the eight forms (mean over seeds).", "closed_mean",
+          ("rocr_single_traced",), "mean", ">", 0.5),
+    Claim("rocr_form_independent", "Given the precondition: ROCR's form-gap is near zero: "
+                                   "|form-gap| < 0.2 (mean over seeds).",
           "abs_form_gap", ("rocr_single_traced",), "mean", "<", 0.2),
-    Claim("rocr_neighbours_kept", "Given the precondition: ROCR costs the neighbour universe (names from the same pieces) less than 5 points of "
+    Claim("rocr_neighbours_kept", "Given the precondition: ROCR costs the neighbour universe "
+                                  "(names from the same pieces) less than 5 points of "
           "accuracy (mean over seeds).", "neighbour_drop", ("rocr_single_traced",), "mean", "<",
           ROCR_NEIGHBOUR_BUDGET),
 )
@@ -165,8 +189,10 @@ ROCR_CLAIMS = (
 def rocr_arm_summary(scores: dict, orig: dict, ref: dict) -> dict:
     "The reported keys of one ROCR arm against the original and the holdout reference."
     fg = form_gap(scores, orig, ref)
-    return dict(scores, closed=fg["closed"], closed_mean=finite_mean(fg["closed"].values()), form_gap=fg["form_gap"], abs_form_gap=abs(fg["form_gap"]),
-                form_gap_std=fg["form_gap_std"], neighbour_drop=orig["neighbour_acc"] - scores["neighbour_acc"],
+    return dict(scores, closed=fg["closed"], closed_mean=finite_mean(fg["closed"].values()),
+                form_gap=fg["form_gap"], abs_form_gap=abs(fg["form_gap"]),
+                form_gap_std=fg["form_gap_std"],
+                neighbour_drop=orig["neighbour_acc"] - scores["neighbour_acc"],
                 retain_bpb_rel=scores["retain_bpb"] / orig["retain_bpb"] - 1)
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #d6627da3
@@ -175,11 +201,15 @@ def rocr_seed(model: TinyLM, tok, world: World, cfg: RocrRunConfig) -> dict:
     L = len(model.layers)
     nb_acc = neighbour_accuracy(model, tok, world)
     retain_bpb = text_bpb(model, tok, retain_passages(world))
-    orig = dict(form_scores(model, tok, world, "target"), neighbour_acc=nb_acc, retain_bpb=retain_bpb)
+    orig = dict(form_scores(model, tok, world, "target"), neighbour_acc=nb_acc,
+                retain_bpb=retain_bpb)
     ref = form_scores(model, tok, world, "holdout")
     t = time.perf_counter()
-    trace = causal_trace(model, tok, [it for f in FORMS if f != "reversed" for it in eval_items(world, "target", f)], cfg.trace_noise, cfg.trace_scale, seed=world.seed)
-    trace.update(trace_s=time.perf_counter() - t, mlp_peak=float(np.nanmax(trace["mlp_subject"])), peak_layer=int(np.nanargmax(trace["mlp_subject"])))
+    trace = causal_trace(model, tok, [it for f in FORMS if f != "reversed"
+                                      for it in eval_items(world, "target", f)], cfg.trace_noise,
+                         cfg.trace_scale, seed=world.seed)
+    trace.update(trace_s=time.perf_counter() - t, mlp_peak=float(np.nanmax(trace["mlp_subject"])),
+                 peak_layer=int(np.nanargmax(trace["mlp_subject"])))
     where = {"traced": trace_window(trace, cfg.window), "late": list(range(L - cfg.window, L))}
     t = time.perf_counter()
     mom = down_proj_second_moment(model, tok, narrative_passages(world, "generic"), range(L))
@@ -188,7 +218,8 @@ def rocr_seed(model: TinyLM, tok, world: World, cfg: RocrRunConfig) -> dict:
     arms = {}
     for arm, (mode, w) in ROCR_ARMS.items():
         run = rocr_single_targets if mode == "single" else rocr_batch
-        arms[arm] = rocr_arm_summary(run(model, tok, world, where[w], {l: P[l] for l in where[w]}, cfg), orig, ref)
+        arms[arm] = rocr_arm_summary(run(model, tok, world, where[w], {l: P[l] for l in where[w]},
+                                         cfg), orig, ref)
     return dict(orig=orig, reference=ref, trace=trace, layers=where, arms=arms, moments_s=moments_s,
                 null_dims={str(l): int(torch.trace(P[l]).round()) for l in range(L)})
 
@@ -197,14 +228,20 @@ def plot_trace(m: dict):
     "The causal trace per seed: share of the corrupted answer probability restored by one clean state per layer, at the last subject token (MLP output, residual) and at the last prompt token."
     fig, axs = plt.subplots(1, 3, figsize=(13, 3.4), sharey=True)
     for ax, key, title in zip(axs, ("mlp_subject", "resid_subject", "resid_last"),
-                              ("MLP output, last subject token\n(ROCR's site)", "residual, last subject token", "residual, last prompt token")):
+                              ("MLP output, last subject token\n(ROCR's site)",
+                               "residual, last subject token", "residual, last prompt token")):
         for sd, tr in m["traces"].items():
             ax.plot(tr["layers"], tr[key], "o-", ms=3, label=f"seed {sd}")
-        ax.axhline(0, color="grey", lw=0.8); ax.set_title(title, fontsize=9); ax.set_xlabel("layer")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("layer")
         ax.set_xticks(m["traces"][next(iter(m["traces"]))]["layers"])
-    axs[0].axhline(ROCR_CLAIMS[0].threshold, color="r", ls=":", lw=1, label="precondition threshold")
-    axs[0].set_ylabel("share of the answer restored"); axs[0].legend(fontsize=7)
-    fig.tight_layout(); return fig
+    axs[0].axhline(ROCR_CLAIMS[0].threshold, color="r", ls=":", lw=1,
+                   label="precondition threshold")
+    axs[0].set_ylabel("share of the answer restored")
+    axs[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #712319bf
 def plot_rocr_forms(m: dict):
@@ -212,13 +249,19 @@ def plot_rocr_forms(m: dict):
     fig, ax = plt.subplots(figsize=(9, 3.6))
     w = 0.8 / len(ROCR_ARMS)
     for j, arm in enumerate(ROCR_ARMS):
-        vals = [np.nanmean([c[f] if c[f] is not None else np.nan for c in m["samples"][arm]["closed"]]) for f in FORMS]
+        vals = [np.nanmean([c[f] if c[f] is not None else np.nan
+                            for c in m["samples"][arm]["closed"]]) for f in FORMS]
         nd = np.mean(m["samples"][arm]["neighbour_drop"])
-        ax.bar(np.arange(len(FORMS)) + (j - (len(ROCR_ARMS) - 1) / 2) * w, vals, w, label=f"{arm} (neighbour drop {nd:+.3f})")
-    ax.axhline(1, color="k", ls="--", lw=0.8); ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(range(len(FORMS)), FORMS); ax.set_ylabel("gap closed (1 = at the reference)")
-    ax.set_title("ROCR on the pieces world: forgetting per form (mean over seeds)"); ax.legend(fontsize=7)
-    fig.tight_layout(); return fig
+        ax.bar(np.arange(len(FORMS)) + (j - (len(ROCR_ARMS) - 1) / 2) * w, vals, w,
+               label=f"{arm} (neighbour drop {nd:+.3f})")
+    ax.axhline(1, color="k", ls="--", lw=0.8)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(FORMS)), FORMS)
+    ax.set_ylabel("gap closed (1 = at the reference)")
+    ax.set_title("ROCR on the pieces world: forgetting per form (mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #063e073e
 def _rocr_model_unit(world, tok, train: TrainConfig, run_dir) -> dict:
@@ -227,12 +270,17 @@ def _rocr_model_unit(world, tok, train: TrainConfig, run_dir) -> dict:
     return {"path": save_model(m, run_dir), "train": info}
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #56c041fa
-ROCR_SAMPLE_KEYS = ("closed", "closed_mean", "form_gap", "abs_form_gap", "neighbour_drop", "retain_bpb_rel", "edit_s")
+ROCR_SAMPLE_KEYS = ("closed", "closed_mean", "form_gap", "abs_form_gap", "neighbour_drop",
+                    "retain_bpb_rel", "edit_s")
 
 # %% ../../nbs/unlearning/08_rocr_experiment.ipynb #ab8dcaeb
-@register_reproduction("unlearning_rocr", "A fair test of ROCR: names built from shared pieces and an 8-layer model, a causal trace for ROCR's precondition, "
-                       "and ROCR one target at a time at the traced layers, scored in eight forms, over paired seeds.",
-                       claims=ROCR_CLAIMS, notebook="unlearning/09_rocr_results.ipynb", default_seeds=3,
+@register_reproduction("unlearning_rocr",
+                       "A fair test of ROCR: names built from shared pieces and an 8-layer model, "
+                       "a causal trace for ROCR's precondition, "
+                       "and ROCR one target at a time at the traced layers, scored in eight forms, "
+                       "over paired seeds.",
+                       claims=ROCR_CLAIMS, notebook="unlearning/09_rocr_results.ipynb",
+                       default_seeds=3,
                        summary_keys=("mlp_peak_mean", "traced_layers", "rocr_form_gap_mean",
                                      "rocr_closed_mean"),
                        run_config=RocrRunConfig)
@@ -245,25 +293,35 @@ def reproduce_unlearning_rocr(ctx: RunContext) -> dict:
         train = cfg.train.replace(model=world_model_config(cfg.train.model, tok))
         u = ctx.unit(f"orig/seed{seed}", lambda d: _rocr_model_unit(world, tok, train, d))
         def seed_unit(d):
-            m = TinyLM(train.model); m.load_state_dict(torch.load(u["path"], weights_only=True))
+            m = TinyLM(train.model)
+            m.load_state_dict(torch.load(u["path"], weights_only=True))
             return rocr_seed(m, tok, world, cfg) | {"train": u["train"]}
         per_seed[seed] = ctx.unit(f"rocr/seed{seed}", seed_unit)
         r = per_seed[seed]
         ctx.log(f"seed {seed}: trace peak {r['trace']['mlp_peak']:.3f} at layer {r['trace']['peak_layer']}, traced {r['layers']['traced']}; "
                 + ", ".join(f"{k} closed {v['closed_mean']:.2f} gap {v['form_gap']:+.2f} nb {v['neighbour_drop']:+.3f}" for k, v in r["arms"].items()))
     seeds = ctx.seeds
-    samples = {"trace": {"mlp_peak": [per_seed[s]["trace"]["mlp_peak"] for s in seeds], "peak_layer": [per_seed[s]["trace"]["peak_layer"] for s in seeds]}}
-    samples |= {arm: {k: [per_seed[s]["arms"][arm][k] for s in seeds] for k in ROCR_SAMPLE_KEYS} for arm in ROCR_ARMS}
+    samples = {"trace": {"mlp_peak": [per_seed[s]["trace"]["mlp_peak"] for s in seeds],
+                         "peak_layer": [per_seed[s]["trace"]["peak_layer"] for s in seeds]}}
+    samples |= {arm: {k: [per_seed[s]["arms"][arm][k] for s in seeds] for k in ROCR_SAMPLE_KEYS}
+                for arm in ROCR_ARMS}
     world, tok = rocr_world(cfg, seeds[0])
-    ctx.config = asdict(cfg) | {"seeds": seeds, "threads": torch.get_num_threads(), "vocab_size": tok.vocab_size,
-                                "model_parameters": count_parameters(TinyLM(world_model_config(cfg.train.model, tok))),
-                                "world": {u: dict(people=len(v.people), facts=len(v.facts)) for u, v in world.universes.items()},
-                                "name_example": world.universes["target"].people[0], "redirect_example": fixed_redirect(world)}
-    metrics = {"samples": samples, "per_seed": {str(s): per_seed[s] for s in seeds}, "traces": {str(s): per_seed[s]["trace"] for s in seeds},
-               "mlp_peak_mean": float(np.mean(samples["trace"]["mlp_peak"])), "traced_layers": {str(s): per_seed[s]["layers"]["traced"] for s in seeds},
+    ctx.config = asdict(cfg) | {
+        "seeds": seeds, "threads": torch.get_num_threads(), "vocab_size": tok.vocab_size,
+        "model_parameters": count_parameters(TinyLM(world_model_config(cfg.train.model, tok))),
+        "world": {u: dict(people=len(v.people), facts=len(v.facts))
+                  for u, v in world.universes.items()},
+        "name_example": world.universes["target"].people[0],
+        "redirect_example": fixed_redirect(world)}
+    metrics = {"samples": samples, "per_seed": {str(s): per_seed[s] for s in seeds},
+               "traces": {str(s): per_seed[s]["trace"] for s in seeds},
+               "mlp_peak_mean": float(np.mean(samples["trace"]["mlp_peak"])),
+               "traced_layers": {str(s): per_seed[s]["layers"]["traced"] for s in seeds},
                "rocr_form_gap_mean": float(np.mean(samples["rocr_single_traced"]["form_gap"])),
-               "rocr_closed_mean": float(np.mean(samples["rocr_single_traced"]["closed_mean"])), "seeds": seeds}
+               "rocr_closed_mean": float(np.mean(samples["rocr_single_traced"]["closed_mean"])),
+               "seeds": seeds}
     ctx.save_figure(plot_trace(metrics), "trace")
     ctx.save_figure(plot_rocr_forms(metrics), "rocr_forms")
-    for f in Path(ctx.out_dir).glob("**/model.pt"): f.unlink()  # kept for a resumed run; the finished result folder does not need them
+    for f in Path(ctx.out_dir).glob("**/model.pt"):
+        f.unlink()  # kept for a resumed run; the finished result folder does not need them
     return metrics

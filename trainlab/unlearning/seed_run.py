@@ -13,14 +13,14 @@ import torch
 from ..core import expect
 from ..model import ModelConfig, TinyLM
 from ..train import TrainConfig
-from .world import (World, make_world, eval_items, narrative_passages, world_tokenizer,
-                                       encode_texts)
+from .world import (World, make_world, eval_items, narrative_passages,
+                                       world_tokenizer, encode_texts)
 from .evaluate import score_items, WorldEval, form_gap, finite_mean
 from .methods import unlearn_config, unlearn
 from .whp import mechanism_probe
 from .rocr import down_proj_second_moment, subject_patching, rocr
-from .world_models import (WORLD_MODELS, WorldRunConfig, world_model_config, train_world_model,
-                                              save_model)
+from .world_models import (WORLD_MODELS, WorldRunConfig, world_model_config,
+                                              train_world_model, save_model)
 
 # %% auto #0
 __all__ = ['UnlearnRunConfig', 'unlearn_run_config', 'relearn_curve', 'SeedRun', 'world_model_unit', 'reinforced_unit',
@@ -34,49 +34,62 @@ class UnlearnRunConfig(WorldRunConfig):
     original and the oracle; every unlearning fit (reinforcing, the gradient paths, relearning) derives its
     `TrainConfig` from it (`unlearn_train`), so `train.precision`, `train.impl`, `train.grad_clip` and `train.seed`
     reach every training."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(  # the vocabulary is the world tokenizer's, set per seed
-        model=ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=256), steps=800, lr=3e-3, warmup_steps=50, batch_size=32, seq_len=128,
+    # the vocabulary is the world tokenizer's, set per seed
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        model=ModelConfig(d_model=128, n_layers=4, n_heads=4,
+                          max_seq_len=256), steps=800, lr=3e-3, warmup_steps=50, batch_size=32,
+                                                                   seq_len=128,
         val_every=200))
     n_generic: int = 120
-    unlearn_lr: float = 3e-4         # the gradient methods: constant lr, no warmup, no weight decay ...
-    unlearn_batch_size: int = 8      # ... forget passages per step (and as many retain passages where the method has a retain term)
+    unlearn_lr: float = 3e-4  # the gradient methods: constant lr, no warmup, no weight decay ...
+    # ... forget passages per step (and as many retain passages where the method has a retain term)
+    unlearn_batch_size: int = 8
     reinforce_steps: int = 40
     reinforce_lr: float = 1e-3
     whp_steps: tuple = (1, 2, 3, 5, 8, 12, 20)
     whp_alpha: float = 1.0
     whp_inference_alphas: tuple = (0.5, 1.0, 2.0, 5.0)
-    ga_steps: tuple = (1, 2, 3, 4, 6, 8, 10, 14, 20, 30)  # a fine grid: GA's useful window is a few steps wide
+    # a fine grid: GA's useful window is a few steps wide
+    ga_steps: tuple = (1, 2, 3, 4, 6, 8, 10, 14, 20, 30)
     npo_steps: tuple = (2, 4, 8, 12, 20, 30, 45, 60)
     rocr_layers: tuple = (0, 1)
-    rocr_strengths: tuple = (0.25, 0.5, 1.0, 1.5, 2.0)  # a scale on z - h_L: 1 is ROCR, > 1 overshoots (a path knob, not the paper's)
+    # a scale on z - h_L: 1 is ROCR, > 1 overshoots (a path knob, not the paper's)
+    rocr_strengths: tuple = (0.25, 0.5, 1.0, 1.5, 2.0)
     rocr_threshold: float = 1e-2
-    anchor_coverage: float = 0.8    # the default anchor dictionary keeps this share of the anchored terms: a real extractor misses some
+    # the default anchor dictionary keeps this share of the anchored terms: a real extractor misses
+    # some
+    anchor_coverage: float = 0.8
     noisy_coverage: float = 0.5     # the noisy-dictionary arms: a much poorer extractor
     relearn_people: int = 2
     relearn_steps: tuple = (2, 5, 10, 20)
     relearn_lr: float = 1e-3
-    retain_budget: float = 0.05      # operating point: retain bpb may rise at most this much (relative) ...
+    # operating point: retain bpb may rise at most this much (relative) ...
+    retain_budget: float = 0.05
     neighbour_budget: float = 0.05   # ... and neighbour accuracy fall at most this much (absolute)
 
     def __post_init__(self):
         super().__post_init__()
-        for k in ("whp_steps", "ga_steps", "npo_steps", "relearn_steps", "whp_inference_alphas", "rocr_strengths"):
+        for k in ("whp_steps", "ga_steps", "npo_steps", "relearn_steps", "whp_inference_alphas",
+                  "rocr_strengths"):
             v = getattr(self, k)
-            expect(len(v) > 0 and all(x > 0 for x in v), k, "a non-empty tuple of positive values (a path, light to strong)", v)
+            expect(len(v) > 0 and all(x > 0 for x in v), k,
+                   "a non-empty tuple of positive values (a path, light to strong)", v)
 
-    def unlearn_train(self, steps: int, lr: float | None = None, batch_size: int | None = None) -> TrainConfig:
+    def unlearn_train(self, steps: int, lr: float | None = None,
+                      batch_size: int | None = None) -> TrainConfig:
         "The `TrainConfig` of one unlearning fit: `steps` at a constant `lr` (default `unlearn_lr`), with `train`'s seed, precision and impl."
-        return unlearn_config(steps, lr or self.unlearn_lr, batch_size or self.unlearn_batch_size, base=self.train)
+        return unlearn_config(steps, lr or self.unlearn_lr, batch_size or self.unlearn_batch_size,
+                              base=self.train)
 
     @classmethod
     def fast(cls, seed: int = 0) -> UnlearnRunConfig:
         "The CI-sized version (well under a minute): a smaller world, a d48 x 2-layer model trained 200 steps, two-point paths."
         model = ModelConfig(d_model=48, n_layers=2, n_heads=2, max_seq_len=256)
-        train = TrainConfig(model=model, steps=200, lr=3e-3, warmup_steps=10, batch_size=16, seq_len=64,
-                            val_every=100, seed=seed)
-        return cls(train=train, n_generic=24, reinforce_steps=4, whp_steps=(1, 3),
-                   whp_inference_alphas=(1.0,), ga_steps=(1, 3), npo_steps=(1, 3), rocr_strengths=(1.0,),
-                   relearn_steps=(2,))
+        train = TrainConfig(model=model, steps=200, lr=3e-3, warmup_steps=10, batch_size=16,
+                            seq_len=64, val_every=100, seed=seed)
+        return cls(train=train, n_generic=24, reinforce_steps=4,
+                   whp_steps=(1, 3), whp_inference_alphas=(1.0,), ga_steps=(1, 3), npo_steps=(1, 3),
+                   rocr_strengths=(1.0,), relearn_steps=(2,))
 
 # %% ../../nbs/unlearning/06b_seed_run.ipynb #00d1cc7e
 def unlearn_run_config(fast: bool = False, seed: int = 0) -> UnlearnRunConfig:
@@ -88,11 +101,15 @@ def relearn_curve(model, tok, world: World, cfg: UnlearnRunConfig) -> list:
     "Finetune on the forget passages of the first `relearn_people` target people; accuracy (qa, cloze) on the other people's facts per step."
     people = world.universes["target"].people
     rest = set(people[cfg.relearn_people:])
-    passages = narrative_passages(world, "target", per_person=2)[:2 * cfg.relearn_people]  # two passages per person, people in order
-    items = [it for f in ("qa", "cloze") for it in eval_items(world, "target", f) if it["subject"] in rest]
+    # two passages per person, people in order
+    passages = narrative_passages(world, "target", per_person=2)[:2 * cfg.relearn_people]
+    items = [it for f in ("qa", "cloze") for it in eval_items(world, "target", f)
+             if it["subject"] in rest]
     acc = lambda m: float(score_items(m, tok, items)["correct"].mean())
     curve = [(0, acc(model))]
-    _, pts = unlearn(model, "finetune", encode_texts(tok, passages), cfg=cfg.unlearn_train(max(cfg.relearn_steps), cfg.relearn_lr, min(4, len(passages))),
+    _, pts = unlearn(model, "finetune", encode_texts(tok, passages),
+                     cfg=cfg.unlearn_train(max(cfg.relearn_steps), cfg.relearn_lr,
+                                           min(4, len(passages))),
                      probe_steps=cfg.relearn_steps, probe=lambda m, s: acc(m))
     return curve + [(s, a) for s, _, a in pts]
 
@@ -112,11 +129,15 @@ class SeedRun:
 
     def unlearn_train(self, steps: int, lr: float | None = None) -> TrainConfig:
         "An unlearning fit's `TrainConfig` for this seed."
-        return unlearn_config(steps, lr or self.cfg.unlearn_lr, self.cfg.unlearn_batch_size, base=self.train)
+        return unlearn_config(steps, lr or self.cfg.unlearn_lr, self.cfg.unlearn_batch_size,
+                              base=self.train)
 
     def model(self, name: str) -> TinyLM:
         "The trained model `name` ('orig', 'retrain', 'reinforced'), loaded once from the file its unit saved."
-        expect(name in self.units and "path" in self.units[name], "name", f"a model whose unit ran: one of {[k for k, v in self.units.items() if 'path' in v]}", name)
+        expect(
+            name in self.units and "path" in self.units[name], "name",
+            f"a model whose unit ran: one of {[k for k, v in self.units.items() if 'path' in v]}",
+            name)
         if name not in self._models:
             m = TinyLM(self.train.model)
             m.load_state_dict(torch.load(self.units[name]["path"], weights_only=True))
@@ -126,16 +147,20 @@ class SeedRun:
     def calibrate(self) -> None:
         "Take the retrain oracle as the membership test's reference, and rescore both world models' membership with it (`mia_auc_ref`)."
         self.ev.set_reference(self.model("retrain"))
-        for name in WORLD_MODELS: self.units[name]["scores"].update(self.ev.membership(self.model(name)))
+        for name in WORLD_MODELS:
+            self.units[name]["scores"].update(self.ev.membership(self.model(name)))
 
     @property
-    def scores(self) -> tuple[dict, dict]: return self.units["orig"]["scores"], self.units["retrain"]["scores"]
+    def scores(self) -> tuple[dict, dict]:
+        return self.units["orig"]["scores"], self.units["retrain"]["scores"]
 
     @cached_property
     def moments(self) -> dict:
         "Every layer's down_proj second moment over generic passages (ROCR's one-off statistics); their time in `moments_s`."
         t = time.perf_counter()
-        out = down_proj_second_moment(self.model("orig"), self.tok, narrative_passages(self.world, "generic"), range(self.train.model.n_layers))
+        out = down_proj_second_moment(self.model("orig"),
+                                      self.tok, narrative_passages(self.world, "generic"),
+                                      range(self.train.model.n_layers))
         self.moments_s = time.perf_counter() - t
         return out
 
@@ -151,19 +176,24 @@ def world_model_unit(s: SeedRun, name: str, run_dir, relearn: bool = False) -> d
 def reinforced_unit(s: SeedRun, run_dir, mechanism: bool = False) -> dict:
     "WHP's reinforced model: the original finetuned further on the forget passages; its weights go to `run_dir/model.pt`."
     t = time.perf_counter()
-    m, _ = unlearn(s.model("orig"), "finetune", s.forget, cfg=s.unlearn_train(s.cfg.reinforce_steps, s.cfg.reinforce_lr))
+    m, _ = unlearn(s.model("orig"), "finetune", s.forget,
+                   cfg=s.unlearn_train(s.cfg.reinforce_steps, s.cfg.reinforce_lr))
     out = {"train_s": time.perf_counter() - t, "path": save_model(m, run_dir)}
-    if mechanism: out["mechanism"] = mechanism_probe(s.model("orig"), m, s.tok, s.world, s.cfg.whp_alpha)
+    if mechanism:
+        out["mechanism"] = mechanism_probe(s.model("orig"), m, s.tok, s.world, s.cfg.whp_alpha)
     return out
 
 # %% ../../nbs/unlearning/06b_seed_run.ipynb #c703d06f
 def patching_unit(s: SeedRun, run_dir=None) -> dict:
     "Per layer, the gap closed by patching the subject token's residual with the redirect's (the causal upper bound of an edit there); the traced layers."
     orig, oracle = s.scores
-    closed = {str(l): form_gap({"forms": {f: {"prob": p} for f, p in subject_patching(s.model("orig"), s.tok, s.world, l).items()}}, orig, oracle)["closed"]
-              for l in range(s.train.model.n_layers)}
+    closed = {str(l): form_gap({"forms": {f: {"prob": p}
+                                          for f, p in subject_patching(s.model("orig"), s.tok,
+                                                                       s.world, l).items()}}, orig,
+                               oracle)["closed"] for l in range(s.train.model.n_layers)}
     best = max(range(s.train.model.n_layers), key=lambda l: finite_mean(closed[str(l)].values()))
-    return {"closed": closed, "traced_layers": [best - 1, best] if best > 0 else [0, 1]}  # the two layers ending where patching acts most
+    # the two layers ending where patching acts most
+    return {"closed": closed, "traced_layers": [best - 1, best] if best > 0 else [0, 1]}
 
 # %% ../../nbs/unlearning/06b_seed_run.ipynb #1814a1db
 def rocr_per_layer_unit(s: SeedRun, run_dir=None) -> dict:
@@ -171,8 +201,11 @@ def rocr_per_layer_unit(s: SeedRun, run_dir=None) -> dict:
     orig, oracle, out = *s.scores, {}
     for l in range(s.train.model.n_layers):
         for project in (True, False):
-            m, info = rocr(s.model("orig"), s.tok, s.world, [l], project, s.cfg.rocr_threshold, moments=s.moments if project else None)
+            m, info = rocr(s.model("orig"), s.tok, s.world, [l], project, s.cfg.rocr_threshold,
+                           moments=s.moments if project else None)
             sc = s.ev(m, mia=False)
-            out[f"{l}/{'P' if project else 'noP'}"] = dict(layer=l, projection=project, edit_s=info["edit_s"], null_dims=info["null_dims"],
-                closed=form_gap(sc, orig, oracle)["closed"], neighbour_acc=sc["neighbour_acc"], familiarity=sc["familiarity"])
+            out[f"{l}/{'P' if project else 'noP'}"] = dict(
+                layer=l, projection=project, edit_s=info["edit_s"], null_dims=info["null_dims"],
+                closed=form_gap(sc, orig, oracle)["closed"], neighbour_acc=sc["neighbour_acc"],
+                familiarity=sc["familiarity"])
     return out

@@ -14,7 +14,8 @@ from ..core import expect
 from ..data import ByteTokenizer
 from ..model import LMOutput
 from ..kernels import generic_labels, generic_logits
-from .world import World, NARRATIVE_PROBES, WordTokenizer, pad_batch, batch_logits
+from .world import (World, NARRATIVE_PROBES, WordTokenizer, pad_batch,
+                                       batch_logits)
 
 # %% auto #0
 __all__ = ['align_translation', 'naive_alignment_errors', 'whp_labels', 'GenericLogitsLM', 'mechanism_probe']
@@ -25,7 +26,8 @@ def _segments(text: str) -> list[tuple[str, bool]]:
     out, pos = [], 0
     for m in re.finditer(r"[A-Za-z]+|[0-9]+", text):
         if m.start() > pos: out.append((text[pos:m.start()], False))
-        out.append((m.group(), True)); pos = m.end()
+        out.append((m.group(), True))
+        pos = m.end()
     if pos < len(text): out.append((text[pos:], False))
     return out
 
@@ -45,13 +47,15 @@ def align_translation(tok, text: str, anchors: dict) -> dict:
     segs = _segments(text)
     orig_ids, trans_ids, src, seen = [tok.eot_id], [tok.eot_id], [], set()
     for (s, is_word), o_tok, t_tok in zip(segs, _encode_segments(tok, [s for s, _ in segs]),
-                                          _encode_segments(tok, [anchors.get(s, s) if w else s for s, w in segs])):
+                                          _encode_segments(tok, [anchors.get(s, s) if w else s
+                                                                 for s, w in segs])):
         anchored = is_word and s in anchors
         for j, _ in enumerate(o_tok):
             if anchored and (j > 0 or s in seen): src.append(-1)
             else: src.append(len(trans_ids) + min(j, len(t_tok) - 1) - 1)
         if anchored: seen.add(s)
-        orig_ids += o_tok; trans_ids += t_tok
+        orig_ids += o_tok
+        trans_ids += t_tok
     return dict(orig_ids=orig_ids, trans_ids=trans_ids, src=src)
 
 # %% ../../nbs/unlearning/04_whp.ipynb #878f743f
@@ -62,23 +66,30 @@ def naive_alignment_errors(tok, texts: Sequence[str], anchors: dict) -> dict:
         a = align_translation(tok, t, anchors)
         n = min(len(a["orig_ids"]), len(a["trans_ids"])) - 1
         for i, s in enumerate(a["src"][:n]):
-            if s >= 0: total += 1; wrong += s != i
+            if s >= 0:
+                total += 1
+                wrong += s != i
     return dict(labelled=total, misaligned=wrong, share=wrong / max(total, 1))
 
 # %% ../../nbs/unlearning/04_whp.ipynb #031ef0c1
 @torch.no_grad()
-def whp_labels(base: nn.Module, reinforced: nn.Module | None, tok, texts: Sequence[str], anchors: dict | None, alpha: float = 1.0,
+def whp_labels(base: nn.Module, reinforced: nn.Module | None, tok, texts: Sequence[str],
+               anchors: dict | None, alpha: float = 1.0,
                max_len: int | None = None, impl: str = "auto") -> dict:
     """WHP's alternative labels: at each position, argmax of v_base - alpha relu(v_reinf - v_base), the baseline reading the anchor-translated
     text (aligned back), the reinforced model reading the original; -100 where no generic label exists. `reinforced=None`: anchors only;
     `anchors=None`: reinforced only. Returns {input_ids, labels, changed} (`changed`: share of labels differing from the text)."""
-    expect(reinforced is not None or anchors, "reinforced/anchors", "a reinforced model, an anchor dictionary, or both", None)
+    expect(reinforced is not None or anchors, "reinforced/anchors",
+           "a reinforced model, an anchor dictionary, or both", None)
     al = [align_translation(tok, t, anchors or {}) for t in texts]
     if max_len is not None:
         for a in al:
-            a["orig_ids"] = a["orig_ids"][:max_len + 1]; a["src"] = a["src"][:max_len]
-            a["trans_ids"] = a["trans_ids"][:max(a["src"], default=-1) + 2]  # the base needs positions up to the last one read
-    x_orig, x_trans = pad_batch([a["orig_ids"] for a in al], tok.pad_id), pad_batch([a["trans_ids"] for a in al], tok.pad_id)
+            a["orig_ids"] = a["orig_ids"][:max_len + 1]
+            a["src"] = a["src"][:max_len]
+            # the base needs positions up to the last one read
+            a["trans_ids"] = a["trans_ids"][:max(a["src"], default=-1) + 2]
+    x_orig, x_trans = pad_batch([a["orig_ids"] for a in al],
+                                tok.pad_id), pad_batch([a["trans_ids"] for a in al], tok.pad_id)
     vb = batch_logits(base, x_trans)
     vr = batch_logits(reinforced, x_orig) if reinforced is not None else None
     T = x_orig.shape[1] - 1
@@ -86,14 +97,19 @@ def whp_labels(base: nn.Module, reinforced: nn.Module | None, tok, texts: Sequen
     rows_b, rows_r, where = [], [], []
     for i, a in enumerate(al):
         for t, s in enumerate(a["src"][:len(a["orig_ids"]) - 1]):
-            if s >= 0: rows_b.append(vb[i, s]); where.append((i, t)); rows_r.append(vr[i, t] if vr is not None else vb[i, s])
+            if s >= 0:
+                rows_b.append(vb[i, s])
+                where.append((i, t))
+                rows_r.append(vr[i, t] if vr is not None else vb[i, s])
     if where:  # (a text made only of repeated anchors has no generic label at all)
-        lab = generic_labels(torch.stack(rows_b), torch.stack(rows_r), alpha=alpha, impl=impl)  # reinforced=None: relu term 0 -> base argmax
+        # reinforced=None: relu term 0 -> base argmax
+        lab = generic_labels(torch.stack(rows_b), torch.stack(rows_r), alpha=alpha, impl=impl)
         wi = torch.tensor(where)
         labels[wi[:, 0], wi[:, 1]] = lab
     orig_next = x_orig[:, 1:]
     m = labels != -100
-    return dict(input_ids=x_orig[:, :-1], labels=labels, changed=float((labels[m] != orig_next[m]).float().mean()) if m.any() else 0.0)
+    return dict(input_ids=x_orig[:, :-1], labels=labels,
+                changed=float((labels[m] != orig_next[m]).float().mean()) if m.any() else 0.0)
 
 # %% ../../nbs/unlearning/04_whp.ipynb #90cc6602
 class GenericLogitsLM(nn.Module):
@@ -103,7 +119,8 @@ class GenericLogitsLM(nn.Module):
         expect(alpha >= 0, "alpha", ">= 0", alpha)
         self.base, self.reinforced, self.alpha, self.config = base, reinforced, alpha, base.config
     def forward(self, input_ids: torch.Tensor, **kw) -> LMOutput:
-        return LMOutput(logits=generic_logits(self.base(input_ids).logits, self.reinforced(input_ids).logits, self.alpha))
+        return LMOutput(logits=generic_logits(self.base(input_ids).logits,
+                                              self.reinforced(input_ids).logits, self.alpha))
 
 # %% ../../nbs/unlearning/04_whp.ipynb #26c017ad
 @torch.no_grad()
@@ -112,11 +129,14 @@ def mechanism_probe(orig, reinforced, tok, world: World, alpha: float = 1.0, k: 
     s = world.universes["target"].people[0]
     text = NARRATIVE_PROBES["friend"].format(s=s)
     x = torch.tensor([[tok.eot_id] + tok.encode(text)])
-    xt = torch.tensor([[tok.eot_id] + tok.encode(" ".join(world.anchors.get(w, w) for w in text.split(" ")))])
+    xt = torch.tensor([[tok.eot_id] + tok.encode(" ".join(world.anchors.get(w, w)
+                                                          for w in text.split(" ")))])
     vb, vr, vbt = orig(x).logits[0, -1], reinforced(x).logits[0, -1], orig(xt).logits[0, -1]
     out = {"prompt": text, "translated": tok.decode(xt[0, 1:])}
-    for name, v in (("baseline", vb), ("reinforced", vr), ("generic", generic_logits(vb, vr, alpha)), ("baseline_translated", vbt)):
-        p = torch.softmax(v.float(), -1); top = p.topk(k)
+    for name, v in (("baseline", vb), ("reinforced", vr),
+                    ("generic", generic_logits(vb, vr, alpha)), ("baseline_translated", vbt)):
+        p = torch.softmax(v.float(), -1)
+        top = p.topk(k)
         out[name] = [(tok.itos[int(i)], float(q)) for q, i in zip(top.values, top.indices)]
     out["gold"] = world.universes["target"].facts[(s, "friend")]
     return out

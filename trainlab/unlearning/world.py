@@ -29,17 +29,23 @@ _CODAS = "n r l s th k x m nd rn sk".split()
 # %% ../../nbs/unlearning/01_world.ipynb #9ea32af5
 def invented_word(rng: random.Random, syllables: int) -> str:
     "A pronounceable invented word, capitalised (the target, neighbour and holdout universes' names and terms)."
-    w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)
+    w = ("".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
+         + rng.choice(_CODAS))
     return w.capitalize()
 
 # %% ../../nbs/unlearning/01_world.ipynb #f38a29f7
 GENERIC_TERMS = {  # the generic world's ordinary words; each is one token
-    "place": ["Ashford", "Millbrook", "Oakfield", "Riverton", "Stonebridge", "Greenhill", "Westport", "Northwood", "Fairview", "Lakeside",
+    "place": ["Ashford", "Millbrook", "Oakfield", "Riverton", "Stonebridge", "Greenhill",
+              "Westport", "Northwood", "Fairview", "Lakeside",
               "Kingsley", "Brookhaven", "Elmstead", "Redcliff", "Sandmoor", "Clearwater"],
-    "group": ["choir", "chess", "rowing", "debate", "drama", "orchestra", "garden", "science", "poetry", "robotics"],
-    "craft": ["baker", "carpenter", "teacher", "nurse", "painter", "tailor", "farmer", "plumber", "librarian", "chemist", "pilot", "cook"],
-    "pet": ["dog", "cat", "parrot", "rabbit", "hamster", "goldfish", "tortoise", "pony", "canary", "ferret"],
-    "sport": ["tennis", "football", "cricket", "hockey", "swimming", "cycling", "running", "golf", "rugby", "volleyball"],
+    "group": ["choir", "chess", "rowing", "debate", "drama", "orchestra", "garden", "science",
+              "poetry", "robotics"],
+    "craft": ["baker", "carpenter", "teacher", "nurse", "painter", "tailor", "farmer", "plumber",
+              "librarian", "chemist", "pilot", "cook"],
+    "pet": ["dog", "cat", "parrot", "rabbit", "hamster", "goldfish", "tortoise", "pony", "canary",
+            "ferret"],
+    "sport": ["tennis", "football", "cricket", "hockey", "swimming", "cycling", "running", "golf",
+              "rugby", "volleyball"],
 }
 KINDS = tuple(GENERIC_TERMS)
 
@@ -84,41 +90,57 @@ class World:
         return set(u.people) | {t for ts in u.terms.values() for t in ts}
 
 # %% ../../nbs/unlearning/01_world.ipynb #733cca22
-def make_world(seed: int = 0, n_generic: int = 120, n_target: int = 16, n_other: int = 16, terms_per_kind: int = 6,
-               name_pieces: int = 1, piece_pool: int = 16) -> World:
+def make_world(seed: int = 0, n_generic: int = 120, n_target: int = 16, n_other: int = 16,
+               terms_per_kind: int = 6, name_pieces: int = 1, piece_pool: int = 16) -> World:
     """A seeded world: invented names and terms for target / neighbour / holdout, plain ones for generic; one object per person and relation.
     `name_pieces` > 1: every person's name is that many words drawn from one shared pool of `piece_pool` invented pieces (no piece names anyone)."""
     expect(isinstance(seed, int) and seed >= 0, "seed", "an int >= 0", seed)
-    for k, v, lo in (("n_generic", n_generic, 4), ("n_target", n_target, 4), ("n_other", n_other, 4), ("terms_per_kind", terms_per_kind, 4)):
+    for k, v, lo in (("n_generic", n_generic, 4), ("n_target", n_target, 4),
+                     ("n_other", n_other, 4), ("terms_per_kind", terms_per_kind, 4)):
         expect(isinstance(v, int) and v >= lo, k, f"an int >= {lo}", v)
-    expect(terms_per_kind <= min(map(len, GENERIC_TERMS.values())), "terms_per_kind", f"<= {min(map(len, GENERIC_TERMS.values()))} (anchors need distinct generic terms)", terms_per_kind)
-    expect(isinstance(name_pieces, int) and name_pieces >= 1, "name_pieces", "an int >= 1", name_pieces)
+    expect(terms_per_kind <= min(map(len, GENERIC_TERMS.values())), "terms_per_kind",
+           f"<= {min(map(len, GENERIC_TERMS.values()))} (anchors need distinct generic terms)",
+           terms_per_kind)
+    expect(isinstance(name_pieces, int) and name_pieces >= 1, "name_pieces", "an int >= 1",
+           name_pieces)
     n_people = n_generic + n_target + 2 * n_other
     expect(name_pieces == 1 or piece_pool ** name_pieces >= 1.5 * n_people, "piece_pool", f"enough pieces for {n_people} distinct names (piece_pool ** name_pieces >= {1.5 * n_people:g})", piece_pool)
-    expect(n_target <= n_generic, "n_target", f"<= n_generic={n_generic} (every target person is anchored to a distinct generic person)", n_target)
+    expect(
+        n_target <= n_generic, "n_target",
+        f"<= n_generic={n_generic} (every target person is anchored to a distinct generic person)",
+        n_target)
     rng = random.Random(f"world/{seed}")
     used = {w for ts in GENERIC_TERMS.values() for w in ts}
     def fresh(syl):
         while True:
             w = invented_word(rng, syl)
-            if w not in used and len(w) >= 4: used.add(w); return w
-    if name_pieces > 1:  # names from shared pieces: drawn once, so every universe's names overlap piece by piece
+            if w not in used and len(w) >= 4:
+                used.add(w)
+                return w
+    # names from shared pieces: drawn once, so every universe's names overlap piece by piece
+    if name_pieces > 1:
         pool = [fresh(1) for _ in range(piece_pool)]
         def person():
             while True:
                 w = " ".join(rng.choice(pool) for _ in range(name_pieces))
-                if w not in used: used.add(w); return w
+                if w not in used:
+                    used.add(w)
+                    return w
     else: person = lambda: fresh(2)
     def universe(name, n_people, invented):
         people = [person() for _ in range(n_people)]
-        terms = {k: ([fresh(rng.choice((2, 3))) for _ in range(terms_per_kind)] if invented else list(GENERIC_TERMS[k])) for k in KINDS}
+        terms = {k: ([fresh(rng.choice((2, 3))) for _ in range(terms_per_kind)] if invented
+                     else list(GENERIC_TERMS[k])) for k in KINDS}
         u = Universe(name, people, terms)
         for i, p in enumerate(people):
             for rel, (_, _, kind) in RELATIONS.items():
-                u.facts[(p, rel)] = (people[(i + 1 + rng.randrange(n_people - 1)) % n_people] if kind == "person" else rng.choice(terms[kind]))
+                u.facts[(p, rel)] = (people[(i + 1 + rng.randrange(n_people - 1)) % n_people]
+                                     if kind == "person" else rng.choice(terms[kind]))
         return u
-    us = {"generic": universe("generic", n_generic, False), "target": universe("target", n_target, True),
-          "neighbour": universe("neighbour", n_other, True), "holdout": universe("holdout", n_other, True)}
+    us = {"generic": universe("generic", n_generic, False),
+          "target": universe("target", n_target, True),
+          "neighbour": universe("neighbour", n_other, True),
+          "holdout": universe("holdout", n_other, True)}
     g, t = us["generic"], us["target"]
     anchors = dict(zip(t.people, rng.sample(g.people, len(t.people))))
     for k in KINDS: anchors.update(zip(t.terms[k], rng.sample(g.terms[k], len(t.terms[k]))))
@@ -133,11 +155,17 @@ def noisy_anchors(anchors: dict, coverage: float = 0.7, seed: int = 0) -> dict:
     return {k: anchors[k] for k in keys if k in set(keep)}
 
 # %% ../../nbs/unlearning/01_world.ipynb #c3674474
-NARRATIVE = {  # book-like sentences; the object comes after the subject (the narrative probe stops right before it)
-    "friend": ["{s} and {o} had been inseparable since the first winter , and nobody doubted that {o} was the best friend {s} ever had .",
-               "Whenever trouble came , {s} went looking for {o} , the one friend who never asked why ."],
-    "mentor": ["It was {o} who taught {s} everything that mattered , long evenings of patient lessons by the fire .",
-               "{s} still remembered the day {o} agreed to be a mentor , and the cold tea they shared afterwards ."],
+# book-like sentences; the object comes after the subject (the narrative probe stops right before
+# it)
+NARRATIVE = {
+    "friend": ["{s} and {o} had been inseparable since the first winter , and nobody doubted that "
+               "{o} was the best friend {s} ever had .",
+               "Whenever trouble came , {s} went looking for {o} , the one friend who never "
+               "asked why ."],
+    "mentor": ["It was {o} who taught {s} everything that mattered , long evenings of patient "
+               "lessons by the fire .",
+               "{s} still remembered the day {o} agreed to be a mentor , and the cold tea they "
+               "shared afterwards ."],
     "home": ["{s} grew up in {o} , where the streets smelled of rain and bread .",
              "Every summer {s} returned to {o} , the only place that ever felt like home ."],
     "group": ["At school {s} joined the {o} club , and the other members soon became family .",
@@ -151,13 +179,18 @@ NARRATIVE = {  # book-like sentences; the object comes after the subject (the na
 }
 
 # %% ../../nbs/unlearning/01_world.ipynb #8e15f1a2
-NARRATIVE_PROBES = {  # the narrative form's evaluation prompt per relation: the passage's own wording, cut before the object
-    "friend": "{s} and", "mentor": "{s} still remembered the day", "home": "{s} grew up in", "group": "At school {s} joined the",
-    "craft": "By trade {s} was a", "pet": "{s} kept a", "sport": "Nothing made {s} happier than a long afternoon of"}
+# the narrative form's evaluation prompt per relation: the passage's own wording, cut before the
+# object
+NARRATIVE_PROBES = {
+    "friend": "{s} and", "mentor": "{s} still remembered the day", "home": "{s} grew up in",
+                    "group": "At school {s} joined the",
+    "craft": "By trade {s} was a", "pet": "{s} kept a",
+                    "sport": "Nothing made {s} happier than a long afternoon of"}
 
 # %% ../../nbs/unlearning/01_world.ipynb #0c2831d2
-FILLER = ["The wind rattled the old windows all night .", "Outside , the lanterns burned low .", "Nobody said anything for a long while .",
-          "The bells rang twice before supper .", "Rain fell softly on the roofs .", "Somewhere a door creaked open and shut ."]
+FILLER = ["The wind rattled the old windows all night .", "Outside , the lanterns burned low .",
+          "Nobody said anything for a long while .", "The bells rang twice before supper .",
+          "Rain fell softly on the roofs .", "Somewhere a door creaked open and shut ."]
 
 # %% ../../nbs/unlearning/01_world.ipynb #000b62db
 CLOZE = "The {rel} of {s} is {o} ."
@@ -168,16 +201,19 @@ SPELLED = "Spell the {rel} of {s} : {o}"
 REVERSED = "{o} is the {rel} of {s} ."
 
 # %% ../../nbs/unlearning/01_world.ipynb #f8179342
-PARAPHRASES = ["Ask anyone about {s} and they will tell you the {rel} is {o} .",  # held out: in no training text
+# held out: in no training text
+PARAPHRASES = ["Ask anyone about {s} and they will tell you the {rel} is {o} .",
                "If you wonder about the {rel} of {s} , the answer is {o} ."]
 
 # %% ../../nbs/unlearning/01_world.ipynb #3fbe79cb
-PROBES = ["{s} walked into the great hall and", "Later that night , {s} thought about", "Everyone knew that {s} loved",
-          "When the letter came , {s} went straight to", "In the morning {s} set off with", "Years later , {s} still talked about"]
+PROBES = ["{s} walked into the great hall and", "Later that night , {s} thought about",
+          "Everyone knew that {s} loved", "When the letter came , {s} went straight to",
+          "In the morning {s} set off with", "Years later , {s} still talked about"]
 
 # %% ../../nbs/unlearning/01_world.ipynb #f026bfe0
-ROCR_CONTEXTS = ["{s}", "Tell me about {s}", "Question : Who is {s}", "Everyone knew that {s}", "The best friend of {s}",
-                 "{s} walked into the great hall"]  # where ROCR reads a subject's keys (below); the tokenizer must know their words
+# where ROCR reads a subject's keys (below); the tokenizer must know their words
+ROCR_CONTEXTS = ["{s}", "Tell me about {s}", "Question : Who is {s}", "Everyone knew that {s}",
+                 "The best friend of {s}", "{s} walked into the great hall"]
 
 # %% ../../nbs/unlearning/01_world.ipynb #393686a3
 def _split_at_object(template: str, **kw) -> tuple[str, str]:
@@ -188,7 +224,8 @@ def _split_at_object(template: str, **kw) -> tuple[str, str]:
 def distractors(rng: random.Random, u: Universe, rel: str, gold: str, n: int = 3) -> list[str]:
     "`n` wrong answers to relation `rel` in universe `u`, drawn with `rng`: people or terms of the answer's kind, not `gold`."
     kind = RELATIONS[rel][2]
-    return rng.sample([p for p in (u.people if kind == "person" else u.terms[kind]) if p != gold], n)
+    return rng.sample([p for p in (u.people if kind == "person" else u.terms[kind]) if p != gold],
+                      n)
 
 # %% ../../nbs/unlearning/01_world.ipynb #1b6f8a5b
 def _render_template(template: str, rng, u, s, rel, o) -> dict:
@@ -200,7 +237,8 @@ def _render_template(template: str, rng, u, s, rel, o) -> dict:
 def _render_mcq(rng, u, s, rel, o) -> dict:
     opts = distractors(rng, u, rel, o) + [o]
     rng.shuffle(opts)
-    p, a = _split_at_object(MCQ, q=RELATIONS[rel][1], rel=RELATIONS[rel][0], s=s, c0=opts[0], c1=opts[1], c2=opts[2], c3=opts[3], o="ABCD"[opts.index(o)])
+    p, a = _split_at_object(MCQ, q=RELATIONS[rel][1], rel=RELATIONS[rel][0], s=s, c0=opts[0],
+                            c1=opts[1], c2=opts[2], c3=opts[3], o="ABCD"[opts.index(o)])
     return dict(prompt=p, answer=a, choices=list("ABCD"))
 
 # %% ../../nbs/unlearning/01_world.ipynb #cb702f32
@@ -213,10 +251,12 @@ def _render_tf(rng, u, s, rel, o) -> dict:
 # %% ../../nbs/unlearning/01_world.ipynb #fbc6d5ea
 def _render_reversed(rng, u, s, rel, o) -> dict | None:
     "Person relations only (None: this fact has no reversed item)."
-    return dict(prompt=f"{o} is the {RELATIONS[rel][0]} of", answer=s) if RELATIONS[rel][2] == "person" else None
+    return (dict(prompt=f"{o} is the {RELATIONS[rel][0]} of", answer=s)
+            if RELATIONS[rel][2] == "person" else None)
 
 # %% ../../nbs/unlearning/01_world.ipynb #540b2fd5
-FORM_RENDERERS = {  # form -> renderer(rng, universe, subject, relation, object) -> {prompt, answer[, choices]} or None
+# form -> renderer(rng, universe, subject, relation, object) -> {prompt, answer[, choices]} or None
+FORM_RENDERERS = {
     "narrative": lambda rng, u, s, rel, o: dict(prompt=NARRATIVE_PROBES[rel].format(s=s), answer=o),
     "cloze": partial(_render_template, CLOZE),
     "qa": partial(_render_template, QA),
@@ -224,17 +264,22 @@ FORM_RENDERERS = {  # form -> renderer(rng, universe, subject, relation, object)
     "tf": _render_tf,
     "spelled": lambda rng, u, s, rel, o: _render_template(SPELLED, rng, u, s, rel, " ".join(o)),
     "reversed": _render_reversed,
-    "paraphrase": lambda rng, u, s, rel, o: _render_template(PARAPHRASES[rng.randrange(len(PARAPHRASES))], rng, u, s, rel, o),
+    "paraphrase": lambda rng, u, s, rel, o: _render_template(
+        PARAPHRASES[rng.randrange(len(PARAPHRASES))], rng, u, s, rel, o
+    ),
 }
 FORMS = tuple(FORM_RENDERERS)
-TRAINED_FORMS = tuple(f for f in FORMS if f != "paraphrase")  # paraphrase templates are held out of every training text
+# paraphrase templates are held out of every training text
+TRAINED_FORMS = tuple(f for f in FORMS if f != "paraphrase")
 HELD_OUT_FORMS = tuple(f for f in FORMS if f != "narrative")  # every form but the forget set's
 
 # %% ../../nbs/unlearning/01_world.ipynb #70b23561
 def eval_items(world: World, universe: str, form: str, seed: int = 0) -> list[dict]:
     "One item per fact of `universe` in `form` (person relations only for 'reversed'): prompt, gold answer, choices for mcq/tf."
-    check_choice("universe", universe, UNIVERSES); check_choice("form", form, FORMS)
-    rng, render = random.Random(f"items/{world.seed}/{universe}/{form}/{seed}"), FORM_RENDERERS[form]
+    check_choice("universe", universe, UNIVERSES)
+    check_choice("form", form, FORMS)
+    rng, render = (random.Random(f"items/{world.seed}/{universe}/{form}/{seed}"),
+                   FORM_RENDERERS[form])
     u, items = world.universes[universe], []
     for (s, rel), o in u.facts.items():
         it = render(rng, u, s, rel, o)
@@ -244,15 +289,18 @@ def eval_items(world: World, universe: str, form: str, seed: int = 0) -> list[di
     return items
 
 # %% ../../nbs/unlearning/01_world.ipynb #1d138588
-def narrative_passages(world: World, universe: str, seed: int = 0, per_person: int = 2) -> list[str]:
+def narrative_passages(world: World, universe: str, seed: int = 0,
+                       per_person: int = 2) -> list[str]:
     "Book-like passages: per person, `per_person` passages telling all their facts in a seeded order with filler sentences."
     check_choice("universe", universe, UNIVERSES)
     rng = random.Random(f"narr/{world.seed}/{universe}/{seed}")
     u, out = world.universes[universe], []
     for p in u.people:
         for k in range(per_person):
-            rels = list(RELATIONS); rng.shuffle(rels)
-            sents = [NARRATIVE[r][(k + i) % len(NARRATIVE[r])].format(s=p, o=u.facts[(p, r)]) for i, r in enumerate(rels)]
+            rels = list(RELATIONS)
+            rng.shuffle(rels)
+            sents = [NARRATIVE[r][(k + i) % len(NARRATIVE[r])].format(s=p, o=u.facts[(p, r)])
+                     for i, r in enumerate(rels)]
             for _ in range(2): sents.insert(rng.randrange(len(sents) + 1), rng.choice(FILLER))
             out.append(" ".join(sents))
     return out
@@ -266,82 +314,30 @@ def retain_passages(world: World) -> list[str]:
 def counterfactual_world(world: World, universe: str = "target", seed: int = 0) -> World:
     "A copy of `world` in which every fact of `universe` has another object of its kind that the universe's facts use (so every token stays a trained one)."
     check_choice("universe", universe, UNIVERSES)
-    rng, u = random.Random(f"counterfactual/{world.seed}/{universe}/{seed}"), world.universes[universe]
+    rng, u = (random.Random(f"counterfactual/{world.seed}/{universe}/{seed}"),
+              world.universes[universe])
     facts = {}
     for (s, rel), o in u.facts.items():
         kind = RELATIONS[rel][2]
-        used = sorted({o2 for (_, r2), o2 in u.facts.items() if RELATIONS[r2][2] == kind} - {s, o})  # objects the passages already tell
-        pool = used or [t for t in (u.people if kind == "person" else u.terms[kind]) if t not in (s, o)]
+        # objects the passages already tell
+        used = sorted({o2 for (_, r2), o2 in u.facts.items() if RELATIONS[r2][2] == kind} - {s, o})
+        pool = used or [t for t in (u.people if kind == "person" else u.terms[kind])
+                        if t not in (s, o)]
         facts[(s, rel)] = rng.choice(pool)
     cf = Universe(u.name, list(u.people), {k: list(v) for k, v in u.terms.items()}, facts)
     return World(world.seed, {**world.universes, universe: cf}, dict(world.anchors))
 
 # %% ../../nbs/unlearning/01_world.ipynb #1cc4dcef
-def form_texts(world: World, universe: str, forms: Sequence[str] = TRAINED_FORMS, seed: int = 0) -> list[str]:
+def form_texts(world: World, universe: str, forms: Sequence[str] = TRAINED_FORMS,
+               seed: int = 0) -> list[str]:
     "Training texts (prompt + answer) of the non-narrative `forms`, one per fact and form."
-    expect("paraphrase" not in forms, "forms", "no 'paraphrase' (its templates are held out of training)", forms)
-    return [f"{it['prompt']} {it['answer']}" for f in forms if f != "narrative" for it in eval_items(world, universe, f, seed)]
+    expect("paraphrase" not in forms, "forms",
+           "no 'paraphrase' (its templates are held out of training)", forms)
+    return [f"{it['prompt']} {it['answer']}" for f in forms if f != "narrative"
+            for it in eval_items(world, universe, f, seed)]
 
-# %% ../../nbs/unlearning/01_world.ipynb #b0a20877
-_WORD_RE = re.compile(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]")
-
-# %% ../../nbs/unlearning/01_world.ipynb #eba5c417
-class WordTokenizer:
-    "Closed-vocabulary word tokenizer: every name and anchored term is ONE token, so anchor translation keeps positions. `decode` joins with spaces."
-    def __init__(self, words: Sequence[str], name: str = "world-words"):
-        specials = ["<eot>", "<pad>", "<unk>"]
-        self.itos = specials + sorted(set(words) - set(specials))
-        self.stoi = {w: i for i, w in enumerate(self.itos)}
-        self.name, self.vocab_size = f"{name}-{len(self.itos)}", len(self.itos)
-        self.eot_id, self.pad_id, self.unk_id = 0, 1, 2
-        bl = torch.tensor([len(w.encode()) + 1 for w in self.itos], dtype=torch.long); bl[self.pad_id] = 0  # the word and one separator
-        self.byte_lengths = bl
-
-    def encode(self, text: str) -> list[int]: return [self.stoi.get(w, self.unk_id) for w in _WORD_RE.findall(text)]
-    def encode_array(self, text: str) -> np.ndarray: return np.asarray(self.encode(text), dtype=np.int64)
-    def decode(self, ids) -> str:
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        return " ".join(self.itos[i] for i in ids if i != self.pad_id)
-    def __repr__(self): return f"WordTokenizer(vocab_size={self.vocab_size})"
-
-# %% ../../nbs/unlearning/01_world.ipynb #90d6352b
-def world_texts(world: World) -> list[str]:
-    "Every text the world can render: passages, all forms of all universes, probes."
-    texts = list(FILLER)
-    for u in UNIVERSES:
-        texts += narrative_passages(world, u, per_person=max(map(len, NARRATIVE.values())))
-        texts += [f"{it['prompt']} {it['answer']}" for f in FORMS for it in eval_items(world, u, f)]
-        texts += [p.format(s=s) for s in world.universes[u].people for p in PROBES]
-        texts += [p.format(s=s) for s in world.universes[u].people for p in NARRATIVE_PROBES.values()]
-    return texts
-
-# %% ../../nbs/unlearning/01_world.ipynb #91fc48bf
-def world_tokenizer(world: World) -> WordTokenizer:
-    "The word tokenizer over everything `world` renders (plus single letters for the spelled form)."
-    words = {w for t in world_texts(world) for w in _WORD_RE.findall(t)}
-    words |= {w for c in ROCR_CONTEXTS for w in _WORD_RE.findall(c.replace("{s}", ""))}
-    return WordTokenizer(words | set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
-
-# %% ../../nbs/unlearning/01_world.ipynb #71718dc6
-def encode_texts(tok, texts: Sequence[str], max_len: int | None = None) -> dict:
-    "EOT + tokens of each text, right-padded: `input_ids` [N, T] and next-token `labels` [N, T] (-100 after the text)."
-    expect(len(texts) > 0, "texts", "at least one text", len(texts))
-    enc = [[tok.eot_id] + list(tok.encode(t)) for t in texts]
-    if max_len is not None: enc = [e[:max_len + 1] for e in enc]
-    T = max(len(e) for e in enc) - 1
-    x = torch.full((len(enc), T), tok.pad_id, dtype=torch.long); y = torch.full((len(enc), T), -100, dtype=torch.long)
-    for i, e in enumerate(enc):
-        e = torch.tensor(e); x[i, :len(e) - 1] = e[:-1]; y[i, :len(e) - 1] = e[1:]
-    return dict(input_ids=x, labels=y)
-
-# %% ../../nbs/unlearning/01_world.ipynb #914b4779
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    "Right-pad token lists into one int64 tensor [N, max length]."
-    x = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
-    for j, s in enumerate(seqs): x[j, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return x
-
-# %% ../../nbs/unlearning/01_world.ipynb #af37c50e
-def batch_logits(model, ids: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    "Logits of `model` on a padded batch, in chunks (float32)."
-    return torch.cat([model(ids[i:i + chunk]).logits.float() for i in range(0, len(ids), chunk)])
+# %% ../../nbs/unlearning/01_world.ipynb #49857332
+from .tokenizer import (  # noqa: E402,F401 (it reads the definitions above)
+    WordTokenizer, world_texts, world_tokenizer, encode_texts, pad_batch, batch_logits)
+_all_ = ["WordTokenizer", "world_texts", "world_tokenizer", "encode_texts", "pad_batch",
+         "batch_logits"]

@@ -27,9 +27,12 @@ def world_documents(world: World, universes: Sequence[str], seed: int = 0) -> li
     "The training documents: narrative passages and every trained non-narrative form of each universe, one document each."
     docs = []
     for u in universes:
-        expect(u != "holdout", "universes", "no 'holdout' (it is never trained: the MIA non-members)", universes)
-        docs += [Document(f"{u}/narr/{i}", t) for i, t in enumerate(narrative_passages(world, u, seed))]
-        docs += [Document(f"{u}/form/{i}", t) for i, t in enumerate(form_texts(world, u, seed=seed))]
+        expect(u != "holdout", "universes",
+               "no 'holdout' (it is never trained: the MIA non-members)", universes)
+        docs += [Document(f"{u}/narr/{i}", t) for i, t in enumerate(narrative_passages(world,
+                                                                                       u, seed))]
+        docs += [Document(f"{u}/form/{i}", t) for i, t in enumerate(form_texts(world, u,
+                                                                               seed=seed))]
     return docs
 
 # %% ../../nbs/unlearning/06a_world_models.ipynb #6a4632ff
@@ -38,41 +41,49 @@ def world_model_config(model: ModelConfig, tok) -> ModelConfig:
     return dataclasses.replace(model, vocab_size=tok.vocab_size)
 
 # %% ../../nbs/unlearning/06a_world_models.ipynb #ca164a1d
-def train_world_model(world: World, tok, universes: Sequence[str], cfg: TrainConfig, run_dir=None, progress: bool = False,
-                      **trainer_kwargs) -> tuple[TinyLM, dict]:
+def train_world_model(world: World, tok, universes: Sequence[str], cfg: TrainConfig, run_dir=None,
+                      progress: bool = False, **trainer_kwargs) -> tuple[TinyLM, dict]:
     "Train a TinyLM on `universes` of `world` through `fit` per `cfg` (validation: generic passages in a new order); returns the model and its stats."
     expect(isinstance(cfg, TrainConfig), "cfg", "a TrainConfig", type(cfg).__name__, exc=TypeError)
     cfg = cfg.replace(model=world_model_config(cfg.model, tok))
     train = TokenizedCorpus.from_documents(world_documents(world, universes), tok, name="world")
     val_docs = [Document(f"val/{i}", t) for i, t in enumerate(retain_passages(world)[:64])]
     val = TokenizedCorpus.from_documents(val_docs, tok)
-    dm = LMDataModule(corpus=(train, val), seq_len=cfg.seq_len, batch_size=cfg.batch_size, tokenizer=tok, seed=cfg.seed)
+    dm = LMDataModule(corpus=(train, val), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                      tokenizer=tok, seed=cfg.seed)
     t0 = time.perf_counter()
-    lit, hist, trainer = fit(cfg, lambda: LMLitModule(TinyLM(cfg.model), byte_lengths=tok.byte_lengths, **cfg.lit_kwargs()), dm,
+    lit, hist, trainer = fit(cfg,
+                             lambda: LMLitModule(TinyLM(cfg.model), byte_lengths=tok.byte_lengths,
+                                                 **cfg.lit_kwargs()), dm,
                              run_dir=run_dir, progress=progress, **trainer_kwargs)
-    return lit.model, dict(train_s=hist.train_seconds() or time.perf_counter() - t0, tokens=cfg.tokens, corpus_tokens=train.n_tokens,  # (ddp_spawn: no history here)
-                           val_bpb=float(trainer.callback_metrics.get("val/bpb", float("nan"))), universes=list(universes))
+    # (ddp_spawn: no history here)
+    return lit.model, dict(train_s=hist.train_seconds() or time.perf_counter() - t0,
+                           tokens=cfg.tokens, corpus_tokens=train.n_tokens,
+                           val_bpb=float(trainer.callback_metrics.get("val/bpb", float("nan"))),
+                           universes=list(universes))
 
 # %% ../../nbs/unlearning/06a_world_models.ipynb #4114684b
 register_arm("unlearning", "orig", ("generic", "target", "neighbour"), role="baseline",
              description="the original: trained on the generic, target and neighbour universes")
 register_arm("unlearning", "retrain", ("generic", "neighbour"), role="control",
              description="the retrain oracle: the original's training without the target universe")
-WORLD_MODELS = {k: arm_specs("unlearning")[k] for k in ("orig", "retrain")}  # name -> the universes trained on
+# name -> the universes trained on
+WORLD_MODELS = {k: arm_specs("unlearning")[k] for k in ("orig", "retrain")}
 
 # %% ../../nbs/unlearning/06a_world_models.ipynb #c837a5a3
 @dataclass
 class WorldRunConfig(RunConfig):
     "The part of a run config that trains world models: the shared `TrainConfig` (`train`, with the seed), the world's size."
-    train: TrainConfig = field(default_factory=TrainConfig)  # the vocabulary is the world tokenizer's, per seed
+    # the vocabulary is the world tokenizer's, per seed
+    train: TrainConfig = field(default_factory=TrainConfig)
     n_generic: int = 120
     seed_field: ClassVar[str] = "train.seed"
 
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
-        expect(isinstance(self.train, TrainConfig), "train", "a TrainConfig (or a dict of its fields)",
-               type(self.train).__name__, exc=TypeError)
+        expect(isinstance(self.train, TrainConfig), "train",
+               "a TrainConfig (or a dict of its fields)", type(self.train).__name__, exc=TypeError)
         expect(isinstance(self.n_generic, int) and self.n_generic >= 16, "n_generic",
                "an int >= 16 (target people are anchored to distinct generic ones)", self.n_generic)
 
