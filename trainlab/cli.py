@@ -31,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the CI-sized version with one seed (claims are not judged)")
     r.add_argument("--out", default="results", metavar="DIR",
                    help="results folder (default: ./results)")
-    r.add_argument("--seed", type=_seed, default=0, metavar="N",
-                   help="first seed (default: 0); seeds are N, N+1, ...")
+    r.add_argument("--seed", type=_seed, default=None, metavar="N",
+                   help="first seed (default: the reproduction's own: 0, or 100 for calibration "
+                        "and pilot runs); seeds are N, N+1, ...")
     r.add_argument("--seeds", type=_seed_count, default=None, metavar="K",
                    help=f"number of paired seeds, at most {MAX_SEEDS} (default: the reproduction's own, 1 with --fast); "
                         "every arm runs every seed")

@@ -13,12 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import expect, check_choice
-from .kernels import RMSNorm, linear_cross_entropy
+from .kernels import RMSNorm, linear_cross_entropy, cross_entropy
 
 # %% auto #0
-__all__ = ['ModelConfig', 'rope_tables', 'rotate_half', 'apply_rope', 'document_causal_mask', 'sdpa_attention', 'Attention',
-           'SwiGLU', 'swiglu_ffn', 'Block', 'LMOutput', 'TinyLM', 'count_parameters', 'eval_mode', 'generate',
-           'record_activations']
+__all__ = ['LM_OUTPUTS', 'ModelConfig', 'rope_tables', 'rotate_half', 'apply_rope', 'document_causal_mask', 'sdpa_attention',
+           'Attention', 'SwiGLU', 'swiglu_ffn', 'Block', 'LMOutput', 'check_lm_call', 'mean_aux_losses',
+           'set_head_loss', 'TinyLM', 'count_parameters', 'eval_mode', 'generate', 'record_activations']
 
 # %% ../nbs/02_model.ipynb #068601d0
 @dataclass
@@ -155,6 +155,53 @@ class LMOutput:
     group_loss_sum: torch.Tensor | None = None
     group_count: torch.Tensor | None = None  # [num_groups] counted (non-ignored) tokens per group
 
+# %% ../nbs/02_model.ipynb #ed80cf02
+LM_OUTPUTS = ("hidden_states", "mlp_inputs")
+
+def check_lm_call(input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                  doc_ids: torch.Tensor | None = None, groups: tuple | None = None,
+                  outputs: tuple | str = ()) -> tuple:
+    "Check a call of `TinyLM`'s form (shapes, `groups`, `outputs`); the internals asked for, as a tuple."
+    expect(input_ids.dim() == 2 and not input_ids.is_floating_point(), "input_ids",
+           "an integer tensor [batch, length]", tuple(input_ids.shape))
+    for name, t in (("labels", labels), ("doc_ids", doc_ids)):
+        if t is not None:
+            expect(t.shape == input_ids.shape, name, f"shape {tuple(input_ids.shape)}",
+                   tuple(t.shape))
+    outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    for o in outputs:
+        check_choice("outputs", o, LM_OUTPUTS)
+    expect(labels is not None or groups is None, "groups", "None when no `labels` are given",
+           "a (group_ids, num_groups) pair")
+    expect(groups is None or (isinstance(groups, tuple) and len(groups) == 2), "groups",
+           "a (group_ids, num_groups) pair", groups)
+    return outputs
+
+# %% ../nbs/02_model.ipynb #40fd93fc
+def mean_aux_losses(auxes: list[dict]) -> dict:
+    "Each auxiliary loss of the per-layer `auxes` (their `\"losses\"`), averaged over the layers reporting it."
+    tot, n = {}, {}
+    for aux in auxes:
+        for k, v in (aux or {}).get("losses", {}).items():
+            tot[k], n[k] = tot.get(k, 0) + v, n.get(k, 0) + 1
+    return {k: v / n[k] for k, v in tot.items()}
+
+# %% ../nbs/02_model.ipynb #d254b01d
+def set_head_loss(out: LMOutput, h: torch.Tensor, head_weight: torch.Tensor | None,
+                  labels: torch.Tensor, ignore_index: int = -100, groups: tuple | None = None,
+                  impl: str = "auto", logits: torch.Tensor | None = None) -> LMOutput:
+    "Set `out.loss` (per token) and, with `groups`, the per-group sums: from the fused head + loss kernel on the final hidden states `h` and `head_weight`, or from `logits`."
+    kw = dict(ignore_index=ignore_index, reduction="none", impl=impl)
+    if groups is not None:
+        kw.update(group_ids=groups[0], num_groups=groups[1])
+    loss = (cross_entropy(logits, labels, **kw) if logits is not None
+            else linear_cross_entropy(h, head_weight.to(h.dtype), labels, **kw))
+    if groups is None:
+        out.loss = loss
+    else:
+        out.loss, out.group_loss_sum, out.group_count = loss
+    return out
+
 # %% ../nbs/02_model.ipynb #e2643a29
 class TinyLM(nn.Module):
     "A Llama-style decoder. `ffn(cfg, layer_idx)` and `attention(q, k, v, causal, doc_ids)` are pluggable."
@@ -190,25 +237,15 @@ class TinyLM(nn.Module):
                 outputs: tuple = ()) -> LMOutput:
         "Logits (by default only without `labels`), per-token loss with `labels`, optional internals."
         # groups = (group_ids [B, L], num_groups): per-group loss sums from the same fused kernel
-        # pass
-        # outputs: internals to keep, any of "hidden_states" (residual stream) and "mlp_inputs"
-        expect(input_ids.dim() == 2 and not input_ids.is_floating_point(), "input_ids",
-               "an integer tensor [batch, length]", tuple(input_ids.shape))
-        B, L = input_ids.shape
+        # pass; outputs: internals to keep, any of "hidden_states" and "mlp_inputs"
+        outputs = check_lm_call(input_ids, labels, doc_ids, groups, outputs)
+        L = input_ids.shape[1]
         expect(L <= self.config.max_seq_len, "input_ids",
                f"length <= max_seq_len={self.config.max_seq_len}", L)
-        for name, t in (("labels", labels), ("doc_ids", doc_ids)):
-            if t is not None:
-                expect(t.shape == input_ids.shape, name, f"shape {tuple(input_ids.shape)}",
-                       tuple(t.shape))
-        outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
-        for o in outputs:
-            check_choice("outputs", o, ("hidden_states", "mlp_inputs"))
         keep_h, keep_mlp = "hidden_states" in outputs, "mlp_inputs" in outputs
         cos, sin = self.rope_cos[:L], self.rope_sin[:L]
         x = self.embed(input_ids)
         out = LMOutput(hidden_states=[x] if keep_h else None, mlp_inputs=[] if keep_mlp else None)
-        n_reporting = {}  # layers reporting each auxiliary loss
         for layer in self.layers:
             x, h, aux = layer(x, cos, sin, doc_ids)
             if keep_h:
@@ -216,33 +253,12 @@ class TinyLM(nn.Module):
             if keep_mlp:
                 out.mlp_inputs.append(h)
             out.aux.append(aux)
-            for k, v in aux.get("losses", {}).items():
-                out.aux_losses[k] = out.aux_losses.get(k, 0) + v
-                n_reporting[k] = n_reporting.get(k, 0) + 1
-        # L_aux = (1/N) Σ_ℓ L_aux^(ℓ): the mean over the N layers that report it, as BlockFFN's
-        # official
-        # model averages its router losses over layers; a sum would give every router N times the
-        # weight its coefficient was set for
-        out.aux_losses = {k: v / n_reporting[k] for k, v in out.aux_losses.items()}
+        out.aux_losses = mean_aux_losses(out.aux)
         x = self.norm(x)
         if return_logits if return_logits is not None else labels is None:
             out.logits = self.lm_head(x)
-        if labels is None:
-            expect(groups is None, "groups", "None when no `labels` are given",
-                   "a (group_ids, n) pair")
-            return out
-        # fused head + loss: never materialises [tokens, vocab] on the Triton path
-        kw = dict(ignore_index=ignore_index, reduction="none", impl=self.impl)
-        if groups is None:
-            out.loss = linear_cross_entropy(x, self.lm_head.weight, labels, **kw)
-            return out
-        expect(isinstance(groups, tuple) and len(groups) == 2, "groups",
-               "a (group_ids, num_groups) pair", groups)
-        group_ids, num_groups = groups
-        # per-source sums come out of the same kernel pass (e.g. general vs domain tokens in one
-        # batch)
-        out.loss, out.group_loss_sum, out.group_count = linear_cross_entropy(
-            x, self.lm_head.weight, labels, group_ids=group_ids, num_groups=num_groups, **kw)
+        if labels is not None:  # fused head + loss: never materialises [tokens, vocab] on Triton
+            set_head_loss(out, x, self.lm_head.weight, labels, ignore_index, groups, self.impl)
         return out
 
 # %% ../nbs/02_model.ipynb #4531bfee
@@ -268,7 +284,7 @@ def eval_mode(model: nn.Module):
     finally: model.train(was)
 
 @torch.no_grad()
-def generate(model: TinyLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, eos_id: int | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
     "Append up to `max_new_tokens` to `input_ids` ([L] or [B, L]); rows that emitted `eos_id` keep emitting it."
@@ -281,9 +297,11 @@ def generate(model: TinyLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     expect(ids.dim() == 2 and ids.shape[1] >= 1, "input_ids", "a non-empty [L] or [B, L] tensor",
            tuple(input_ids.shape))
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    # the longest context: TinyLM's max_seq_len, or a Hugging Face config's max_position_embeddings
+    max_len = getattr(model.config, "max_seq_len", None) or model.config.max_position_embeddings
     with eval_mode(model):
         for _ in range(max_new_tokens):
-            logits = model(ids[:, -model.config.max_seq_len:]).logits[:, -1].float()
+            logits = model(ids[:, -max_len:]).logits[:, -1].float()
             if temperature == 0: nxt = logits.argmax(-1)
             else:
                 logits = logits / temperature

@@ -35,12 +35,14 @@ class Reproduction:
     default_seeds: int = 1
     summary_keys: tuple = ()
     run_config: type | None = None  # its RunConfig subclass (full/fast presets, with_seed)
+    first_seed: int = 0  # calibration and pilot runs start at 100: seeds a confirmation never uses
 
 REPRODUCTIONS: dict[str, Reproduction] = {}
 
 def register_reproduction(name: str, description: str = "", claims: tuple | list = (),
                           notebook: str = "", default_seeds: int = 1,
-                          summary_keys: tuple = (), run_config: type | None = None):
+                          summary_keys: tuple = (), run_config: type | None = None,
+                          first_seed: int = 0):
     "Decorator registering `fn(ctx) -> dict` as the reproduction `name`, with its claims fixed here, before any run."
     expect(isinstance(name, str) and name.isidentifier() and name != "all", "name",
            "an identifier other than 'all'", name)
@@ -50,10 +52,13 @@ def register_reproduction(name: str, description: str = "", claims: tuple | list
            [c.name for c in claims])
     expect(isinstance(default_seeds, int) and default_seeds >= 1, "default_seeds", "an int >= 1",
            default_seeds)
+    expect(isinstance(first_seed, int) and 0 <= first_seed < 2**31, "first_seed",
+           "an int in [0, 2**31)", first_seed)
     if run_config is not None: check_run_config(run_config)
     def deco(fn):
         REPRODUCTIONS[name] = Reproduction(name, fn, description, tuple(claims), notebook,
-                                           default_seeds, tuple(summary_keys), run_config)
+                                           default_seeds, tuple(summary_keys), run_config,
+                                           first_seed)
         return fn
     return deco
 
@@ -266,9 +271,10 @@ def _mark_failed(staging: Path, e: BaseException, sits: list[dict], started: str
 # %% ../nbs/04_reproduce.ipynb #231a7622
 MAX_SEEDS = 1000  # more seeds than this are refused before any list of them is built
 
-def plan_seeds(rep: Reproduction, seed: int = 0, seeds: int | None = None,
+def plan_seeds(rep: Reproduction, seed: int | None = None, seeds: int | None = None,
                fast: bool = False) -> list[int]:
-    "The seeds a run of `rep` trains: `seeds` of them (default: one when `fast`, else its own count) from `seed`."
+    "The seeds a run of `rep` trains: `seeds` of them (default: one when `fast`, else its own count) from `seed` (default: its own `first_seed`)."
+    seed = rep.first_seed if seed is None else seed
     ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32
     expect(ok, "seed", "an int in [0, 2**32)", seed, exc=UsageError)
     ok = seeds is None or (isinstance(seeds, int) and not isinstance(seeds, bool)
@@ -279,7 +285,7 @@ def plan_seeds(rep: Reproduction, seed: int = 0, seeds: int | None = None,
     expect(seed + n - 1 < 2**32, "seed", last, seed, exc=UsageError)
     return list(range(seed, seed + n))
 
-def reproduce(name: str, out: str | Path = "results", fast: bool = False, seed: int = 0,
+def reproduce(name: str, out: str | Path = "results", fast: bool = False, seed: int | None = None,
               seeds: int | None = None,
               progress: bool = False, command: str | None = None, resume: bool = False) -> dict:
     "Run reproduction `name` over its seeds, judge its claims, write `out/name/` atomically; returns {'metrics', 'run', 'dir'}."
@@ -291,7 +297,7 @@ def reproduce(name: str, out: str | Path = "results", fast: bool = False, seed: 
     ctx = RunContext(name, staging_dir(out, name), fast=fast, seeds=seed_list, progress=progress)
     n = len(seed_list)
     command = (command or f"trainlab reproduce {name}" + (" --fast" if fast else "")
-               + f" --seed {seed} --seeds {n}")
+               + f" --seed {seed_list[0]} --seeds {n}")
     busy = f"another run (pid {{pid}}) is writing {name!r} into {out}: wait for it to end, or pass another --out"
     # before the staging folder is touched
     with file_lock(lock_path(out, name), busy=busy, log=ctx.log):

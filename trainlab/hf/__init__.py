@@ -4,22 +4,25 @@
 
 # %% auto #0
 __all__ = ['CAUSAL_LM_SUFFIXES', 'is_causal_lm', 'document_positions', 'MASKED_ATTENTION', 'document_attention_mask',
-           'LOGIT_TRANSFORMS', 'has_plain_lm_head', 'record_inputs', 'CausalLMAdapter', 'wrap_causal_lm', 'TINY_CONFIG',
-           'tiny_causal_lm', 'bytes_to_unicode', 'BYTE_FALLBACK', 'tokenizer_byte_lengths', 'EOT_TOKEN', 'PAD_TOKEN',
-           'byte_level_tokenizer', 'train_bpe_tokenizer', 'corpus_text', 'HFTokenizer']
+           'LOGIT_TRANSFORMS', 'has_plain_lm_head', 'record_inputs', 'MLPSlot', 'CausalLMAdapter', 'wrap_causal_lm',
+           'TINY_CONFIG', 'tiny_causal_lm', 'bytes_to_unicode', 'BYTE_FALLBACK', 'tokenizer_byte_lengths', 'EOT_TOKEN',
+           'PAD_TOKEN', 'byte_level_tokenizer', 'train_bpe_tokenizer', 'corpus_text', 'HFTokenizer', 'swap_mlps',
+           'moe_arm_ffn', 'load_swapped']
 
 # %% ../../nbs/hf/00_hf.ipynb #107fb5d0
 from .models import (CAUSAL_LM_SUFFIXES, is_causal_lm, document_positions,
                                 MASKED_ATTENTION, document_attention_mask, LOGIT_TRANSFORMS,
-                                has_plain_lm_head, record_inputs, CausalLMAdapter, wrap_causal_lm,
-                                TINY_CONFIG, tiny_causal_lm)
+                                has_plain_lm_head, record_inputs, MLPSlot, CausalLMAdapter,
+                                wrap_causal_lm, TINY_CONFIG, tiny_causal_lm)
 from .tokenization import (
     bytes_to_unicode, BYTE_FALLBACK, tokenizer_byte_lengths, EOT_TOKEN, PAD_TOKEN,
     byte_level_tokenizer, train_bpe_tokenizer, corpus_text, HFTokenizer)
+from .moe import swap_mlps, moe_arm_ffn, load_swapped
 
 # %% ../../nbs/hf/00_hf.ipynb #bde96c09
 _all_ = ["CAUSAL_LM_SUFFIXES", "is_causal_lm", "document_positions",
          "MASKED_ATTENTION", "document_attention_mask", "LOGIT_TRANSFORMS", "has_plain_lm_head",
-         "record_inputs", "CausalLMAdapter", "wrap_causal_lm", "TINY_CONFIG", "tiny_causal_lm",
-         "bytes_to_unicode", "BYTE_FALLBACK", "tokenizer_byte_lengths", "EOT_TOKEN", "PAD_TOKEN",
-         "byte_level_tokenizer", "train_bpe_tokenizer", "corpus_text", "HFTokenizer"]
+         "record_inputs", "MLPSlot", "CausalLMAdapter", "wrap_causal_lm", "TINY_CONFIG",
+         "tiny_causal_lm", "bytes_to_unicode", "BYTE_FALLBACK", "tokenizer_byte_lengths",
+         "EOT_TOKEN", "PAD_TOKEN", "byte_level_tokenizer", "train_bpe_tokenizer", "corpus_text",
+         "HFTokenizer", "swap_mlps", "moe_arm_ffn", "load_swapped"]

@@ -4,20 +4,20 @@
 
 # %% ../../nbs/hf/01_models.ipynb #61208ab1
 from __future__ import annotations
-import contextlib
+import contextlib, inspect
 
 import torch
 import torch.nn as nn
 
 from ..core import expect, check_choice
-from ..kernels import cross_entropy, linear_cross_entropy
-from ..model import LMOutput, document_causal_mask
+from ..model import (TinyLM, LMOutput, document_causal_mask, check_lm_call, mean_aux_losses,
+                            set_head_loss)
 from ..sharding import transformer_blocks
 
 # %% auto #0
 __all__ = ['CAUSAL_LM_SUFFIXES', 'MASKED_ATTENTION', 'LOGIT_TRANSFORMS', 'TINY_CONFIG', 'is_causal_lm', 'document_positions',
-           'document_attention_mask', 'has_plain_lm_head', 'record_inputs', 'CausalLMAdapter', 'wrap_causal_lm',
-           'tiny_causal_lm']
+           'document_attention_mask', 'has_plain_lm_head', 'record_inputs', 'MLPSlot', 'CausalLMAdapter',
+           'wrap_causal_lm', 'tiny_causal_lm', 'lm_layers', 'lm_embedding', 'lm_width', 'lm_max_len']
 
 # %% ../../nbs/hf/01_models.ipynb #bc90da6f
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -88,6 +88,25 @@ def record_inputs(modules: list[nn.Module], store: list, output: bool = False):
         for h in handles:
             h.remove()
 
+# %% ../../nbs/hf/01_models.ipynb #50c726c2
+class MLPSlot(nn.Module):
+    "A trainlab FFN (`ffn(x[, doc_ids]) -> y or (y, aux)`) in a Hugging Face block's `mlp` slot: returns `y`, keeps `aux` for `CausalLMAdapter`."
+    def __init__(self, ffn: nn.Module):
+        super().__init__()
+        expect(isinstance(ffn, nn.Module), "ffn", "an nn.Module", type(ffn).__name__, TypeError)
+        self.ffn, self.doc_ids, self.aux = ffn, None, {}
+        self._takes_doc_ids = "doc_ids" in inspect.signature(ffn.forward).parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ffn(x, doc_ids=self.doc_ids) if self._takes_doc_ids else self.ffn(x)
+        y, self.aux = y if isinstance(y, tuple) else (y, {})
+        return y
+
+    def pop_aux(self) -> dict:
+        "The last call's aux dict, released (its tensors belong to that call's graph)."
+        aux, self.aux = self.aux, {}
+        return aux
+
 # %% ../../nbs/hf/01_models.ipynb #fba97110
 class CausalLMAdapter(nn.Module):
     "A Hugging Face causal LM with `TinyLM`'s call and output: trainlab's loss, documents apart."
@@ -132,53 +151,40 @@ class CausalLMAdapter(nn.Module):
                 doc_ids: torch.Tensor | None = None, *, ignore_index: int = -100,
                 groups: tuple | None = None, return_logits: bool | None = None,
                 outputs: tuple = ()) -> LMOutput:
-        "As `TinyLM`: logits (by default only without `labels`), per-token loss, internals."
-        expect(input_ids.dim() == 2 and not input_ids.is_floating_point(), "input_ids",
-               "an integer tensor [batch, length]", tuple(input_ids.shape))
-        for name, t in (("labels", labels), ("doc_ids", doc_ids)):
-            if t is not None:
-                expect(t.shape == input_ids.shape, name, f"shape {tuple(input_ids.shape)}",
-                       tuple(t.shape))
-        outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
-        for o in outputs:
-            check_choice("outputs", o, ("hidden_states", "mlp_inputs"))
-        expect(labels is not None or groups is None, "groups", "None when no `labels` are given",
-               "a pair")
+        "As `TinyLM`: logits (by default only without `labels`), per-token loss, internals, and the router statistics and auxiliary losses of the FFNs swapped into `MLPSlot`s."
+        outputs = check_lm_call(input_ids, labels, doc_ids, groups, outputs)
         keep_h = "hidden_states" in outputs
         kw = self.model_inputs(doc_ids)
         fused = labels is not None and self.fused_loss
-        blocks = transformer_blocks(self.hf) if outputs else []
+        blocks = transformer_blocks(self.hf)
+        slots = [b.mlp for b in blocks if isinstance(getattr(b, "mlp", None), MLPSlot)]
         mlps = [b.mlp for b in blocks if isinstance(getattr(b, "mlp", None), nn.Module)]
         expect("mlp_inputs" not in outputs or len(mlps) == len(blocks), "outputs",
                "'mlp_inputs' only for a model whose blocks have an `mlp` module", outputs)
-        with record_inputs(blocks[-1:] if keep_h else [], [], output=True) as last, \
-                record_inputs(mlps if "mlp_inputs" in outputs else [], []) as mlp_in:
-            net = self.hf.base_model if fused else self.hf
-            res = net(input_ids=input_ids, output_hidden_states=keep_h, **kw)
+        for s in slots:
+            s.doc_ids = doc_ids
+        try:
+            with record_inputs(blocks[-1:] if keep_h else [], [], output=True) as last, \
+                    record_inputs(mlps if "mlp_inputs" in outputs else [], []) as mlp_in:
+                net = self.hf.base_model if fused else self.hf
+                res = net(input_ids=input_ids, output_hidden_states=keep_h, **kw)
+        finally:
+            for s in slots:
+                s.doc_ids = None
+        # one aux dict per block, as TinyLM's (empty where the block's FFN is the model's own)
+        aux = [b.mlp.pop_aux() if isinstance(getattr(b, "mlp", None), MLPSlot) else {}
+               for b in blocks] if slots else []
         out = LMOutput(hidden_states=[*res.hidden_states[:-1], last[0]] if keep_h else None,
-                       mlp_inputs=mlp_in if "mlp_inputs" in outputs else None)
+                       mlp_inputs=mlp_in if "mlp_inputs" in outputs else None, aux=aux,
+                       aux_losses=mean_aux_losses(aux))
         want_logits = return_logits if return_logits is not None else labels is None
-        if fused:
-            h, w = res.last_hidden_state, self.hf.get_output_embeddings().weight
-            if want_logits:
-                out.logits = self.hf.get_output_embeddings()(h)
-        else:
-            out.logits = res.logits if want_logits else None
-        if labels is None:
-            return out
-        kw = dict(ignore_index=ignore_index, reduction="none", impl=self.impl)
-        if groups is not None:
-            ok = isinstance(groups, tuple) and len(groups) == 2
-            expect(ok, "groups", "a (group_ids, num_groups) pair", groups)
-            kw.update(group_ids=groups[0], num_groups=groups[1])
-        if fused:
-            loss = linear_cross_entropy(h, w.to(h.dtype), labels, **kw)
-        else:
-            loss = cross_entropy(res.logits, labels, **kw)
-        if groups is None:
-            out.loss = loss
-        else:
-            out.loss, out.group_loss_sum, out.group_count = loss
+        h = res.last_hidden_state if fused else None
+        if want_logits:
+            out.logits = self.hf.get_output_embeddings()(h) if fused else res.logits
+        if labels is not None:
+            head = self.hf.get_output_embeddings().weight if fused else None
+            set_head_loss(out, h, head, labels, ignore_index, groups, self.impl,
+                          logits=None if fused else res.logits)
         return out
 
 # %% ../../nbs/hf/01_models.ipynb #44a59bd1
@@ -201,3 +207,29 @@ def tiny_causal_lm(arch: str = "llama", vocab_size: int = 258, attn_implementati
     cfg = make_config(vocab_size=vocab_size, attn_implementation=attn_implementation,
                       **{**TINY_CONFIG, **config})
     return getattr(transformers, f"{name}ForCausalLM")(cfg)
+
+# %% ../../nbs/hf/01_models.ipynb #a655e092
+def lm_layers(model: nn.Module) -> list[nn.Module]:
+    "The decoder blocks of a `TinyLM`, a `CausalLMAdapter` or a Hugging Face causal LM, in order."
+    if isinstance(model, TinyLM):
+        return list(model.layers)
+    return list(transformer_blocks(model.hf if isinstance(model, CausalLMAdapter) else model))
+
+# %% ../../nbs/hf/01_models.ipynb #ed065470
+def lm_embedding(model: nn.Module) -> nn.Module:
+    "The input token embedding of a `TinyLM`, a `CausalLMAdapter` or a Hugging Face causal LM."
+    if isinstance(model, TinyLM):
+        return model.embed
+    return (model.hf if isinstance(model, CausalLMAdapter) else model).get_input_embeddings()
+
+# %% ../../nbs/hf/01_models.ipynb #584730bf
+def lm_width(model: nn.Module) -> int:
+    "The hidden width (`d_model`, or a Hugging Face config's `hidden_size`)."
+    cfg = model.config
+    return int(cfg.d_model if isinstance(model, TinyLM) else cfg.hidden_size)
+
+
+def lm_max_len(model: nn.Module) -> int:
+    "The longest input (`max_seq_len`, or a Hugging Face config's `max_position_embeddings`)."
+    cfg = model.config
+    return int(getattr(cfg, "max_seq_len", None) or cfg.max_position_embeddings)

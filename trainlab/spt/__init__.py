@@ -13,7 +13,8 @@ __all__ = ['SPT_TRAINER_KW', 'MUENNIGHOFF_R_STAR', 'SPT_ARMS', 'SPT_MAIN', 'SPT_
            'plot_forgetting', 'plot_train_vs_test', 'plot_pretrain_domain_test', 'plot_law', 'fit_per_delta',
            'after_warmup', 'SPT_EXPECTED_EFFECT', 'SPT_MIN_SEEDS', 'SPT_RUN_BUDGET_S', 'SPT_SEEDS', 'seeds_needed',
            'spt_unit_counts', 'pick_seeds', 'reproduce_spt_pilot', 'reproduce_spt_sweep', 'plot_paired',
-           'pair_pretrain', 'r_gain']
+           'pair_pretrain', 'r_gain', 'SPT_PILOT_SEEDS', 'plot_tradeoff', 'tradeoff_curve', 'general_at_domain',
+           'matched_forgetting']
 
 # %% ../../nbs/spt/00_spt.ipynb #a21d359d
 from .domains import (DomainData, make_domain, mixture_plan, MixtureDataset,
@@ -21,7 +22,8 @@ from .domains import (DomainData, make_domain, mixture_plan, MixtureDataset,
                                   eval_sets, MixtureDataModule)
 from .training import (SPTLitModule, Snapshots, SPTConfig, SPT_TRAINER_KW, pretrain,
                                    KeepBest, FinetuneConfig,
-                                   evaluate_groups, finetune, finetune_grid)
+                                   finetune, finetune_grid)
+from .domains import evaluate_groups
 from .laws import (law_train, law_gap, law_offset, law_test, fit_overfitting_law,
                                fit_per_delta, after_warmup, b_gap, predicted_turn,
                                observed_turn, MUENNIGHOFF_R_STAR, effective_data, fit_muennighoff,
@@ -35,7 +37,9 @@ from .experiment import (SPTArm, SPT_ARMS, SPT_MAIN, SPT_REF, SPT_DOMAINS, SPT_C
                                      finetune_unit, reproduce_spt, reproduce_spt_sweep,
                                      plot_post_ft_vs_tokens, plot_forgetting, plot_train_vs_test,
                                      plot_pretrain_domain_test, plot_law,
-                                     plot_paired, pair_pretrain, r_gain)
+                                     plot_paired, pair_pretrain, r_gain, SPT_PILOT_SEEDS,
+                                     plot_tradeoff)
+from .tradeoff import tradeoff_curve, general_at_domain, matched_forgetting
 
 # %% ../../nbs/spt/00_spt.ipynb #a0f0ba14
 _all_ = ["SPT_TRAINER_KW", "MUENNIGHOFF_R_STAR", "SPT_ARMS", "SPT_MAIN", "SPT_REF",
@@ -50,4 +54,5 @@ _all_ = ["SPT_TRAINER_KW", "MUENNIGHOFF_R_STAR", "SPT_ARMS", "SPT_MAIN", "SPT_RE
          "plot_pretrain_domain_test", "plot_law", "fit_per_delta", "after_warmup",
          "SPT_EXPECTED_EFFECT", "SPT_MIN_SEEDS", "SPT_RUN_BUDGET_S", "SPT_SEEDS", "seeds_needed",
          "spt_unit_counts", "pick_seeds", "reproduce_spt_pilot", "reproduce_spt_sweep",
-         "plot_paired", "pair_pretrain", "r_gain"]
+         "plot_paired", "pair_pretrain", "r_gain", "SPT_PILOT_SEEDS", "plot_tradeoff",
+         "tradeoff_curve", "general_at_domain", "matched_forgetting"]

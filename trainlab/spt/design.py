@@ -78,16 +78,13 @@ SPT_CLAIMS = (
           "below 0 (R_gain > 0).",
           "post_ft_domain_report_bpb", (domain_arm("far", SPT_MAIN), domain_arm("far", SPT_REF)),
           "diff", "<", 0.0),
-    Claim("spt_forgets_less_far", "Far domain, final checkpoint: finetuning raises the general bpb "
-                                  "less after SPT at δ = 2% than after δ = 0 "
-          "(forgetting = general bpb at the best finetuning point minus before): paired difference "
-          "below 0.",
-          "forgetting", (domain_arm("far", SPT_MAIN), domain_arm("far", SPT_REF)), "diff",
+    Claim("spt_forgets_less_at_matched_domain_bpb",
+          "Far domain, final checkpoint, at equal domain loss: along each arm's chosen finetuning "
+          "run, the general bpb rises less from its checkpoint after SPT at δ = 2% than after "
+          "δ = 0, read where the run first reaches the best domain test bpb that both arms reach "
+          "(forgetting_matched): paired difference below 0.",
+          "forgetting_matched", (domain_arm("far", SPT_MAIN), domain_arm("far", SPT_REF)), "diff",
           "<", 0.0),
-    Claim("far_gain_exceeds_near", "SPT's gain over δ = 0 at the final checkpoint (R_gain of δ = "
-                                   "2% on the report half, in %) is larger on the far domain "
-          "(Unicode names) than on the near one (Python tests): paired difference above 0.",
-          "r_gain", (domain_arm("far", SPT_MAIN), domain_arm("near", SPT_MAIN)), "diff", ">", 0.0),
 )
 
 # %% ../../nbs/spt/04a_design.ipynb #05dcdda1
@@ -124,15 +121,18 @@ class SPTRunConfig(RunConfig):
     report_tokens: int = 8192                # the half that is reported
     lines_per_piece: int = 8
     domains: tuple = (("far", "unicode_names"), ("near", "stdlib_tests"))
-    # where the exploratory arms and checkpoints run (the main pair runs on every domain)
+    # where the pre-registered pair runs on every seed (the claims read "far")
+    pair_domains: tuple = ("far",)
+    # where the exploratory arms and checkpoints run
     explore_domains: tuple = ("far",)
     law_max_delta: float = 0.05
     law_skip_warmups: float = 1.0  # the law drops curve points at or below this many warmups
     turn_min_rise: float = 0.01
     # a forecast turn within this relative error of the observed one counts as a hit
     turn_tolerance: float = 0.25
-    # finetuning rates at most this fraction of the pretraining peak (the paper's grid: 0.025-0.25)
-    ft_max_lr_frac: float = 0.25
+    # the finetuning grid as given reaches at most this fraction of the pretraining peak (its
+    # extension, `finetune.extend_top`, may go above when the top rate wins)
+    ft_max_lr_frac: float = 1.0
     # finetuning warmups at most this many epochs of the domain set
     ft_max_warmup_epochs: float = 0.5
     seed_field: ClassVar[str] = "pretrain.train.seed"  # finetuning shares it (see with_seed)
@@ -145,6 +145,9 @@ class SPTRunConfig(RunConfig):
         expect(tuple(k for k, _ in self.domains) == SPT_DOMAINS, "domains",
                f"(name, source) pairs named {SPT_DOMAINS} (the claims compare them)",
                tuple(k for k, _ in self.domains))
+        expect("far" in self.pair_domains and set(self.pair_domains) <= set(SPT_DOMAINS),
+               "pair_domains", f"names among {SPT_DOMAINS}, \"far\" included (the claims read it)",
+               self.pair_domains)
         expect(set(self.explore_domains) <= set(SPT_DOMAINS), "explore_domains",
                f"names among {SPT_DOMAINS}", self.explore_domains)
         top = self.ft_max_lr_frac * self.pretrain.train.lr
@@ -160,9 +163,9 @@ class SPTRunConfig(RunConfig):
                             seq_len=256, val_every=50, seed=seed)
         pre = SPTConfig(train, checkpoint_fracs=(0.25, 0.5, 1.0))
         ft_train = train.replace(batch_size=4, schedule="constant", weight_decay=1e-7)
-        lrs = tuple(f * train.lr for f in (0.025, 0.1, 0.25))
-        ft = FinetuneConfig(ft_train, lrs=lrs, warmups=(5,), max_epochs=16.0, evals_per_epoch=2.0,
-                            patience=4)
+        lrs = tuple(f * train.lr for f in (0.025, 0.1, 0.25, 0.5, 1.0))
+        ft = FinetuneConfig(ft_train, lrs=lrs, warmups=(5,), max_epochs=32.0, evals_per_epoch=2.0,
+                            patience=4, extend_top=2)
         return cls(pre, ft)
 
     @classmethod

@@ -16,10 +16,12 @@ from ..core import expect, stable_unit_hash, dist_rank_world
 from ..data import (CORPORA, Document, TokenizedCorpus, PackedDataset, DocWindowDataset,
                            ByteTokenizer, check_tokenizer, eval_sampler, load_corpus,
                            load_documents, split_corpus, select_eval_docs)
+from ..model import TinyLM, eval_mode
+from ..train import bits_per_byte
 
 # %% auto #0
 __all__ = ['DomainData', 'make_domain', 'mixture_plan', 'MixtureDataset', 'GlobalBatchSampler', 'general_eval_set', 'GroupTagged',
-           'eval_sets', 'MixtureDataModule']
+           'eval_sets', 'evaluate_groups', 'MixtureDataModule']
 
 # %% ../../nbs/spt/01_domains.ipynb #afd2c7db
 def _documents(source, seed: int = 0) -> list[Document]:
@@ -228,6 +230,26 @@ def eval_sets(sets: dict, window: int, tokenizer=None) -> tuple[ConcatDataset, l
                                           tok.pad_id), g) for g, c in enumerate(sets.values())]
     return ConcatDataset(parts), list(sets)
 
+# %% ../../nbs/spt/01_domains.ipynb #5cad88eb
+@torch.no_grad()
+def evaluate_groups(model: torch.nn.Module, sets: dict, window: int = 256, batch_size: int = 16,
+                    tokenizer=None) -> dict:
+    "Bits per byte of `model` (a `TinyLM`, or a Hugging Face causal LM with its `tokenizer`) on each named `TokenizedCorpus` of `sets` (document-wise windows, one grouped pass)."
+    tok = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
+    if not isinstance(model, TinyLM):
+        from trainlab.hf.models import wrap_causal_lm
+        model = wrap_causal_lm(model)
+    ds, names = eval_sets(sets, window, tok)
+    bl = torch.as_tensor(tok.byte_lengths, dtype=torch.float64)
+    tot = torch.zeros(2, len(names), dtype=torch.float64)
+    with eval_mode(model):
+        for b in DataLoader(ds, batch_size=batch_size):
+            o = model(b["input_ids"], labels=b["labels"], groups=(b["group_ids"], len(names)))
+            m = b["labels"] != -100
+            tot[0] += o.group_loss_sum.double().cpu()
+            tot[1].index_add_(0, b["group_ids"][m].long(), bl[b["labels"][m]])
+    return {n: bits_per_byte(tot[0, g], tot[1, g]) for g, n in enumerate(names)}
+
 # %% ../../nbs/spt/01_domains.ipynb #1cffeb2e
 class MixtureDataModule(L.LightningDataModule):
     "General data plus a domain set repeated at exactly `delta` of the training tokens; grouped evaluation of general and domain sets."
@@ -252,6 +274,8 @@ class MixtureDataModule(L.LightningDataModule):
         self.delta, self.domain_start = delta, domain_start
         # validates delta, domain_start
         self.plan = mixture_plan(self.num_steps * self.batch_size, delta, domain_start, seed)
+        # `val/bpb` (what the divergence guard reads) is the bpb of the data the run trains on
+        self.val_main_group = "domain_test" if bool(self.plan.all()) else "general"
         self.max_general_eval_tokens, self.eval_general, self.eval_domain_train = (
             max_general_eval_tokens, bool(eval_general), bool(eval_domain_train))
         self.extra_domains = dict(extra_domains or {})

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Sequence
 
+import math
+
 import numpy as np
 import torch
 
@@ -14,15 +16,17 @@ from ..core import expect
 from ..model import TinyLM, count_parameters
 from ..stats import mean, std, ci_mean
 from ..reproduce import register_reproduction, RunContext
+from .tradeoff import tradeoff_curve, matched_forgetting
 from .laws import (law_test, fit_overfitting_law, fit_per_delta, after_warmup, b_gap,
                                predicted_turn, observed_turn, fit_muennighoff, muennighoff_test)
 
 # %% auto #0
-__all__ = ['SPT_RUN_BUDGET_S', 'SPT_SEEDS', 'pick_seeds', 'reproduce_spt_pilot', 'reproduce_spt', 'interp_log_tokens',
-           'domain_summary', 'reproduce_spt_sweep', 'SPTArm', 'SPT_ARMS', 'SPT_MAIN', 'SPT_REF', 'SPT_DOMAINS',
-           'SPT_CLAIMS', 'SPT_EXPECTED_EFFECT', 'SPT_MIN_SEEDS', 'seeds_needed', 'SPTRunConfig', 'spt_run_config',
-           'r_gain', 'pair_pretrain', 'pretrain_unit', 'finetune_unit', 'spt_unit_counts', 'plot_post_ft_vs_tokens',
-           'plot_forgetting', 'plot_train_vs_test', 'plot_pretrain_domain_test', 'plot_law', 'plot_paired']
+__all__ = ['SPT_RUN_BUDGET_S', 'SPT_PILOT_SEEDS', 'SPT_SEEDS', 'pick_seeds', 'reproduce_spt_pilot', 'reproduce_spt',
+           'interp_log_tokens', 'domain_summary', 'reproduce_spt_sweep', 'SPTArm', 'SPT_ARMS', 'SPT_MAIN', 'SPT_REF',
+           'SPT_DOMAINS', 'SPT_CLAIMS', 'SPT_EXPECTED_EFFECT', 'SPT_MIN_SEEDS', 'seeds_needed', 'SPTRunConfig',
+           'spt_run_config', 'r_gain', 'pair_pretrain', 'pretrain_unit', 'finetune_unit', 'spt_unit_counts',
+           'plot_post_ft_vs_tokens', 'plot_forgetting', 'plot_train_vs_test', 'plot_pretrain_domain_test', 'plot_law',
+           'plot_paired', 'plot_tradeoff']
 
 # %% ../../nbs/spt/04_experiment.ipynb #7d4e0d01
 from .design import (SPTArm, SPT_ARMS, SPT_MAIN, SPT_REF, SPT_DOMAINS,  # noqa
@@ -32,24 +36,27 @@ from .units import (pair_pretrain, pretrain_unit, finetune_unit,  # noqa
                                 spt_unit_counts, pick_keys, drop_snapshots, spt_data, run_units)
 from .plots import (plot_post_ft_vs_tokens, plot_forgetting,  # noqa
                                 plot_train_vs_test, plot_pretrain_domain_test, plot_law,
-                                plot_paired)
+                                plot_paired, plot_tradeoff)
 
 # %% ../../nbs/spt/04_experiment.ipynb #7d4e0d02
 _all_ = ["SPTArm", "SPT_ARMS", "SPT_MAIN", "SPT_REF", "SPT_DOMAINS", "SPT_CLAIMS",
          "SPT_EXPECTED_EFFECT", "SPT_MIN_SEEDS", "seeds_needed", "SPTRunConfig", "spt_run_config",
          "r_gain", "pair_pretrain", "pretrain_unit", "finetune_unit", "spt_unit_counts",
          "plot_post_ft_vs_tokens", "plot_forgetting", "plot_train_vs_test",
-         "plot_pretrain_domain_test", "plot_law", "plot_paired"]
+         "plot_pretrain_domain_test", "plot_law", "plot_paired", "plot_tradeoff"]
 
 # %% ../../nbs/spt/04_experiment.ipynb #8ab7703d
-# the main run's estimated wall time: 60 min on 2 cores, less 5 of margin
+# one sitting of the main run: 60 min on 2 cores, less 5 of margin; a longer run is continued
+# with --resume in further sittings of the same command
 SPT_RUN_BUDGET_S = 55 * 60
+# the pilot's seeds: a confirmation run never uses them
+SPT_PILOT_SEEDS = range(100, 200)
 
 # %% ../../nbs/spt/04_experiment.ipynb #463d1548
 def pick_seeds(r_gains: Sequence[float], pretrain_s: float, finetune_s: float, rc: SPTRunConfig,
                budget_s: float = SPT_RUN_BUDGET_S, effect: float = SPT_EXPECTED_EFFECT,
                overhead_s: float = 60.0) -> dict:
-    "From the pilot's R_gain (%) per seed and unit costs (s): spread, seeds needed, the pick."
+    "From the pilot's R_gain (%) per seed and unit costs (s): spread, seeds needed, the pick, its cost and sittings."
     expect(pretrain_s > 0 and finetune_s > 0, "pretrain_s, finetune_s", "measured unit costs > 0",
            (pretrain_s, finetune_s))
 
@@ -58,15 +65,15 @@ def pick_seeds(r_gains: Sequence[float], pretrain_s: float, finetune_s: float, r
         c = spt_unit_counts(rc, n)
         return overhead_s + c["pretrain"] * pretrain_s + c["finetune"] * finetune_s
 
-    affordable = 0
+    affordable = 0  # in one sitting
     while cost(affordable + 1) <= budget_s and affordable < 200:
         affordable += 1
     sd = std(r_gains) if len(r_gains) >= 2 else None
     needed = seeds_needed(sd, effect) if sd is not None else None
-    picked = max(1, affordable) if needed is None else max(1, min(needed, affordable))
+    picked = SPT_MIN_SEEDS if needed is None else needed
     return dict(r_gain_sd=sd, effect=effect, seeds_needed=needed, seeds_affordable=affordable,
-                seeds_picked=picked, underpowered=needed is None or picked < needed,
-                estimated_run_s=cost(picked), unit_counts=spt_unit_counts(rc, picked))
+                seeds_picked=picked, underpowered=needed is None, estimated_run_s=cost(picked),
+                sittings=math.ceil(cost(picked) / budget_s), unit_counts=spt_unit_counts(rc, picked))
 
 # %% ../../nbs/spt/04_experiment.ipynb #b4291fd1
 @register_reproduction(
@@ -74,11 +81,14 @@ def pick_seeds(r_gains: Sequence[float], pretrain_s: float, finetune_s: float, r
     "Pilot for spt: the seed spread of R_gain (delta 2% vs 0, far domain, final checkpoint) and "
     "the cost of each unit, which size the main run.",
     notebook="spt/05_results.ipynb", default_seeds=4, run_config=SPTRunConfig,
-    summary_keys=("r_gain_mean", "r_gain_sd", "seeds_needed", "seeds_affordable", "seeds_picked",
-                  "underpowered"))
+    first_seed=SPT_PILOT_SEEDS[0],
+    summary_keys=("r_gain_mean", "r_gain_sd", "seeds_needed", "seeds_picked", "sittings",
+                  "interior_lr_share"))
 def reproduce_spt_pilot(ctx: RunContext) -> dict:
     "The pre-registered pair on the far domain: R_gain per seed, its spread, unit costs, the pick."
     rc = SPTRunConfig.preset(ctx.fast, ctx.seed)
+    expect(ctx.fast or set(ctx.seeds) <= set(SPT_PILOT_SEEDS), "seed",
+           f"pilot seeds within {SPT_PILOT_SEEDS.start}-{SPT_PILOT_SEEDS.stop - 1}", ctx.seeds)
     general, gv, doms = spt_data(rc, ("far",))
     dom, final = doms["far"], rc.pretrain.checkpoint_steps()[-1:]
     ctx.config = asdict(rc) | {"threads": torch.get_num_threads(),
@@ -86,7 +96,7 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
                                "pair": [SPT_MAIN, SPT_REF], "expected_effect": SPT_EXPECTED_EFFECT,
                                "min_seeds": SPT_MIN_SEEDS, "budget_s": SPT_RUN_BUDGET_S}
     kept = ("domain_test_bpb", "domain_report_bpb", "general_bpb", "best_lr", "best_warmup",
-            "best_step")
+            "best_step", "best_epoch", "interior")
     rows, pre_s, ft_s, units = [], [], [], []
     for seed in ctx.seeds:
         row = dict(seed=seed)
@@ -106,14 +116,16 @@ def reproduce_spt_pilot(ctx: RunContext) -> dict:
         ctx.log(f"pilot seed {seed}: R_gain {rows[-1]['r_gain']:+.2f}%")
     drop_snapshots(units)
     g = [r["r_gain"] for r in rows]
+    inner = [r[k]["interior"] for r in rows for k in (SPT_REF, SPT_MAIN)]
     pick = pick_seeds(g, float(np.mean(pre_s)), float(np.mean(ft_s)), rc)
     return dict(config=ctx.config, domain_card=dom.card(), seeds=rows, r_gain=g,
                 r_gain_mean=mean(g), r_gain_ci95=list(ci_mean(g)) if len(g) >= 2 else None,
-                pretrain_s_mean=float(np.mean(pre_s)), finetune_s_mean=float(np.mean(ft_s)), **pick)
+                pretrain_s_mean=float(np.mean(pre_s)), finetune_s_mean=float(np.mean(ft_s)),
+                interior_lr_share=float(np.mean(inner)), **pick)
 
 # %% ../../nbs/spt/04_experiment.ipynb #c8d230da
 # the main run's paired seeds: `seeds_picked` of the committed pilot (results/spt_pilot)
-SPT_SEEDS = 6
+SPT_SEEDS = 8
 
 # %% ../../nbs/spt/04_experiment.ipynb #7a84b178
 @register_reproduction(
@@ -121,44 +133,65 @@ SPT_SEEDS = 6
     "Specialized pretraining: repeat a scarce domain set at fraction delta inside pretraining, "
     "then finetune; vs pretrain-then-finetune.",
     claims=SPT_CLAIMS, notebook="spt/05_results.ipynb", default_seeds=SPT_SEEDS,
-                       run_config=SPTRunConfig,
-    summary_keys=("far_r_gain_main", "near_r_gain_main", "far_forgetting_diff"))
+    run_config=SPTRunConfig,
+    summary_keys=("far_r_gain_main", "far_forgetting_matched_diff", "far_forgetting_diff",
+                  "interior_lr_share"))
 def reproduce_spt(ctx: RunContext) -> dict:
-    "The pre-registered pair on every seed and domain: the per-seed values the claims judge."
+    "The pre-registered pair on every seed and pair domain: the per-seed values the claims judge."
     rc = SPTRunConfig.preset(ctx.fast, ctx.seed)
+    expect(not set(ctx.seeds) & set(SPT_PILOT_SEEDS), "seed",
+           f"seeds outside the pilot's ({SPT_PILOT_SEEDS.start}-{SPT_PILOT_SEEDS.stop - 1})",
+           ctx.seeds)
     ctx.config = asdict(rc) | {
         "threads": torch.get_num_threads(),
         "domain_train_tokens": rc.domain_tokens(), "main_comparison": [SPT_MAIN, SPT_REF],
         "model_parameters": count_parameters(TinyLM(rc.pretrain.train.model)),
         "unit_counts": spt_unit_counts(rc, len(ctx.seeds))}
-    general, gv, doms = spt_data(rc)
+    general, gv, doms = spt_data(rc, rc.pair_domains)
     spb = rc.pretrain.train.batch_size * rc.pretrain.train.seq_len
     m = {"config": ctx.config, "domain_cards": {k: d.card() for k, d in doms.items()},
          "budget_tokens": rc.pretrain.checkpoint_steps()[-1] * spb,
          "domains": {k: {"seeds": {a: [] for a in (SPT_REF, SPT_MAIN)}} for k in doms}}
-    samples = {domain_arm(d, a): {"post_ft_domain_report_bpb": [], "forgetting": []}
-               for d in doms for a in (SPT_MAIN, SPT_REF)}
-    kept = ("domain_test_bpb", "domain_report_bpb", "general_bpb", "best_lr", "best_step")
+    kept = ("domain_test_bpb", "domain_report_bpb", "general_bpb", "best_lr", "best_step",
+            "best_epoch", "interior", "lrs_tried")
     for i, dname, key, res in run_units(ctx, rc, doms, general, gv):
-        post, s = res["post_ft"], samples[domain_arm(dname, key)]
+        final = res["budgets"][max(res["budgets"])]
         m["domains"][dname]["seeds"][key].append(dict(
-            seed=ctx.seeds[i], **pick_keys(post, kept),
+            seed=ctx.seeds[i], **pick_keys(res["post_ft"], kept),
             pre_ft_domain_report_bpb=res["pre_ft"]["domain_report_bpb"],
-                                                      forgetting=res["forgetting"]))
-        s["post_ft_domain_report_bpb"].append(post["domain_report_bpb"])
-        s["forgetting"].append(res["forgetting"])
-    for d in doms:  # R_gain of the main arm over delta = 0, per seed
-        b0 = samples[domain_arm(d, SPT_REF)]["post_ft_domain_report_bpb"]
-        bs = samples[domain_arm(d, SPT_MAIN)]["post_ft_domain_report_bpb"]
-        samples[domain_arm(d, SPT_MAIN)]["r_gain"] = [r_gain(x0, xs) for x0, xs in zip(b0, bs)]
-    far_k, near_k = SPT_DOMAINS
-    far_main, far_ref = samples[domain_arm(far_k, SPT_MAIN)], samples[domain_arm(far_k, SPT_REF)]
-    fg = [a - b for a, b in zip(far_main["forgetting"], far_ref["forgetting"])]
+            forgetting=res["forgetting"], tradeoff=tradeoff_curve(res["pre_ft"], final["ft_curve"])))
+    samples = {}
+    for d, dd in m["domains"].items():
+        ref, main = dd["seeds"][SPT_REF], dd["seeds"][SPT_MAIN]
+        for r0, r1 in zip(ref, main):  # both arms read at the best domain bpb both reach
+            mf = matched_forgetting(r0["tradeoff"], r1["tradeoff"])
+            for r, k in ((r0, "ref"), (r1, "main")):
+                r.update(matched_domain_test_bpb=mf["target_domain_test_bpb"],
+                         general_at_matched=mf[k]["general_bpb"],
+                         forgetting_matched=mf[k]["forgetting"])
+        for k, rows in ((SPT_REF, ref), (SPT_MAIN, main)):
+            samples[domain_arm(d, k)] = {
+                "post_ft_domain_report_bpb": [r["domain_report_bpb"] for r in rows],
+                **{x: [r[x] for r in rows] for x in ("forgetting", "forgetting_matched",
+                                                     "general_at_matched")}}
+        samples[domain_arm(d, SPT_MAIN)]["r_gain"] = [
+            r_gain(r0["domain_report_bpb"], r1["domain_report_bpb"]) for r0, r1 in zip(ref, main)]
+    far_main, far_ref = samples[domain_arm("far", SPT_MAIN)], samples[domain_arm("far", SPT_REF)]
+    inner = [r["interior"] for dd in m["domains"].values() for rows in dd["seeds"].values()
+             for r in rows]
     m.update(samples=samples, far_r_gain_main=mean(far_main["r_gain"]),
-             near_r_gain_main=mean(samples[domain_arm(near_k, SPT_MAIN)]["r_gain"]),
-             far_forgetting_diff=mean(fg))
+             far_forgetting_diff=mean(np.subtract(far_main["forgetting"], far_ref["forgetting"])),
+             far_forgetting_matched_diff=mean(np.subtract(far_main["forgetting_matched"],
+                                                          far_ref["forgetting_matched"])),
+             interior_lr_share=float(np.mean(inner)),
+             interior_lr_count={k: sum(r["interior"] for r in m["domains"]["far"]["seeds"][k])
+                                for k in (SPT_REF, SPT_MAIN)})
+    if "near" in doms:  # exploratory: one domain of each kind cannot speak for "far" and "near"
+        m["far_minus_near_r_gain"] = mean(np.subtract(
+            far_main["r_gain"], samples[domain_arm("near", SPT_MAIN)]["r_gain"]))
     ctx.save_figure(plot_paired(m, "post_ft_domain_report_bpb"), "paired_domain_bpb")
-    ctx.save_figure(plot_paired(m, "forgetting"), "paired_forgetting")
+    ctx.save_figure(plot_paired(m, "forgetting_matched"), "paired_forgetting_matched")
+    ctx.save_figure(plot_tradeoff(m), "tradeoff")
     return m
 
 # %% ../../nbs/spt/04_experiment.ipynb #93868856

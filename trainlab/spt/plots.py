@@ -12,8 +12,8 @@ from .laws import law_gap, law_offset, law_test, muennighoff_test
 from .design import SPT_MAIN, SPT_REF, delta_key, domain_arm
 
 # %% auto #0
-__all__ = ['plot_paired', 'plot_post_ft_vs_tokens', 'plot_forgetting', 'plot_train_vs_test', 'plot_pretrain_domain_test',
-           'plot_law']
+__all__ = ['plot_paired', 'plot_tradeoff', 'plot_post_ft_vs_tokens', 'plot_forgetting', 'plot_train_vs_test',
+           'plot_pretrain_domain_test', 'plot_law']
 
 # %% ../../nbs/spt/04c_plots.ipynb #1b6eacab
 def _colors(keys) -> dict:
@@ -59,6 +59,24 @@ def plot_paired(m: dict, metric: str = "post_ft_domain_report_bpb"):
         ax.set_xlim(-0.3, 1.3)
         ax.set(title=f"{dn}: mean diff {np.mean(np.subtract(b, a)):+.4f} ({len(a)} seeds)",
                ylabel=metric.replace("_", " "))
+    fig.tight_layout()
+    return fig
+
+# %% ../../nbs/spt/04c_plots.ipynb #1ea776ac
+def plot_tradeoff(m: dict, domain: str = "far"):
+    "General vs domain test bpb along each seed's chosen finetuning run, both arms, with the matched points."
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    seeds = m["domains"][domain]["seeds"]
+    for k, col in ((SPT_REF, "black"), (SPT_MAIN, "C0")):
+        for i, r in enumerate(seeds[k]):
+            d, g = zip(*r["tradeoff"])
+            ax.plot(d, g, "-", color=col, alpha=0.45, lw=1, label=_label(k) if i == 0 else None)
+            ax.plot(d[0], g[0], "o", mfc="none", color=col, alpha=0.6)
+            ax.plot(r["matched_domain_test_bpb"], r["general_at_matched"], "o", color=col)
+    ax.set(xlabel="domain test bpb", ylabel="general bpb",
+           title=f"{domain} domain: finetuning from the checkpoint (open) to the matched point")
+    ax.invert_xaxis()
+    ax.legend(frameon=False)
     fig.tight_layout()
     return fig
 

@@ -4,25 +4,28 @@
 
 # %% ../../nbs/spt/02_training.ipynb #8c0722dc
 from __future__ import annotations
-import dataclasses, math, time
+import copy, dataclasses, math, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-import lightning as L
-from torch.utils.data import DataLoader
+import torch.nn as nn
 
-from ..core import expect, atomic_path
-from ..data import TokenizedCorpus, ByteTokenizer, check_tokenizer
-from ..model import ModelConfig, TinyLM, eval_mode
-from ..train import TrainConfig, LMLitModule, bits_per_byte, fit
-from .domains import DomainData, MixtureDataModule, eval_sets
+from ..core import expect
+from ..data import TokenizedCorpus, check_tokenizer
+from ..model import ModelConfig, TinyLM
+from ..train import TrainConfig, LMLitModule, DivergenceError, bits_per_byte, fit
+from .domains import DomainData, MixtureDataModule, evaluate_groups
 
 # %% auto #0
-__all__ = ['SPT_TRAINER_KW', 'SPTLitModule', 'Snapshots', 'SPTConfig', 'pretrain', 'KeepBest', 'FinetuneConfig',
-           'evaluate_groups', 'finetune', 'finetune_grid']
+__all__ = ['SPT_TRAINER_KW', 'SPTLitModule', 'SPTConfig', 'pretrain', 'FinetuneConfig', 'finetune', 'finetune_grid', 'Snapshots',
+           'KeepBest']
+
+# %% ../../nbs/spt/02_training.ipynb #1d3a9040
+from .snapshots import (  # noqa: F401 (re-exported, see `_all_`)
+    cpu_state, load_state, Snapshots, KeepBest)
+_all_ = ["Snapshots", "KeepBest"]
 
 # %% ../../nbs/spt/02_training.ipynb #c03017b2
 class SPTLitModule(LMLitModule):
@@ -77,7 +80,7 @@ class SPTLitModule(LMLitModule):
         self._gval = s if self._gval is None else self._gval + s
 
     def on_validation_epoch_end(self):
-        "Log `val/<group>_bpb` from the sums over ranks; `val/bpb` is the general group's."
+        "Log `val/<group>_bpb` from the sums over ranks; `val/bpb` is the `val_main_group`'s (general unless the run trains on the domain only)."
         if self._gval is None:
             if self._val[2] > 0: super().on_validation_epoch_end()
             return
@@ -85,68 +88,9 @@ class SPTLitModule(LMLitModule):
         names = self._group_names("val")
         logs = {f"val/{n}_bpb": bits_per_byte(s[0, g], s[1, g]) for g, n in enumerate(names)
                 if s[1, g] > 0}
-        if "general" in names and s[1, names.index("general")] > 0:
-            logs["val/bpb"] = logs["val/general_bpb"]
+        main = getattr(getattr(self.trainer, "datamodule", None), "val_main_group", "general")
+        if f"val/{main}_bpb" in logs: logs["val/bpb"] = logs[f"val/{main}_bpb"]
         self.log_dict(logs, prog_bar=False, rank_zero_only=False)
-
-# %% ../../nbs/spt/02_training.ipynb #9acdf3bf
-def _cpu_state(module: torch.nn.Module) -> dict:
-    "A detached CPU copy of `module`'s state dict."
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-# %% ../../nbs/spt/02_training.ipynb #52c5c76c
-def _load_state(state: dict | str | Path) -> dict:
-    "A model state dict, or the one saved at a path (e.g. by `Snapshots(dirpath=...)`)."
-    if isinstance(state, (str, Path)): state = torch.load(state, map_location="cpu")
-    expect(isinstance(state, dict) and len(state) > 0, "state",
-           "a model state dict or the path of a saved one", type(state).__name__, TypeError)
-    return state
-
-# %% ../../nbs/spt/02_training.ipynb #e606a658
-class Snapshots(L.Callback):
-    "Copies of the model weights after the given optimizer steps (kept in `states[step]`; also saved to `dirpath` by rank 0); a resumed fit gets them back."
-    def __init__(self, steps: Sequence[int], dirpath: str | Path | None = None):
-        steps = sorted({int(s) for s in steps})
-        expect(len(steps) > 0 and steps[0] >= 1, "steps", "optimizer steps >= 1", steps)
-        self.steps, self.dirpath, self.states = steps, (Path(dirpath) if dirpath is not None
-                                                        else None), {}
-
-    @property
-    def state_key(self) -> str:
-        "The key of this callback's state in a checkpoint (one per steps and dirpath)."
-        return self._generate_state_key(steps=self.steps, dirpath=str(self.dirpath))
-
-    def path(self, step: int) -> Path:
-        "The file of the snapshot taken after optimizer step `step`."
-        return self.dirpath / f"step{int(step):07d}.pt"
-
-    def paths(self) -> dict[int, str]:
-        "step -> file, for the snapshots on disk (also when another process, rank 0 of a spawned run, wrote them)."
-        return {} if self.dirpath is None else {s: str(self.path(s)) for s in self.steps
-                                                if self.path(s).is_file()}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        "At a snapshot step: keep a CPU copy of the weights and, on rank 0, save it to `dirpath`."
-        s = trainer.global_step
-        if s in self.steps and s not in self.states:
-            state = self.states[s] = _cpu_state(pl_module.model)
-            if self.dirpath is not None and trainer.is_global_zero:
-                with atomic_path(self.path(s)) as tmp: torch.save(state, tmp)
-
-    def state_dict(self) -> dict:
-        "What the fit's checkpoint keeps: the snapshot steps when they are on disk, else the weights themselves."
-        return {"saved": sorted(self.states)} if self.dirpath is not None else {
-            "states": self.states}
-
-    def load_state_dict(self, state: dict):
-        "Restore from a checkpoint: the weights themselves, or the snapshots written to `dirpath` before the restart."
-        if "states" in state:
-            self.states = dict(state["states"])
-            return
-        for s in state["saved"]:
-            expect(self.path(s).is_file(), "dirpath",
-                   f"the snapshot of step {s} written before the restart", str(self.path(s)))
-            self.states[s] = torch.load(self.path(s), map_location="cpu")
 
 # %% ../../nbs/spt/02_training.ipynb #67521753
 _TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
@@ -212,8 +156,9 @@ SPT_TRAINER_KW = dict(use_distributed_sampler=False)
 def pretrain(domain: DomainData, delta: float, cfg: SPTConfig | None = None,
              domain_start: float = 0.0, extra_domains: dict | None = None, general_corpus=None,
              run_dir: str | Path | None = None, snapshot_dir: str | Path | None = None,
-             progress: bool = False, callbacks: list | None = None, **trainer_kw) -> dict:
-    "Pretrain one arm through `fit` (resumable in `run_dir`; snapshots on disk in `snapshot_dir`, default `run_dir/snapshots`); returns its mixture stats, curves, snapshots and timings."
+             progress: bool = False, callbacks: list | None = None, model: nn.Module | None = None,
+             tokenizer=None, **trainer_kw) -> dict:
+    "Pretrain one arm through `fit` (resumable in `run_dir`; snapshots on disk in `snapshot_dir`, default `run_dir/snapshots`); returns its mixture stats, curves, snapshots and timings. `model` (a copy of it trains; default: a `TinyLM` of `cfg.train.model`) may be a Hugging Face causal LM, with its `tokenizer` (an `HFTokenizer`)."
     cfg = cfg or SPTConfig()
     expect(isinstance(cfg, SPTConfig), "cfg", "an SPTConfig", type(cfg).__name__, TypeError)
     t = cfg.train
@@ -222,9 +167,11 @@ def pretrain(domain: DomainData, delta: float, cfg: SPTConfig | None = None,
                            else cfg.general, delta=delta, num_steps=t.steps,
                            batch_size=t.batch_size, seq_len=t.seq_len, domain_start=domain_start,
                            max_general_eval_tokens=cfg.max_general_eval_tokens,
-                           extra_domains=extra_domains, seed=t.seed)
+                           extra_domains=extra_domains, seed=t.seed, tokenizer=tokenizer)
     snaps, t0 = Snapshots(cfg.checkpoint_steps(), dirpath=snapshot_dir), time.perf_counter()
-    lit, hist, trainer = fit(t, lambda: SPTLitModule(t.model, **cfg.lit_kwargs()), dm,
+    net = (lambda: copy.deepcopy(model)) if model is not None else (lambda: t.model)
+    lit, hist, trainer = fit(t, lambda: SPTLitModule(net(), byte_lengths=_byte_lengths(tokenizer),
+                                                     **cfg.lit_kwargs()), dm,
                              callbacks=[snaps, *(callbacks or [])],
                              run_dir=run_dir, progress=progress, **{**SPT_TRAINER_KW, **trainer_kw})
     return dict(delta=float(delta), seed=t.seed, domain_start=float(domain_start),
@@ -232,33 +179,6 @@ def pretrain(domain: DomainData, delta: float, cfg: SPTConfig | None = None,
                 snapshot_paths=snaps.paths(), wall_s=time.perf_counter() - t0,
                 train_s=hist.train_seconds(), model=lit.model, datamodule=dm,
                 metrics={k: float(v) for k, v in trainer.callback_metrics.items()})
-
-# %% ../../nbs/spt/02_training.ipynb #1a010df8
-class KeepBest(L.Callback):
-    "Keeps a copy of the weights (and the step) at the lowest value of a validation metric below `best` (the starting point's value)."
-    def __init__(self, monitor: str = "val/domain_test_bpb", best: float = math.inf):
-        self.monitor, self.best, self.best_step, self.state = monitor, float(best), 0, None
-
-    @property
-    def state_key(self) -> str:
-        "The key of this callback's state in a checkpoint (one per monitored metric)."
-        return self._generate_state_key(monitor=self.monitor)
-
-    def on_validation_end(self, trainer, pl_module):
-        "After a validation (not the sanity check): keep the weights when `monitor` is below the best so far."
-        v = trainer.callback_metrics.get(self.monitor)
-        if v is None or trainer.sanity_checking: return
-        if float(v) < self.best:
-            self.best, self.best_step = float(v), trainer.global_step
-            self.state = _cpu_state(pl_module.model)
-
-    def state_dict(self) -> dict:
-        "The best value, its step and its weights, for the fit's checkpoint."
-        return {"best": self.best, "best_step": self.best_step, "state": self.state}
-    def load_state_dict(self, state: dict):
-        "Restore the best value, its step and its weights from a checkpoint."
-        self.best, self.best_step, self.state = (float(state["best"]), int(state["best_step"]),
-                                                 state["state"])
 
 # %% ../../nbs/spt/02_training.ipynb #9e3d3ce2
 @dataclass
@@ -275,6 +195,11 @@ class FinetuneConfig:
     # also measure the domain train bpb at every validation (the train-vs-test figure); early
     # stopping needs only the test set
     curves: bool = True
+    # with `general_val`: the general bpb at every validation too (the trade-off curves)
+    general_curves: bool = True
+    # while the best rate is the largest tried, try it x `extend_factor`, at most `extend_top` times
+    extend_top: int = 0
+    extend_factor: float = 2.0
 
     def __post_init__(self):
         self.train = _as_train(self.train)
@@ -287,6 +212,9 @@ class FinetuneConfig:
                "> 0", (self.max_epochs, self.evals_per_epoch))
         expect(isinstance(self.patience, int) and self.patience >= 1, "patience", "an int >= 1",
                self.patience)
+        expect(isinstance(self.extend_top, int) and self.extend_top >= 0 and self.extend_factor > 1,
+               "extend_top, extend_factor", "an int >= 0 and a factor > 1",
+               (self.extend_top, self.extend_factor))
 
     def steps_per_epoch(self, domain: DomainData) -> float:
         "Optimizer steps per epoch of `domain`'s training stream (every piece and its EOT)."
@@ -306,50 +234,48 @@ class FinetuneConfig:
         "A copy with `changes`; `TrainConfig` fields go to `train` (`cfg.replace(seed=1, batch_size=8)`)."
         return _replace(self, changes)
 
-# %% ../../nbs/spt/02_training.ipynb #5cad88eb
-@torch.no_grad()
-def evaluate_groups(model: torch.nn.Module, sets: dict, window: int = 256, batch_size: int = 16,
-                    tokenizer=None) -> dict:
-    "Bits per byte of `model` on each named `TokenizedCorpus` of `sets` (document-wise windows, one grouped pass)."
-    tok = check_tokenizer(tokenizer if tokenizer is not None else ByteTokenizer())
-    ds, names = eval_sets(sets, window, tok)
-    bl = torch.as_tensor(tok.byte_lengths, dtype=torch.float64)
-    tot = torch.zeros(2, len(names), dtype=torch.float64)
-    with eval_mode(model):
-        for b in DataLoader(ds, batch_size=batch_size):
-            o = model(b["input_ids"], labels=b["labels"], groups=(b["group_ids"], len(names)))
-            m = b["labels"] != -100
-            tot[0] += o.group_loss_sum.double().cpu()
-            tot[1].index_add_(0, b["group_ids"][m].long(), bl[b["labels"][m]])
-    return {n: bits_per_byte(tot[0, g], tot[1, g]) for g, n in enumerate(names)}
-
 # %% ../../nbs/spt/02_training.ipynb #8946b200
-def _model_from(model_cfg: ModelConfig, state: dict) -> TinyLM:
-    "A `TinyLM` of `model_cfg` holding the weights `state`."
-    m = TinyLM(model_cfg)
+def _model_from(model: ModelConfig | nn.Module, state: dict) -> nn.Module:
+    "A `TinyLM` of the config `model`, or a copy of the module `model` (a Hugging Face causal LM wrapped as `LMLitModule` wraps it), holding the weights `state`."
+    if isinstance(model, ModelConfig):
+        m = TinyLM(model)
+    else:
+        from trainlab.hf.models import wrap_causal_lm
+        m = wrap_causal_lm(copy.deepcopy(model))
     m.load_state_dict(state)
     return m
 
+
+def _byte_lengths(tokenizer):
+    "The bytes of each token of `tokenizer` (None: the byte tokenizer's, one each)."
+    return None if tokenizer is None else check_tokenizer(tokenizer).byte_lengths
+
 # %% ../../nbs/spt/02_training.ipynb #474b3a20
-def finetune(state: dict | str | Path, model_cfg: ModelConfig | None, domain: DomainData, lr: float,
-             warmup: int, cfg: FinetuneConfig | None = None,
+def finetune(state: dict | str | Path, model_cfg: ModelConfig | nn.Module | None, domain: DomainData,
+             lr: float, warmup: int, cfg: FinetuneConfig | None = None,
              start_bpb: float = math.inf, run_dir: str | Path | None = None, progress: bool = False,
-             callbacks: list | None = None, **trainer_kw) -> dict:
-    "Finetune `state` (a `model_cfg` TinyLM; None: `cfg.train.model`) on the domain only at one (lr, warmup) through `fit`, early-stopped; the best point (step 0 = `start_bpb` if nothing beats it) and the curve."
+             callbacks: list | None = None, general_val: TokenizedCorpus | None = None,
+             tokenizer=None, **trainer_kw) -> dict:
+    "Finetune `state` (of a `model_cfg` TinyLM, or of a copy of the module `model_cfg`, such as a Hugging Face causal LM with its `tokenizer`; None: `cfg.train.model`) on the domain only at one (lr, warmup) through `fit`, early-stopped; the best point (step 0 = `start_bpb` if nothing beats it) and the curve (with the general bpb at every validation if `general_val` is given)."
     from lightning.pytorch.callbacks import EarlyStopping
     cfg = cfg or FinetuneConfig()
-    state = _load_state(state)
+    state = load_state(state)
     expect(lr > 0, "lr", "> 0", lr)
     expect(isinstance(warmup, (int, np.integer)) and warmup >= 0, "warmup", "an int >= 0", warmup)
-    t, spe = cfg.run_config(domain, lr, warmup, model_cfg), cfg.steps_per_epoch(domain)
-    dm = MixtureDataModule(domain, general=None, delta=1.0, num_steps=t.steps,
-                           batch_size=t.batch_size, seq_len=t.seq_len, eval_general=False,
-                           eval_domain_train=cfg.curves, seed=t.seed)
+    net = model_cfg if isinstance(model_cfg, nn.Module) else None
+    t = cfg.run_config(domain, lr, warmup, None if net is not None else model_cfg)
+    spe = cfg.steps_per_epoch(domain)
+    gen = None if general_val is None else (general_val, general_val)
+    dm = MixtureDataModule(domain, general=gen, delta=1.0, num_steps=t.steps,
+                           batch_size=t.batch_size, seq_len=t.seq_len, eval_general=gen is not None,
+                           max_general_eval_tokens=None,
+                           eval_domain_train=cfg.curves, seed=t.seed, tokenizer=tokenizer)
     best = KeepBest("val/domain_test_bpb", start_bpb)
     stop = EarlyStopping(monitor="val/domain_test_bpb", mode="min", patience=cfg.patience,
                          check_on_train_epoch_end=False)
     t0 = time.perf_counter()
-    lit, hist, trainer = fit(t, lambda: SPTLitModule(_model_from(t.model, state), **t.lit_kwargs()),
+    lit, hist, trainer = fit(t, lambda: SPTLitModule(_model_from(net or t.model, state),
+                                                byte_lengths=_byte_lengths(tokenizer), **t.lit_kwargs()),
                              dm, callbacks=[best, stop, *(callbacks or [])],
                              run_dir=run_dir, progress=progress, history_every=t.val_every,
                              **{**SPT_TRAINER_KW, **trainer_kw})
@@ -358,33 +284,58 @@ def finetune(state: dict | str | Path, model_cfg: ModelConfig | None, domain: Do
                 steps_per_epoch=spe, curve=hist.val, state=best.state, wall_s=time.perf_counter()
                 - t0, metrics={k: float(v) for k, v in trainer.callback_metrics.items()})
 
+# %% ../../nbs/spt/02_training.ipynb #b5b5218d
+def _points(curve: list) -> list:
+    "[step, domain test bpb, general bpb or None] at each validation of a finetuning curve."
+    return [[r["step"], r["val/domain_test_bpb"], r.get("val/general_bpb")] for r in curve
+            if "val/domain_test_bpb" in r]
+
 # %% ../../nbs/spt/02_training.ipynb #29b5c314
-def finetune_grid(state: dict | str | Path, model_cfg: ModelConfig | None, domain: DomainData,
-                  general_val: TokenizedCorpus | None = None, cfg: FinetuneConfig | None = None,
-                  run_dir: str | Path | None = None, **kw) -> dict:
+def finetune_grid(state: dict | str | Path, model_cfg: ModelConfig | nn.Module | None,
+                  domain: DomainData, general_val: TokenizedCorpus | None = None,
+                  cfg: FinetuneConfig | None = None, run_dir: str | Path | None = None,
+                  tokenizer=None, **kw) -> dict:
     "Finetune from `state` over `cfg.lrs x cfg.warmups` (each run in `run_dir/lr<lr>-w<warmup>`); keep the configuration with the lowest domain test bpb and measure it (and the start) on every split, the report split included."
     cfg = cfg or FinetuneConfig()
     model_cfg = model_cfg if model_cfg is not None else cfg.train.model
     sets = {"domain_train": domain.train, "domain_test": domain.test,
             **({"domain_report": domain.report} if domain.report is not None else {}),
             **({"general": general_val} if general_val is not None else {})}
-    state = _load_state(state)
-    pre = evaluate_groups(_model_from(model_cfg, state), sets, cfg.train.seq_len)
-    runs = [finetune(state, model_cfg, domain, lr, int(w), cfg, start_bpb=pre["domain_test"],
-                     run_dir=None if run_dir is None else Path(run_dir) / f"lr{lr:g}-w{int(w)}",
-                     **kw) for lr in cfg.lrs for w in cfg.warmups]
+    state = load_state(state)
+    pre = evaluate_groups(_model_from(model_cfg, state), sets, cfg.train.seq_len, tokenizer=tokenizer)
+    lrs = [float(lr) for lr in cfg.lrs]
+
+    def run(lr: float, w: int) -> dict:
+        "One grid point; a diverged one counts as never beating the start."
+        try:
+            return finetune(state, model_cfg, domain, lr, int(w), cfg, start_bpb=pre["domain_test"],
+                            general_val=general_val if cfg.general_curves else None, run_dir=None
+                            if run_dir is None else Path(run_dir) / f"lr{lr:g}-w{int(w)}",
+                            tokenizer=tokenizer, **kw)
+        except DivergenceError as e:
+            return dict(lr=lr, warmup=int(w), best_step=0, best_epoch=0.0, domain_test_bpb=math.inf,
+                        steps_run=e.step, curve=[], state=None, wall_s=math.nan, diverged=str(e))
+    runs = [run(lr, w) for lr in lrs for w in cfg.warmups]
+    for _ in range(cfg.extend_top):  # the best rate is the largest tried: its optimum may be above
+        if min(runs, key=lambda r: r["domain_test_bpb"])["lr"] < max(lrs): break
+        lrs.append(max(lrs) * cfg.extend_factor)
+        runs += [run(lrs[-1], w) for w in cfg.warmups]
     top = min(runs, key=lambda r: r["domain_test_bpb"])
     post = pre  # no configuration beat the checkpoint itself: the best finetuning point is step 0
     if top["state"] is not None:
-        post = evaluate_groups(_model_from(model_cfg, top["state"]), sets, cfg.train.seq_len)
+        post = evaluate_groups(_model_from(model_cfg, top["state"]), sets, cfg.train.seq_len,
+                               tokenizer=tokenizer)
     out = dict(pre_ft={f"{k}_bpb": v for k, v in pre.items()},
                post_ft={**{f"{k}_bpb": v for k, v in post.items()}, "best_lr": top["lr"],
                         "best_warmup": top["warmup"],
-                        "best_step": top["best_step"], "best_epoch": top["best_epoch"]},
+                        "best_step": top["best_step"], "best_epoch": top["best_epoch"],
+                        "interior": bool(min(lrs) < top["lr"] < max(lrs)), "lrs_tried": lrs},
                grid=[{k: r[k] for k in ("lr", "warmup", "best_step", "domain_test_bpb", "steps_run",
-                                        "wall_s")} for r in runs],
+                                        "wall_s")} | {"curve": _points(r["curve"]),
+                                                      "diverged": r.get("diverged")} for r in runs],
                curve=[{k: v for k, v in row.items() if k in ("step", "val/domain_train_bpb",
-                                                             "val/domain_test_bpb")}
+                                                             "val/domain_test_bpb",
+                                                             "val/general_bpb")}
                       for row in top["curve"]])
     if general_val is not None: out["forgetting"] = post["general"] - pre["general"]
     return out

@@ -109,7 +109,7 @@ def spt_data(rc: SPTRunConfig, domains: Sequence[str] = SPT_DOMAINS) -> tuple:
 def _spt_plan(rc: SPTRunConfig, n_seeds: int, sweep: bool = False):
     "The finetuning units in run order: (seed index, domain, arm key, every checkpoint?)."
     for i in range(1 if sweep else n_seeds):
-        for dname in (rc.explore_domains if sweep else SPT_DOMAINS):
+        for dname in (rc.explore_domains if sweep else rc.pair_domains):
             for k in (rc.arms if sweep else (SPT_REF, SPT_MAIN)):
                 yield i, dname, k, sweep and SPT_ARMS[k].on_curve
 

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, DataLoader
 from ..core import expect, check_choice
 from ..train import TrainConfig, LMLitModule, fit
 from ..kernels import kl_div
+from ..hf.models import wrap_causal_lm
 
 # %% auto #0
 __all__ = ['UNLEARN_METHODS', 'ForgetRetainDataset', 'ForgetRetainDataModule', 'masked_mean', 'npo_loss', 'simnpo_loss',
@@ -148,7 +149,8 @@ class UnlearnLitModule(LMLitModule):
         self.beta = beta if beta is not None else spec.beta
         self.forget_weight = forget_weight if forget_weight is not None else spec.forget_weight
         # in a list: not a submodule, not trained, synced or saved
-        self._ref = [ref.eval().requires_grad_(False)] if spec.needs_ref else None
+        # a Hugging Face reference answers TinyLM's call too (per-token losses)
+        self._ref = [wrap_causal_lm(ref).eval().requires_grad_(False)] if spec.needs_ref else None
 
     validation_step = None  # no validation loop: `PathProbe` evaluates the model along the path
 
@@ -199,7 +201,7 @@ def unlearn(model: nn.Module, method: str, forget: dict, retain: dict | None = N
             cfg: TrainConfig | None = None, probe_steps: Sequence[int] = (),
             probe: Callable | None = None, inplace: bool = False, callbacks: list | None = None,
             run_dir=None, **kw) -> tuple[nn.Module, list]:
-    """Run `method` on a copy of `model` (a frozen copy is the reference) through `fit` per `cfg` (default `unlearn_config(10)`);
+    """Run `method` on a copy of `model` (a `TinyLM` or a Hugging Face causal LM; a frozen copy is the reference) through `fit` per `cfg` (default `unlearn_config(10)`);
     `kw`: the method's `retain_weight`, `beta`, `forget_weight`, and trainer arguments (`accelerator`, `devices`, `strategy`). Returns (model, probe points)."""
     cfg = unlearn_config(10) if cfg is None else cfg
     expect(isinstance(cfg, TrainConfig), "cfg", "a TrainConfig (see `unlearn_config`)",
@@ -213,4 +215,6 @@ def unlearn(model: nn.Module, method: str, forget: dict, retain: dict | None = N
                                                   **cfg.lit_kwargs()),
                     ForgetRetainDataModule(forget, retain, cfg.batch_size, cfg.seed),
                     callbacks=cbs + list(callbacks or []), run_dir=run_dir, **kw)
-    return lit.model, (cbs[0].points if cbs else [])
+    # a Hugging Face model comes back as itself (it trained inside its adapter), not the adapter
+    out = m if getattr(lit.model, "hf", None) is m else lit.model
+    return out, (cbs[0].points if cbs else [])

@@ -8,45 +8,71 @@ import copy, time
 from typing import Sequence
 
 import torch
+import torch.nn as nn
 
 from ..core import expect
-from ..model import TinyLM, record_activations
+from ..model import record_activations
+from ..hf.models import wrap_causal_lm, lm_layers, lm_embedding, lm_width
 from .world import (World, ROCR_CONTEXTS, FORMS, eval_items, encode_texts,
                                        pad_batch)
 from .evaluate import score_items
 
 # %% auto #0
-__all__ = ['subject_states', 'down_proj_second_moment', 'null_space_projector', 'rocr_edit', 'subject_patching', 'causal_trace',
-           'rocr']
+__all__ = ['module_name', 'down_proj_names', 'with_rows_replaced', 'subject_states', 'down_proj_second_moment',
+           'null_space_projector', 'rocr_edit', 'subject_patching', 'causal_trace', 'rocr']
+
+# %% ../../nbs/unlearning/05_rocr.ipynb #63fb0784
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    "The name of `module` inside `model` (as `named_modules` gives it)."
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    expect(name is not None, "module", "a submodule of the model", type(module).__name__)
+    return name
+
+
+def down_proj_names(model: nn.Module, layers: Sequence[int]) -> dict:
+    "{layer: the name of its `mlp.down_proj`} in `model`."
+    blocks = lm_layers(model)
+    return {l: module_name(model, blocks[l].mlp.down_proj) for l in layers}
+
+# %% ../../nbs/unlearning/05_rocr.ipynb #2da5c52d
+def with_rows_replaced(out, rows: torch.Tensor, pos: torch.Tensor, value: torch.Tensor):
+    "A module's output (a tensor, or a tuple led by one) with `[rows, pos]` of the tensor set to `value`."
+    y = (out[0] if isinstance(out, tuple) else out).clone()
+    y[rows, pos] = value.to(y.dtype)
+    return (y, *out[1:]) if isinstance(out, tuple) else y
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #297de024
 @torch.no_grad()
-def subject_states(model: TinyLM, tok, subjects: Sequence[str], layers: Sequence[int],
+def subject_states(model: nn.Module, tok, subjects: Sequence[str], layers: Sequence[int],
                    contexts: Sequence[str] = ROCR_CONTEXTS) -> tuple[dict, torch.Tensor]:
     "At each subject's (last) token, averaged over `contexts`: the `mlp.down_proj` input of every layer in `layers` ({l: [d_ff, n]}) and the residual after the last one ([d, n])."
+    model = wrap_causal_lm(model)
+    names = down_proj_names(model, layers)
     keys, hs = {l: [] for l in layers}, []
     for s in subjects:
         enc = [[tok.eot_id] + tok.encode(c.format(s=s)) for c in contexts]
         pos = [len([tok.eot_id] + tok.encode(c.split("{s}")[0] + s)) - 1 for c in contexts]
-        with record_activations(model, [f"layers.{l}.mlp.down_proj" for l in layers]) as store:
+        with record_activations(model, list(names.values())) as store:
             out = model(pad_batch(enc, tok.pad_id), outputs=("hidden_states",))
         rows = torch.arange(len(enc))
-        for l in layers: keys[l].append(store[f"layers.{l}.mlp.down_proj"][0][rows, pos].mean(0))
+        for l in layers: keys[l].append(store[names[l]][0][rows, pos].mean(0))
         hs.append(out.hidden_states[max(layers) + 1][rows, pos].mean(0))
     return {l: torch.stack(v, 1) for l, v in keys.items()}, torch.stack(hs, 1)
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #64587645
 @torch.no_grad()
-def down_proj_second_moment(model: TinyLM, tok, texts: Sequence[str], layers: Sequence[int],
+def down_proj_second_moment(model: nn.Module, tok, texts: Sequence[str], layers: Sequence[int],
                             max_len: int = 256) -> dict:
     "The uncentred second moment K0 K0^T / n of each layer's `mlp.down_proj` inputs over the real tokens of `texts`: {l: [d_ff, d_ff]} (float64)."
+    model = wrap_causal_lm(model)
+    names = down_proj_names(model, layers)
     b = encode_texts(tok, texts, max_len)
     m = b["labels"] != -100
-    with record_activations(model, [f"layers.{l}.mlp.down_proj" for l in layers]) as store:
+    with record_activations(model, list(names.values())) as store:
         for i in range(0, len(b["input_ids"]), 64): model(b["input_ids"][i:i + 64])
     out = {}
     for l in layers:
-        X = torch.cat(store[f"layers.{l}.mlp.down_proj"])[m].double()
+        X = torch.cat(store[names[l]])[m].double()
         out[l] = X.T @ X / len(X)
     return out
 
@@ -61,7 +87,7 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float = 1e-2,
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #046f99ec
 @torch.no_grad()
-def rocr_edit(model: TinyLM, tok, subjects: Sequence[str], redirects: Sequence[str],
+def rocr_edit(model: nn.Module, tok, subjects: Sequence[str], redirects: Sequence[str],
               layers: Sequence[int], projectors: dict | None = None, lam: float = 1.0,
               strength: float = 1.0, contexts: Sequence[str] = ROCR_CONTEXTS) -> dict:
     """ROCR 'unrelated' mode, in place: make each subject's residual after the last edited layer L look like its redirect's.
@@ -69,16 +95,16 @@ def rocr_edit(model: TinyLM, tok, subjects: Sequence[str], redirects: Sequence[s
     model as edited so far, R = strength (z - h_L)/(n - i), Delta = (P (K K^T + C) + lam I)^-1 P K R^T, W_down += Delta^T, C += K K^T."""
     expect(len(subjects) == len(redirects) and len(subjects) > 0, "redirects",
            f"one redirect per subject ({len(subjects)})", len(redirects))
-    layers = sorted(layers)
-    expect(all(0 <= l < len(model.layers) for l in layers) and len(layers) > 0, "layers",
-           f"layer indices in [0, {len(model.layers)})", layers)
+    layers, blocks = sorted(layers), lm_layers(model)
+    expect(all(0 <= l < len(blocks) for l in layers) and len(layers) > 0, "layers",
+           f"layer indices in [0, {len(blocks)})", layers)
     t0 = time.perf_counter()
     _, z = subject_states(model, tok, redirects, layers, contexts)
     C, n, info = {}, len(layers), {"rank": []}
     for i, l in enumerate(layers):
         K, h = subject_states(model, tok, subjects, layers, contexts)
         K, R = K[l].double(), (strength * (z - h) / (n - i)).double()
-        W = model.layers[l].mlp.down_proj.weight                         # [d, d_ff]: y = W k
+        W = blocks[l].mlp.down_proj.weight                               # [d, d_ff]: y = W k
         d_ff = K.shape[0]
         P = projectors[l].double() if projectors is not None else torch.eye(d_ff,
                                                                             dtype=torch.float64)
@@ -93,12 +119,12 @@ def rocr_edit(model: TinyLM, tok, subjects: Sequence[str], redirects: Sequence[s
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #e1e82a32
 @torch.no_grad()
-def subject_patching(model: TinyLM, tok, world: World, layer: int,
+def subject_patching(model: nn.Module, tok, world: World, layer: int,
                      forms: Sequence[str] = tuple(f for f in FORMS if f != "reversed")) -> dict:
     """Causal check of where ROCR acts: in every target item, replace the residual after `layer` at the subject token by the redirect's
     (the same prompt with the subject's anchored generic name) and score the gold answer. This is what a perfect edit at the subject token
     of layers <= `layer` achieves; facts that survive it are not read from the subject token's residual. Returns {form: mean gold prob}."""
-    out = {}
+    model, out = wrap_causal_lm(model), {}
     for f in forms:
         items = [it for it in eval_items(world, "target", f)
                  if tok.stoi[it["subject"]] in tok.encode(it["prompt"])]
@@ -111,24 +137,22 @@ def subject_patching(model: TinyLM, tok, world: World, layer: int,
             torch.arange(len(items)), pos
         ]
         def hook(mod, inp, o):
-            y = o[0].clone()
-            y[torch.arange(len(items)), pos] = h
-            return (y, *o[1:])
-        handle = model.layers[layer].register_forward_hook(hook)
+            return with_rows_replaced(o, torch.arange(len(items)), pos, h)
+        handle = lm_layers(model)[layer].register_forward_hook(hook)
         try: out[f] = float(score_items(model, tok, items, batch_size=len(items))["prob"].mean())
         finally: handle.remove()
     return out
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #a23adec7
 @torch.no_grad()
-def causal_trace(model: TinyLM, tok, items: Sequence[dict], n_noise: int = 4,
+def causal_trace(model: nn.Module, tok, items: Sequence[dict], n_noise: int = 4,
                  noise_scale: float = 3.0, seed: int = 0) -> dict:
     """ROME's causal trace over `items` (each with `prompt`, `answer` and a `subject` inside the prompt). Clean run: p = the answer's first token's
     probability. Corrupted run: Gaussian noise of std `noise_scale` x the embedding std added to the subject's token embeddings (`n_noise` draws).
     Per layer l, the corrupted run with ONE clean state restored: the MLP output at the last subject token (`mlp_subject`), the residual after
     block l at the last subject token (`resid_subject`) or at the last prompt token (`resid_last`). Each effect is normalised by the damage:
     (mean p_restored - mean p_corrupt) / (mean p_clean - mean p_corrupt)."""
-    items = [it for it in items if it["subject"] in it["prompt"]]
+    model, items = wrap_causal_lm(model), [it for it in items if it["subject"] in it["prompt"]]
     expect(len(items) > 0, "items", "items whose prompt contains their subject", 0)
     expect(n_noise >= 1 and noise_scale > 0, "n_noise/noise_scale",
            ">= 1 draw and a positive scale", (n_noise, noise_scale))
@@ -144,30 +168,30 @@ def causal_trace(model: TinyLM, tok, items: Sequence[dict], n_noise: int = 4,
     subj_last, gold = (torch.tensor([b - 1 for _, b in spans]).repeat(n_noise),
                        torch.tensor(ans).repeat(n_noise))
     g = torch.Generator().manual_seed(seed)
-    noise = torch.zeros(*x.shape, model.config.d_model)
-    std = float(model.embed.weight.std())
+    d, embed, blocks = lm_width(model), lm_embedding(model), lm_layers(model)
+    noise = torch.zeros(*x.shape, d)
+    std = float(embed.weight.std())
     for r in range(len(x)):
         a, b = spans[r % len(enc)]
-        noise[r, a:b] = noise_scale * std * torch.randn(b - a, model.config.d_model, generator=g)
+        noise[r, a:b] = noise_scale * std * torch.randn(b - a, d, generator=g)
+    mlp_names = [module_name(model, b.mlp) for b in blocks]
     was = model.training
     model.eval()
     def run(patch=None):
-        hs = ([model.embed.register_forward_hook(lambda m, i, o: o + noise)] if patch is not None
+        hs = ([embed.register_forward_hook(lambda m, i, o: o + noise)] if patch is not None
               else [])
         if patch not in (None, "none"):
             kind, l, pos, val = patch
-            mod = model.layers[l].mlp if kind == "mlp" else model.layers[l]
+            mod = blocks[l].mlp if kind == "mlp" else blocks[l]
             def hook(m, i, o):
-                y = (o if kind == "mlp" else o[0]).clone()
-                y[rows, pos] = val
-                return y if kind == "mlp" else (y, *o[1:])
+                return with_rows_replaced(o, rows, pos, val)
             hs.append(mod.register_forward_hook(hook))
         try:
             if patch is not None:
                 return torch.softmax(model(x).logits[rows, last].float(),
                                      -1)[rows, gold], None, None
             # the clean run keeps every state to restore
-            with record_activations(model, "layers.*.mlp", what="output") as st:
+            with record_activations(model, mlp_names, what="output") as st:
                 out = model(x, outputs=("hidden_states",))
         finally:
             for h in hs: h.remove()
@@ -177,11 +201,11 @@ def causal_trace(model: TinyLM, tok, items: Sequence[dict], n_noise: int = 4,
         p_bad = run("none")[0]
         dmg = float(p_clean.mean() - p_bad.mean())
         eff = lambda p: float(p.mean() - p_bad.mean()) / dmg if abs(dmg) > 1e-9 else float("nan")
-        L = len(model.layers)
+        L = len(blocks)
         out = {"layers": list(range(L)), "p_clean": float(p_clean.mean()),
                "p_corrupt": float(p_bad.mean()), "n_items": len(items), "n_noise": n_noise}
         out["mlp_subject"] = [eff(run(("mlp", l,
-                                       subj_last, mlp[f"layers.{l}.mlp"][0][rows, subj_last]))[0])
+                                       subj_last, mlp[mlp_names[l]][0][rows, subj_last]))[0])
                               for l in range(L)]
         out["resid_subject"] = [eff(run(("resid", l, subj_last,
                                          clean.hidden_states[l + 1][rows, subj_last]))[0])
@@ -193,10 +217,10 @@ def causal_trace(model: TinyLM, tok, items: Sequence[dict], n_noise: int = 4,
 
 
 # %% ../../nbs/unlearning/05_rocr.ipynb #61704856
-def rocr(model: TinyLM, tok, world: World, layers: Sequence[int] = (0, 1),
+def rocr(model: nn.Module, tok, world: World, layers: Sequence[int] = (0, 1),
          project: bool = True, threshold: float = 1e-2, strength: float = 1.0, lam: float = 1.0,
-         moments: dict | None = None) -> tuple[TinyLM, dict]:
-    "ROCR on a copy of `model`: redirect every target person to their anchored generic person. `moments` (down_proj second moments) are the one-off statistics."
+         moments: dict | None = None) -> tuple[nn.Module, dict]:
+    "ROCR on a copy of `model` (a `TinyLM` or a Hugging Face causal LM, returned as given): redirect every target person to their anchored generic person. `moments` (down_proj second moments) are the one-off statistics."
     m = copy.deepcopy(model)
     P = None
     if project:
