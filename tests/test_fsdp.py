@@ -68,15 +68,38 @@ def build(arch: str):
                           num_key_value_heads=1)
 
 
-def train(arch: str, strategy: str, devices: int, batch_size: int, **fit_kwargs):
+def train(arch: str, strategy: str, devices: int, batch_size: int, val_every: int = STEPS,
+          callbacks: tuple = (), **fit_kwargs):
     cfg = TrainConfig(steps=STEPS, warmup_steps=0, schedule="constant", lr=5e-3,
                       batch_size=batch_size, seq_len=SEQ, strategy=strategy, devices=devices,
-                      val_every=STEPS)
+                      val_every=val_every)
     rec = Losses()
     lit, _, trainer = fit(cfg, lambda: LMLitModule(build(arch), **cfg.lit_kwargs()),
-                          FixedData(batch_size), callbacks=[rec], accelerator="cpu",
+                          FixedData(batch_size), callbacks=[rec, *callbacks], accelerator="cpu",
                           use_distributed_sampler=False, **fit_kwargs)
     return lit, trainer, rec.losses
+
+
+class StopAt(L.Callback):
+    "Stops the fit after the validation at `step` (every rank), as a job that ends its sitting would."
+    def __init__(self, step: int): self.step = step
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.global_step == self.step: trainer.should_stop = True
+
+
+def resume_main(arch: str, out: str):
+    "Both ranks: an uninterrupted sharded run, and one stopped after step 2 and resumed from its checkpoint."
+    out = Path(out)
+    _, whole, _ = train(arch, "fsdp2", WORLD, BATCH, val_every=2)
+    whole.save_checkpoint(out / "whole.ckpt")
+    _, first, _ = train(arch, "fsdp2", WORLD, BATCH, val_every=2, callbacks=(StopAt(2),),
+                        run_dir=out / "run", keep_checkpoint=True)
+    assert first.global_step == 2
+    _, second, losses = train(arch, "fsdp2", WORLD, BATCH, val_every=2, run_dir=out / "run",
+                              keep_checkpoint=True)
+    second.save_checkpoint(out / "resumed.ckpt")
+    if second.global_rank == 0:
+        (out / "resumed.json").write_text(json.dumps(dict(steps=second.global_step, losses=losses)))
 
 
 def main(arch: str, out: str):
@@ -157,5 +180,25 @@ def test_trainconfig_strategy_is_checked():
     assert TrainConfig(strategy="fsdp2", devices=2).replace(devices=4).devices == 4
 
 
+@pytest.mark.slow
+def test_a_sharded_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    "Stopped after step 2 and resumed from its own checkpoint, a 2-process FSDP2 run ends where the uninterrupted one does."
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "tinylm", str(tmp_path), "resume"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    info = json.loads((tmp_path / "resumed.json").read_text())
+    assert info["steps"] == STEPS and len(info["losses"]) == STEPS - 2  # only the steps left ran
+    whole, resumed = (torch.load(tmp_path / f, map_location="cpu", weights_only=False)
+                      for f in ("whole.ckpt", "resumed.ckpt"))
+    assert whole["global_step"] == resumed["global_step"] == STEPS
+    assert (tmp_path / "run" / "resumed-1" / "metrics.csv").is_file()  # the second sitting's log
+    for k, v in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[3:] == ["resume"]:
+        resume_main(*sys.argv[1:3])
+    else:
+        main(*sys.argv[1:])

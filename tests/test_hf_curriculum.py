@@ -51,8 +51,14 @@ def test_dd_batches_of_a_hf_tokenizer_train_a_hf_model(arch, tok):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_doc_masked_chunks_keep_documents_apart_in_a_hf_model(attn, tok):
-    dm = _dm(tok, mode="cc", seq_len=64, doc_mask=True)
+def test_doc_masked_chunks_keep_documents_apart_in_a_hf_model(attn, tok, tmp_path):
+    short = tmp_path / "short_docs"  # many short documents: most 64-token windows cross a boundary
+    short.mkdir()
+    for i, para in enumerate(corpus_text(FOLDER).split("\n\n")[:40]):
+        (short / f"doc{i:02d}.txt").write_text(para[:120] + "\n")
+    dm = CurriculumDataModule(corpus=str(short), mode="cc", seq_len=64, doc_mask=True,
+                              tokens_per_step=256, num_steps=4, eval_window=64,
+                              max_eval_tokens=1024, val_frac=0.2, tokenizer=tok)
     dm.setup()
     rows = [(ids, doc) for b in dm.train_dataloader()
             for ids, doc in zip(b["input_ids"], b["doc_ids"])]

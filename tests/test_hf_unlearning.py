@@ -28,10 +28,10 @@ def tok(world):
     return world_tokenizer(world)
 
 
-@pytest.fixture(scope="module")
-def trained(world, tok):
-    "A tiny Llama that has read the world's narrative for a few steps."
-    model = tiny_causal_lm("llama", vocab_size=tok.vocab_size, max_position_embeddings=256)
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def trained(request, world, tok):
+    "A tiny Llama or Qwen2 that has read the world's narrative for a few steps."
+    model = tiny_causal_lm(request.param, vocab_size=tok.vocab_size, max_position_embeddings=256)
     b = encode_texts(tok, narrative_passages(world, "target") + narrative_passages(world, "generic"),
                      128)
     cfg = unlearn_config(12, lr=3e-3, batch_size=8)
@@ -40,14 +40,15 @@ def trained(world, tok):
 
 
 def test_unlearn_returns_the_hf_model_trained(world, tok, trained):
-    assert type(trained).__name__ == "LlamaForCausalLM"  # the model itself, not the adapter
+    kind = type(trained)
+    assert kind.__name__.endswith("ForCausalLM")  # the model itself, not the adapter
     forget = encode_texts(tok, narrative_passages(world, "target"), 128)
     retain = encode_texts(tok, narrative_passages(world, "generic"), 128)
     before = {k: v.clone() for k, v in trained.state_dict().items()}
     for method in ("grad_ascent", "graddiff", "npo", "simnpo"):
         m, _ = unlearn(trained, method, forget, retain, cfg=unlearn_config(2, lr=1e-3, batch_size=4),
                        accelerator="cpu")
-        assert type(m).__name__ == "LlamaForCausalLM"
+        assert type(m) is kind
         assert any(not torch.equal(before[k], v) for k, v in m.state_dict().items()), method
     # a copy was unlearned: the input model is untouched
     assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())
@@ -82,7 +83,7 @@ def test_causal_trace_and_rocr_at_chosen_down_projections(world, tok, trained):
     mom = down_proj_second_moment(trained, tok, narrative_passages(world, "generic"), [0])
     assert mom[0].shape == (trained.config.intermediate_size,) * 2
     edited, info = rocr(trained, tok, world, layers=[0], moments=mom)
-    assert type(edited).__name__ == "LlamaForCausalLM" and info["rank"][0] >= 1
+    assert type(edited) is type(trained) and info["rank"][0] >= 1
     # only the chosen layer's down-projection moved
     moved = {k for k, v in edited.state_dict().items()
              if not torch.equal(v, trained.state_dict()[k])}

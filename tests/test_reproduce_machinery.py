@@ -102,3 +102,25 @@ def test_results_table_shows_invalid_claims_in_bold(tmp_path):
     finally: del REPRODUCTIONS["toy_table"]
     assert "| 2 | **invalid** (seed 4: non-finite) |" in row
     assert verdict_mark("fails") == "**fails**" and verdict_mark("not tested (--fast)") == "not tested (--fast)"
+
+
+def test_a_withdrawn_claim_shows_as_withdrawn_while_its_run_is_committed():
+    "A claim found biased after its run is shown as withdrawn, with why, never as its recorded verdict; a rerun lifts it."
+    from trainlab.reproduce import REPRODUCTIONS, register_reproduction, shown_verdict
+    from trainlab.stats import Claim
+    c = Claim("c", "x below 1", "x", ("a",), "mean", "<", 1.0)
+    rec = {"name": "c", "verdict": "holds"}
+    register_reproduction("_withdrawn_demo", claims=(c,), withdrawn={"c": ("abc123", "it was biased")})(lambda ctx: {})
+    try:
+        rep = REPRODUCTIONS["_withdrawn_demo"]
+        assert shown_verdict(rep, rec, {"git_sha": "abc123def"}) == "**withdrawn**: it was biased"
+        assert shown_verdict(rep, rec, {"git_sha": "fff000"}) == "holds"  # another (newer) run
+    finally:
+        del REPRODUCTIONS["_withdrawn_demo"]
+    with pytest.raises(ValueError, match="withdrawn"):
+        register_reproduction("_bad", claims=(c,), withdrawn={"nope": ("abc", "why")})
+    # the committed ROCR run: its neighbour claim is withdrawn in the README
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines()
+               if "`unlearning_rocr`" in line and "neighbour universe" in line)
+    assert "**withdrawn**" in row and "| holds |" not in row

@@ -21,14 +21,19 @@ __all__ = ['DIVERGED_BPB_FACTOR', 'rng_state', 'set_rng_state', 'ResumableLoader
 
 # %% ../nbs/03c_faults.ipynb #9cb4c91f
 def rng_state() -> dict:
-    "The global random states of Python, NumPy and torch (CPU)."
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    "The global random states of Python, NumPy and torch (CPU), in types `torch.load(weights_only=True)` reads (NumPy's key as a tensor)."
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss),
+                      float(gauss)),
             "torch": torch.get_rng_state()}
 
 def set_rng_state(state: dict):
     "Restore what `rng_state` returned."
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    key = key.numpy() if torch.is_tensor(key) else np.asarray(key)
+    np.random.set_state((kind, key.astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
 
 # %% ../nbs/03c_faults.ipynb #0495eb34

@@ -13,7 +13,7 @@ from .stats import fmt_claim
 from .reproduce import available_reproductions
 
 # %% auto #0
-__all__ = ['SITE_URL', 'VERDICT_MARKS', 'page_url', 'verdict_mark', 'results_table', 'readme_text']
+__all__ = ['SITE_URL', 'VERDICT_MARKS', 'page_url', 'verdict_mark', 'shown_verdict', 'results_table', 'readme_text']
 
 # %% ../nbs/04a_readme.ipynb #1c9a4911
 # settings.ini's doc_host + doc_baseurl (a test checks that they agree)
@@ -40,6 +40,14 @@ def verdict_mark(v: str) -> str:
     head, sep, rest = v.partition(" (")
     return VERDICT_MARKS[head] + sep + rest if head in VERDICT_MARKS else v
 
+def shown_verdict(rep, claim: dict, run: dict) -> str:
+    "A judged claim's verdict as the tables show it: **withdrawn** with its reason when `rep` withdrew it for this run (its `run.json`), else the recorded verdict, marked."
+    w = rep.withdrawn.get(claim["name"])
+    if w is not None and str(run.get("git_sha", "")).startswith(w[0]):
+        return f"**withdrawn**: {w[1]}"
+    fast = " (--fast run)" if run.get("fast") and claim["verdict"] in VERDICT_MARKS else ""
+    return verdict_mark(claim["verdict"]) + fast
+
 def results_table(results_dir: str | Path, link: Callable[[str], str] | None = None) -> str:
     "Markdown table of every claim of the committed reproductions under `results_dir`; each notebook linked to `link(notebook)` (default: its page on the site)."
     link = link or page_url
@@ -50,7 +58,7 @@ def results_table(results_dir: str | Path, link: Callable[[str], str] | None = N
         f = Path(results_dir) / name / "metrics.json"
         if not f.exists(): continue
         m = read_json(f)
-        fast = read_json(f.with_name("run.json")).get("fast")
+        run = read_json(f.with_name("run.json"))
         nb = (f"[{Path(rep.notebook).stem.split('_', 1)[-1]}]({link(rep.notebook)})" if rep.notebook
               else "")
         # a reproduction without claims (a calibration feeding another one): one line, no verdict
@@ -63,8 +71,7 @@ def results_table(results_dir: str | Path, link: Callable[[str], str] | None = N
                 rows.append(f"| `{name}` | {_cell(c.statement if c else rep.description)} | results predate the claims format; rerun pending | | not judged | {nb} |")
             continue
         for c in m["claims"]:
-            v = verdict_mark(c["verdict"]) + (" (--fast run)" if fast
-                                              and c["verdict"] in VERDICT_MARKS else "")
+            v = shown_verdict(rep, c, run)
             rows.append(
                 f"| `{name}` | {_cell(c['statement'])} | {fmt_claim(c)} | {c['n_seeds']} | {v} | {nb} |"
             )

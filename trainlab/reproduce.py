@@ -21,7 +21,7 @@ from .runconfig import check_run_config, is_fast_run
 __all__ = ['REPRODUCTIONS', 'PATH_MARGIN', 'MAX_SEEDS', 'Reproduction', 'register_reproduction', 'reproduction_modules',
            'available_reproductions', 'RunContext', 'check_out', 'staging_dir', 'lock_path', 'plan_seeds', 'reproduce',
            'summarize', 'REPRODUCTION_MODULES', 'SITE_URL', 'page_url', 'VERDICT_MARKS', 'verdict_mark',
-           'results_table', 'readme_text']
+           'shown_verdict', 'results_table', 'readme_text']
 
 # %% ../nbs/04_reproduce.ipynb #3799f3f0
 @dataclass
@@ -36,13 +36,15 @@ class Reproduction:
     summary_keys: tuple = ()
     run_config: type | None = None  # its RunConfig subclass (full/fast presets, with_seed)
     first_seed: int = 0  # calibration and pilot runs start at 100: seeds a confirmation never uses
+    # claims withdrawn after their run: claim name -> (the run's git sha, why); a rerun lifts it
+    withdrawn: dict = field(default_factory=dict)
 
 REPRODUCTIONS: dict[str, Reproduction] = {}
 
 def register_reproduction(name: str, description: str = "", claims: tuple | list = (),
                           notebook: str = "", default_seeds: int = 1,
                           summary_keys: tuple = (), run_config: type | None = None,
-                          first_seed: int = 0):
+                          first_seed: int = 0, withdrawn: dict | None = None):
     "Decorator registering `fn(ctx) -> dict` as the reproduction `name`, with its claims fixed here, before any run."
     expect(isinstance(name, str) and name.isidentifier() and name != "all", "name",
            "an identifier other than 'all'", name)
@@ -54,11 +56,16 @@ def register_reproduction(name: str, description: str = "", claims: tuple | list
            default_seeds)
     expect(isinstance(first_seed, int) and 0 <= first_seed < 2**31, "first_seed",
            "an int in [0, 2**31)", first_seed)
+    withdrawn = dict(withdrawn or {})
+    expect(set(withdrawn) <= {c.name for c in claims}
+           and all(isinstance(w, tuple) and len(w) == 2 and all(isinstance(x, str) and x for x in w)
+                   for w in withdrawn.values()), "withdrawn",
+           "claim name -> (the git sha of the run judged, why), for registered claims", withdrawn)
     if run_config is not None: check_run_config(run_config)
     def deco(fn):
         REPRODUCTIONS[name] = Reproduction(name, fn, description, tuple(claims), notebook,
                                            default_seeds, tuple(summary_keys), run_config,
-                                           first_seed)
+                                           first_seed, withdrawn)
         return fn
     return deco
 
@@ -85,8 +92,8 @@ def available_reproductions() -> dict[str, Reproduction]:
     return dict(sorted(REPRODUCTIONS.items()))
 
 # %% ../nbs/04_reproduce.ipynb #1407c6eb
-_README_NAMES = ("SITE_URL", "page_url", "VERDICT_MARKS", "verdict_mark", "results_table",
-                 "readme_text")
+_README_NAMES = ("SITE_URL", "page_url", "VERDICT_MARKS", "verdict_mark", "shown_verdict",
+                 "results_table", "readme_text")
 
 def __getattr__(name: str):
     "`REPRODUCTION_MODULES`, computed when asked for; the README names, from `trainlab.readme` (which imports this one)."
@@ -94,7 +101,7 @@ def __getattr__(name: str):
     if name in _README_NAMES: return getattr(importlib.import_module("trainlab.readme"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-_all_ = ["REPRODUCTION_MODULES", "SITE_URL", "page_url", "VERDICT_MARKS", "verdict_mark",
+_all_ = ["REPRODUCTION_MODULES", "SITE_URL", "page_url", "VERDICT_MARKS", "verdict_mark", "shown_verdict",
          "results_table", "readme_text"]
 
 # %% ../nbs/04_reproduce.ipynb #02af3110

@@ -268,8 +268,10 @@ def fit(cfg: TrainConfig, lit: L.LightningModule | Callable[[], L.LightningModul
     trainer_kwargs = {**strategy_kwargs(cfg.strategy, cfg.devices), **trainer_kwargs}
     trainer = make_trainer(cfg.steps, val_every=cfg.val_every, callbacks=cbs, progress=False,
                            precision=cfg.precision, **trainer_kwargs)
-    # multi-process runs keep Lightning's own sampler handling
-    patched = run_dir is not None and trainer.world_size == 1
+    # the data position is replayed on resume (`ResumableLoader`): on one process, or on several
+    # when the data shards itself (use_distributed_sampler=False: Lightning injects no sampler)
+    shards_itself = trainer_kwargs.get("use_distributed_sampler", True) is False
+    patched = run_dir is not None and (trainer.world_size == 1 or shards_itself)
     if patched:
         resume, make = ResumeState(), datamodule.train_dataloader
         trainer.callbacks.append(resume)

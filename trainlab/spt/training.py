@@ -152,6 +152,11 @@ class SPTConfig:
 # the mixture's batch sampler shards the global batch itself
 SPT_TRAINER_KW = dict(use_distributed_sampler=False)
 
+# %% ../../nbs/spt/02_training.ipynb #82a99c29
+def _byte_lengths(tokenizer):
+    "The bytes of each token of `tokenizer` (None: the byte tokenizer's, one each)."
+    return None if tokenizer is None else check_tokenizer(tokenizer).byte_lengths
+
 # %% ../../nbs/spt/02_training.ipynb #b72f381a
 def pretrain(domain: DomainData, delta: float, cfg: SPTConfig | None = None,
              domain_start: float = 0.0, extra_domains: dict | None = None, general_corpus=None,
@@ -245,10 +250,6 @@ def _model_from(model: ModelConfig | nn.Module, state: dict) -> nn.Module:
     m.load_state_dict(state)
     return m
 
-
-def _byte_lengths(tokenizer):
-    "The bytes of each token of `tokenizer` (None: the byte tokenizer's, one each)."
-    return None if tokenizer is None else check_tokenizer(tokenizer).byte_lengths
 
 # %% ../../nbs/spt/02_training.ipynb #474b3a20
 def finetune(state: dict | str | Path, model_cfg: ModelConfig | nn.Module | None, domain: DomainData,
