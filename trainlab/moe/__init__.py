@@ -11,14 +11,17 @@ __all__ = ['MOE_ARMS', 'MOE_CLAIMS', 'CLAIM_ARMS', 'SAMPLE_KEYS', 'CALIBRATION_G
            'collect_router_scores', 'evaluate_routing', 'measure_inference', 'MoERunConfig', 'moe_datamodule',
            'smoe_bpb_by_k', 'train_arm', 'plot_val_curves', 'plot_cls', 'plot_coefficients', 'plot_smoe',
            'plot_inference', 'plot_expert_load', 'reproduce_moe', 'calibration_key', 'calibration_shortfall',
-           'calibration_pick', 'calibration_config', 'reproduce_moe_calibration']
+           'calibration_pick', 'calibration_config', 'reproduce_moe_calibration', 'layer_health', 'routing_health',
+           'LIVE_MIN', 'NEAR_ALWAYS_ON', 'COLLAPSE_LIVE_SHARE', 'COLLAPSE_TOKEN_DEPENDENCE']
 
 # %% ../../nbs/moe/00_moe.ipynb #35a7dffd
 from .experts import weighted_experts, ExpertFFN, DenseFFN, TopKMoE, router_linear
 from .blockffn import (locality_loss, chunk_sparsity_loss, BlockFFN,
                                    chunk_hit_probability_bruteforce, AdaptiveCoefficient)
 from .baselines import ReMoE, ReMoEController, SMoEDropout, THORFFN
-from .metrics import routing_stats, collect_router_scores, evaluate_routing, model_tls
+from .metrics import (routing_stats, collect_router_scores, evaluate_routing, model_tls,
+                                  layer_health, routing_health, LIVE_MIN, NEAR_ALWAYS_ON,
+                                  COLLAPSE_LIVE_SHARE, COLLAPSE_TOKEN_DEPENDENCE)
 from .training import (moe_layers, ChunkLossScheduler, ReMoESparsityCallback,
                                    ExpertCountSchedule, MoELitModule, THORLitModule)
 from .inference import measure_inference
@@ -41,4 +44,5 @@ _all_ = [
     "evaluate_routing", "measure_inference", "MoERunConfig", "moe_datamodule", "smoe_bpb_by_k",
     "train_arm", "plot_val_curves", "plot_cls", "plot_coefficients", "plot_smoe", "plot_inference",
     "plot_expert_load", "reproduce_moe", "calibration_key", "calibration_shortfall",
-    "calibration_pick", "calibration_config", "reproduce_moe_calibration"]
+    "calibration_pick", "calibration_config", "reproduce_moe_calibration", "layer_health",
+    "routing_health", "LIVE_MIN", "NEAR_ALWAYS_ON", "COLLAPSE_LIVE_SHARE", "COLLAPSE_TOKEN_DEPENDENCE"]

@@ -11,7 +11,8 @@ from ..core import expect
 from ..model import LMOutput, eval_mode
 
 # %% auto #0
-__all__ = ['routing_stats', 'collect_router_scores', 'evaluate_routing', 'model_tls']
+__all__ = ['LIVE_MIN', 'NEAR_ALWAYS_ON', 'COLLAPSE_LIVE_SHARE', 'COLLAPSE_TOKEN_DEPENDENCE', 'routing_stats',
+           'collect_router_scores', 'evaluate_routing', 'layer_health', 'routing_health', 'model_tls']
 
 # %% ../../nbs/moe/04_metrics.ipynb #7c243ff9
 def _segments(doc: torch.Tensor):
@@ -127,6 +128,39 @@ def evaluate_routing(layer_scores: list, doc_ids: torch.Tensor,
                                            "always_on", "zero_expert_tokens", "token_dependence",
                                            "load")} for p in per]
     return out
+
+# %% ../../nbs/moe/04_metrics.ipynb #52b095d6
+LIVE_MIN = 0.01                  # an expert is live when active on at least this share of the tokens
+NEAR_ALWAYS_ON = 0.9             # ... and near-always-on above this share
+COLLAPSE_LIVE_SHARE = 0.25       # a layer with fewer live experts than this share of them collapsed
+COLLAPSE_TOKEN_DEPENDENCE = 0.1  # ... as did one whose token dependence is below this
+
+def layer_health(stats: dict, live_min: float = LIVE_MIN, always_on: float = NEAR_ALWAYS_ON,
+                 live_share: float = COLLAPSE_LIVE_SHARE,
+                 min_dependence: float = COLLAPSE_TOKEN_DEPENDENCE) -> dict:
+    "One layer's `routing_stats` (or its `per_layer` record): live, dead and near-always-on experts, the largest load, and whether (and why) the layer collapsed."
+    expect("load" in stats and "token_dependence" in stats, "stats",
+           "a layer's routing statistics with `load` and `token_dependence`", sorted(stats))
+    load = torch.as_tensor(stats["load"], dtype=torch.float64)
+    E, live, td = len(load), int((load >= live_min).sum()), stats["token_dependence"]
+    why = [w for w, bad in ((f"{live} of {E} experts live", live < live_share * E),
+                            (f"token dependence {td:.2f}" if td is not None else "",
+                             td is not None and td < min_dependence)) if bad]
+    return dict(live_experts=live, dead_experts=int((load == 0).sum()),
+                near_always_on=int((load > always_on).sum()),
+                largest_load=float(load.max()) if E else None, collapsed=bool(why),
+                collapse_reason="; ".join(why))
+
+# %% ../../nbs/moe/04_metrics.ipynb #0f475efb
+def routing_health(per_layer: list, chunk: int | str = 8) -> dict:
+    "Over a model's layers (`evaluate_routing`'s `per_layer`): each layer's health, the collapsed ones, CLS@`chunk` over the layers that did not collapse, and the weakest layer's token dependence."
+    health = [layer_health(p) for p in per_layer]
+    ok = [p["cls"][str(chunk)] for p, h in zip(per_layer, health)
+          if not h["collapsed"] and p["cls"].get(str(chunk)) is not None]
+    tds = [p["token_dependence"] for p in per_layer if p["token_dependence"] is not None]
+    return dict(layers=health, collapsed_layers=[i for i, h in enumerate(health) if h["collapsed"]],
+                cls_uncollapsed=sum(ok) / len(ok) if ok else None, cls_chunk=int(chunk),
+                min_token_dependence=min(tds) if tds else None)
 
 # %% ../../nbs/moe/04_metrics.ipynb #93e5cd4f
 def model_tls(out: LMOutput) -> float | None:
