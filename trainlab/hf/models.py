@@ -122,11 +122,18 @@ class CausalLMAdapter(nn.Module):
         self.hf = model
         self.fused_loss = plain if fused_loss is None else fused_loss
         self.impl = "auto"  # the loss kernels' implementation (trainlab.train.set_impl sets it)
+        self._blocks = None  # the decoder blocks, found on the first call (see `blocks`)
 
     @property
     def config(self):
         "The Hugging Face model's config (`vocab_size`, ...)."
         return self.hf.config
+
+    def blocks(self) -> list[nn.Module]:
+        "The decoder blocks, found once: `transformer_blocks` walks every module, too slow for each call (`swap_mlps` replaces a block's `mlp`, never the block)."
+        if self._blocks is None:
+            self._blocks = transformer_blocks(self.hf)
+        return self._blocks
 
     def model_inputs(self, doc_ids: torch.Tensor | None) -> dict:
         "The Hugging Face model's keyword arguments: no cache; with `doc_ids`, positions and mask."
@@ -156,7 +163,7 @@ class CausalLMAdapter(nn.Module):
         keep_h = "hidden_states" in outputs
         kw = self.model_inputs(doc_ids)
         fused = labels is not None and self.fused_loss
-        blocks = transformer_blocks(self.hf)
+        blocks = self.blocks()
         slots = [b.mlp for b in blocks if isinstance(getattr(b, "mlp", None), MLPSlot)]
         mlps = [b.mlp for b in blocks if isinstance(getattr(b, "mlp", None), nn.Module)]
         expect("mlp_inputs" not in outputs or len(mlps) == len(blocks), "outputs",
@@ -213,7 +220,7 @@ def lm_layers(model: nn.Module) -> list[nn.Module]:
     "The decoder blocks of a `TinyLM`, a `CausalLMAdapter` or a Hugging Face causal LM, in order."
     if isinstance(model, TinyLM):
         return list(model.layers)
-    return list(transformer_blocks(model.hf if isinstance(model, CausalLMAdapter) else model))
+    return list(model.blocks() if isinstance(model, CausalLMAdapter) else transformer_blocks(model))
 
 # %% ../../nbs/hf/01_models.ipynb #ed065470
 def lm_embedding(model: nn.Module) -> nn.Module:

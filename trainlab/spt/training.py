@@ -275,7 +275,7 @@ def finetune(state: dict | str | Path, model_cfg: ModelConfig | nn.Module | None
     stop = EarlyStopping(monitor="val/domain_test_bpb", mode="min", patience=cfg.patience,
                          check_on_train_epoch_end=False)
     t0 = time.perf_counter()
-    lit, hist, trainer = fit(t, lambda: SPTLitModule(_model_from(net or t.model, state),
+    lit, hist, trainer = fit(t, lambda: SPTLitModule(_model_from(t.model if net is None else net, state),
                                                 byte_lengths=_byte_lengths(tokenizer), **t.lit_kwargs()),
                              dm, callbacks=[best, stop, *(callbacks or [])],
                              run_dir=run_dir, progress=progress, history_every=t.val_every,
