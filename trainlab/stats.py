@@ -15,7 +15,7 @@ from .core import expect, check_choice
 
 # %% auto #0
 __all__ = ['DIRECTIONS', 'COMPARISONS', 'NONFINITE_RULES', 'as_floats', 'finite', 'mean', 'std', 'ci_mean', 'paired',
-           'ci_paired_diff', 'ci_ratio', 'verdict', 'Claim', 'fmt_num', 'fmt_claim']
+           'ci_paired_diff', 'ci_ratio', 'seeds_for_power', 'verdict', 'Claim', 'fmt_num', 'fmt_claim']
 
 # %% ../nbs/03a_stats.ipynb #e047730b
 def as_floats(xs: Sequence) -> np.ndarray:
@@ -83,6 +83,21 @@ def ci_ratio(a: Sequence, b: Sequence, level: float = 0.95,
           else len(la) + len(lb) - 2)
     h = _st.t.ppf(0.5 + level / 2, df) * se
     return (est, math.exp(math.log(est) - h), math.exp(math.log(est) + h))
+
+# %% ../nbs/03a_stats.ipynb #99922c36
+def seeds_for_power(diffs: Sequence, threshold: float = 0.0, spread: float | None = None,
+                    power: float = 0.8, level: float = 0.95, min_seeds: int = 3) -> int:
+    "Seeds for a paired test of `diffs`' mean against `threshold` at `power`: ((z_a + z_b) s / |mean - threshold|)^2, at least `min_seeds`; `spread` replaces s (needed with one value)."
+    d = finite(diffs)
+    expect(len(d) >= 1, "diffs", "at least one finite pilot difference", list(diffs))
+    s = spread if spread is not None else (float(d.std(ddof=1)) if len(d) > 1 else None)
+    expect(s is not None and math.isfinite(s) and s >= 0, "spread",
+           "a finite spread >= 0 (required with a single pilot difference)", spread)
+    expect(0 < power < 1 and 0 < level < 1, "power, level", "numbers in (0, 1)", (power, level))
+    gap = abs(float(d.mean()) - threshold)
+    if gap == 0: return 2**31 - 1  # a pilot on the threshold: no count of seeds suffices
+    z = _st.norm.ppf(0.5 + level / 2) + _st.norm.ppf(power)
+    return max(int(min_seeds), int(math.ceil((z * s / gap) ** 2)))
 
 # %% ../nbs/03a_stats.ipynb #7e639d49
 DIRECTIONS = {">": "above", "<": "below"}

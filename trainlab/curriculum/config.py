@@ -6,22 +6,27 @@
 from __future__ import annotations
 from dataclasses import dataclass, asdict, field
 from typing import ClassVar
+import dataclasses, math
+
+import numpy as np
 
 from ..core import expect, check_choice
 from ..data import load_corpus, balanced_val_split
 from ..model import ModelConfig
 from ..train import TrainConfig
-from ..stats import Claim
+from ..stats import Claim, seeds_for_power
 from ..runconfig import RunConfig, register_arm, arm_specs
 from .sampling import CURRICULA
 from .reweighting import REWEIGHT_STRATEGIES, LossReweighter
 
 # %% auto #0
-__all__ = ['ARM_MODES', 'Arm', 'CURRICULUM_ARMS', 'HEADLINE_ARM', 'BASELINE_ARM', 'GROW_UNIFORM_MARGIN', 'CURRICULUM_CLAIMS',
-           'CurriculumArm', 'CurriculumRunConfig', 'curriculum_run_config']
+__all__ = ['ARM_MODES', 'HORIZONS', 'Arm', 'CURRICULUM_ARMS', 'FULL_RUN_ARMS', 'HEADLINE_ARM', 'BASELINE_ARM',
+           'GROW_UNIFORM_MARGIN', 'FLAT_TAIL', 'FLAT_MAX_DROP', 'CURRICULUM_CLAIMS', 'CURRICULUM_SEEDS', 'SEED_RULE',
+           'CurriculumArm', 'seed_rule', 'CurriculumRunConfig', 'curriculum_run_config']
 
 # %% ../../nbs/curriculum/04a_config.ipynb #03a33bca
 ARM_MODES = ("cc", "dd", "cc_var")
+HORIZONS = ("long", "short")  # how long an arm trains: the run's `train.steps`, or `short_steps`
 
 @dataclass(frozen=True)
 class CurriculumArm:
@@ -39,6 +44,7 @@ class CurriculumArm:
     vs: str | None = None
     exploratory: bool = False    # in no claim: trained on the first `exploratory_seeds` seeds only
     color: str | None = None     # in the figures
+    horizon: str = "long"        # 'long': `train.steps` steps; 'short': `short_steps`
 
     def __post_init__(self):
         check_choice("mode", self.mode, ARM_MODES)
@@ -52,6 +58,7 @@ class CurriculumArm:
                "curriculum, cycles", "defaults with mode='cc'", (self.curriculum, self.cycles))
         expect(not (self.doc_mask and self.zero_doc_ids), "zero_doc_ids",
                "False with doc_mask=True (it keeps the code path, not the mask)", True)
+        check_choice("horizon", self.horizon, HORIZONS)
 
     @property
     def attention(self) -> str:
@@ -70,29 +77,51 @@ class CurriculumArm:
 Arm = CurriculumArm  # the same class under its earlier name
 
 # %% ../../nbs/curriculum/04a_config.ipynb #dfe8685e
-# every seed
+# every seed, the long horizon: the headline pair and the ablation that could explain it away
 register_arm(
     "curriculum", "cc_long", role="baseline",
     spec=CurriculumArm("cc", color="k"),
     description="C&C at the longest length (1024), cross-document attention: "
                 "**the baseline (C&C-1024)**")
 register_arm(
-    "curriculum", "cc_short", role="baseline",
-    spec=CurriculumArm("cc", short=True, color="tab:gray"),
-    description="C&C at 128: the long-position claim's short baseline")
-register_arm(
-    "curriculum", "cc_long_docmask", role="baseline",
-    spec=CurriculumArm("cc", doc_mask=True, vs="cc_long", color="tab:brown"),
-    description="C&C-1024 with document masking (the paper's +DM baseline)")
-register_arm(
-    "curriculum", "dd_uniform_c1", role="method",
-    spec=CurriculumArm("dd", curriculum="uniform", color="tab:blue"),
-    description="DD Uniform, 1 cycle (the paper's DD-Uniform): DD without a length curriculum")
-register_arm(
     "curriculum", "dd_grow_p2_c8", role="method",
     spec=CurriculumArm("dd", curriculum="grow_p2", cycles=8, color="tab:red"),
     description="DD Grow-P2, 8 cycles: **the headline arm** (the paper's setting)")
-# first seed only: the other curricula
+register_arm(
+    "curriculum", "cc_dd_lengths", role="ablation",
+    spec=CurriculumArm("cc_var", curriculum="grow_p2", cycles=8, vs="dd_grow_p2_c8",
+                       color="tab:purple"),
+    description="C&C windows across documents at the headline arm's per-step lengths")
+# every seed, the short horizon: the document-masking pair on short documents
+register_arm(
+    "curriculum", "defs_cc_long", role="baseline",
+    spec=CurriculumArm("cc", corpus="stdlib_defs", horizon="short", color="tab:cyan"),
+    description="short documents (`stdlib_defs`): C&C-1024")
+register_arm(
+    "curriculum", "defs_cc_long_docmask", role="method",
+    spec=CurriculumArm("cc", doc_mask=True, corpus="stdlib_defs", vs="defs_cc_long",
+                       horizon="short", color="teal"),
+    description="short documents (`stdlib_defs`): C&C-1024 with document masking")
+# first seed only, in the full run: Uniform (underpowered, see the seed rule) and the
+# reweighting's base
+register_arm(
+    "curriculum", "dd_uniform_c1", role="exploratory",
+    spec=CurriculumArm("dd", curriculum="uniform", vs="dd_grow_p2_c8", exploratory=True,
+                       color="tab:blue"),
+    description="DD Uniform, 1 cycle (the paper's DD-Uniform): DD without a length curriculum")
+register_arm(
+    "curriculum", "cc_short", role="baseline",
+    spec=CurriculumArm("cc", short=True, exploratory=True, horizon="short", color="tab:gray"),
+    description="C&C at 128: the base of the loss-based reweighting")
+# registered, not in the full run (`CurriculumRunConfig.arms`): arms of earlier runs
+register_arm(
+    "curriculum", "cc_long_docmask", role="exploratory",
+    spec=CurriculumArm("cc", doc_mask=True, vs="cc_long", exploratory=True, color="tab:brown"),
+    description="C&C-1024 with document masking on the run's corpus (the paper's +DM baseline)")
+register_arm(
+    "curriculum", "cc_long_zero_docids", role="control",
+    spec=CurriculumArm("cc", zero_doc_ids=True, vs="cc_long", exploratory=True, color="tab:pink"),
+    description="C&C-1024 through the masked code path, all-zero doc_ids (nothing masked)")
 register_arm(
     "curriculum", "dd_grow_p2_c1", role="exploratory",
     spec=CurriculumArm("dd", curriculum="grow_p2", exploratory=True, color="tab:orange"),
@@ -106,56 +135,64 @@ register_arm(
     spec=CurriculumArm("dd", curriculum="grow_linear", cycles=8, exploratory=True,
                        color="tab:green"),
     description="DD Grow-Linear, 8 cycles")
-# first seed only: the ablation of DD's data and the control of the masked code path
-register_arm(
-    "curriculum", "cc_dd_lengths", role="ablation",
-    spec=CurriculumArm("cc_var", curriculum="grow_p2", cycles=8, vs="dd_grow_p2_c8",
-                       exploratory=True, color="tab:purple"),
-    description="C&C windows across documents at the headline arm's per-step lengths")
-register_arm(
-    "curriculum", "cc_long_zero_docids", role="control",
-    spec=CurriculumArm("cc", zero_doc_ids=True, vs="cc_long", exploratory=True, color="tab:pink"),
-    description="C&C-1024 through the masked code path, all-zero doc_ids (nothing masked)")
-# first seed only: the short-document pair
-register_arm(
-    "curriculum", "defs_cc_long", role="exploratory",
-    spec=CurriculumArm("cc", corpus="stdlib_defs", exploratory=True, color="tab:cyan"),
-    description="short documents (`stdlib_defs`): C&C-1024")
-register_arm(
-    "curriculum", "defs_cc_long_docmask", role="exploratory",
-    spec=CurriculumArm("cc", doc_mask=True, corpus="stdlib_defs", vs="defs_cc_long",
-                       exploratory=True, color="teal"),
-    description="short documents (`stdlib_defs`): C&C-1024 with document masking")
 CURRICULUM_ARMS = arm_specs("curriculum")  # arm -> CurriculumArm, in registration order
+# the arms of the full run, in the order each seed trains them
+FULL_RUN_ARMS = ("cc_long", "dd_grow_p2_c8", "cc_dd_lengths", "defs_cc_long",
+                 "defs_cc_long_docmask", "dd_uniform_c1", "cc_short")
 
 # %% ../../nbs/curriculum/04a_config.ipynb #2eb86849
 # fixed before the run: the paper's setting, and C&C at the longest length
 HEADLINE_ARM, BASELINE_ARM = "dd_grow_p2_c8", "cc_long"
 
 # %% ../../nbs/curriculum/04a_config.ipynb #4ea9bb89
-# bpb: the non-inferiority margin of `grow_matches_uniform`, fixed before the run (see above)
+# bpb: the non-inferiority margin Grow against Uniform was judged by in the earlier run
 GROW_UNIFORM_MARGIN = 0.01
+# where the target sits: C&C-1024's val bpb falls by at most FLAT_MAX_DROP over its last FLAT_TAIL
+FLAT_TAIL, FLAT_MAX_DROP = 0.2, 0.02
 
 CURRICULUM_CLAIMS = (
     Claim("dd_time_to_target", "DD Grow-P2 (8 cycles) reaches C&C-1024's final val bpb (same seed) "
-                               "sooner in training wall-clock: "
-          "C&C-1024's time over DD's, paired geometric mean, above 1.3x. A seed where DD never "
-          "reaches the target counts with DD's time "
-          "censored at its total training time (a lower bound on DD's time), not dropped; the "
-          "metrics give the number of such seeds "
-          "(target_missed_n).", "time_to_target_censored_s", (BASELINE_ARM, HEADLINE_ARM), "ratio",
-          ">", 1.3),
-    Claim("dd_long_positions", "DD Grow-P2 (8 cycles) is no worse than C&C-128 at long positions "
-                               "(512+ of the 1024-token window): "
-          "paired bpb difference below 0.", "val_bpb_long", (HEADLINE_ARM, "cc_short"), "diff",
-          "<", 0.0),
-    Claim("grow_matches_uniform", f"DD Grow-P2 (8 cycles) is at least as good as DD Uniform (1 cycle) overall: paired val bpb difference "
-          f"(Grow - Uniform) below the margin {GROW_UNIFORM_MARGIN} bpb.", "val_bpb",
-          (HEADLINE_ARM, "dd_uniform_c1"), "diff", "<", GROW_UNIFORM_MARGIN),
-    Claim("grow_beats_uniform_long", "DD Grow-P2 (8 cycles) is better than DD Uniform (1 cycle) at "
-                                     "long positions (512+): paired bpb "
-          "difference below 0.", "val_bpb_long", (HEADLINE_ARM, "dd_uniform_c1"), "diff", "<", 0.0),
+          "sooner in training wall-clock: C&C-1024's time over DD's, paired geometric mean, above "
+          "1.3x. A seed where DD never reaches the target counts with DD's time censored at its "
+          "total training time (a lower bound on DD's time), not dropped; the metrics give the "
+          "number of such seeds (target_missed_n).", "time_to_target_censored_s",
+          (BASELINE_ARM, HEADLINE_ARM), "ratio", ">", 1.3),
+    Claim("dd_beats_cc_dd_lengths", "DD Grow-P2 (8 cycles) reaches the same target sooner than "
+          "concat-and-chunk windows on its own length schedule (cc_dd_lengths): their censored "
+          "time over DD's, paired geometric mean, above 1.", "time_to_target_censored_s",
+          ("cc_dd_lengths", HEADLINE_ARM), "ratio", ">", 1.0),
+    Claim("dd_long_positions", "DD Grow-P2 (8 cycles) is better than C&C-1024 at long positions "
+          "(512+ of the 1024-token window): paired bpb difference below 0.", "val_bpb_long",
+          (HEADLINE_ARM, BASELINE_ARM), "diff", "<", 0.0),
+    Claim("docmask_helps_short_docs", "On short documents (stdlib_defs), C&C-1024 with document "
+          "masking has a lower final val bpb than plain C&C-1024: paired difference below 0.",
+          "val_bpb", ("defs_cc_long_docmask", "defs_cc_long"), "diff", "<", 0.0),
 )
+
+# %% ../../nbs/curriculum/04a_config.ipynb #b33d10f6
+CURRICULUM_SEEDS = 3  # the seeds the every-seed arms of the full run afford (the budget)
+# pilot sample -> (the claim's threshold on the sample's scale, the sample that lends its spread
+# when the pilot has one value)
+SEED_RULE = {
+    "dd_time_to_target": (math.log(1.3), None),
+    "dd_beats_cc_dd_lengths": (0.0, "dd_time_to_target"),
+    "dd_long_positions": (0.0, None),
+    "docmask_short_docs": (0.0, "docmask_stdlib_code"),
+    "grow_vs_uniform": (GROW_UNIFORM_MARGIN, None),
+    "grow_vs_uniform_long": (0.0, None),
+}
+
+def seed_rule(sizing: dict, affordable: int = CURRICULUM_SEEDS) -> dict:
+    "Per comparison of `SEED_RULE`: the pilot's mean and spread, the seeds `seeds_for_power` asks for, and whether they fit `affordable`."
+    out = {}
+    for k, (thr, sibling) in SEED_RULE.items():
+        v = sizing["samples"][k]["values"]
+        src = k if len(v) > 1 else sibling
+        sd = float(np.std(sizing["samples"][src]["values"], ddof=1))
+        n = seeds_for_power(v, thr, spread=sd)
+        out[k] = dict(pilot=[float(x) for x in v], mean=float(np.mean(v)), spread=sd,
+                      spread_from=src, threshold=thr, seeds_needed=n, fits=n <= affordable)
+    return out
 
 # %% ../../nbs/curriculum/04a_config.ipynb #60d84fef
 @dataclass
@@ -163,8 +200,8 @@ class CurriculumRunConfig(RunConfig):
     """The `curriculum` run: a shared `TrainConfig` (`seq_len`: the longest length; `batch_size x seq_len`:
     tokens per step), the data, evaluation and reweighting settings. The field defaults are the full run."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        model=ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=1024), steps=200, lr=3e-3,
-        warmup_steps=20, batch_size=8, seq_len=1024, val_every=40))
+        model=ModelConfig(d_model=64, n_layers=4, n_heads=2, max_seq_len=1024), steps=1000,
+        lr=3e-3, warmup_steps=100, batch_size=8, seq_len=1024, val_every=100))
     corpus: str = "stdlib_code"
     min_log2: int = 5              # shortest DD bucket: 2**min_log2 tokens
     # C&C-short's windows; the reweighting runs are scored on windows of this length
@@ -175,15 +212,17 @@ class CurriculumRunConfig(RunConfig):
     max_eval_tokens: int | None = None  # None: score the whole validation split
     # positions >= long_from of the evaluation window are "long" (`val_bpb_long`)
     long_from: int = 512
-    arms: tuple = tuple(CURRICULUM_ARMS)
+    arms: tuple = FULL_RUN_ARMS
     exploratory_seeds: int = 1     # exploratory arms train on this many of the seeds
+    short_steps: int = 200         # the short horizon's steps ...
+    short_val_every: int = 40      # ... and its validation interval
     reweight_base: str = "cc_short"
     reweight_strategies: tuple = ("quadratic",)
     # r (`kl_reg`): the authors' Quadratic config for their smallest model
     reweight_temperature: float = 1.0
     burn_in_frac: float = 0.05  # uniform weights first: the authors' burnout_steps, 1000 of 20,000
     # the reweighting strategies train on this many of the seeds (paired with reweight_base)
-    reweight_seeds: int = 3
+    reweight_seeds: int = 1
     toy_steps: int = 300
     # the one seed: initialisation, decomposition, data order
     seed_field: ClassVar[str] = "train.seed"
@@ -224,6 +263,14 @@ class CurriculumRunConfig(RunConfig):
         expect(self.reweight_seeds <= self.exploratory_seeds
                or not CURRICULUM_ARMS[self.reweight_base].exploratory, "reweight_seeds", f"at most exploratory_seeds={self.exploratory_seeds} with an exploratory reweight_base (it pairs with the base's runs)",
                self.reweight_seeds)
+        expect(isinstance(self.short_steps, int) and self.short_steps >= 1, "short_steps",
+               "an int >= 1", self.short_steps)
+        expect(isinstance(self.short_val_every, int) and 1 <= self.short_val_every
+               <= self.short_steps, "short_val_every", f"an int in [1, {self.short_steps}]",
+               self.short_val_every)
+        vs = [a for a in self.arms if CURRICULUM_ARMS[a].vs in self.arms
+              and CURRICULUM_ARMS[CURRICULUM_ARMS[a].vs].horizon != CURRICULUM_ARMS[a].horizon]
+        expect(not vs, "arms", "arms compared with an arm of their own horizon", vs)
         expect(self.reweight_temperature > 0, "reweight_temperature", "> 0",
                self.reweight_temperature)
         expect(0 <= self.burn_in_frac < 1, "burn_in_frac", "in [0, 1)", self.burn_in_frac)
@@ -240,9 +287,18 @@ class CurriculumRunConfig(RunConfig):
         return tuple(dict.fromkeys([self.corpus] + [CURRICULUM_ARMS[a].corpus or self.corpus
                                                     for a in self.arms]))
 
+    def for_arm(self, name: str) -> CurriculumRunConfig:
+        "The config arm `name` trains with: this one on the long horizon; on the short one, `short_steps` steps, validation every `short_val_every`, the warm-up scaled to the same share."
+        arm = CURRICULUM_ARMS[check_choice("name", name, tuple(CURRICULUM_ARMS))]
+        if arm.horizon == "long": return self
+        t = self.train
+        warm = round(t.warmup_steps * self.short_steps / t.steps)
+        return dataclasses.replace(self, train=dataclasses.replace(
+            t, steps=self.short_steps, val_every=self.short_val_every, warmup_steps=warm))
+
     @classmethod
     def full(cls, seed: int = 0) -> CurriculumRunConfig:
-        "The committed run (the field defaults): 200 steps of 8 x 1024 tokens per arm, a 4-layer d=64 decoder."
+        "The committed run (the field defaults): 1000 steps of 8 x 1024 tokens on the long horizon, 200 on the short, a 4-layer d=64 decoder."
         return cls().with_seed(seed)
 
     @classmethod
@@ -252,7 +308,7 @@ class CurriculumRunConfig(RunConfig):
         train = TrainConfig(model=model, steps=6, warmup_steps=2, batch_size=4, seq_len=256,
                             val_every=3, seed=seed)
         return cls(train, min_log2=5, short_len=64, eval_window=256, val_min_tokens=8192,
-                   long_from=128,
+                   long_from=128, arms=tuple(CURRICULUM_ARMS), short_steps=4, short_val_every=2,
                    reweight_strategies=("quadratic", "linupper"), reweight_seeds=1, toy_steps=30)
 
     def arms_on(self, i: int) -> list[str]:
@@ -270,7 +326,7 @@ class CurriculumRunConfig(RunConfig):
                                   self.val_max_share)
 
     def reweighter(self, strategy: str) -> LossReweighter:
-        "The `LossReweighter` of `strategy` (burn-in `burn_in_frac` of the steps; `annealed` fades out over half of them)."
+        "The `LossReweighter` of `strategy` (burn-in `burn_in_frac` of `train.steps`; `annealed` fades out over half of them): call it on `for_arm(reweight_base)`."
         return LossReweighter(strategy, self.reweight_temperature,
                               burn_in_steps=int(self.burn_in_frac * self.train.steps),
                               anneal_steps=max(1, self.train.steps // 2))

@@ -4,9 +4,10 @@
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #04579a66
 from __future__ import annotations
-import time
+import math, time
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import lightning as L
@@ -19,7 +20,7 @@ from ..train import bits_per_byte
 
 # %% auto #0
 __all__ = ['POSITION_BUCKETS', 'position_key', 'evaluate_by_position', 'packed_eval_loader', 'time_to_target',
-           'censored_time_to_target', 'StepLog']
+           'censored_time_to_target', 'target_crossing', 'target_decomposition', 'curve_drop', 'StepLog']
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #611142f6
 POSITION_BUCKETS = ((0, 32), (32, 128), (128, 512), (512, None))
@@ -86,6 +87,40 @@ def censored_time_to_target(points: Sequence[tuple[float, float]],
     expect(len(points) >= 1, "points", "at least one (seconds, bpb) point", len(points))
     t = time_to_target(points, target)
     return (t, True) if t is not None else (float(points[-1][0]), False)
+
+# %% ../../nbs/curriculum/04_evaluation.ipynb #0a79cf14
+def target_crossing(curve: Sequence[dict], target: float) -> dict:
+    "Where a validation curve (points with `train_s`, `tokens`, `bpb`) first reaches `target`: seconds and tokens interpolated at the same point; its last point, `reached` False, if it never does."
+    expect(len(curve) >= 1, "curve", "at least one validation point", len(curve))
+    prev = None
+    for p in curve:
+        if p["bpb"] <= target:
+            q = prev or p
+            f = 1.0 if q["bpb"] == p["bpb"] else (q["bpb"] - target) / (q["bpb"] - p["bpb"])
+            return dict(train_s=float(q["train_s"] + f * (p["train_s"] - q["train_s"])),
+                        tokens=float(q["tokens"] + f * (p["tokens"] - q["tokens"])), reached=True)
+        prev = p
+    return dict(train_s=float(curve[-1]["train_s"]), tokens=float(curve[-1]["tokens"]),
+                reached=False)
+
+# %% ../../nbs/curriculum/04_evaluation.ipynb #15505e7e
+def target_decomposition(base: dict, arm: dict) -> dict:
+    "The time ratio of two `target_crossing`s, base over arm, split exactly into tokens to target x step cost (seconds per token); `token_share`: the tokens factor's share of its log."
+    tok = base["tokens"] / arm["tokens"]
+    cost = (base["train_s"] / base["tokens"]) / (arm["train_s"] / arm["tokens"])
+    ratio = base["train_s"] / arm["train_s"]
+    share = math.log(tok) / math.log(ratio) if ratio != 1 else None
+    return dict(time_ratio=ratio, tokens_ratio=tok, step_cost_ratio=cost, token_share=share,
+                censored=not (base["reached"] and arm["reached"]))
+
+# %% ../../nbs/curriculum/04_evaluation.ipynb #f85675f1
+def curve_drop(curve: Sequence[dict], tail: float = 0.2) -> float:
+    "Relative fall of a validation curve's bpb (points with `step`, `bpb`) over its last `tail` of steps: (bpb at step (1 - tail) * last - final) / final."
+    expect(0 < tail < 1, "tail", "a share in (0, 1)", tail)
+    expect(len(curve) >= 2, "curve", "at least two validation points", len(curve))
+    steps, bpb = [p["step"] for p in curve], [p["bpb"] for p in curve]
+    start = float(np.interp((1 - tail) * steps[-1], steps, bpb))
+    return (start - bpb[-1]) / bpb[-1]
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #084b3938
 class StepLog(L.Callback):

@@ -22,23 +22,26 @@ from .decompose import decompose
 from .sampling import CurriculumDataModule, curriculum_fit, steps_per_bucket
 from .reweighting import LossReweighter, toy_regression, plot_toy_regression
 from .evaluation import (POSITION_BUCKETS, position_key, evaluate_by_position,
-                                            packed_eval_loader, censored_time_to_target, StepLog)
+                                            packed_eval_loader, StepLog, target_crossing,
+                                            target_decomposition, curve_drop)
 from .config import (ARM_MODES, CurriculumArm, Arm, CURRICULUM_ARMS,
                                         HEADLINE_ARM,  # noqa
                                         BASELINE_ARM, GROW_UNIFORM_MARGIN, CURRICULUM_CLAIMS,
-                                        CurriculumRunConfig,
-                                        curriculum_run_config)
+                                        CurriculumRunConfig, curriculum_run_config,
+                                        FULL_RUN_ARMS, FLAT_TAIL, FLAT_MAX_DROP, CURRICULUM_SEEDS)
 
 # %% auto #0
 __all__ = ['STEP_S', 'STEP_S_TOKENS', 'EVAL_S_PER_TOKEN', 'SEED_KEYS', 'SAMPLE_KEYS', 'step_seconds', 'estimate_run_seconds',
            'arm_datamodule', 'train_arm', 'plot_schedule_runs', 'step_time_by_length', 'plot_step_time',
            'plot_val_curves', 'plot_by_position', 'plot_reweighting', 'paired_effects', 'reproduce_curriculum',
            'ARM_MODES', 'CurriculumArm', 'Arm', 'CURRICULUM_ARMS', 'HEADLINE_ARM', 'BASELINE_ARM',
-           'GROW_UNIFORM_MARGIN', 'CURRICULUM_CLAIMS', 'CurriculumRunConfig', 'curriculum_run_config']
+           'GROW_UNIFORM_MARGIN', 'CURRICULUM_CLAIMS', 'CurriculumRunConfig', 'curriculum_run_config', 'FULL_RUN_ARMS',
+           'FLAT_TAIL', 'FLAT_MAX_DROP', 'CURRICULUM_SEEDS']
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #c0a1f007
 _all_ = ["ARM_MODES", "CurriculumArm", "Arm", "CURRICULUM_ARMS", "HEADLINE_ARM", "BASELINE_ARM",
-         "GROW_UNIFORM_MARGIN", "CURRICULUM_CLAIMS", "CurriculumRunConfig", "curriculum_run_config"]
+         "GROW_UNIFORM_MARGIN", "CURRICULUM_CLAIMS", "CurriculumRunConfig", "curriculum_run_config",
+         "FULL_RUN_ARMS", "FLAT_TAIL", "FLAT_MAX_DROP", "CURRICULUM_SEEDS"]
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #8471b58d
 STEP_S = {"plain": {32: 0.295, 64: 0.282, 128: 0.302, 256: 0.306, 512: 0.329, 1024: 0.449},
@@ -67,29 +70,29 @@ def estimate_run_seconds(rc: CurriculumRunConfig, n_seeds: int = 3, corpora: dic
                          setup_s: float = 3.0, fixed_s: float = 30.0) -> dict:
     "Predicted wall-clock seconds of the run on 2 CPU threads: per unit (arm or strategy, seed), steps x step cost + evaluations + setup."
     corpora = corpora if corpora is not None else {c: rc.val_split(c) for c in rc.corpora}
-    tok, b, S, n_val = (ByteTokenizer(), rc.tokens_per_step, rc.train.steps,
-                        math.ceil(rc.train.steps / rc.train.val_every))
-    schedule = {}  # corpus -> steps per bucket length of a DD schedule on its decomposition
+    tok, b = ByteTokenizer(), rc.tokens_per_step
+    schedule = {}  # (corpus, steps) -> steps per bucket length of a DD schedule
     # one document-wise pass over corpus c's validation split in (padded) windows of w
     def eval_pass(c, w):
         return (len(DocWindowDataset(corpora[c][1],
                                      w, tok.eot_id, tok.pad_id, max_tokens=rc.max_eval_tokens)) * w
                 * _interp_log2(EVAL_S_PER_TOKEN, w) * 1.05)
-    def mean_step(name):
+    def mean_step(name, S):
         a, c = CURRICULUM_ARMS[name], CURRICULUM_ARMS[name].corpus or rc.corpus
         if a.mode == "cc":
             return step_seconds(rc.short_len if a.short else rc.long_len, b, a.attention)
-        if c not in schedule:
+        if (c, S) not in schedule:
             bk = decompose(corpora[c][0], rc.min_log2, rc.max_log2, seed=rc.train.seed)
-            schedule[c] = dict(zip(bk.lengths, steps_per_bucket(bk, b, S).tolist()))
-        return sum(n * step_seconds(L_, b) for L_, n in schedule[c].items()) / S
+            schedule[c, S] = dict(zip(bk.lengths, steps_per_bucket(bk, b, S).tolist()))
+        return sum(n * step_seconds(L_, b) for L_, n in schedule[c, S].items()) / S
     def unit(name, w):
-        c = CURRICULUM_ARMS[name].corpus or rc.corpus
+        c, t = CURRICULUM_ARMS[name].corpus or rc.corpus, rc.for_arm(name).train
+        S, n_val = t.steps, math.ceil(t.steps / t.val_every)
         # the base's extra pass in short windows
         short = w != rc.short_len and name == rc.reweight_base
         # document-wise, packed (about as many tokens)
         final = 2 * eval_pass(c, w) + (eval_pass(c, rc.short_len) if short else 0)
-        return S * mean_step(name) + n_val * eval_pass(c, w) + final + setup_s
+        return S * mean_step(name, S) + n_val * eval_pass(c, w) + final + setup_s
     units = {}
     for i in range(n_seeds):
         for a in rc.arms_on(i): units[f"{a}/seed{i}"] = unit(a, rc.eval_window)
@@ -114,8 +117,8 @@ def arm_datamodule(name: str, rc: CurriculumRunConfig, corpus=None,
 def train_arm(name: str, rc: CurriculumRunConfig, corpus=None, reweighter: LossReweighter
               | None = None, eval_window: int | None = None, short_window: bool = False,
               run_dir=None, progress: bool = False, accelerator: str = "cpu", **fit_kwargs) -> dict:
-    "Train arm `name` per `rc.train` through `fit` (resuming from `run_dir`), then evaluate it in windows of `eval_window` (default `rc.eval_window`; `short_window`: also of `rc.short_len`)."
-    w = eval_window or rc.eval_window
+    "Train arm `name` per `rc.for_arm(name).train` through `fit` (resuming from `run_dir`), then evaluate it in windows of `eval_window` (default `rc.eval_window`; `short_window`: also of `rc.short_len`)."
+    w, rc = eval_window or rc.eval_window, rc.for_arm(name)  # the arm's horizon
     t, dm, steps = rc.train, arm_datamodule(name, rc, corpus, eval_window=w), StepLog()
     t0 = time.perf_counter()
     lit, hist, _ = curriculum_fit(
@@ -138,6 +141,7 @@ def train_arm(name: str, rc: CurriculumRunConfig, corpus=None, reweighter: LossR
         val_bpb=hist.val[-1]["val/bpb"], val_bpb_long=by_pos[position_key(rc.long_from, None)],
         val_bpb_short_window=short, wall_s=train_s, fit_s=fit_s, tokens=int(lit._tokens_seen),
         seed=t.seed, corpus=CURRICULUM_ARMS[name].corpus or rc.corpus, eval_window=w,
+        horizon=CURRICULUM_ARMS[name].horizon,
         tokens_per_s=lit._tokens_seen / train_s, val_bpb_by_position={k: by_pos[k] for k in keys},
         val_bpb_docwise_check=by_pos["all"], val_bpb_packed=packed["all"],
         val_bpb_packed_by_position={k: v for k, v in packed.items() if k != "all"},
@@ -199,28 +203,30 @@ def plot_step_time(m: dict):
 
 # %% ../../nbs/curriculum/05_experiment.ipynb #e0da5b0e
 def _on(m: dict, corpus: str | None) -> dict:
-    "The arms of `m` trained on `corpus` (default: the run's)."
-    c = corpus or m["config"]["corpus"]
-    return {a: r for a, r in m["arms"].items() if r.get("corpus", m["config"]["corpus"]) == c}
+    "The arms of `m` trained on `corpus` (default: the run's; there, those of the baseline's horizon)."
+    c, main = corpus or m["config"]["corpus"], corpus in (None, m["config"]["corpus"])
+    h = m["arms"].get(m.get("baseline_arm"), {}).get("horizon", "long")
+    return {a: r for a, r in m["arms"].items() if r.get("corpus", m["config"]["corpus"]) == c
+            and (not main or r.get("horizon", "long") == h)}
 
-def plot_val_curves(m: dict, corpus: str | None = None):
-    "Validation bpb against tokens and against training seconds for the arms on `corpus`; on the run's corpus, with the target (C&C-1024's final bpb)."
+_X = {"train_s": ("training seconds (validation excluded)", "per second"),
+      "tokens": ("training tokens", "per token")}
+
+def plot_val_curves(m: dict, corpus: str | None = None, x: str = "train_s"):
+    "Validation bpb against training seconds (`x='train_s'`) or tokens (`x='tokens'`) for the arms on `corpus`; on the run's corpus, with the target (C&C-1024's final bpb)."
+    check_choice("x", x, tuple(_X))
     arms, main = _on(m, corpus), corpus in (None, m["config"]["corpus"])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     for a, r in arms.items():
         c = r["val_curve"]
-        for ax, key in ((a1, "tokens"), (a2, "train_s")):
-            ax.plot([v[key] for v in c], [v["bpb"] for v in c], "o-", ms=2.5, lw=1.2,
-                    color=_color(a), label=a)
+        ax.plot([v[x] for v in c], [v["bpb"] for v in c], "o-", ms=2.5, lw=1.2,
+                color=_color(a), label=a)
     lo = min(r["val_bpb"] for r in arms.values())
-    for ax, xl in ((a1, "training tokens"), (a2, "training seconds (validation excluded)")):
-        if main: ax.axhline(m["target_bpb"], color="k", ls=":", lw=1)
-        ax.set(xlabel=xl, ylabel="val bits/byte", ylim=(lo - 0.05, lo + 1.0))
-        ax.grid(alpha=.3)
-    a1.set_title("per token" if main else f"per token ({corpus})")
-    a2.set_title("per second: the target is C&C-1024's final bpb (dotted)" if main
-                 else f"per second ({corpus})")
-    a2.legend(fontsize=7)
+    if main: ax.axhline(m["target_bpb"], color="k", ls=":", lw=1, label="target (first seed)")
+    ax.set(xlabel=_X[x][0], ylabel="val bits/byte", ylim=(lo - 0.05, lo + 0.8),
+           title=_X[x][1] + ("" if main else f" ({corpus})"))
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -265,7 +271,8 @@ def plot_reweighting(m: dict):
 # %% ../../nbs/curriculum/05_experiment.ipynb #82f7af68
 SEED_KEYS = ("seed", "corpus", "val_bpb", "val_bpb_long", "val_bpb_packed", "val_bpb_short_window",
              "val_bpb_by_position", "wall_s", "tokens_per_s", "time_to_target_s",
-             "time_to_target_censored_s", "target_reached", "target_bpb")
+             "time_to_target_censored_s", "target_reached", "target_bpb", "tokens_to_target",
+             "horizon")
 SAMPLE_KEYS = ("val_bpb", "val_bpb_long", "val_bpb_packed", "val_bpb_short_window",
                "time_to_target_s", "time_to_target_censored_s", "wall_s", "tokens_per_s")
 
@@ -291,8 +298,10 @@ def paired_effects(seeds: dict) -> dict:
 @register_reproduction(
     "curriculum", "Dataset Decomposition (variable sequence-length curricula) vs concat-and-chunk "
                   "at equal tokens per step, with ablations; loss-based reweighting.",
-    claims=CURRICULUM_CLAIMS, notebook="curriculum/06_results.ipynb", default_seeds=3,
-    summary_keys=("headline_arm", "speedup", "target_missed_n", "target_bpb", "estimated_wall_s"),
+    claims=CURRICULUM_CLAIMS, notebook="curriculum/06_results.ipynb",
+    default_seeds=CURRICULUM_SEEDS, first_seed=3,
+    summary_keys=("headline_arm", "speedup", "target_missed_n", "target_bpb", "target_flat",
+                  "estimated_wall_s"),
     run_config=CurriculumRunConfig)
 def reproduce_curriculum(ctx: RunContext) -> dict:
     "Each seed's arms back to back (every-seed arms on every seed, exploratory ones on the first), then reweighting; per-seed values for the claims."
@@ -312,17 +321,18 @@ def reproduce_curriculum(ctx: RunContext) -> dict:
                 name, rs, corpora, short_window=name == rc.reweight_base, run_dir=run_dir,
                 progress=ctx.progress))
             ctx.log(f"{name} seed {seed}: val bpb {r['val_bpb']:.4f} (packed {r['val_bpb_packed']:.4f}), {r['wall_s']:.0f} s, {r['tokens_per_s']:,.0f} tok/s")
-        # this seed's target: C&C-1024's final val bpb
+        # this seed's target: C&C-1024's final val bpb, read by the long-horizon arms on its corpus
         target = units[BASELINE_ARM, seed]["val_bpb"]
         for name in rc.arms_on(i):
-            r, on_run_corpus = units[name, seed], units[name, seed]["corpus"] == rc.corpus
-            t, reached = censored_time_to_target([(v["train_s"], v["bpb"]) for v in r["val_curve"]],
-                                                 target) if on_run_corpus else (None, None)
-            r.update(target_bpb=target if on_run_corpus else None, target_reached=reached,
-                     time_to_target_censored_s=t, time_to_target_s=t if reached else None)
+            r = units[name, seed]
+            x = (target_crossing(r["val_curve"], target) if r["corpus"] == rc.corpus
+                 and r["horizon"] == "long" else None)
+            r.update(target_bpb=x and target, target_reached=x and x["reached"],
+                     time_to_target_censored_s=x and x["train_s"], tokens_to_target=x and x["tokens"],
+                     time_to_target_s=x["train_s"] if x and x["reached"] else None, crossing=x)
         for s in rc.reweight_on(i):
             r = rw[s, seed] = ctx.unit(f"reweight_{s}/seed{seed}", lambda run_dir: train_arm(
-                rc.reweight_base, rs, corpora, reweighter=rs.reweighter(s),
+                rc.reweight_base, rs, corpora, reweighter=rs.for_arm(rc.reweight_base).reweighter(s),
                 eval_window=rc.short_len, run_dir=run_dir, progress=ctx.progress))
             ctx.log(f"reweighting {s} on {rc.reweight_base} seed {seed}: val bpb {r['val_bpb']:.4f} ({rc.short_len}-token windows)")
     seeds = {}
@@ -331,8 +341,13 @@ def reproduce_curriculum(ctx: RunContext) -> dict:
     every_seed = [a for a in rc.arms if len(seeds[a]) == len(ctx.seeds)]
     samples = {a: {k: [r[k] for r in seeds[a]] for k in SAMPLE_KEYS} for a in every_seed}
     arms = {a: units[a, ctx.seeds[0]] for a in rc.arms}  # first seed: the figures and tables
-    missed = {a: [r["seed"] for r in seeds[a] if r["target_reached"] is False] for a in rc.arms
-              if a != BASELINE_ARM and arms[a]["corpus"] == rc.corpus}
+    timed = [a for a in rc.arms if a != BASELINE_ARM and arms[a]["crossing"]]
+    missed = {a: [r["seed"] for r in seeds[a] if r["target_reached"] is False] for a in timed}
+    # per seed: the time ratio split into tokens to target x step cost; where the target sits
+    decomposition = {a: [dict(seed=s, **target_decomposition(units[BASELINE_ARM, s]["crossing"],
+                                                             units[a, s]["crossing"]))
+                         for s in ctx.seeds if (a, s) in units] for a in timed}
+    drops = [curve_drop(units[BASELINE_ARM, s]["val_curve"], FLAT_TAIL) for s in ctx.seeds]
     base_short = {r["seed"]: r["val_bpb_short_window"] for r in seeds[rc.reweight_base]}
     rw_seeds, rw_vs = {}, {}
     for (s, seed), r in rw.items():
@@ -352,8 +367,11 @@ def reproduce_curriculum(ctx: RunContext) -> dict:
          "target_missed": missed,
          "target_missed_n": len(missed[HEADLINE_ARM]), "target_bpb": arms[BASELINE_ARM]["val_bpb"],
          "targets": [units[BASELINE_ARM, s]["val_bpb"] for s in ctx.seeds], "arms": arms,
-         "speedup_by_arm": {a: (t_base / r["time_to_target_s"] if r["time_to_target_s"] else None)
-                            for a, r in arms.items() if r["corpus"] == rc.corpus},
+         "speedup_by_arm": {a: (t_base / arms[a]["time_to_target_s"]
+                                if arms[a]["time_to_target_s"] else None) for a in timed},
+         "target_decomposition": decomposition, "target_drop": drops,
+         "target_flat": all(d <= FLAT_MAX_DROP for d in drops),
+         "flat_rule": dict(tail=FLAT_TAIL, max_drop=FLAT_MAX_DROP),
          "effects": paired_effects(seeds),
          "val_split": {c: val_split_stats(*corpora[c]) for c in rc.corpora},
          "boundary_share": {c: {str(w): boundary_share(corpora[c][0], w)
@@ -367,10 +385,12 @@ def reproduce_curriculum(ctx: RunContext) -> dict:
     m["toy_regression"] = toy_regression(steps=rc.toy_steps, temperature=rc.reweight_temperature)
     for fname, fn in (("schedules", plot_schedule_runs), ("step_time", plot_step_time),
                       ("val_curves", plot_val_curves),
+                      ("val_curves_tokens", lambda m: plot_val_curves(m, x="tokens")),
                       ("loss_by_position", plot_by_position), ("reweighting", plot_reweighting)):
         ctx.save_figure(fn(m), fname)
     ctx.save_figure(plot_by_position(m, "val_bpb_packed_by_position"), "loss_by_position_packed")
-    for c in rc.corpora[1:]: ctx.save_figure(plot_val_curves(m, c), f"val_curves_{c}")
+    for c in rc.corpora[1:]:
+        ctx.save_figure(plot_val_curves(m, c, x="tokens"), f"val_curves_{c}")
     ctx.save_figure(plot_toy_regression(m["toy_regression"], rc.reweight_temperature),
                     "toy_regression")
     return m
