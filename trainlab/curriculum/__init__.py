@@ -12,7 +12,9 @@ __all__ = ['CURRICULA', 'REWEIGHT_STRATEGIES', 'POSITION_BUCKETS', 'ARM_MODES', 
            'packed_eval_loader', 'time_to_target', 'censored_time_to_target', 'StepLog', 'CurriculumArm', 'Arm',
            'CurriculumRunConfig', 'curriculum_run_config', 'step_seconds', 'estimate_run_seconds', 'arm_datamodule',
            'train_arm', 'plot_schedule_runs', 'step_time_by_length', 'plot_step_time', 'plot_val_curves',
-           'plot_by_position', 'plot_reweighting', 'paired_effects', 'reproduce_curriculum']
+           'plot_by_position', 'plot_reweighting', 'paired_effects', 'reproduce_curriculum', 'target_crossing',
+           'target_decomposition', 'curve_drop', 'HORIZONS', 'FULL_RUN_ARMS', 'FLAT_TAIL', 'FLAT_MAX_DROP',
+           'CURRICULUM_SEEDS', 'SEED_RULE', 'seed_rule']
 
 # %% ../../nbs/curriculum/00_curriculum.ipynb #55d8fa81
 from .decompose import (Buckets, check_bucket_range, decompose,
@@ -24,10 +26,12 @@ from .reweighting import (REWEIGHT_STRATEGIES, minmax_scale, reweight,
                                              LossReweighter, toy_regression, plot_toy_regression)
 from .evaluation import (POSITION_BUCKETS, position_key, evaluate_by_position,
                                             packed_eval_loader, time_to_target,
-                                            censored_time_to_target, StepLog)
+                                            censored_time_to_target, StepLog, target_crossing,
+                                            target_decomposition, curve_drop)
 from .config import (
     ARM_MODES, CurriculumArm, Arm, CURRICULUM_ARMS, HEADLINE_ARM, BASELINE_ARM, GROW_UNIFORM_MARGIN,
-    CURRICULUM_CLAIMS, CurriculumRunConfig, curriculum_run_config)
+    CURRICULUM_CLAIMS, CurriculumRunConfig, curriculum_run_config, HORIZONS, FULL_RUN_ARMS,
+    FLAT_TAIL, FLAT_MAX_DROP, CURRICULUM_SEEDS, SEED_RULE, seed_rule)
 from .experiment import (STEP_S, STEP_S_TOKENS, EVAL_S_PER_TOKEN, step_seconds,
                                             estimate_run_seconds,
                                             arm_datamodule, train_arm, plot_schedule_runs,
@@ -48,4 +52,6 @@ _all_ = ["CURRICULA", "REWEIGHT_STRATEGIES", "POSITION_BUCKETS", "ARM_MODES", "C
          "StepLog", "CurriculumArm", "Arm", "CurriculumRunConfig", "curriculum_run_config",
          "step_seconds", "estimate_run_seconds", "arm_datamodule", "train_arm",
          "plot_schedule_runs", "step_time_by_length", "plot_step_time", "plot_val_curves",
-         "plot_by_position", "plot_reweighting", "paired_effects", "reproduce_curriculum"]
+         "plot_by_position", "plot_reweighting", "paired_effects", "reproduce_curriculum",
+         "target_crossing", "target_decomposition", "curve_drop", "HORIZONS", "FULL_RUN_ARMS",
+         "FLAT_TAIL", "FLAT_MAX_DROP", "CURRICULUM_SEEDS", "SEED_RULE", "seed_rule"]

@@ -160,7 +160,7 @@ def plot_schedule_runs(m: dict):
     "The sequence length of every step, as trained, per arm of variable length (DD and C&C on a DD schedule)."
     runs = {a: [s[0] for s in r["steps"]] for a, r in m["arms"].items() if a in CURRICULUM_ARMS
             and CURRICULUM_ARMS[a].mode != "cc"}
-    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.2 * len(runs) + 0.6), sharex=True,
+    fig, axes = plt.subplots(len(runs), 1, figsize=(7.5, 1.1 * len(runs) + 0.8), sharex=True,
                              squeeze=False)
     for ax, (a, s) in zip(axes[:, 0], runs.items()):
         ax.plot(s, drawstyle="steps-post", lw=0.8, color=_color(a))
@@ -236,7 +236,7 @@ def plot_by_position(m: dict, key: str = "val_bpb_by_position", corpus: str | No
     arms = _on(m, corpus)
     first = next(iter(arms.values()))
     ranges = [k for k in first[key] if first[key][k] is not None]
-    fig, ax = plt.subplots(figsize=(11, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     w = 0.8 / len(arms)
     for j, (a, r) in enumerate(arms.items()):
         ax.bar(np.arange(len(ranges)) + j * w, [r[key][k] for k in ranges], w, color=_color(a),
@@ -245,7 +245,7 @@ def plot_by_position(m: dict, key: str = "val_bpb_by_position", corpus: str | No
     ax.set(xlabel="position in the window", ylabel="val bits/byte")
     allv = [r[key][k] for r in arms.values() for k in ranges]
     ax.set_ylim(min(allv) - 0.1, max(allv) + 0.05)
-    ax.legend(fontsize=7, ncol=4)
+    ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=.3, axis="y")
     ax.set_title("document-wise evaluation" if key == "val_bpb_by_position"
                  else "packed evaluation")
