@@ -18,12 +18,13 @@ from .evaluate import method_summary
 from .whp import naive_alignment_errors
 
 # %% auto #0
-__all__ = ['UNLEARN_CLAIMS', 'SAMPLE_KEYS', 'reproduce_unlearning', 'world_documents', 'world_model_config', 'train_world_model',
-           'WORLD_MODELS', 'UnlearnRunConfig', 'unlearn_run_config', 'SeedRun', 'world_model_unit', 'reinforced_unit',
-           'patching_unit', 'rocr_per_layer_unit', 'operating_point', 'gradient_path', 'exact_anchors',
-           'default_anchors', 'noisy_world_anchors', 'whp_path', 'whp_inference_path', 'rocr_path', 'UnlearnArm',
-           'GRADIENT_LRS', 'UNLEARN_ARMS', 'METHOD_ORDER', 'NARRATIVE_TRAINED', 'arm_unit', 'plot_form_heatmap',
-           'plot_tradeoff', 'plot_whp_steps', 'plot_mechanism', 'plot_rocr_layers', 'plot_relearning']
+__all__ = ['UNLEARN_CLAIMS', 'SAMPLE_KEYS', 'UNLEARN_WITHDRAWN', 'reproduce_unlearning', 'world_documents', 'world_model_config',
+           'train_world_model', 'WORLD_MODELS', 'UnlearnRunConfig', 'unlearn_run_config', 'SeedRun', 'world_model_unit',
+           'reinforced_unit', 'patching_unit', 'rocr_per_layer_unit', 'operating_point', 'gradient_path',
+           'exact_anchors', 'default_anchors', 'noisy_world_anchors', 'whp_path', 'whp_inference_path', 'rocr_path',
+           'UnlearnArm', 'GRADIENT_LRS', 'UNLEARN_ARMS', 'METHOD_ORDER', 'NARRATIVE_TRAINED', 'arm_unit',
+           'plot_form_heatmap', 'plot_tradeoff', 'plot_whp_steps', 'plot_mechanism', 'plot_rocr_layers',
+           'plot_relearning']
 
 # %% ../../nbs/unlearning/06_experiment.ipynb #aee89151
 from .world_models import (world_documents, world_model_config,  # noqa
@@ -75,12 +76,26 @@ SAMPLE_KEYS = ("form_gap", "familiarity", "familiarity_gap_closed", "retain_bpb_
                "neighbour_acc", "forget_quality", "forget_quality_d", "gold_prob_ks_p", "mia_auc",
                "mia_auc_ref", "mia_auc_vs_oracle", "within_budget")  # per arm and seed
 
+# %% ../../nbs/unlearning/06_experiment.ipynb #2afedad2
+# claims of the committed run (git 13aee9e) found biased after it: shown withdrawn until a rerun
+UNLEARN_WITHDRAWN = {
+    "whp_closes_familiarity_gap": "its narrative probes reuse the forget passages' own wording, so "
+                                  "it partly measures forgetting of text the method trained on",
+    "whp_retain_cost": "it holds by construction: the operating point is the strongest step whose "
+                       "retain bpb rises by at most 5%, the claim's own threshold",
+    "whp_form_gap": "its narrative probes reuse the forget passages' own wording, so the gap partly "
+                    "measures seen against unseen wording, not narrative against other forms",
+    "npo_form_gap": "NPO had one learning rate and stopped after 2 steps, in effect gradient ascent; "
+                    "and its narrative probes reuse the forget passages' wording",
+}
+
 # %% ../../nbs/unlearning/06_experiment.ipynb #f9f012fa
 @register_reproduction("unlearning", "Unlearn a fictional universe from a TinyLM: WHP (reinforced "
                                      "model, anchors, generic labels), GA/GradDiff/NPO/SimNPO "
                        "trained on narrative prose, and ROCR's rank-one edit, scored in eight "
                        "surface forms against a retrain oracle, over paired seeds.",
                        claims=UNLEARN_CLAIMS, notebook="unlearning/07_results.ipynb",
+                       withdrawn={c: ("13aee9e3d7ee", why) for c, why in UNLEARN_WITHDRAWN.items()},
                        default_seeds=3,
                        summary_keys=("whp_full_beats_ablations", "npo_form_gap", "rocr_form_gap",
                                      "rocr_neighbour_drop",

@@ -282,7 +282,12 @@ ROCR_SAMPLE_KEYS = ("closed", "closed_mean", "form_gap", "abs_form_gap", "neighb
                        claims=ROCR_CLAIMS, notebook="unlearning/09_rocr_results.ipynb",
                        default_seeds=3, withdrawn={"rocr_neighbours_kept": (
                            "7804798b7fbc", "its neighbour accuracy pooled the items of all forms; "
-                           "ROCR's is a mean over forms (fixed in code, not yet rerun)")},
+                           "ROCR's is a mean over forms (fixed in code, not yet rerun)"),
+                           "rocr_form_independent": (
+                           "7804798b7fbc", "narrative minus the other forms averages away how "
+                           "unevenly the edit closes the forms it can reach; form independence is "
+                           "the spread of per-form closure, and the reversed form, which an edit at "
+                           "the subject cannot reach, belongs apart")},
                        summary_keys=("mlp_peak_mean", "traced_layers", "rocr_form_gap_mean",
                                      "rocr_closed_mean"),
                        run_config=RocrRunConfig)
