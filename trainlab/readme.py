@@ -13,7 +13,8 @@ from .stats import fmt_claim
 from .reproduce import available_reproductions
 
 # %% auto #0
-__all__ = ['SITE_URL', 'VERDICT_MARKS', 'page_url', 'verdict_mark', 'shown_verdict', 'results_table', 'readme_text']
+__all__ = ['SITE_URL', 'VERDICT_MARKS', 'page_url', 'verdict_mark', 'shown_verdict', 'results_table', 'technique_verdicts',
+           'with_headline_verdicts', 'readme_text']
 
 # %% ../nbs/04a_readme.ipynb #1c9a4911
 # settings.ini's doc_host + doc_baseurl (a test checks that they agree)
@@ -76,6 +77,40 @@ def results_table(results_dir: str | Path, link: Callable[[str], str] | None = N
                 f"| `{name}` | {_cell(c['statement'])} | {fmt_claim(c)} | {c['n_seeds']} | {v} | {nb} |"
             )
     return "\n".join(rows)
+
+# %% ../nbs/04a_readme.ipynb #f5e3b262
+def technique_verdicts(folder: str, results_dir: str | Path) -> str:
+    "The verdicts of the headline claims of the reproductions whose notebooks live in `folder`, one `claim`: verdict per line, read from their committed runs under `results_dir`."
+    lines = []
+    for name, rep in available_reproductions().items():
+        if not rep.headline or Path(rep.notebook).parts[0] != folder: continue
+        f = Path(results_dir) / name / "metrics.json"
+        m = read_json(f) if f.exists() else {}
+        run = read_json(f.with_name("run.json")) if f.exists() else {}
+        judged = {c["name"]: c for c in m.get("claims", [])}
+        for c in rep.headline:
+            v = shown_verdict(rep, judged[c], run).split(":")[0] if c in judged else "not run"
+            lines.append(f"`{c}`: {v}")
+    return "<br>".join(lines) or "-"
+
+# %% ../nbs/04a_readme.ipynb #060c94f5
+_TECH_HEAD = "| technique | seed papers | headline claim tested | verdict |"
+
+def with_headline_verdicts(md: str, results_dir: str | Path) -> str:
+    "`md` with the verdict column of its technique table (the header `_TECH_HEAD`) rewritten by `technique_verdicts`; each row names its folder by a link to one of its pages."
+    out, in_table = [], False
+    for line in md.splitlines():
+        if line.startswith(_TECH_HEAD): in_table = True
+        elif in_table and not line.startswith("|"): in_table = False
+        elif in_table and not line.startswith("|---"):
+            cells = line.split(" | ")
+            folder = re.search(r"/([a-z_]+)/[a-z_]+\.html\)", line)
+            expect(len(cells) >= 5 and folder is not None, "md",
+                   "technique rows of 5 cells, the last linking a page of the technique", line)
+            cells[3] = technique_verdicts(folder.group(1), results_dir)
+            line = " | ".join(cells)
+        out.append(line)
+    return "\n".join(out) + ("\n" if md.endswith("\n") else "")
 
 # %% ../nbs/04a_readme.ipynb #3620e71c
 def readme_text(nbs_path: str | Path, results_dir: str | Path | None = None) -> str:

@@ -38,13 +38,16 @@ class Reproduction:
     first_seed: int = 0  # calibration and pilot runs start at 100: seeds a confirmation never uses
     # claims withdrawn after their run: claim name -> (the run's git sha, why); a rerun lifts it
     withdrawn: dict = field(default_factory=dict)
+    # the claims that carry its technique's headline: the landing page shows their verdicts
+    headline: tuple = ()
 
 REPRODUCTIONS: dict[str, Reproduction] = {}
 
 def register_reproduction(name: str, description: str = "", claims: tuple | list = (),
                           notebook: str = "", default_seeds: int = 1,
                           summary_keys: tuple = (), run_config: type | None = None,
-                          first_seed: int = 0, withdrawn: dict | None = None):
+                          first_seed: int = 0, withdrawn: dict | None = None,
+                          headline: tuple | list = ()):
     "Decorator registering `fn(ctx) -> dict` as the reproduction `name`, with its claims fixed here, before any run."
     expect(isinstance(name, str) and name.isidentifier() and name != "all", "name",
            "an identifier other than 'all'", name)
@@ -61,11 +64,13 @@ def register_reproduction(name: str, description: str = "", claims: tuple | list
            and all(isinstance(w, tuple) and len(w) == 2 and all(isinstance(x, str) and x for x in w)
                    for w in withdrawn.values()), "withdrawn",
            "claim name -> (the git sha of the run judged, why), for registered claims", withdrawn)
+    expect(set(headline) <= {c.name for c in claims}, "headline",
+           "names of registered claims", list(headline))
     if run_config is not None: check_run_config(run_config)
     def deco(fn):
         REPRODUCTIONS[name] = Reproduction(name, fn, description, tuple(claims), notebook,
                                            default_seeds, tuple(summary_keys), run_config,
-                                           first_seed, withdrawn)
+                                           first_seed, withdrawn, tuple(headline))
         return fn
     return deco
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from .core import expect, repo_root
 from .reproduce import available_reproductions
-from .readme import readme_text
+from .readme import readme_text, with_headline_verdicts
 
 # %% auto #0
-__all__ = ['technique_folders', 'notebook_title', 'sidebar_yaml', 'site_problems', 'write_site_files', 'main']
+__all__ = ['technique_folders', 'notebook_title', 'sidebar_yaml', 'index_text', 'site_problems', 'write_site_files', 'main']
 
 # %% ../nbs/04c_site.ipynb #e3ef4128
 def technique_folders() -> list[str]:
@@ -61,6 +61,18 @@ def sidebar_yaml(nbs_path: str | Path) -> str:
         section(title, items)
     return "\n".join(lines) + "\n"
 
+# %% ../nbs/04c_site.ipynb #24d94980
+def index_text(nbs_path: str | Path) -> str:
+    "The text of nbs/index.ipynb with its technique table's verdict column rewritten from the committed runs under nbs/results."
+    nbs = Path(nbs_path)
+    nb = json.loads((nbs / "index.ipynb").read_text())
+    for c in nb["cells"]:
+        if c["cell_type"] == "markdown":
+            src = "".join(c["source"])
+            new = with_headline_verdicts(src, nbs / "results")
+            if new != src: c["source"] = new.splitlines(keepends=True)
+    return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+
 # %% ../nbs/04c_site.ipynb #d4dbc130
 def site_problems(root: str | Path) -> list[str]:
     "What is out of step between the registry and the site files under `root` (empty when all agree)."
@@ -68,6 +80,9 @@ def site_problems(root: str | Path) -> list[str]:
     nbs = root / "nbs"
     if (nbs / "sidebar.yml").read_text() != sidebar_yaml(nbs):
         problems.append("nbs/sidebar.yml is stale: run `python -m trainlab.site`")
+    if (nbs / "index.ipynb").read_text() != index_text(nbs):
+        problems.append("nbs/index.ipynb: the technique table's verdicts are stale: run "
+                        "`python -m trainlab.site`")
     if (root / "README.md").read_text() != readme_text(nbs):
         problems.append("README.md is stale: run `python -m trainlab.site`")
     quarto = (root / "_quarto.yml").read_text()
@@ -85,14 +100,15 @@ def site_problems(root: str | Path) -> list[str]:
 
 # %% ../nbs/04c_site.ipynb #17c95562
 def write_site_files(root: str | Path | None = None) -> list[Path]:
-    "Write nbs/sidebar.yml and README.md under the checkout `root` from the notebooks and the registry."
+    "Write nbs/index.ipynb's technique verdicts, nbs/sidebar.yml and README.md under the checkout `root` from the notebooks, the registry and the committed runs."
     root = Path(root) if root is not None else repo_root()
     expect(root is not None and (root / "nbs").is_dir(), "root", "a trainlab checkout", root)
     nbs = root / "nbs"
+    (nbs / "index.ipynb").write_text(index_text(nbs))  # first: README.md is read from it
     files = {nbs / "sidebar.yml": sidebar_yaml(nbs), root / "README.md": readme_text(nbs)}
     for path, text in files.items():
         path.write_text(text)
-    return list(files)
+    return [nbs / "index.ipynb", *files]
 
 # %% ../nbs/04c_site.ipynb #bff116b5
 def main(argv: list[str] | None = None) -> int:

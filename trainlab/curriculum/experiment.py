@@ -299,7 +299,7 @@ def paired_effects(seeds: dict) -> dict:
     "curriculum", "Dataset Decomposition (variable sequence-length curricula) vs concat-and-chunk "
                   "at equal tokens per step, with ablations; loss-based reweighting.",
     claims=CURRICULUM_CLAIMS, notebook="curriculum/06_results.ipynb",
-    default_seeds=CURRICULUM_SEEDS, first_seed=3,
+    default_seeds=CURRICULUM_SEEDS, first_seed=3, headline=("dd_time_to_target",),
     summary_keys=("headline_arm", "speedup", "target_missed_n", "target_bpb", "target_flat",
                   "estimated_wall_s"),
     run_config=CurriculumRunConfig)

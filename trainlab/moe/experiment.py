@@ -165,6 +165,7 @@ MOE_WITHDRAWN = {
            "sparsity, chunk-sparse inference speed.",
     claims=MOE_CLAIMS, notebook="moe/08_results.ipynb", default_seeds=3, run_config=MoERunConfig,
     withdrawn={c: ("34b68d1ad3c5", why) for c, why in MOE_WITHDRAWN.items()},
+    headline=("blockffn_tls", "blockffn_cls8", "blockffn_bpb_vs_topk", "chunk_sparse_speedup_t8"),
     summary_keys=("blockffn_tls", "blockffn_cls8", "topk_cls8", "blockffn_vs_topk_bpb",
                   "blockffn_token_dependence", "speedup_t8", "speedup_t8_scaled"))
 def reproduce_moe(ctx: RunContext) -> dict:

@@ -133,6 +133,7 @@ SPT_SEEDS = 8
     "Specialized pretraining: repeat a scarce domain set at fraction delta inside pretraining, "
     "then finetune; vs pretrain-then-finetune.",
     claims=SPT_CLAIMS, notebook="spt/05_results.ipynb", default_seeds=SPT_SEEDS,
+    headline=("spt_lowers_far_domain_bpb", "spt_forgets_less_at_matched_domain_bpb"),
     run_config=SPTRunConfig,
     summary_keys=("far_r_gain_main", "far_forgetting_matched_diff", "far_forgetting_diff",
                   "interior_lr_share"))

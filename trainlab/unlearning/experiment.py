@@ -96,6 +96,7 @@ UNLEARN_WITHDRAWN = {
                        "surface forms against a retrain oracle, over paired seeds.",
                        claims=UNLEARN_CLAIMS, notebook="unlearning/07_results.ipynb",
                        withdrawn={c: ("13aee9e3d7ee", why) for c, why in UNLEARN_WITHDRAWN.items()},
+                       headline=("whp_closes_familiarity_gap", "whp_form_gap", "whp_retain_cost"),
                        default_seeds=3,
                        summary_keys=("whp_full_beats_ablations", "npo_form_gap", "rocr_form_gap",
                                      "rocr_neighbour_drop",

@@ -280,6 +280,7 @@ ROCR_SAMPLE_KEYS = ("closed", "closed_mean", "form_gap", "abs_form_gap", "neighb
                        "and ROCR one target at a time at the traced layers, scored in eight forms, "
                        "over paired seeds.",
                        claims=ROCR_CLAIMS, notebook="unlearning/09_rocr_results.ipynb",
+                       headline=("rocr_forgets", "rocr_form_independent"),
                        default_seeds=3, withdrawn={"rocr_neighbours_kept": (
                            "7804798b7fbc", "its neighbour accuracy pooled the items of all forms; "
                            "ROCR's is a mean over forms (fixed in code, not yet rerun)"),
