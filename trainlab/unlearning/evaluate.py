@@ -109,7 +109,7 @@ def _ks(a, b) -> tuple[float, float]:
 
 # %% ../../nbs/unlearning/02_evaluate.ipynb #8505dea6
 def gold_prob_ks(method_probs, oracle_probs) -> dict:
-    "The first edition's statistic, under its own name: a two-sample KS test of per-item gold-answer probabilities, method vs oracle (`gold_prob_ks_p`, `gold_prob_ks_d`)."
+    "An earlier version's statistic, under its own name: a two-sample KS test of per-item gold-answer probabilities, method vs oracle (`gold_prob_ks_p`, `gold_prob_ks_d`)."
     p, d = _ks(method_probs, oracle_probs)
     return dict(gold_prob_ks_p=p, gold_prob_ks_d=d)
 
