@@ -80,18 +80,19 @@ def results_table(results_dir: str | Path, link: Callable[[str], str] | None = N
 
 # %% ../nbs/04a_readme.ipynb #f5e3b262
 def technique_verdicts(folder: str, results_dir: str | Path) -> str:
-    "The verdicts of the headline claims of the reproductions whose notebooks live in `folder`, one `claim`: verdict per line, read from their committed runs under `results_dir`."
-    lines = []
+    "The verdicts of the headline claims of the reproductions whose notebooks live in `folder`, read from their committed runs under `results_dir`, counted: 'holds' for one claim, 'holds (2); **fails** (1)' for several."
+    verdicts = []
     for name, rep in available_reproductions().items():
         if not rep.headline or Path(rep.notebook).parts[0] != folder: continue
         f = Path(results_dir) / name / "metrics.json"
         m = read_json(f) if f.exists() else {}
         run = read_json(f.with_name("run.json")) if f.exists() else {}
         judged = {c["name"]: c for c in m.get("claims", [])}
-        for c in rep.headline:
-            v = shown_verdict(rep, judged[c], run).split(":")[0] if c in judged else "not run"
-            lines.append(f"`{c}`: {v}")
-    return "<br>".join(lines) or "-"
+        verdicts += [shown_verdict(rep, judged[c], run).split(":")[0] if c in judged else "not run"
+                     for c in rep.headline]
+    if not verdicts: return "-"
+    counts = {v: verdicts.count(v) for v in verdicts}
+    return verdicts[0] if len(verdicts) == 1 else "; ".join(f"{v} ({n})" for v, n in counts.items())
 
 # %% ../nbs/04a_readme.ipynb #060c94f5
 _TECH_HEAD = "| technique | seed papers | headline claim tested | verdict |"
