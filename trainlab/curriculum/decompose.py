@@ -121,7 +121,7 @@ def decompose(docs, # a TokenizedCorpus or a sequence of token sequences (only t
 def plot_document_pieces(buckets: Buckets, docs: Sequence[int], names: Sequence[str] | None = None):
     "Each document of `docs` as a bar of its pieces, coloured by bucket length."
     cmap = plt.get_cmap("viridis", len(buckets.lengths))
-    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(docs)))
+    fig, ax = plt.subplots(figsize=(5.6, 0.5 + 0.45 * len(docs)))
     for row, d in enumerate(docs):
         for s, l in buckets.pieces(d):
             ax.barh(row, l, left=s, color=cmap(buckets.lengths.index(l)), edgecolor="white",

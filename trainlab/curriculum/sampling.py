@@ -83,7 +83,7 @@ def dd_schedule(counts: Sequence[int], odds: Sequence[float], cycles: int = 1, s
 # %% ../../nbs/curriculum/02_sampling.ipynb #d086c361
 def plot_schedules(schedules: dict, lengths: Sequence[int]):
     "Sequence length against step for each named schedule (arrays of bucket indices)."
-    fig, axes = plt.subplots(len(schedules), 1, figsize=(10, 1.3 * len(schedules) + 0.6),
+    fig, axes = plt.subplots(len(schedules), 1, figsize=(6.2, 1.3 * len(schedules) + 0.6),
                              sharex=True, squeeze=False)
     for ax, (name, s) in zip(axes[:, 0], schedules.items()):
         ax.plot(np.asarray(lengths)[np.asarray(s)], drawstyle="steps-post", lw=0.8)

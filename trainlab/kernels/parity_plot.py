@@ -47,7 +47,7 @@ def plot_parity(csv_path: str | Path,
     for k in kernels:
         expect(k in known, "kernels",
                f"names from the CSV's `kernel` column ({', '.join(known)})", k)
-    fig, axs = plt.subplots(1, len(kernels), figsize=(min(7.0, 2.0 + 3.5 * len(kernels)), 3.4),
+    fig, axs = plt.subplots(1, len(kernels), figsize=(min(6.2, 2.0 + 3.5 * len(kernels)), 3.4),
                             squeeze=False)
     for ax, k in zip(axs[0], kernels):
         sel = sorted((r for r in rows if r["kernel"] == k), key=lambda r: int(r["numel"]))
