@@ -265,6 +265,7 @@ def reduce_rows(rows: torch.Tensor, target: torch.Tensor, ignore_index: int, red
     return (total / n.to(total.dtype)).to(dtype)  # all ignored: 0/0 = nan, like torch
 
 def check_target(target: torch.Tensor, V: int, ignore_index: int, leading: tuple, what: str):
+    "Check `target`: shape `leading`, and every entry a class index in [0, V) or `ignore_index`; a clear error naming the argument otherwise."
     check_shape("target", target, leading, what)
     if target.numel() == 0: return
     bad = (target != ignore_index) & ((target < 0) | (target >= V))
@@ -275,6 +276,7 @@ def check_target(target: torch.Tensor, V: int, ignore_index: int, leading: tuple
                          f"got {target[idx].item()} at index {idx}")
 
 def check_ce_args(ignore_index, reduction):
+    "Check the cross-entropy options: `ignore_index` an int, `reduction` one of the supported reductions."
     expect(isinstance(ignore_index, int) and not isinstance(ignore_index, bool), "ignore_index",
            "an int", ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
