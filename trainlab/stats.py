@@ -213,8 +213,8 @@ def fmt_num(v, digits: int = 3) -> str:
     return str(v)
 
 def fmt_claim(rec: dict) -> str:
-    "'estimate [lo, hi]' of a claim record (×-suffixed for ratios)."
-    x = "x" if rec.get("comparison") == "ratio" else ""
+    "'estimate [lo, hi]' of a claim record (×-suffixed for ratios, and for speedups, which are ratios too)."
+    x = "x" if rec.get("comparison") == "ratio" or "speedup" in rec.get("metric", "") else ""
     lo, hi = rec["ci95"]
     ci = ("" if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi))
           else f" [{fmt_num(lo)}{x}, {fmt_num(hi)}{x}]")
