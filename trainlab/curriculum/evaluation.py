@@ -92,16 +92,12 @@ def censored_time_to_target(points: Sequence[tuple[float, float]],
 def target_crossing(curve: Sequence[dict], target: float) -> dict:
     "Where a validation curve (points with `train_s`, `tokens`, `bpb`) first reaches `target`: seconds and tokens interpolated at the same point; its last point, `reached` False, if it never does."
     expect(len(curve) >= 1, "curve", "at least one validation point", len(curve))
-    prev = None
-    for p in curve:
-        if p["bpb"] <= target:
-            q = prev or p
-            f = 1.0 if q["bpb"] == p["bpb"] else (q["bpb"] - target) / (q["bpb"] - p["bpb"])
-            return dict(train_s=float(q["train_s"] + f * (p["train_s"] - q["train_s"])),
-                        tokens=float(q["tokens"] + f * (p["tokens"] - q["tokens"])), reached=True)
-        prev = p
-    return dict(train_s=float(curve[-1]["train_s"]), tokens=float(curve[-1]["tokens"]),
-                reached=False)
+    # `time_to_target` on seconds and on tokens: both interpolate at the same point of the bpb curve
+    at = {k: time_to_target([(p[k], p["bpb"]) for p in curve], target) for k in ("train_s", "tokens")}
+    if at["train_s"] is None:
+        return dict(train_s=float(curve[-1]["train_s"]), tokens=float(curve[-1]["tokens"]),
+                    reached=False)
+    return dict(train_s=at["train_s"], tokens=at["tokens"], reached=True)
 
 # %% ../../nbs/curriculum/04_evaluation.ipynb #15505e7e
 def target_decomposition(base: dict, arm: dict) -> dict:
