@@ -88,8 +88,10 @@ def technique_verdicts(folder: str, results_dir: str | Path) -> str:
         m = read_json(f) if f.exists() else {}
         run = read_json(f.with_name("run.json")) if f.exists() else {}
         judged = {c["name"]: c for c in m.get("claims", [])}
-        verdicts += [shown_verdict(rep, judged[c], run).split(":")[0] if c in judged else "not run"
-                     for c in rep.headline]
+        shown = [shown_verdict(rep, judged[c], run) if c in judged else "not run"
+                 for c in rep.headline]
+        # a withdrawn claim without its reason; other verdicts as shown ("invalid (seed 1: ...)")
+        verdicts += ["**withdrawn**" if v.startswith("**withdrawn**") else v for v in shown]
     if not verdicts: return "-"
     counts = {v: verdicts.count(v) for v in verdicts}
     return verdicts[0] if len(verdicts) == 1 else "; ".join(f"{v} ({n})" for v, n in counts.items())
