@@ -71,7 +71,7 @@ def estimate_run_seconds(rc: CurriculumRunConfig, n_seeds: int = 3, corpora: dic
     "Predicted wall-clock seconds of the run on 2 CPU threads: per unit (arm or strategy, seed), steps x step cost + evaluations + setup."
     corpora = corpora if corpora is not None else {c: rc.val_split(c) for c in rc.corpora}
     tok, b = ByteTokenizer(), rc.tokens_per_step
-    schedule = {}  # (corpus, steps) -> steps per bucket length of a DD schedule
+    buckets, schedule = {}, {}  # corpus -> its decomposition; (corpus, steps) -> steps per length
     # one document-wise pass over corpus c's validation split in (padded) windows of w
     def eval_pass(c, w):
         return (len(DocWindowDataset(corpora[c][1],
@@ -82,7 +82,9 @@ def estimate_run_seconds(rc: CurriculumRunConfig, n_seeds: int = 3, corpora: dic
         if a.mode == "cc":
             return step_seconds(rc.short_len if a.short else rc.long_len, b, a.attention)
         if (c, S) not in schedule:
-            bk = decompose(corpora[c][0], rc.min_log2, rc.max_log2, seed=rc.train.seed)
+            if c not in buckets:  # one decomposition per corpus, whatever the horizons
+                buckets[c] = decompose(corpora[c][0], rc.min_log2, rc.max_log2, seed=rc.train.seed)
+            bk = buckets[c]
             schedule[c, S] = dict(zip(bk.lengths, steps_per_bucket(bk, b, S).tolist()))
         return sum(n * step_seconds(L_, b) for L_, n in schedule[c, S].items()) / S
     def unit(name, w):
